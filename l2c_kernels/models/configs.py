@@ -1,0 +1,26 @@
+"""Architectures of the bundled models (diffusers configs) and their noise schedule."""
+from __future__ import annotations
+
+IMAGE_SIZE = 16
+
+# DDPM noise schedule the models were trained with; the sampling schedulers are built from it.
+NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                      prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0)
+
+DIT_DIGITS = dict(
+    num_attention_heads=4, attention_head_dim=32, in_channels=1, out_channels=1, num_layers=12,
+    sample_size=IMAGE_SIZE, patch_size=2, activation_fn="gelu-approximate",
+    # labels 0..9 are digits; DiTPipeline uses label 1000 as the null class, so the table has 1001 rows
+    num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=1e-6,
+)
+
+TEXT_ENCODER = dict(dim=64, num_layers=2, num_heads=4, max_length=8)
+
+PIXART_DIGITS = dict(
+    num_attention_heads=4, attention_head_dim=32, in_channels=1, out_channels=1, num_layers=12,
+    cross_attention_dim=128, sample_size=IMAGE_SIZE, patch_size=2, activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    use_additional_conditions=False, caption_channels=TEXT_ENCODER["dim"], interpolation_scale=1,
+)
+
+NULL_CLASS = 1000
