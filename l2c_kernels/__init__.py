@@ -1,0 +1,20 @@
+"""l2c_kernels: static cache schedules for diffusion transformers, run with fused kernels and CUDA graphs.
+
+    import l2c_kernels as l2c
+    sched = l2c.Schedule.load("dit.l2c.json")
+    pipe.transformer = l2c.compile_schedule(pipe.transformer, sched)
+"""
+from .runtime import CachedTransformer, compile_schedule
+from .schedule import Schedule, ScheduleError
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """Which compiled backends this installation has (C++ CPU kernels, CUDA kernels, Triton)."""
+    from ._build import build_info as _info
+
+    return _info()
+
+
+__all__ = ["Schedule", "ScheduleError", "compile_schedule", "CachedTransformer", "build_info", "__version__"]

@@ -1,0 +1,250 @@
+"""The drop-in module returned by :func:`compile_schedule`."""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..adapters import adapter_for
+from ..schedule import Schedule, ScheduleError, same_timestep
+from .caches import CacheSet
+from .cuda_graphs import GraphCache, signature
+from .plan import StepPlan, compile_plans
+
+
+class CachedTransformer(nn.Module):
+    """A diffusers transformer that follows a static cache schedule.
+
+    Same forward signature and output type as the wrapped model; the model itself is not
+    modified and its weights are shared. The step is found from the timestep passed in (a new
+    generation starts when the schedule's first timestep comes again); ``set_step`` / ``reset``
+    control it explicitly.
+    """
+
+    def __init__(self, model: nn.Module, schedule: Schedule, *, cuda_graphs: bool | str = "auto",
+                 torch_compile: bool | dict = False, max_signatures: int = 4):
+        super().__init__()
+        self.adapter = adapter_for(model)
+        schedule.validate_for(model)
+        self.original_model = model  # registered: .to()/.half() reach the shared weights
+        self.schedule = schedule
+        self.plans: list[StepPlan] = compile_plans(schedule)
+        self.cuda_graphs = cuda_graphs
+        self.max_signatures = max_signatures
+        self._graphs = GraphCache()
+        self._caches: dict[tuple, CacheSet] = {}
+        self._gen_sig: tuple | None = None
+        self._step: int | None = None
+        self._forced_step: int | None = None
+        self._run = self._run_plan
+        if torch_compile:
+            opts = dict(fullgraph=True, dynamic=False)
+            if isinstance(torch_compile, dict):
+                opts.update(torch_compile)
+            self._run = torch.compile(self._run_plan, **opts)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                        4 * len(set(map(id, self.plans))))
+
+    # ------------------------------------------------------------ pipeline-facing attributes
+    @property
+    def config(self):
+        return self.original_model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.original_model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.original_model.parameters()).device
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["original_model"], name)
+
+    # ------------------------------------------------------------ step control
+    @property
+    def current_step(self) -> int | None:
+        """Index of the step run last (None before the first call or after ``reset``)."""
+        return self._step
+
+    def set_step(self, step: int) -> None:
+        """Make the next call run step ``step`` of the schedule, whatever timestep it gets."""
+        if not 0 <= step < self.schedule.num_steps:
+            raise ValueError(f"step {step} out of range: the schedule has {self.schedule.num_steps} steps")
+        self._forced_step = step
+
+    def reset(self) -> None:
+        """Forget the current generation: the next call must be step 0 (which fills the caches)."""
+        self._step, self._forced_step, self._gen_sig = None, None, None
+        for c in self._caches.values():
+            c.filled.clear()
+
+    def release(self) -> None:
+        """Free CUDA graphs and cache buffers (they are rebuilt on the next call)."""
+        self._graphs.release()
+        self._caches.clear()
+        self.reset()
+
+    def num_graphs(self) -> int:
+        return self._graphs.num_graphs()
+
+    def distinct_plans(self) -> int:
+        return len({p.key for p in self.plans})
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes() for c in self._caches.values())
+
+    def _resolve_step(self, timestep) -> int:
+        if self._forced_step is not None:
+            s, self._forced_step = self._forced_step, None
+            return s
+        if timestep is None:
+            raise ValueError("the transformer was called without a timestep; pass one or call set_step()")
+        if isinstance(timestep, torch.Tensor):
+            t = timestep.reshape(-1)[0].item() if timestep.numel() else None
+        else:
+            t = float(timestep)
+        ts = self.schedule.timesteps
+        nxt = 0 if self._step is None else self._step + 1
+        if nxt < len(ts) and same_timestep(ts[nxt], t):
+            return nxt
+        if same_timestep(ts[0], t):
+            return 0
+        return self.schedule.step_index(t, after=self._step)  # raises with both step lists if unknown
+
+    # ------------------------------------------------------------ forward
+    def forward(self, *args, **kwargs):
+        inputs = self.adapter.bind(self.original_model, args, kwargs)
+        step = self._resolve_step(self.adapter.timestep_tensor(inputs))
+        plan = self.plans[step]
+        x = self.adapter.hidden_input(inputs)
+        sig = signature(inputs.args)
+        if step == 0:
+            self._gen_sig = sig
+            caches = self._cache_set(sig, x)
+            caches.filled.clear()
+        else:
+            if self._gen_sig is None:
+                self._gen_sig = sig
+            elif sig != self._gen_sig:
+                raise ValueError(
+                    f"input shapes changed in the middle of a generation (step {step}); caches hold data for "
+                    f"the previous shapes. Start a new generation at step 0 or call reset().")
+            caches = self._cache_set(sig, x)
+        self._check_filled(step, plan, caches)
+        with torch.no_grad():
+            if self._use_graphs(x):
+                out = self._graphs.run((plan.key, id(caches)), inputs.args,
+                                       lambda a: self._run(plan, a, caches))
+            else:
+                out = self._run(plan, inputs.args, caches)
+        self._mark_filled(plan, caches)
+        self._step = step
+        if not inputs.return_dict:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out)
+
+    def _use_graphs(self, x: torch.Tensor) -> bool:
+        if self.cuda_graphs is False or self._graphs.disabled or x.device.type != "cuda":
+            return False
+        return not torch.compiler.is_compiling()
+
+    def _cache_set(self, sig: tuple, x: torch.Tensor) -> CacheSet:
+        caches = self._caches.get(sig)
+        if caches is None:
+            while len(self._caches) >= self.max_signatures:  # drop the oldest shapes and their graphs
+                old = next(iter(self._caches))
+                del self._caches[old]
+                self._graphs.release()
+            caches = self._caches[sig] = CacheSet(self._hidden_like(x))
+        return caches
+
+    def _hidden_like(self, x: torch.Tensor) -> torch.Tensor:
+        """A meta tensor with the residual stream's shape ``[B, N, C]`` for input ``x``."""
+        cfg = self.original_model.config
+        p = cfg.patch_size
+        n = (x.shape[-2] // p) * (x.shape[-1] // p)
+        c = cfg.num_attention_heads * cfg.attention_head_dim
+        return torch.empty((x.shape[0], n, c), dtype=self.dtype, device=x.device)
+
+    def _check_filled(self, step: int, plan: StepPlan, caches: CacheSet) -> None:
+        for b, bp in enumerate(plan.blocks):
+            if bp.reuse_block:
+                if ("delta", b) not in caches.filled:
+                    raise ScheduleError(f"step {step} reuses block {b} but its residual cache was not filled in this "
+                                        f"generation (start at step 0, or call reset())")
+                continue
+            for i, c in enumerate(bp.compute):
+                if not c and (b, i) not in caches.filled:
+                    raise ScheduleError(
+                        f"step {step} reuses {plan.branches[i]} of block {b} but that cache was not filled in this "
+                        f"generation (start at step 0, or call reset())")
+
+    @staticmethod
+    def _mark_filled(plan: StepPlan, caches: CacheSet) -> None:
+        for b, bp in enumerate(plan.blocks):
+            if bp.store_delta:
+                caches.filled.add(("delta", b))
+            for i, s in enumerate(bp.store):
+                if s:
+                    caches.filled.add((b, i))
+
+    def _run_plan(self, plan: StepPlan, args: dict, caches: CacheSet) -> torch.Tensor:
+        """One transformer call following ``plan`` (eager, captured, or traced by torch.compile)."""
+        from ..adapters.base import StepInputs
+
+        ad, model = self.adapter, self.original_model
+        inputs = StepInputs(args=args)
+        h, ctx = ad.prepare(model, inputs)
+        h = h.contiguous()
+        half = h.shape[0] // 2
+        for b, block in enumerate(ad.blocks(model)):
+            bp = plan.blocks[b]
+            if bp.reuse_block:
+                ops.gated_residual_(h, caches.delta_buffer(b))
+                continue
+            inp = h.clone() if bp.store_delta else None
+            bctx = ad.block_context(block, ctx)
+            for i, name in enumerate(plan.branches):
+                gate = ad.branch_gate(name, bctx)
+                cfg_mean = plan.attn2_cfg_mean and name == "attn2"
+                if cfg_mean and h.shape[0] % 2:
+                    raise ValueError(f"this schedule caches cross-attention as the mean of the two classifier-free "
+                                     f"guidance halves, which needs an even batch; got batch {h.shape[0]}")
+                if bp.compute[i]:
+                    y = ad.compute_branch(block, name, h, bctx, ctx)
+                    if cfg_mean and bp.store[i]:
+                        ops.cfg_mean_store_(h, y, caches.branch_buffer(b, i, half=True))
+                    else:
+                        ops.gated_residual_(h, y, gate, caches.branch_buffer(b, i) if bp.store[i] else None)
+                elif cfg_mean:
+                    cache = caches.branch_buffer(b, i, half=True)
+                    ops.gated_residual_(h[:half], cache)
+                    ops.gated_residual_(h[half:], cache)
+                else:
+                    ops.gated_residual_(h, caches.branch_buffer(b, i), gate)
+            if bp.store_delta:
+                ops.residual_delta_store_(caches.delta_buffer(b), h, inp)
+        return ad.finish(model, h, ctx, inputs)
+
+
+def compile_schedule(model: nn.Module, schedule: Schedule, *, cuda_graphs: bool | str = "auto",
+                     torch_compile: bool | dict = False) -> CachedTransformer:
+    """Turn ``model`` (a supported diffusers transformer) and a static ``schedule`` into a drop-in module.
+
+    ``pipe.transformer = compile_schedule(pipe.transformer, schedule)`` makes the pipeline skip the
+    scheduled work. On CUDA each distinct step plan is captured once in a CUDA graph
+    (``cuda_graphs=False`` turns that off); ``torch_compile=True`` (or a dict of
+    ``torch.compile`` options) compiles each step plan with ``fullgraph=True``.
+    """
+    if isinstance(model, CachedTransformer):
+        model = model.original_model
+    return CachedTransformer(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile)

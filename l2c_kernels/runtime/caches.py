@@ -1,0 +1,38 @@
+"""Cache buffers of one input signature (batch, tokens, width, dtype, device)."""
+from __future__ import annotations
+
+import torch
+
+
+class CacheSet:
+    """Branch caches ``[B, N, C]`` (``[B/2, N, C]`` for CFG-mean cross-attention) and block residuals.
+
+    Buffers are allocated on first use and live outside any CUDA graph, so graphs of different
+    steps read what other steps wrote. ``filled`` records, on the host, which caches hold data
+    of the current generation, so a reuse of an empty cache is reported instead of read.
+    """
+
+    def __init__(self, like: torch.Tensor):
+        self.shape = tuple(like.shape)
+        self.dtype, self.device = like.dtype, like.device
+        self.branch: dict[tuple[int, int], torch.Tensor] = {}
+        self.delta: dict[int, torch.Tensor] = {}
+        self.filled: set = set()
+
+    def branch_buffer(self, block: int, branch: int, half: bool = False) -> torch.Tensor:
+        buf = self.branch.get((block, branch))
+        if buf is None:
+            shape = (self.shape[0] // 2,) + self.shape[1:] if half else self.shape
+            buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.branch[(block, branch)] = buf
+        return buf
+
+    def delta_buffer(self, block: int) -> torch.Tensor:
+        buf = self.delta.get(block)
+        if buf is None:
+            buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            self.delta[block] = buf
+        return buf
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in list(self.branch.values()) + list(self.delta.values()))

@@ -1,0 +1,69 @@
+"""Compile a :class:`~l2c_kernels.Schedule` into per-step execution plans.
+
+Because the schedule is static, the runtime knows before sampling which cache writes are ever
+read: a branch output is stored only when a later step reuses it before recomputing it, and a
+block residual only when a later step reuses the whole block. Steps with the same plan share
+one plan object (and, on GPU, one CUDA graph).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..schedule import BLOCK, COMPUTE, REUSE, Schedule
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    reuse_block: bool            # skip the block, add its cached residual
+    compute: tuple[bool, ...]    # per branch: compute (True) or reuse the cached raw output
+    store: tuple[bool, ...]      # per branch: write the raw output to the cache (only if computed)
+    store_delta: bool            # write the block residual (out - in) to the block cache
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    blocks: tuple[BlockPlan, ...]
+    branches: tuple[str, ...]
+    attn2_cfg_mean: bool
+
+    @property
+    def key(self) -> tuple:
+        return (self.blocks, self.branches, self.attn2_cfg_mean)
+
+    def reused_fraction(self) -> float:
+        n = sum(len(b.compute) for b in self.blocks)
+        done = sum(0 if b.reuse_block else sum(b.compute) for b in self.blocks)
+        return 1.0 - done / max(1, n)
+
+
+def compile_plans(schedule: Schedule) -> list[StepPlan]:
+    """One :class:`StepPlan` per step, identical plans interned to one object."""
+    nsteps, nblocks, nbr = schedule.num_steps, schedule.num_blocks, len(schedule.branches)
+    plan = schedule.plan
+
+    def next_use(s: int, b: int, i: int | None) -> str | None:
+        """What happens next to the cache of (block b, branch i) after step s (i None: block residual)."""
+        for s2 in range(s + 1, nsteps):
+            e = plan[s2][b]
+            if i is None:
+                return "reuse" if e == BLOCK else "run"
+            if e == BLOCK:
+                continue
+            return "reuse" if e[i] == REUSE else "compute"
+        return None
+
+    interned: dict[tuple, StepPlan] = {}
+    out = []
+    for s in range(nsteps):
+        blocks = []
+        for b in range(nblocks):
+            e = plan[s][b]
+            if e == BLOCK:
+                blocks.append(BlockPlan(True, (False,) * nbr, (False,) * nbr, False))
+                continue
+            compute = tuple(c == COMPUTE for c in e)
+            store = tuple(compute[i] and next_use(s, b, i) == "reuse" for i in range(nbr))
+            blocks.append(BlockPlan(False, compute, store, next_use(s, b, None) == "reuse"))
+        sp = StepPlan(tuple(blocks), tuple(schedule.branches), schedule.attn2_cache == "cfg_mean")
+        out.append(interned.setdefault(sp.key, sp))
+    return out

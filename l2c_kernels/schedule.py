@@ -1,0 +1,281 @@
+"""Static cache schedules: which branch of which block is computed at which sampling step.
+
+A :class:`Schedule` is pure data. For every sampler step (in call order, identified by the
+timestep the pipeline passes) and every transformer block it says, per branch
+(``attn1`` self-attention, ``attn2`` cross-attention, ``ff`` MLP), whether the branch is
+computed (``C``) or its cached raw output is reused (``R``); or that the whole block is
+skipped and its cached residual ``out - in`` re-added (``B``, FORA/DeepCache style).
+
+On disk a schedule is versioned, human-readable JSON::
+
+    {"format": "l2c-schedule", "version": 1, "model_class": "DiTTransformer2DModel",
+     "num_blocks": 12, "branches": ["attn1", "ff"], "timesteps": [981, 961, ...],
+     "plan": [["CC", "CC", ...], ["CR", "B", ...], ...],   # [step][block] -> one letter per branch, or "B"
+     "method": "learned", "params": {...}, "branch_flops": {"attn1": ..., "ff": ...}}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+FORMAT = "l2c-schedule"
+VERSION = 1
+KNOWN_BRANCHES = ("attn1", "attn2", "ff")
+COMPUTE, REUSE, BLOCK = "C", "R", "B"
+
+
+class ScheduleError(ValueError):
+    """A schedule that is malformed or does not fit the model it is used with."""
+
+
+def _model_facts(model) -> tuple[str, int, list[str], dict]:
+    from .adapters import adapter_for
+
+    ad = adapter_for(model)
+    return type(model).__name__, ad.num_blocks(model), ad.branches(model), ad.branch_flops(model)
+
+
+@dataclass
+class Schedule:
+    """A static cache schedule; see the module docstring for the format."""
+
+    timesteps: list[int]
+    plan: list[list[str]]
+    branches: list[str]
+    num_blocks: int
+    model_class: str = ""
+    method: str = "manual"
+    params: dict = field(default_factory=dict)
+    branch_flops: dict = field(default_factory=dict)
+    attn2_cache: str = "per_sample"  # or "cfg_mean" (T-GATE: cache the mean of the CFG halves)
+
+    def __post_init__(self):
+        self.timesteps = [_as_number(t) for t in self.timesteps]
+        self.plan = [list(step) for step in self.plan]
+        self.branches = list(self.branches)
+        self._check()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mask(cls, model, timesteps: Sequence[int], mask, branches: Sequence[str] | None = None,
+                  block_reuse=None, method: str = "manual", params: dict | None = None,
+                  attn2_cache: str = "per_sample") -> "Schedule":
+        """Build from ``mask[step][block][branch]`` (True = compute) for ``model``.
+
+        ``block_reuse[step][block]`` (optional, True = skip the whole block and re-add its cached
+        residual) overrides the branch mask for that block and step.
+        """
+        model_class, nblocks, model_branches, flops = _model_facts(model)
+        branches = list(branches) if branches is not None else model_branches
+        unknown = [b for b in branches if b not in model_branches]
+        if unknown:
+            raise ScheduleError(f"branches {unknown} do not exist in {model_class}; it has {model_branches}")
+        mask = _to_nested(mask)
+        if len(mask) != len(timesteps):
+            raise ScheduleError(f"mask has {len(mask)} steps but {len(timesteps)} timesteps were given")
+        plan = []
+        for s, step in enumerate(mask):
+            if len(step) != nblocks:
+                raise ScheduleError(f"mask step {s} has {len(step)} blocks; {model_class} has {nblocks}")
+            row = []
+            for b, br in enumerate(step):
+                if block_reuse is not None and bool(_to_nested(block_reuse)[s][b]):
+                    row.append(BLOCK)
+                    continue
+                if len(br) != len(branches):
+                    raise ScheduleError(f"mask[{s}][{b}] has {len(br)} entries; expected one per branch {branches}")
+                row.append("".join(COMPUTE if bool(v) else REUSE for v in br))
+            plan.append(row)
+        # branches the model has but the mask leaves out are always computed
+        if branches != model_branches:
+            idx = {b: i for i, b in enumerate(branches)}
+            plan = [[e if e == BLOCK else "".join(e[idx[b]] if b in idx else COMPUTE for b in model_branches)
+                     for e in row] for row in plan]
+        return cls(timesteps=list(timesteps), plan=plan, branches=model_branches, num_blocks=nblocks,
+                   model_class=model_class, method=method, params=dict(params or {}),
+                   branch_flops=flops, attn2_cache=attn2_cache)
+
+    @classmethod
+    def full(cls, model, timesteps: Sequence[int]) -> "Schedule":
+        """The schedule that computes everything (output equals the original model's)."""
+        _, nblocks, branches, _ = _model_facts(model)
+        mask = [[[True] * len(branches)] * nblocks for _ in timesteps]
+        return cls.from_mask(model, timesteps, mask, method="full")
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def compute_mask(self) -> list[list[list[bool]]]:
+        """``[step][block][branch]`` -> True where the branch is computed (False when reused or block-reused)."""
+        return [[[e != BLOCK and e[i] == COMPUTE for i in range(len(self.branches))] for e in row]
+                for row in self.plan]
+
+    def step_index(self, timestep: int, after: int | None = None) -> int:
+        """Index of ``timestep`` in call order (the first occurrence after step ``after`` if given)."""
+        t = _as_number(timestep)
+        start = 0 if after is None else after + 1
+        for i in list(range(start, self.num_steps)) + list(range(0, start)):
+            if same_timestep(self.timesteps[i], t):
+                return i
+        raise ScheduleError(
+            f"timestep {t} is not in this schedule. The schedule was made for {self.num_steps} steps with "
+            f"timesteps {self.timesteps}; make a schedule for the sampler's timesteps "
+            f"(e.g. the same num_inference_steps and scheduler)")
+
+    def removed_fraction(self) -> float:
+        """Fraction of branch computations removed (each branch counts 1)."""
+        m = self.compute_mask()
+        total = sum(len(b) for row in m for b in row)
+        return 1.0 - sum(sum(b) for row in m for b in row) / max(1, total)
+
+    def flops_removed_fraction(self) -> float:
+        """Fraction of branch FLOPs removed, weighting each branch by its FLOPs."""
+        if not self.branch_flops:
+            return self.removed_fraction()
+        w = [float(self.branch_flops.get(b, 1.0)) for b in self.branches]
+        m = self.compute_mask()
+        total = sum(sum(w) for row in m for _ in row)
+        done = sum(sum(wi for wi, c in zip(w, blk) if c) for row in m for blk in row)
+        return 1.0 - done / max(total, 1e-30)
+
+    def summary(self) -> dict:
+        """Removed fraction per step and overall, and estimated FLOPs saved."""
+        m = self.compute_mask()
+        per_step = [1.0 - sum(sum(b) for b in row) / max(1, sum(len(b) for b in row)) for row in m]
+        per_branch = {br: 1.0 - sum(blk[i] for row in m for blk in row) / max(1, self.num_steps * self.num_blocks)
+                      for i, br in enumerate(self.branches)}
+        out = dict(model_class=self.model_class, method=self.method, steps=self.num_steps,
+                   blocks=self.num_blocks, branches=self.branches,
+                   removed_fraction=round(self.removed_fraction(), 4),
+                   flops_removed_fraction=round(self.flops_removed_fraction(), 4),
+                   ideal_speedup=round(1.0 / max(1e-9, 1.0 - self.flops_removed_fraction()), 3),
+                   removed_per_branch={k: round(v, 4) for k, v in per_branch.items()},
+                   removed_per_step=[round(v, 4) for v in per_step],
+                   block_reuses=sum(e == BLOCK for row in self.plan for e in row))
+        return out
+
+    def format_summary(self) -> str:
+        s = self.summary()
+        lines = [f"{s['method']} schedule for {s['model_class']}: {s['steps']} steps x {s['blocks']} blocks x "
+                 f"{'/'.join(s['branches'])}",
+                 f"  branch computations removed: {100 * s['removed_fraction']:.1f}%   "
+                 f"branch FLOPs removed: {100 * s['flops_removed_fraction']:.1f}%   "
+                 f"ideal speedup of the blocks: {s['ideal_speedup']:.2f}x",
+                 "  per branch: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["removed_per_branch"].items()),
+                 "  per step:   " + " ".join(f"{100 * v:.0f}" for v in s["removed_per_step"])]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format_summary()
+
+    # ------------------------------------------------------------------ validation
+    def _check(self) -> None:
+        if not self.branches or any(b not in KNOWN_BRANCHES for b in self.branches):
+            raise ScheduleError(f"branches must be a non-empty subset of {KNOWN_BRANCHES}, got {self.branches}")
+        if len(set(self.branches)) != len(self.branches):
+            raise ScheduleError(f"duplicate branch names in {self.branches}")
+        if self.attn2_cache not in ("per_sample", "cfg_mean"):
+            raise ScheduleError(f"attn2_cache must be 'per_sample' or 'cfg_mean', got {self.attn2_cache!r}")
+        if self.num_steps == 0:
+            raise ScheduleError("a schedule needs at least one step")
+        if len(self.plan) != self.num_steps:
+            raise ScheduleError(f"plan has {len(self.plan)} steps but there are {self.num_steps} timesteps")
+        nbr = len(self.branches)
+        for s, row in enumerate(self.plan):
+            if len(row) != self.num_blocks:
+                raise ScheduleError(f"plan step {s} has {len(row)} blocks; the schedule says {self.num_blocks}")
+            for b, e in enumerate(row):
+                if not isinstance(e, str) or not (e == BLOCK or (len(e) == nbr and set(e) <= {COMPUTE, REUSE})):
+                    raise ScheduleError(f"plan[{s}][{b}] = {e!r}: expected 'B' or {nbr} letters of C/R "
+                                        f"(one per branch {self.branches})")
+        # every reuse must read a cache that an earlier step filled
+        filled_branch = [[False] * nbr for _ in range(self.num_blocks)]
+        filled_block = [False] * self.num_blocks
+        for s, row in enumerate(self.plan):
+            for b, e in enumerate(row):
+                if e == BLOCK:
+                    if not filled_block[b]:
+                        raise ScheduleError(f"step {s} (t={self.timesteps[s]}) reuses block {b} as a whole before any "
+                                            f"earlier step ran it; the first step must compute everything")
+                    continue
+                filled_block[b] = True
+                for i, c in enumerate(e):
+                    if c == REUSE and not filled_branch[b][i]:
+                        raise ScheduleError(
+                            f"step {s} (t={self.timesteps[s]}) reuses {self.branches[i]} of block {b} before any "
+                            f"earlier step computed it; the first step must compute everything")
+                    if c == COMPUTE:
+                        filled_branch[b][i] = True
+
+    def validate_for(self, model) -> None:
+        """Raise :class:`ScheduleError` if this schedule was made for a different model layout."""
+        model_class, nblocks, branches, _ = _model_facts(model)
+        if nblocks != self.num_blocks:
+            raise ScheduleError(f"schedule was made for {self.num_blocks} blocks ({self.model_class or 'unknown model'}) "
+                                f"but {model_class} has {nblocks}")
+        if branches != self.branches:
+            raise ScheduleError(f"schedule branches {self.branches} do not match {model_class}'s branches {branches}")
+        if self.model_class and self.model_class != model_class:
+            raise ScheduleError(f"schedule was made for {self.model_class}, not {model_class}")
+
+    # ------------------------------------------------------------------ I/O
+    def to_dict(self) -> dict:
+        return dict(format=FORMAT, version=VERSION, model_class=self.model_class, num_blocks=self.num_blocks,
+                    branches=self.branches, attn2_cache=self.attn2_cache, method=self.method,
+                    params=self.params, branch_flops=self.branch_flops, timesteps=self.timesteps,
+                    plan=self.plan)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Schedule":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ScheduleError(f"not an l2c schedule (expected \"format\": \"{FORMAT}\")")
+        if d.get("version") != VERSION:
+            raise ScheduleError(f"schedule file version {d.get('version')!r} is not supported; "
+                                f"this l2c_kernels reads version {VERSION}")
+        missing = [k for k in ("num_blocks", "branches", "timesteps", "plan") if k not in d]
+        if missing:
+            raise ScheduleError(f"schedule is missing fields {missing}")
+        return cls(timesteps=d["timesteps"], plan=d["plan"], branches=d["branches"], num_blocks=int(d["num_blocks"]),
+                   model_class=d.get("model_class", ""), method=d.get("method", "manual"),
+                   params=d.get("params", {}), branch_flops=d.get("branch_flops", {}),
+                   attn2_cache=d.get("attn2_cache", "per_sample"))
+
+    def to_json(self) -> str:
+        """JSON with one field per line and one plan row (a step) per line."""
+        d = self.to_dict()
+        plan = d.pop("plan")
+        fields = [f" {json.dumps(k)}: {json.dumps(v, separators=(', ', ': '))}" for k, v in d.items()]
+        rows = ",\n  ".join(json.dumps(r, separators=(",", ":")) for r in plan)
+        return "{\n" + ",\n".join(fields) + ',\n "plan": [\n  ' + rows + "\n ]\n}\n"
+
+    def save(self, path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path) -> "Schedule":
+        text = Path(path).read_text()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ScheduleError(f"{path}: not valid JSON (truncated or corrupted file?): {e}") from None
+        return cls.from_dict(d)
+
+
+def _as_number(t):
+    t = float(t.item() if hasattr(t, "item") else t)
+    return int(t) if t.is_integer() else t
+
+
+def same_timestep(a, b) -> bool:
+    """Timesteps match exactly, or within float rounding for samplers with fractional timesteps."""
+    return abs(float(a) - float(b)) <= 1e-4 * max(1.0, abs(float(a)))
+
+
+def _to_nested(mask):
+    if hasattr(mask, "tolist"):
+        return mask.tolist()
+    return mask
