@@ -1,0 +1,59 @@
+"""An independent, slow reference for cache schedules, written with forward hooks.
+
+It runs the *unmodified* diffusers model and, per the schedule, records each branch module's
+output (``attn1`` / ``attn2`` / ``ff``) when it is computed and substitutes the recorded output
+when it is reused; the block itself then applies the current step's gate. Whole-block reuse
+records ``out - in`` of the block and returns ``in + cached``. CFG-mean cross-attention caches
+the mean of the two batch halves and substitutes it for both.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class HookReference:
+    def __init__(self, model, schedule):
+        self.model, self.schedule = model, schedule
+        self.branch_cache: dict = {}
+        self.block_cache: dict = {}
+
+    def step(self, s: int, inputs: dict) -> torch.Tensor:
+        sch, handles = self.schedule, []
+        blocks = list(self.model.transformer_blocks)
+        for b, block in enumerate(blocks):
+            entry = sch.plan[s][b]
+            if entry == "B":
+                def block_hook(mod, args, kwargs, out, b=b):
+                    return args[0] + self.block_cache[b]
+                handles.append(block.register_forward_hook(block_hook, with_kwargs=True))
+                # skip nothing else: the hooked block still runs, its output is replaced
+                continue
+
+            def pre(mod, args, kwargs, b=b):
+                self._block_in = args[0].clone() if args else kwargs["hidden_states"].clone()
+            def post(mod, args, kwargs, out, b=b):
+                self.block_cache[b] = out - self._block_in
+            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(block.register_forward_hook(post, with_kwargs=True))
+            for i, name in enumerate(sch.branches):
+                mod = getattr(block, name)
+                compute = entry[i] == "C"
+                cfg_mean = name == "attn2" and sch.attn2_cache == "cfg_mean"
+
+                def hook(m, args, out, key=(b, i), compute=compute, cfg_mean=cfg_mean):
+                    if compute:
+                        if cfg_mean:
+                            h = out.shape[0] // 2
+                            self.branch_cache[key] = ((out[:h] + out[h:]) / 2).clone()
+                        else:
+                            self.branch_cache[key] = out.clone()
+                        return out
+                    cached = self.branch_cache[key]
+                    return torch.cat([cached, cached]) if cfg_mean else cached
+                handles.append(mod.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                return self.model(**inputs).sample
+        finally:
+            for h in handles:
+                h.remove()
