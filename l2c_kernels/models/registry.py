@@ -103,7 +103,9 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
             continue
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(sub, strict=True)
-        module.to(device=device, dtype=dtype if prefix == "transformer." else torch.float32).eval()
+        module.to(device=device).eval()
+        if prefix == "transformer." and dtype != torch.float32:
+            module.to(dtype=dtype)
         module.requires_grad_(False)
     bundle.info = dict(meta.get("training", {}))
     bundle.info.update({k: meta[k] for k in ("recommended_cfg", "evaluation") if k in meta})

@@ -1,0 +1,172 @@
+"""Learning-to-Cache router, trained along the trajectory the schedule will really produce.
+
+One logit per (step, block, branch); ``w = sigmoid(logit)`` is the weight of the freshly
+computed branch output. The student samples the whole trajectory from noise with soft caches
+(``cache <- w * fresh + (1 - w) * cache``), the teacher with full compute from the same noise;
+the loss is the error of the student's final sample and of its trajectory, plus a penalty on the
+FLOPs-weighted mean of ``w`` whose weight adapts so the soft compute fraction approaches the
+requested budget. Only the router trains; the model is frozen. Ranking the scores then gives a
+static :class:`~l2c_kernels.Schedule` at an exact FLOPs budget or at a threshold.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import adapter_for
+from ..schedule import COMPUTE, REUSE, Schedule
+from .conditioning import Denoiser, denoiser_for
+from .soft_forward import SoftCaches, soft_forward
+
+
+@dataclass
+class RouterResult:
+    scores: torch.Tensor            # [steps, blocks, branches], sigmoid of the logits
+    timesteps: list
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _rollout(den: Denoiser, x: torch.Tensor, w_all: torch.Tensor | None, keep_path: bool) -> tuple:
+    """Sample from noise ``x``; ``w_all[s]`` are the compute weights of step s (None: full compute)."""
+    model = den.transformer
+    ad = adapter_for(model)
+    sched = den.make_scheduler()
+    sched.set_timesteps(len(den._timesteps))
+    caches = SoftCaches(ad.num_blocks(model), len(ad.branches(model)))
+    path = []
+    x = x * sched.init_noise_sigma
+    for s, t in enumerate(sched.timesteps):
+        xin = sched.scale_model_input(den.batch(x), t)
+        tt = torch.full((xin.shape[0],), float(t) if t.is_floating_point() else int(t), device=x.device)
+        args = dict(den.cond_args, hidden_states=xin, timestep=tt)
+        out = soft_forward(model, args, None if w_all is None else w_all[s], caches)
+        eps = den.guided(out)
+        x = sched.step(eps, t, x).prev_sample
+        if keep_path:
+            path.append(x)
+    return x, path
+
+
+def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, scheduler: str = "ddim",
+                 cfg: float = 1.5, iterations: int = 60, batch_size: int = 4, lr: float = 0.1,
+                 trajectory_weight: float = 0.5, init_logit: float = 3.0, seed: int = 0,
+                 labels=None, prompts=None, progress: bool = True, log_every: int = 5) -> RouterResult:
+    """Train router logits for ``obj`` (bundled model, its name, or a DiT/PixArt pipeline)."""
+    torch.manual_seed(seed)
+    den = denoiser_for(obj, batch_size, cfg, scheduler, seed=seed, labels=labels, prompts=prompts)
+    model = den.transformer
+    ad = adapter_for(model)
+    branches = ad.branches(model)
+    nb = ad.num_blocks(model)
+    flops = ad.branch_flops(model)
+    sch = den.make_scheduler()
+    sch.set_timesteps(num_inference_steps)
+    den._timesteps = [t.item() for t in sch.timesteps]
+    n = len(den._timesteps)
+    device, dtype = model.device, model.dtype
+    cost = torch.tensor([float(flops[b]) for b in branches], device=device)
+    cost = (cost / cost.sum()).expand(n - 1, nb, len(branches))
+    logits = torch.full((n - 1, nb, len(branches)), init_logit, device=device, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=lr)
+    lam = torch.tensor(1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    target_keep = 1.0 - budget
+    hist, t0 = [], time.time()
+    model.requires_grad_(False)
+    bar = tqdm(range(iterations), desc="learning schedule", disable=not progress)
+    for it in bar:
+        x = torch.randn((den.num_samples,) + tuple(den.latent_shape), generator=gen).to(device, dtype)
+        with torch.no_grad():
+            teacher, tpath = _rollout(den, x, None, keep_path=True)
+        w = torch.sigmoid(logits)
+        ones = torch.ones((1, nb, len(branches)), device=device)
+        student, spath = _rollout(den, x, torch.cat([ones, w]), keep_path=True)
+        scale = teacher.pow(2).mean().clamp_min(1e-8)
+        final = (student - teacher).pow(2).mean() / scale
+        traj = torch.stack([(a - b).pow(2).mean() for a, b in zip(spath, tpath)]).mean() / scale
+        keep = (w * cost).sum() / cost.sum()
+        loss = final + trajectory_weight * traj + lam * keep
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            logits.clamp_(-5, 5)
+            # dual ascent on the penalty: push the soft compute fraction towards 1 - budget
+            lam = (lam * torch.exp(torch.tensor(2.0 * (keep.item() - target_keep)))).clamp(1e-5, 10.0)
+        if it % log_every == 0 or it == iterations - 1:
+            hist.append(dict(iteration=it, loss=round(loss.item(), 6), final_mse=round(final.item(), 6),
+                             keep=round(keep.item(), 4), lam=round(lam.item(), 6)))
+        bar.set_postfix(final=f"{final.item():.2e}", keep=f"{keep.item():.2f}")
+    scores = torch.cat([torch.ones((1, nb, len(branches))), torch.sigmoid(logits.detach()).cpu()])
+    return RouterResult(scores=scores, timesteps=den._timesteps, history=hist, seconds=time.time() - t0)
+
+
+def schedule_from_scores(model, timesteps, scores: torch.Tensor, *, budget: float | None = None,
+                         threshold: float | None = None, method: str = "learned", params: dict | None = None,
+                         attn2_cache: str = "per_sample") -> Schedule:
+    """A static schedule from router scores: at a FLOPs ``budget`` (remove the lowest-scored branches
+    until that fraction of branch FLOPs is removed) or at a ``threshold`` (compute where score > threshold).
+    Step 0 always computes everything."""
+    if (budget is None) == (threshold is None):
+        raise ValueError("give exactly one of budget= or threshold=")
+    ad = adapter_for(model)
+    branches = ad.branches(model)
+    flops = ad.branch_flops(model)
+    n, nb, nbr = scores.shape
+    if (nb, nbr) != (ad.num_blocks(model), len(branches)) or n != len(timesteps):
+        raise ValueError(f"scores have shape {tuple(scores.shape)}; expected ({len(timesteps)}, "
+                         f"{ad.num_blocks(model)}, {len(branches)}) for this model and step count")
+    compute = torch.ones_like(scores, dtype=torch.bool)
+    if threshold is not None:
+        compute[1:] = scores[1:] > threshold
+    else:
+        if not 0.0 < budget < 1.0:
+            raise ValueError(f"budget is the fraction of branch FLOPs to remove and must be in (0, 1), got {budget}")
+        w = torch.tensor([float(flops[b]) for b in branches])
+        total = float(w.sum()) * n * nb
+        order = torch.argsort(scores[1:].reshape(-1), stable=True)
+        removed = 0.0
+        flat = compute[1:].reshape(-1).clone()
+        wflat = w.repeat(n - 1, nb, 1).reshape(-1)
+        for idx in order.tolist():
+            if removed / total >= budget - 1e-9:
+                break
+            flat[idx] = False
+            removed += float(wflat[idx])
+        compute[1:] = flat.reshape(n - 1, nb, nbr)
+    plan = [["".join(COMPUTE if c else REUSE for c in blk) for blk in row] for row in compute.tolist()]
+    p = dict(params or {})
+    p.update(budget=budget, threshold=threshold)
+    return Schedule(timesteps=list(timesteps), plan=plan, branches=branches, num_blocks=nb,
+                    model_class=type(getattr(model, "original_model", model)).__name__, method=method,
+                    params=p, branch_flops=flops, attn2_cache=attn2_cache)
+
+
+def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, scheduler: str = "ddim",
+                   cfg: float = 1.5, iterations: int = 60, batch_size: int = 4, seed: int = 0,
+                   threshold: float | None = None, progress: bool = True, labels=None, prompts=None,
+                   **train_kwargs) -> Schedule:
+    """Learn a static cache schedule for ``obj`` (a bundled model or its name, or a DiT/PixArt pipeline).
+
+    ``budget`` is the fraction of branch FLOPs to remove (0 < budget < 1); the schedule is exact to
+    one branch. ``threshold`` instead keeps every branch whose score exceeds it.
+    """
+    if not 0.0 < budget < 1.0:
+        raise ValueError(f"budget is the fraction of branch FLOPs to remove and must be in (0, 1), got {budget}")
+    res = train_router(obj, num_inference_steps, budget=budget, scheduler=scheduler, cfg=cfg,
+                       iterations=iterations, batch_size=batch_size, seed=seed, progress=progress,
+                       labels=labels, prompts=prompts, **train_kwargs)
+    from ..models import BundledModel, load
+
+    model = obj.transformer if isinstance(obj, BundledModel) else (
+        load(obj).transformer if isinstance(obj, str) else getattr(obj.transformer, "original_model", obj.transformer))
+    params = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, cfg=cfg, iterations=iterations,
+                  batch_size=batch_size, seed=seed, train_seconds=round(res.seconds, 1), history=res.history,
+                  scores=[[[round(v, 4) for v in blk] for blk in row] for row in res.scores.tolist()])
+    if threshold is not None:
+        return schedule_from_scores(model, res.timesteps, res.scores, threshold=threshold, params=params)
+    return schedule_from_scores(model, res.timesteps, res.scores, budget=budget, params=params)
