@@ -1,0 +1,57 @@
+"""Side-by-side evaluation of a schedule: same noise, same seeds, cached vs full compute, one process."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def timed_sample(bundle, transformer, labels, steps, scheduler, cfg, seed, prompts=None):
+    from .sampling import sample
+
+    t0 = time.perf_counter()
+    imgs = sample(bundle, labels=labels, prompts=prompts, steps=steps, scheduler=scheduler, cfg=cfg, seed=seed,
+                  transformer=transformer, progress=False)
+    return imgs, time.perf_counter() - t0
+
+
+def compare(bundle, runners: dict, labels, steps: int, scheduler: str = "ddim", cfg: float = 1.5, seed: int = 0,
+            repeats: int = 3, prompts=None, reference: str = "full") -> dict:
+    """Sample with every runner (``{name: transformer}``; ``reference`` must be one of them), interleaved
+    ``repeats`` times; report median wall time, speedup over the reference and PSNR/SSIM against it."""
+    from .metrics import psnr, ssim
+
+    if reference not in runners:
+        raise ValueError(f"runners must include the reference {reference!r}")
+    times = {k: [] for k in runners}
+    images = {}
+    for r in range(repeats + 1):  # first round is the warm-up and gives the images
+        for name, tr in runners.items():
+            if hasattr(tr, "reset"):
+                tr.reset()
+            imgs, dt = timed_sample(bundle, tr, labels, steps, scheduler, cfg, seed, prompts)
+            if r == 0:
+                images[name] = imgs
+            else:
+                times[name].append(dt)
+    ref_t = statistics.median(times[reference])
+    out = {}
+    for name in runners:
+        med = statistics.median(times[name])
+        out[name] = dict(seconds=med, speedup=ref_t / med,
+                         psnr=float(psnr(images[name], images[reference])),
+                         ssim=float(ssim(images[name], images[reference])), images=images[name])
+    return out
+
+
+def strip_images(result: dict) -> dict:
+    return {k: {kk: vv for kk, vv in v.items() if kk != "images"} for k, v in result.items()}
+
+
+def default_labels(n: int) -> list[int]:
+    return [i % 10 for i in range(n)]
+
+
+def as_list(x) -> list:
+    return x.tolist() if isinstance(x, torch.Tensor) else list(x)

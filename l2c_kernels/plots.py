@@ -1,0 +1,93 @@
+"""Pictures people would rather look at than numbers: schedule heatmaps and sample comparisons."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def schedule_heatmap(schedule, path, title: str | None = None) -> Path:
+    """One panel per branch: steps (x) by blocks (y); computed cells dark, reused light, whole-block reuse
+    hatched grey. Router scores, when the schedule carries them, are shown as the cell shade."""
+    plt = _plt()
+    import numpy as np
+
+    m = np.array(schedule.compute_mask(), dtype=float)  # [steps, blocks, branches]
+    scores = schedule.params.get("scores") if isinstance(schedule.params, dict) else None
+    blockreuse = np.array([[e == "B" for e in row] for row in schedule.plan])
+    nbr = len(schedule.branches)
+    fig, axes = plt.subplots(1, nbr, figsize=(3.2 * nbr + 1, 0.22 * schedule.num_blocks + 1.8), squeeze=False)
+    for i, br in enumerate(schedule.branches):
+        ax = axes[0, i]
+        img = m[:, :, i].T
+        if scores is not None:
+            sc = np.array(scores)[:, :, i].T
+            img = np.where(img > 0, 0.55 + 0.45 * sc, 0.45 * sc)
+        ax.imshow(img, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        ys, xs = np.nonzero(blockreuse.T)
+        ax.scatter(xs, ys, marker="s", s=12, c="grey")
+        ax.set_title(f"{br}: {100 * (1 - m[:, :, i].mean()):.0f}% reused")
+        ax.set_xlabel("sampling step")
+        if i == 0:
+            ax.set_ylabel("block")
+    s = schedule.summary()
+    fig.suptitle(title or f"{s['method']} schedule: {100 * s['flops_removed_fraction']:.0f}% of branch FLOPs removed "
+                 f"(dark = computed)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def side_by_side(rows: dict, path, scale: int = 4) -> Path:
+    """A PNG with one labelled row of images per entry of ``rows`` ({label: images [n,1,H,W] in [-1,1]})."""
+    plt = _plt()
+
+    n = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(4, 0.6 * n), 1.0 * len(rows) + 0.4), squeeze=False)
+    for ax, (label, imgs) in zip(axes[:, 0], rows.items()):
+        imgs = imgs.detach().float().clamp(-1, 1).cpu()
+        strip = torch.cat([torch.nn.functional.pad(im[0], (1, 1, 1, 1), value=1.0) for im in imgs], dim=1)
+        ax.imshow(strip.numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_title(label, fontsize=9, loc="left")
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def speed_quality(points: list[dict], path, title: str = "speed vs quality") -> Path:
+    """Scatter/line plot of measured speedup (x) against PSNR (y), one series per ``points[i]['family']``."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fams: dict = {}
+    for p in points:
+        fams.setdefault(p["family"], []).append(p)
+    for fam, pts in fams.items():
+        pts = sorted(pts, key=lambda p: p["speedup"])
+        ax.plot([p["speedup"] for p in pts], [min(p["psnr"], 60) for p in pts], marker="o", label=fam)
+    ax.set_xlabel("measured speedup over full compute")
+    ax.set_ylabel("PSNR vs full compute (dB, capped at 60)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
