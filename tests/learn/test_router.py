@@ -1,0 +1,79 @@
+"""L2C router learning: gradients, budgets, schedules that fit their model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import l2c_kernels as l2c
+from l2c_kernels.learn import schedule_from_scores, train_router
+from l2c_kernels.learn.soft_forward import SoftCaches, soft_forward
+from l2c_kernels.models import BundledModel
+from l2c_kernels.models.configs import NOISE_SCHEDULE
+from tests.tiny_models import dit_inputs, pixart_inputs, rel_err, tiny_dit, tiny_pixart
+
+
+def tiny_bundle():
+    return BundledModel("dit-digits", tiny_dit(layers=2), None, dict(NOISE_SCHEDULE))
+
+
+def test_soft_forward_with_full_weights_equals_model():
+    for model, inputs in ((tiny_dit(), dit_inputs()), (tiny_pixart(), pixart_inputs())):
+        caches = SoftCaches(3, len(l2c.adapters.adapter_for(model).branches(model)))
+        out = soft_forward(model, inputs, None, caches)
+        assert rel_err(out, model(**inputs).sample) < 1e-5
+
+
+def test_soft_forward_mixes_cache_and_gradient_reaches_only_router():
+    model = tiny_dit(layers=2)
+    caches = SoftCaches(2, 2)
+    soft_forward(model, dit_inputs(t=900), None, caches)
+    w = torch.full((2, 2), 0.5, requires_grad=True)
+    out = soft_forward(model, dit_inputs(t=500), w, caches)
+    out.pow(2).mean().backward()
+    assert w.grad is not None and torch.all(w.grad != 0)
+    assert all(p.grad is None for p in model.parameters())
+    # w = 1 everywhere is the plain model; w = 0.5 is not
+    full = model(**dit_inputs(t=500)).sample
+    assert rel_err(out.detach(), full) > 1e-4
+
+
+def test_train_router_runs_and_leaves_model_frozen():
+    bundle = tiny_bundle()
+    before = {k: v.clone() for k, v in bundle.transformer.state_dict().items()}
+    res = train_router(bundle, 5, budget=0.5, iterations=3, batch_size=2, progress=False)
+    assert res.scores.shape == (5, 2, 2)
+    assert torch.all(res.scores[0] == 1) and torch.all((res.scores > 0) & (res.scores <= 1))
+    assert len(res.timesteps) == 5 and res.history
+    assert all(torch.equal(before[k], v) for k, v in bundle.transformer.state_dict().items())
+    assert not any(p.requires_grad for p in bundle.transformer.parameters())
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.4, 0.6, 0.8])
+def test_budget_selection_hits_requested_flops(budget):
+    model = tiny_pixart(layers=4)
+    ts = list(range(900, 0, -100))
+    scores = torch.rand(len(ts), 4, 3, generator=torch.Generator().manual_seed(1))
+    s = schedule_from_scores(model, ts, scores, budget=budget)
+    flops = s.branch_flops
+    largest = max(flops.values()) / (sum(flops.values()) * len(ts) * 4)
+    assert budget <= s.flops_removed_fraction() < budget + largest + 1e-9
+    s.validate_for(model)
+    assert all(c == "C" for e in s.plan[0] for c in e)
+    # the lowest-scored branches are the ones removed
+    m = torch.tensor(s.compute_mask())
+    assert scores[1:][~m[1:]].max() <= scores[1:][m[1:]].min()
+
+
+def test_threshold_selection_and_bad_arguments():
+    model = tiny_dit(layers=2)
+    scores = torch.tensor([[[1.0, 1.0]] * 2, [[0.05, 0.9]] * 2, [[0.2, 0.01]] * 2])
+    s = schedule_from_scores(model, [3, 2, 1], scores, threshold=0.1)
+    assert s.plan == [["CC", "CC"], ["RC", "RC"], ["CR", "CR"]]
+    with pytest.raises(ValueError, match="exactly one"):
+        schedule_from_scores(model, [3, 2, 1], scores)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        schedule_from_scores(model, [3, 2, 1], scores, budget=1.5)
+    with pytest.raises(ValueError, match="expected"):
+        schedule_from_scores(model, [2, 1], scores, budget=0.5)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        l2c.learn.learn_schedule(tiny_bundle(), 4, budget=0.0)
