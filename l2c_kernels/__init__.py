@@ -4,6 +4,7 @@
     sched = l2c.Schedule.load("dit.l2c.json")
     pipe.transformer = l2c.compile_schedule(pipe.transformer, sched)
 """
+from .learn import learn_schedule
 from .runtime import CachedTransformer, compile_schedule
 from .schedule import Schedule, ScheduleError
 
@@ -17,4 +18,4 @@ def build_info() -> dict:
     return _info()
 
 
-__all__ = ["Schedule", "ScheduleError", "compile_schedule", "CachedTransformer", "build_info", "__version__"]
+__all__ = ["learn_schedule", "Schedule", "ScheduleError", "compile_schedule", "CachedTransformer", "build_info", "__version__"]
