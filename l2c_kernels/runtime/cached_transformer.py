@@ -12,7 +12,7 @@ from ..adapters import adapter_for
 from ..schedule import Schedule, ScheduleError, same_timestep
 from .caches import CacheSet
 from .cuda_graphs import GraphCache, signature
-from .plan import StepPlan, compile_plans
+from .plan import StepPlan, collapsible_steps, compile_plans
 
 
 class CachedTransformer(nn.Module):
@@ -25,13 +25,16 @@ class CachedTransformer(nn.Module):
     """
 
     def __init__(self, model: nn.Module, schedule: Schedule, *, cuda_graphs: bool | str = "auto",
-                 torch_compile: bool | dict = False, max_signatures: int = 4):
+                 torch_compile: bool | dict = False, cfg_collapse: bool = True, max_signatures: int = 4):
         super().__init__()
         self.adapter = adapter_for(model)
         schedule.validate_for(model)
         self.original_model = model  # registered: .to()/.half() reach the shared weights
         self.schedule = schedule
         self.plans: list[StepPlan] = compile_plans(schedule)
+        self.collapsible = collapsible_steps(schedule) if cfg_collapse else [False] * schedule.num_steps
+        self._diverged = False  # halves differed at a collapsible step of this generation
+        self.collapsed_calls = 0
         self.cuda_graphs = cuda_graphs
         self.max_signatures = max_signatures
         self._graphs = GraphCache()
@@ -82,8 +85,10 @@ class CachedTransformer(nn.Module):
     def reset(self) -> None:
         """Forget the current generation: the next call must be step 0 (which fills the caches)."""
         self._step, self._forced_step, self._gen_sig = None, None, None
+        self._diverged = False
         for c in self._caches.values():
             c.filled.clear()
+            c.half_dirty.clear()
 
     def release(self) -> None:
         """Free CUDA graphs and cache buffers (they are rebuilt on the next call)."""
@@ -127,8 +132,10 @@ class CachedTransformer(nn.Module):
         sig = signature(inputs.args)
         if step == 0:
             self._gen_sig = sig
+            self._diverged = False
             caches = self._cache_set(sig, x)
             caches.filled.clear()
+            caches.half_dirty.clear()
         else:
             if self._gen_sig is None:
                 self._gen_sig = sig
@@ -138,13 +145,20 @@ class CachedTransformer(nn.Module):
                     f"the previous shapes. Start a new generation at step 0 or call reset().")
             caches = self._cache_set(sig, x)
         self._check_filled(step, plan, caches)
+        collapse = self._can_collapse(step, inputs.args)
+        args = self._half_args(inputs.args) if collapse else inputs.args
         with torch.no_grad():
+            if not collapse:
+                self._sync_halves(caches)
             if self._use_graphs(x):
-                out = self._graphs.run((plan.key, id(caches)), inputs.args,
-                                       lambda a: self._run(plan, a, caches))
+                out = self._graphs.run((plan.key, id(caches), collapse), args,
+                                       lambda a: self._run(plan, a, caches, collapse))
             else:
-                out = self._run(plan, inputs.args, caches)
-        self._mark_filled(plan, caches)
+                out = self._run(plan, args, caches, collapse)
+            if collapse:
+                out = torch.cat([out, out])
+                self.collapsed_calls += 1
+        self._mark_filled(plan, caches, collapse)
         self._step = step
         if not inputs.return_dict:
             return (out,)
@@ -189,16 +203,68 @@ class CachedTransformer(nn.Module):
                         f"generation (start at step 0, or call reset())")
 
     @staticmethod
-    def _mark_filled(plan: StepPlan, caches: CacheSet) -> None:
+    def _mark_filled(plan: StepPlan, caches: CacheSet, collapsed: bool = False) -> None:
         for b, bp in enumerate(plan.blocks):
             if bp.store_delta:
                 caches.filled.add(("delta", b))
+                if collapsed:
+                    caches.half_dirty.add(("delta", b))
             for i, s in enumerate(bp.store):
                 if s:
                     caches.filled.add((b, i))
+                    if collapsed and not (plan.attn2_cfg_mean and plan.branches[i] == "attn2"):
+                        caches.half_dirty.add((b, i))
 
-    def _run_plan(self, plan: StepPlan, args: dict, caches: CacheSet) -> torch.Tensor:
-        """One transformer call following ``plan`` (eager, captured, or traced by torch.compile)."""
+    # ------------------------------------------------------------ CFG collapse
+    _PER_SAMPLE_TEXT = ("encoder_hidden_states", "encoder_attention_mask")
+
+    def _can_collapse(self, step: int, args: dict) -> bool:
+        """Static: the schedule makes both CFG halves compute the same thing at this step. Run time: the
+        halves carry the same latents, timestep and other per-sample inputs (exact comparison)."""
+        if not self.collapsible[step] or self._diverged or torch.compiler.is_compiling():
+            return False
+        x = args["hidden_states"]
+        if x.shape[0] % 2:
+            return False
+        for k, v in args.items():
+            if k in self._PER_SAMPLE_TEXT:
+                continue
+            for t in (v.values() if isinstance(v, dict) else [v]):
+                if isinstance(t, torch.Tensor) and t.ndim >= 1 and t.shape[0] == x.shape[0]:
+                    h = t.shape[0] // 2
+                    if not torch.equal(t[:h], t[h:]):
+                        self._diverged = True
+                        return False
+        return True
+
+    @staticmethod
+    def _half_args(args: dict) -> dict:
+        """The second (conditional) half of every per-sample tensor argument."""
+        b = args["hidden_states"].shape[0]
+
+        def half(v):
+            if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == b:
+                return v[b // 2:]
+            if isinstance(v, dict):
+                return {k: half(t) for k, t in v.items()}
+            return v
+
+        return {k: half(v) for k, v in args.items()}
+
+    @staticmethod
+    def _sync_halves(caches: CacheSet) -> None:
+        """Before a full-batch step, copy what collapsed steps wrote (second half) to the first half."""
+        for slot in caches.half_dirty:
+            buf = caches.delta[slot[1]] if slot[0] == "delta" else caches.branch[slot]
+            h = buf.shape[0] // 2
+            buf[:h].copy_(buf[h:])
+        caches.half_dirty.clear()
+
+    def _run_plan(self, plan: StepPlan, args: dict, caches: CacheSet, collapsed: bool = False) -> torch.Tensor:
+        """One transformer call following ``plan`` (eager, captured, or traced by torch.compile).
+
+        ``collapsed``: the call carries one CFG half; per-sample caches are used through their second half.
+        """
         from ..adapters.base import StepInputs
 
         ad, model = self.adapter, self.original_model
@@ -206,17 +272,21 @@ class CachedTransformer(nn.Module):
         h, ctx = ad.prepare(model, inputs)
         h = h.contiguous()
         half = h.shape[0] // 2
+
+        def per_sample(buf):
+            return buf[buf.shape[0] // 2:] if collapsed else buf
+
         for b, block in enumerate(ad.blocks(model)):
             bp = plan.blocks[b]
             if bp.reuse_block:
-                ops.gated_residual_(h, caches.delta_buffer(b))
+                ops.gated_residual_(h, per_sample(caches.delta_buffer(b)))
                 continue
             inp = h.clone() if bp.store_delta else None
             bctx = ad.block_context(block, ctx)
             for i, name in enumerate(plan.branches):
                 gate = ad.branch_gate(name, bctx)
                 cfg_mean = plan.attn2_cfg_mean and name == "attn2"
-                if cfg_mean and h.shape[0] % 2:
+                if cfg_mean and h.shape[0] % 2 and not collapsed:
                     raise ValueError(f"this schedule caches cross-attention as the mean of the two classifier-free "
                                      f"guidance halves, which needs an even batch; got batch {h.shape[0]}")
                 if bp.compute[i]:
@@ -224,27 +294,33 @@ class CachedTransformer(nn.Module):
                     if cfg_mean and bp.store[i]:
                         ops.cfg_mean_store_(h, y, caches.branch_buffer(b, i, half=True))
                     else:
-                        ops.gated_residual_(h, y, gate, caches.branch_buffer(b, i) if bp.store[i] else None)
+                        ops.gated_residual_(h, y, gate, per_sample(caches.branch_buffer(b, i)) if bp.store[i] else None)
                 elif cfg_mean:
                     cache = caches.branch_buffer(b, i, half=True)
-                    ops.gated_residual_(h[:half], cache)
-                    ops.gated_residual_(h[half:], cache)
+                    if collapsed:
+                        ops.gated_residual_(h, cache)
+                    else:
+                        ops.gated_residual_(h[:half], cache)
+                        ops.gated_residual_(h[half:], cache)
                 else:
-                    ops.gated_residual_(h, caches.branch_buffer(b, i), gate)
+                    ops.gated_residual_(h, per_sample(caches.branch_buffer(b, i)), gate)
             if bp.store_delta:
-                ops.residual_delta_store_(caches.delta_buffer(b), h, inp)
+                ops.residual_delta_store_(per_sample(caches.delta_buffer(b)), h, inp)
         return ad.finish(model, h, ctx, inputs)
 
 
 def compile_schedule(model: nn.Module, schedule: Schedule, *, cuda_graphs: bool | str = "auto",
-                     torch_compile: bool | dict = False) -> CachedTransformer:
+                     torch_compile: bool | dict = False, cfg_collapse: bool = True) -> CachedTransformer:
     """Turn ``model`` (a supported diffusers transformer) and a static ``schedule`` into a drop-in module.
 
     ``pipe.transformer = compile_schedule(pipe.transformer, schedule)`` makes the pipeline skip the
     scheduled work. On CUDA each distinct step plan is captured once in a CUDA graph
     (``cuda_graphs=False`` turns that off); ``torch_compile=True`` (or a dict of
-    ``torch.compile`` options) compiles each step plan with ``fullgraph=True``.
+    ``torch.compile`` options) compiles each step plan with ``fullgraph=True``. With a T-GATE-style
+    schedule (CFG-mean cross-attention cache), steps at which both guidance halves must compute the
+    same output run on one half (``cfg_collapse=False`` turns that off).
     """
     if isinstance(model, CachedTransformer):
         model = model.original_model
-    return CachedTransformer(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile)
+    return CachedTransformer(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
+                             cfg_collapse=cfg_collapse)

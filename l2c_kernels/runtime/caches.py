@@ -18,6 +18,7 @@ class CacheSet:
         self.branch: dict[tuple[int, int], torch.Tensor] = {}
         self.delta: dict[int, torch.Tensor] = {}
         self.filled: set = set()
+        self.half_dirty: set = set()  # caches whose second half was written by a collapsed (half-batch) step
 
     def branch_buffer(self, block: int, branch: int, half: bool = False) -> torch.Tensor:
         buf = self.branch.get((block, branch))

@@ -67,3 +67,38 @@ def compile_plans(schedule: Schedule) -> list[StepPlan]:
         sp = StepPlan(tuple(blocks), tuple(schedule.branches), schedule.attn2_cache == "cfg_mean")
         out.append(interned.setdefault(sp.key, sp))
     return out
+
+
+def collapsible_steps(schedule: Schedule) -> list[bool]:
+    """Steps at which both classifier-free-guidance halves are guaranteed to compute the same output.
+
+    True where every block reuses the CFG-mean cross-attention cache (so the caption no longer enters
+    the computation) and every other cache read at that step was written at such a step (so it is
+    identical across the halves too). Given identical latents and timesteps in both halves, the
+    transformer can then run on one half and return it for both (T-GATE's CFG collapse).
+    """
+    if schedule.attn2_cache != "cfg_mean" or "attn2" not in schedule.branches:
+        return [False] * schedule.num_steps
+    a2 = schedule.branches.index("attn2")
+    nbr = len(schedule.branches)
+    written_ident: dict = {}  # (block, branch) or ("delta", block) -> was the last write at an identical step
+    out = []
+    for row in schedule.plan:
+        ident = True
+        for b, e in enumerate(row):
+            if e == BLOCK:
+                ident &= written_ident.get(("delta", b), False)
+                continue
+            ident &= e[a2] == REUSE
+            for i in range(nbr):
+                if i != a2 and e[i] == REUSE:
+                    ident &= written_ident.get((b, i), False)
+        for b, e in enumerate(row):
+            if e == BLOCK:
+                continue
+            written_ident[("delta", b)] = ident
+            for i in range(nbr):
+                if e[i] == COMPUTE:
+                    written_ident[(b, i)] = ident
+        out.append(ident)
+    return out
