@@ -270,14 +270,21 @@ class CachedTransformer(nn.Module):
         ad, model = self.adapter, self.original_model
         inputs = StepInputs(args=args)
         h, ctx = ad.prepare(model, inputs)
-        h = h.contiguous()
+        h = self._run_blocks(plan, h.contiguous(), ctx, caches, 0, ad.num_blocks(model), collapsed)
+        return ad.finish(model, h, ctx, inputs)
+
+    def _run_blocks(self, plan: StepPlan, h: torch.Tensor, ctx, caches: CacheSet, start: int, end: int,
+                    collapsed: bool = False) -> torch.Tensor:
+        """Blocks ``start..end-1`` of ``plan`` on residual stream ``h`` (updated in place and returned)."""
+        ad, model = self.adapter, self.original_model
         half = h.shape[0] // 2
 
         def per_sample(buf):
             return buf[buf.shape[0] // 2:] if collapsed else buf
 
-        for b, block in enumerate(ad.blocks(model)):
-            bp = plan.blocks[b]
+        blocks = ad.blocks(model)
+        for b in range(start, end):
+            block, bp = blocks[b], plan.blocks[b]
             if bp.reuse_block:
                 ops.gated_residual_(h, per_sample(caches.delta_buffer(b)))
                 continue
@@ -306,7 +313,40 @@ class CachedTransformer(nn.Module):
                     ops.gated_residual_(h, per_sample(caches.branch_buffer(b, i)), gate)
             if bp.store_delta:
                 ops.residual_delta_store_(per_sample(caches.delta_buffer(b)), h, inp)
-        return ad.finish(model, h, ctx, inputs)
+        return h
+
+    # ------------------------------------------------------------ pieces for pipeline/data parallel wrappers
+    def begin_step(self, args: dict, step: int | None = None) -> tuple[int, CacheSet]:
+        """Resolve the step (from the timestep, or ``step``) and the caches for a call with ``args``, as
+        ``forward`` does; for wrappers that run the blocks in pieces (e.g. on several devices)."""
+        if step is not None:
+            self.set_step(step)
+        s = self._resolve_step(args.get("timestep"))
+        x = args["hidden_states"]
+        sig = signature(args)
+        if s == 0 or self._gen_sig is None:
+            self._gen_sig = sig
+        caches = self._cache_set(sig, x)
+        if s == 0:
+            caches.filled.clear()
+        return s, caches
+
+    def run_blocks(self, step: int, h: torch.Tensor, ctx, caches: CacheSet, start: int, end: int) -> torch.Tensor:
+        """Run blocks ``start..end-1`` of step ``step``'s plan on ``h`` (in place), eagerly, with the fused ops."""
+        plan = self.plans[step]
+        with torch.no_grad():
+            h = self._run_blocks(plan, h.contiguous(), ctx, caches, start, end)
+        for b in range(start, end):  # mark what these blocks stored
+            bp = plan.blocks[b]
+            if bp.store_delta:
+                caches.filled.add(("delta", b))
+            for i, st in enumerate(bp.store):
+                if st:
+                    caches.filled.add((b, i))
+        return h
+
+    def end_step(self, step: int) -> None:
+        self._step = step
 
 
 def compile_schedule(model: nn.Module, schedule: Schedule, *, cuda_graphs: bool | str = "auto",
