@@ -54,8 +54,14 @@ def _rollout(den: Denoiser, x: torch.Tensor, w_all: torch.Tensor | None, keep_pa
 def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, scheduler: str = "ddim",
                  cfg: float = 1.5, iterations: int = 60, batch_size: int = 4, lr: float = 0.1,
                  trajectory_weight: float = 0.5, init_logit: float = 3.0, seed: int = 0,
-                 labels=None, prompts=None, progress: bool = True, log_every: int = 5) -> RouterResult:
-    """Train router logits for ``obj`` (bundled model, its name, or a DiT/PixArt pipeline)."""
+                 labels=None, prompts=None, progress: bool = True, log_every: int = 5,
+                 hard_fraction: float = 0.5) -> RouterResult:
+    """Train router logits for ``obj`` (bundled model, its name, or a DiT/PixArt pipeline).
+
+    The first ``1 - hard_fraction`` of the iterations use soft caches with the adaptive FLOPs
+    penalty; the rest run the *hard* schedule the scores rank to at ``budget`` (straight-through
+    gradients through the sigmoid), so training ends on exactly the decisions inference makes.
+    """
     torch.manual_seed(seed)
     den = denoiser_for(obj, batch_size, cfg, scheduler, seed=seed, labels=labels, prompts=prompts)
     model = den.transformer
@@ -83,13 +89,17 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         with torch.no_grad():
             teacher, tpath = _rollout(den, x, None, keep_path=True)
         w = torch.sigmoid(logits)
+        hard = it >= iterations * (1.0 - hard_fraction)
+        if hard:
+            mask = _budget_mask(w.detach(), cost, min(0.999, budget * n / (n - 1)))
+            w = mask + w - w.detach()  # straight-through: hard forward, sigmoid gradient
         ones = torch.ones((1, nb, len(branches)), device=device)
         student, spath = _rollout(den, x, torch.cat([ones, w]), keep_path=True)
         scale = teacher.pow(2).mean().clamp_min(1e-8)
         final = (student - teacher).pow(2).mean() / scale
         traj = torch.stack([(a - b).pow(2).mean() for a, b in zip(spath, tpath)]).mean() / scale
         keep = (w * cost).sum() / cost.sum()
-        loss = final + trajectory_weight * traj + lam * keep
+        loss = final + trajectory_weight * traj + (0.0 if hard else lam * keep)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -98,11 +108,23 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             # dual ascent on the penalty: push the soft compute fraction towards 1 - budget
             lam = (lam * torch.exp(torch.tensor(2.0 * (keep.item() - target_keep)))).clamp(1e-5, 10.0)
         if it % log_every == 0 or it == iterations - 1:
-            hist.append(dict(iteration=it, loss=round(loss.item(), 6), final_mse=round(final.item(), 6),
+            hist.append(dict(iteration=it, hard=bool(hard), loss=round(loss.item(), 6), final_mse=round(final.item(), 6),
                              keep=round(keep.item(), 4), lam=round(lam.item(), 6)))
         bar.set_postfix(final=f"{final.item():.2e}", keep=f"{keep.item():.2f}")
     scores = torch.cat([torch.ones((1, nb, len(branches))), torch.sigmoid(logits.detach()).cpu()])
     return RouterResult(scores=scores, timesteps=den._timesteps, history=hist, seconds=time.time() - t0)
+
+
+def _budget_mask(scores: torch.Tensor, cost: torch.Tensor, budget: float) -> torch.Tensor:
+    """1 = compute: remove the lowest-scored cells until ``budget`` of the (cost-weighted) work is removed."""
+    flat_s, flat_c = scores.reshape(-1), cost.reshape(-1)
+    order = torch.argsort(flat_s, stable=True)
+    removed = torch.cumsum(flat_c[order], 0) / flat_c.sum()
+    # steps 1.. only: step 0 (always computed) is not in ``scores``; scale the budget accordingly
+    n_off = int(torch.searchsorted(removed, torch.tensor(budget, dtype=removed.dtype) - 1e-9).item()) + 1
+    mask = torch.ones_like(flat_s)
+    mask[order[:n_off]] = 0.0
+    return mask.reshape(scores.shape)
 
 
 def schedule_from_scores(model, timesteps, scores: torch.Tensor, *, budget: float | None = None,
