@@ -135,7 +135,7 @@ def _extensions():
 
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT)) + ["csrc/cuda_bindings.cpp"]
-        extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        extra_compile_args["nvcc"] = ["-O3", "-lineinfo"]
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension

@@ -1,0 +1,122 @@
+// l2c::gated_residual_ on CUDA:  x += gate[:, None, :] * y  (x += y without gate);  cache = y.
+//
+// One pass: y is read once (evict-first: it is dead afterwards), x is read and written once,
+// and the cache gets y's bits in the same loop (evict-first stores: read at a later step).
+#include "common.cuh"
+
+namespace l2c {
+namespace cuda {
+namespace {
+
+using detail::Load;
+using detail::Raw;
+using detail::Store;
+
+// Grid-stride over chunks of VEC elements of the flat [B * N * C] tensors. With a gate, VEC
+// divides C so a chunk never straddles rows: element e belongs to sample e / (N * C) and
+// column e % C.
+template <typename T, int VEC, bool kGate, bool kCache, typename IndexT, typename Div>
+__global__ void __launch_bounds__(detail::kElementwiseThreads)
+    gated_residual_kernel(T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ gate,
+                          T* __restrict__ cache, IndexT chunks, Div sample_of, Div column_of) {
+  constexpr int U = detail::kElementwiseUnroll;
+  const IndexT stride = static_cast<IndexT>(gridDim.x) * blockDim.x;
+  for (IndexT i = static_cast<IndexT>(blockIdx.x) * blockDim.x + threadIdx.x; i < chunks;
+       i += stride * U) {
+    Raw<T, VEC> rx[U], ry[U], rg[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const IndexT j = i + u * stride;
+      if (j < chunks) {
+        const IndexT e = j * VEC;
+        ry[u] = detail::load_raw<T, VEC, Load::kStream>(y + e);
+        rx[u] = detail::load_raw<T, VEC>(x + e);
+        if constexpr (kGate) {
+          const IndexT g = sample_of.div(e) * column_of.divisor + column_of.mod(e);
+          rg[u] = detail::load_raw<T, VEC, Load::kReadOnly>(gate + g);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const IndexT j = i + u * stride;
+      if (j < chunks) {
+        const IndexT e = j * VEC;
+        if constexpr (kCache) detail::store_raw<T, VEC, Store::kStream>(cache + e, ry[u]);
+        float vx[VEC], vy[VEC];
+        detail::unpack<T, VEC>(rx[u], vx);
+        detail::unpack<T, VEC>(ry[u], vy);
+        if constexpr (kGate) {
+          float vg[VEC];
+          detail::unpack<T, VEC>(rg[u], vg);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) vx[k] += vg[k] * vy[k];
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) vx[k] += vy[k];
+        }
+        detail::store_chunk<T, VEC>(x + e, vx);
+      }
+    }
+  }
+}
+
+template <typename T, int VEC, bool kGate, bool kCache>
+cudaError_t launch(T* x, const T* y, const T* gate, T* cache, int64_t N, int64_t C,
+                   int64_t numel, cudaStream_t stream) {
+  constexpr int threads = detail::kElementwiseThreads;
+  const int64_t chunks = numel / VEC;
+  unsigned blocks = 0;
+  const cudaError_t err = detail::grid_size(
+      chunks, static_cast<int64_t>(threads) * detail::kElementwiseUnroll, threads, &blocks);
+  if (err != cudaSuccess) return err;
+  if (detail::fits_int32(numel)) {
+    gated_residual_kernel<T, VEC, kGate, kCache, uint32_t, detail::FastDivmod32>
+        <<<blocks, threads, 0, stream>>>(x, y, gate, cache, static_cast<uint32_t>(chunks),
+                                         detail::FastDivmod32(static_cast<uint32_t>(N * C)),
+                                         detail::FastDivmod32(static_cast<uint32_t>(C)));
+  } else {
+    gated_residual_kernel<T, VEC, kGate, kCache, int64_t, detail::Divmod64>
+        <<<blocks, threads, 0, stream>>>(x, y, gate, cache, chunks, detail::Divmod64(N * C),
+                                         detail::Divmod64(C));
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, int VEC>
+cudaError_t launch_vec(T* x, const T* y, const T* gate, T* cache, int64_t N, int64_t C,
+                       int64_t numel, cudaStream_t stream) {
+  if (gate != nullptr) {
+    return cache != nullptr ? launch<T, VEC, true, true>(x, y, gate, cache, N, C, numel, stream)
+                            : launch<T, VEC, true, false>(x, y, gate, cache, N, C, numel, stream);
+  }
+  return cache != nullptr ? launch<T, VEC, false, true>(x, y, gate, cache, N, C, numel, stream)
+                          : launch<T, VEC, false, false>(x, y, gate, cache, N, C, numel, stream);
+}
+
+}  // namespace
+
+cudaError_t gated_residual(void* x, const void* y, const void* gate, void* cache, int64_t B,
+                           int64_t N, int64_t C, DType dtype, cudaStream_t stream) {
+  const int64_t numel = B * N * C;
+  if (numel <= 0) return cudaSuccess;
+  return detail::dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int P = detail::kPack<T>;
+    T* xp = static_cast<T*>(x);
+    const T* yp = static_cast<const T*>(y);
+    const T* gp = static_cast<const T*>(gate);
+    T* cp = static_cast<T*>(cache);
+    // 16-byte chunks need aligned pointers and chunks that do not straddle rows (C % P == 0;
+    // without a gate, numel % P == 0 is enough).
+    const bool vec = detail::aligned16(xp) && detail::aligned16(yp) &&
+                     (gp == nullptr || detail::aligned16(gp)) &&
+                     (cp == nullptr || detail::aligned16(cp)) &&
+                     (gp != nullptr ? C % P == 0 : numel % P == 0);
+    return vec ? launch_vec<T, P>(xp, yp, gp, cp, N, C, numel, stream)
+               : launch_vec<T, 1>(xp, yp, gp, cp, N, C, numel, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace l2c
