@@ -16,6 +16,7 @@ Environment variables:
     TORCH_CUDA_ARCH_LIST    CUDA architectures, default "8.0;9.0"
     L2C_ALLOW_NO_EXT=1      if the extension cannot be built, install the pure-Python package
                             (l2c_kernels.build_info() then reports the missing extension)
+    L2C_DEBUG=1             -O0 with debug info (default: -O3, no debug info)
     MAX_JOBS                parallel compile jobs (ninja)
 """
 import glob
@@ -34,6 +35,7 @@ def _env_flag(name: str) -> bool:
 
 ALLOW_NO_EXT = _env_flag("L2C_ALLOW_NO_EXT")
 SKIP_CUDA = _env_flag("L2C_SKIP_CUDA_BUILD")
+DEBUG = _env_flag("L2C_DEBUG")
 FORCE_CUDA = _env_flag("L2C_FORCE_CUDA_BUILD")
 
 
@@ -128,14 +130,18 @@ def _extensions():
     # (csrc/cpu/cpu_common.h) give bit-identical results. No -march: the binary must run on any
     # x86-64 / arm64 CPU torch runs on; AVX2 code is selected at run time.
     openmp = _openmp_flags()
-    cxx_flags = ["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"] + openmp
+    if sys.platform == "win32":  # MSVC: /fp:precise (the default) does not contract
+        cxx_flags = ["/Od", "/Zi"] if DEBUG else ["/O2"]
+    else:
+        opt = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
+        cxx_flags = opt + ["-ffp-contract=off", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"] + openmp
     extra_compile_args = {"cxx": cxx_flags}
     define_macros = [("L2C_WITH_CUDA", "1" if with_cuda else "0")]
     include_dirs = [os.path.join(ROOT, d) for d in ("csrc", "csrc/include", generated)]
 
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT)) + ["csrc/cuda_bindings.cpp"]
-        extra_compile_args["nvcc"] = ["-O3", "-lineinfo"]
+        extra_compile_args["nvcc"] = (["-O0", "-g"] if DEBUG else ["-O3"]) + ["-lineinfo"]
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension
