@@ -58,6 +58,41 @@ except ImportError as exc:  # torch missing: typically pip's isolated build envi
     cpp_extension = None
 
 
+def _has_cuda_headers(home) -> bool:
+    return bool(home) and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h"))
+
+
+def _resolve_cuda_home():
+    """torch finds CUDA_HOME from $CUDA_HOME, else from `which nvcc` (two levels up), which is wrong
+    when nvcc on PATH is a wrapper script (e.g. /usr/local/bin/nvcc). Ask nvcc where it lives then,
+    so the C++ sources find cuda_runtime_api.h and the linker finds libcudart."""
+    home = cpp_extension.CUDA_HOME
+    if _has_cuda_headers(home) or sys.platform == "win32":
+        return home
+    import shutil
+    import subprocess
+
+    candidates = [os.path.join(home, "bin", "nvcc")] if home else []
+    candidates.append(shutil.which("nvcc"))
+    for nvcc in filter(None, candidates):
+        try:
+            out = subprocess.run(
+                [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                capture_output=True, text=True, timeout=60,
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in (out.stdout + out.stderr).splitlines():
+            if "TOP=" in line:
+                top = os.path.normpath(line.split("TOP=", 1)[1].strip().strip('"'))
+                if _has_cuda_headers(top):
+                    _warn(f"using CUDA toolkit {top} (CUDA_HOME={home} has no CUDA headers)")
+                    cpp_extension.CUDA_HOME = top
+                    os.environ["CUDA_HOME"] = top
+                    return top
+    return home
+
+
 def _want_cuda() -> bool:
     """Whether to compile the CUDA kernels. Decided from the toolchain only (never a GPU)."""
     if SKIP_CUDA and FORCE_CUDA:
@@ -72,10 +107,17 @@ def _want_cuda() -> bool:
         )
     elif cpp_extension.CUDA_HOME is None:
         problems.append("no CUDA toolkit found; set CUDA_HOME or put nvcc on PATH")
+    elif not _has_cuda_headers(_resolve_cuda_home()):
+        problems.append(
+            f"the CUDA toolkit at {cpp_extension.CUDA_HOME} has no include/cuda_runtime_api.h; "
+            "set CUDA_HOME to a full CUDA toolkit"
+        )
     if not problems:
         return True
     if FORCE_CUDA:
         raise RuntimeError("L2C_FORCE_CUDA_BUILD=1 but the CUDA kernels cannot be built: " + "; ".join(problems))
+    if torch.version.cuda is not None:  # a CUDA torch without a usable toolkit: say why
+        _warn("building without the CUDA kernels: " + "; ".join(problems))
     return False
 
 
