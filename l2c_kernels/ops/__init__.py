@@ -1,0 +1,235 @@
+"""Fused elementwise and normalisation ops for cached diffusion-transformer sampling.
+
+Shapes: activations ``[B, N, C]``, per-sample vectors ``[B, C]``; any ``C`` and ``N``. Dtypes
+float32, float16 and bfloat16 (all tensors of one call share dtype and device). Every op computes
+in float32 and rounds once per stored element.
+
+=============================================  ===============================================================
+``gated_residual_(x, y, gate=None, cache=None)``  ``x += gate[:, None, :] * y`` (``x += y`` without gate); ``cache <- y``
+                                                  if given, in the same pass. Reusing a cached branch is
+                                                  ``gated_residual_(x, cache, gate)``.
+``cfg_mean_store_(x, y, cache)``                  ``x += y``; ``cache <- (y[:B/2] + y[B/2:]) / 2`` (cache ``[B/2, N, C]``)
+``residual_delta_store_(cache, out, inp)``        ``cache <- out - inp``
+``residual_apply_(out, inp, cache)``              ``out <- inp + cache``
+``adaln_modulate(x, shift, scale, eps=1e-6)``     ``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]`` (no affine,
+                                                  float32 statistics, biased variance) as a new tensor
+=============================================  ===============================================================
+
+The in-place ops return their destination. Arguments are validated before any kernel runs
+(``ValueError`` naming the argument); read-only arguments that are not contiguous are copied
+(``gate``/``shift``/``scale`` taken with ``.chunk`` from a ``[B, k*C]`` embedding are typical),
+destinations must be contiguous and must not share memory with the inputs (the residual ops
+accept a destination that is the very same tensor as an input).
+
+Backends (``cpp``, ``cuda``, ``triton``, ``torch``) and how one is chosen: :mod:`l2c_kernels.ops._backend`.
+Every op takes ``backend=`` to force one; :func:`use_backend` does it for a block of code.
+
+The ops trace under ``torch.compile(fullgraph=True)`` (``torch.ops.l2c.*`` and
+``torch.ops.l2c_triton.*`` have fake implementations) and capture in CUDA graphs: no host
+synchronisation, kernels launch on the current stream.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .._build import load_extension
+from . import _backend, _checks, reference
+from ._backend import BACKENDS, BackendUnavailableError, available_backends, default_backend, use_backend
+
+__all__ = [
+    "gated_residual_", "cfg_mean_store_", "residual_delta_store_", "residual_apply_", "adaln_modulate",
+    "BACKENDS", "BackendUnavailableError", "available_backends", "default_backend", "use_backend",
+    "reference",
+]
+
+#: ``torch.ops.l2c`` is registered (the compiled extension imported).
+HAS_EXTENSION = load_extension() is not None
+
+_triton_module = None
+
+
+def _triton():
+    """``l2c_kernels.ops.triton``, imported on first use (it defines the kernels, and Triton picks
+    compiled or interpreted kernels at definition time)."""
+    global _triton_module
+    if _triton_module is None:
+        _triton_module = importlib.import_module("l2c_kernels.ops.triton")
+    return _triton_module
+
+
+def _needs_grad(*tensors) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _register_fake(name: str):
+    """Register the decorated function as the fake (meta) kernel of ``l2c::name``, if it exists."""
+    def deco(fn):
+        if HAS_EXTENSION:
+            torch.library.register_fake(f"l2c::{name}", fn)
+        return fn
+    return deco
+
+
+# ----------------------------------------------------------------------------------- gated_residual_
+
+
+def gated_residual_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None,
+                    cache: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """``x += gate[:, None, :] * y`` (``x += y`` when ``gate`` is None), and ``cache <- y`` when given.
+
+    Args:
+        x: ``[B, N, C]``, updated in place (contiguous).
+        y: ``[B, N, C]`` branch output (or a cached one, to reuse it).
+        gate: ``[B, C]`` per-sample gate, or None.
+        cache: ``[B, N, C]`` buffer that receives a copy of ``y`` in the same pass (contiguous), or None.
+        backend: force a backend (``"cpp"``, ``"cuda"``, ``"triton"``, ``"torch"``).
+
+    Returns:
+        ``x``.
+    """
+    y, gate, cache = _checks.check_gated_residual(x, y, gate, cache)
+    name = _backend.select(x.device.type, backend, _needs_grad(x, y, gate))
+    if name == "torch":
+        reference.gated_residual_(x, y, gate, cache)
+    elif name == "triton":
+        _triton()
+        torch.ops.l2c_triton.gated_residual_(x, y, gate, cache)
+    else:
+        torch.ops.l2c.gated_residual_(x, y, gate, cache)
+    return x
+
+
+@_register_fake("gated_residual_")
+def _gated_residual_fake(x, y, gate, cache) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------------- cfg_mean_store_
+
+
+def cfg_mean_store_(x: torch.Tensor, y: torch.Tensor, cache: torch.Tensor, *,
+                    backend: str | None = None) -> torch.Tensor:
+    """``x += y`` and ``cache <- (y[:B/2] + y[B/2:]) / 2`` in one pass.
+
+    For a branch whose output is cached as the mean of the two classifier-free guidance halves.
+
+    Args:
+        x: ``[B, N, C]`` with even ``B``, updated in place (contiguous).
+        y: ``[B, N, C]`` branch output.
+        cache: ``[B/2, N, C]`` buffer for the mean (contiguous).
+        backend: force a backend.
+
+    Returns:
+        ``x``.
+    """
+    y = _checks.check_cfg_mean_store(x, y, cache)
+    name = _backend.select(x.device.type, backend, _needs_grad(x, y))
+    if name == "torch":
+        reference.cfg_mean_store_(x, y, cache)
+    elif name == "triton":
+        _triton()
+        torch.ops.l2c_triton.cfg_mean_store_(x, y, cache)
+    else:
+        torch.ops.l2c.cfg_mean_store_(x, y, cache)
+    return x
+
+
+@_register_fake("cfg_mean_store_")
+def _cfg_mean_store_fake(x, y, cache) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------- residual_delta_store_
+
+
+def residual_delta_store_(cache: torch.Tensor, out: torch.Tensor, inp: torch.Tensor, *,
+                          backend: str | None = None) -> torch.Tensor:
+    """``cache <- out - inp`` (the residual a block added), for a later :func:`residual_apply_`.
+
+    Elementwise over tensors of any one shape; ``cache`` (contiguous) may be ``out`` or ``inp`` itself.
+
+    Returns:
+        ``cache``.
+    """
+    out, inp = _checks.check_residual_delta_store(cache, out, inp)
+    name = _backend.select(cache.device.type, backend, _needs_grad(out, inp))
+    if name == "torch":
+        reference.residual_delta_store_(cache, out, inp)
+    elif name == "triton":
+        _triton()
+        torch.ops.l2c_triton.residual_delta_store_(cache, out, inp)
+    else:
+        torch.ops.l2c.residual_delta_store_(cache, out, inp)
+    return cache
+
+
+@_register_fake("residual_delta_store_")
+def _residual_delta_store_fake(cache, out, inp) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------------- residual_apply_
+
+
+def residual_apply_(out: torch.Tensor, inp: torch.Tensor, cache: torch.Tensor, *,
+                    backend: str | None = None) -> torch.Tensor:
+    """``out <- inp + cache`` (replay a cached block residual).
+
+    Elementwise over tensors of any one shape; ``out`` (contiguous) may be ``inp`` or ``cache`` itself.
+
+    Returns:
+        ``out``.
+    """
+    inp, cache = _checks.check_residual_apply(out, inp, cache)
+    name = _backend.select(out.device.type, backend, _needs_grad(inp, cache))
+    if name == "torch":
+        reference.residual_apply_(out, inp, cache)
+    elif name == "triton":
+        _triton()
+        torch.ops.l2c_triton.residual_apply_(out, inp, cache)
+    else:
+        torch.ops.l2c.residual_apply_(out, inp, cache)
+    return out
+
+
+@_register_fake("residual_apply_")
+def _residual_apply_fake(out, inp, cache) -> None:
+    return None
+
+
+# ------------------------------------------------------------------------------------ adaln_modulate
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, *,
+                   backend: str | None = None) -> torch.Tensor:
+    """``LayerNorm(x) * (1 + scale[:, None, :]) + shift[:, None, :]`` as a new tensor.
+
+    LayerNorm over ``C`` without affine parameters: float32 mean and biased variance, ``eps``
+    inside the square root (``torch.nn.LayerNorm(C, elementwise_affine=False, eps=eps)``).
+
+    Args:
+        x: ``[B, N, C]``.
+        shift, scale: ``[B, C]`` (non-contiguous views, e.g. from ``emb.chunk(6, dim=1)``, are fine).
+        eps: added to the variance, >= 0.
+        backend: force a backend.
+
+    Returns:
+        A new contiguous ``[B, N, C]`` tensor of ``x``'s dtype.
+    """
+    x, shift, scale, eps = _checks.check_adaln_modulate(x, shift, scale, eps)
+    name = _backend.select(x.device.type, backend, _needs_grad(x, shift, scale))
+    if name == "torch":
+        return reference.adaln_modulate(x, shift, scale, eps)
+    if name == "triton":
+        _triton()
+        return torch.ops.l2c_triton.adaln_modulate(x, shift, scale, eps)
+    return torch.ops.l2c.adaln_modulate(x, shift, scale, eps)
+
+
+@_register_fake("adaln_modulate")
+def _adaln_modulate_fake(x, shift, scale, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

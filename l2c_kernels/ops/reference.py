@@ -1,0 +1,55 @@
+"""The fused ops in plain PyTorch: the ``torch`` backend of :mod:`l2c_kernels.ops`.
+
+Any device, differentiable (autograd records the in-place updates like any in-place op). Low
+precision inputs are computed with float32 arithmetic and rounded once where PyTorch's elementwise
+kernels allow it (``add_``, ``addcmul_``, ``sub`` compute in float32 for float16/bfloat16), so the
+results match the fused kernels to about one rounding.
+
+Arguments are not validated here; :mod:`l2c_kernels.ops` does that before calling these.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gated_residual_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None,
+                    cache: torch.Tensor | None = None) -> torch.Tensor:
+    """``x += gate[:, None, :] * y`` (``x += y`` without gate); ``cache <- y`` if given."""
+    if cache is not None:
+        cache.copy_(y)
+    if gate is None:
+        x.add_(y)
+    else:
+        x.addcmul_(gate.unsqueeze(1), y)
+    return x
+
+
+def cfg_mean_store_(x: torch.Tensor, y: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """``x += y``; ``cache <- (y[:B/2] + y[B/2:]) / 2``."""
+    half = x.shape[0] // 2
+    # 0.5 * a + 0.5 * b: scaling by 0.5 is exact, the sum is rounded once, and it cannot overflow.
+    torch.mul(y[:half], 0.5, out=cache)
+    cache.add_(y[half:], alpha=0.5)
+    x.add_(y)
+    return x
+
+
+def residual_delta_store_(cache: torch.Tensor, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """``cache <- out - inp``."""
+    torch.sub(out, inp, out=cache)
+    return cache
+
+
+def residual_apply_(out: torch.Tensor, inp: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """``out <- inp + cache``."""
+    torch.add(inp, cache, out=out)
+    return out
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]`` (no affine, float32 statistics)."""
+    C = x.shape[-1]
+    n = F.layer_norm(x.float(), (C,), eps=eps)
+    out = torch.addcmul(shift.float().unsqueeze(1), n, scale.float().unsqueeze(1) + 1)
+    return out.to(x.dtype)
