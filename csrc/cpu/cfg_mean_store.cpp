@@ -25,7 +25,8 @@ struct CfgMeanStoreFlat {
       const float b = Convert<T>::load(y1[i]);
       x[i] = Convert<T>::store(Convert<T>::load(x[i]) + a);
       x1[i] = Convert<T>::store(Convert<T>::load(x1[i]) + b);
-      cache[i] = Convert<T>::store((a + b) * 0.5f);
+      // 0.5 * a + 0.5 * b: the halving is exact and the sum cannot overflow ((a + b) / 2 can).
+      cache[i] = Convert<T>::store(a * 0.5f + b * 0.5f);
     }
   }
 };

@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(detail::kElementwiseThreads)
         detail::unpack<T, VEC>(ry1[u], y1);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          m[k] = (y0[k] + y1[k]) * 0.5f;
+          m[k] = y0[k] * 0.5f + y1[k] * 0.5f;  // cannot overflow, unlike (y0 + y1) / 2
           x0[k] += y0[k];
           x1[k] += y1[k];
         }

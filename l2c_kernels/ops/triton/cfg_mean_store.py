@@ -26,7 +26,8 @@ def _cfg_mean_store_kernel(x_ptr, y_ptr, cache_ptr, half_rows, C,
     xa = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xb = tl.load(x_ptr + offs2, mask=mask, other=0.0).to(tl.float32)
     dtype = x_ptr.dtype.element_ty
-    tl.store(cache_ptr + offs, ((ya + yb) * 0.5).to(dtype), mask=mask)
+    # 0.5 * a + 0.5 * b: the halving is exact and the sum cannot overflow ((a + b) / 2 can).
+    tl.store(cache_ptr + offs, (ya * 0.5 + yb * 0.5).to(dtype), mask=mask)
     tl.store(x_ptr + offs, (xa + ya).to(dtype), mask=mask)
     tl.store(x_ptr + offs2, (xb + yb).to(dtype), mask=mask)
 
