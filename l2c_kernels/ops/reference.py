@@ -29,21 +29,32 @@ def cfg_mean_store_(x: torch.Tensor, y: torch.Tensor, cache: torch.Tensor) -> to
     """``x += y``; ``cache <- (y[:B/2] + y[B/2:]) / 2``."""
     half = x.shape[0] // 2
     # 0.5 * a + 0.5 * b: scaling by 0.5 is exact, the sum is rounded once, and it cannot overflow.
-    torch.mul(y[:half], 0.5, out=cache)
-    cache.add_(y[half:], alpha=0.5)
+    # In-place steps (not out=) so that autograd can record them.
+    cache.copy_(y[:half]).mul_(0.5).add_(y[half:], alpha=0.5)
     x.add_(y)
     return x
 
 
+def _records_grad(*tensors: torch.Tensor) -> bool:
+    """Autograd records ops on these tensors (``out=`` variants then raise: copy a result instead)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def residual_delta_store_(cache: torch.Tensor, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
     """``cache <- out - inp``."""
-    torch.sub(out, inp, out=cache)
+    if _records_grad(cache, out, inp):
+        cache.copy_(out - inp)
+    else:
+        torch.sub(out, inp, out=cache)
     return cache
 
 
 def residual_apply_(out: torch.Tensor, inp: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """``out <- inp + cache``."""
-    torch.add(inp, cache, out=out)
+    if _records_grad(out, inp, cache):
+        out.copy_(inp + cache)
+    else:
+        torch.add(inp, cache, out=out)
     return out
 
 
