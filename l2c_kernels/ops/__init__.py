@@ -50,13 +50,15 @@ HAS_EXTENSION = load_extension() is not None
 _triton_module = None
 
 
-def _triton():
-    """``l2c_kernels.ops.triton``, imported on first use (it defines the kernels, and Triton picks
-    compiled or interpreted kernels at definition time)."""
+@torch.compiler.assume_constant_result
+def _triton() -> bool:
+    """Import ``l2c_kernels.ops.triton`` on first use (it defines the kernels, and Triton picks
+    compiled or interpreted kernels at definition time). Run, not traced, by ``torch.compile``,
+    so a first use inside a compiled function imports it while tracing."""
     global _triton_module
     if _triton_module is None:
         _triton_module = importlib.import_module("l2c_kernels.ops.triton")
-    return _triton_module
+    return True
 
 
 def _needs_grad(*tensors) -> bool:

@@ -54,6 +54,9 @@ class BackendUnavailableError(RuntimeError):
     """The backend asked for cannot run on the tensors' device in this installation."""
 
 
+# Run, not traced, by torch.compile (the first lookup may import the extension under a lock), and
+# its result taken as a constant: the facts cannot change in a process.
+@torch.compiler.assume_constant_result
 def _fact(key: str) -> object:
     try:
         return _facts[key]
@@ -73,6 +76,7 @@ def _fact(key: str) -> object:
     return value
 
 
+@torch.compiler.assume_constant_result
 def triton_interpreted() -> bool:
     """Whether the Triton kernels run (or, once first used, will run) under the Triton interpreter.
 
