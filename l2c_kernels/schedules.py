@@ -59,31 +59,63 @@ def deepcache(model, timesteps: Sequence[int], interval: int = 3, keep_first: in
                  dict(interval=interval, keep_first=keep_first, keep_last=keep_last, mode=mode))
 
 
-def tgate(model, timesteps: Sequence[int], gate_step: int = 15, sp_interval: int = 3, fi_interval: int = 1,
-          warm_up: int = 2) -> Schedule:
-    """T-GATE (TGATE-V2): cross-attention computed up to ``gate_step`` (where its CFG mean is cached) and
-    reused after it; self-attention computed every ``sp_interval`` steps after ``warm_up`` before the gate
-    and every ``fi_interval`` steps after it. The MLP is always computed."""
+def tgate(model, timesteps: Sequence[int], gate_step=15, sp_interval: int = 3, fi_interval: int = 1,
+          warm_up: int = 2, **auto_kwargs) -> Schedule:
+    """T-GATE (TGATE-V2, as its authors' ``tgate`` package runs it).
+
+    Cross-attention is computed at steps ``0 .. gate_step - 1``; at step ``gate_step - 1`` the mean of its
+    two classifier-free-guidance halves is cached, and steps ``gate_step ..`` reuse it (so ``gate_step``
+    steps compute cross-attention). Self-attention is computed at steps ``0 .. warm_up``, then at every
+    step ``i % sp_interval == 0`` and at step ``gate_step - 1`` before the gate, and at every step
+    ``i % fi_interval == 0`` after it; in between its last output is reused. The MLP is always computed.
+    The authors' PixArt setting is ``gate_step=15, sp_interval=3, fi_interval=1, warm_up=2`` for 25 steps.
+
+    ``gate_step="auto"`` picks the gate from the measured convergence of the cross-attention output
+    (:func:`l2c_kernels.learn.gate.auto_gate`); pass ``calibration=`` (a bundled model, its name, or a
+    PixArt pipeline) and optionally ``prompts=``, ``tol=``, ``scheduler=`` for it. A
+    :class:`~l2c_kernels.learn.gate.GateResult` is accepted as ``gate_step`` too.
+    """
     nb, branches, _ = _facts(model)
     if "attn2" not in branches:
         raise ValueError(f"T-GATE caches cross-attention; {type(model).__name__} has none (branches {branches})")
     n = len(timesteps)
-    if not 0 <= gate_step < n:
-        raise ValueError(f"gate_step must be in 0..{n - 1} for {n} steps, got {gate_step}")
+    gate_info = None
+    if isinstance(gate_step, str):
+        if gate_step != "auto":
+            raise ValueError(f"gate_step must be an int, 'auto' or a GateResult, got {gate_step!r}")
+        from .learn.gate import auto_gate
+
+        calibration = auto_kwargs.pop("calibration", None)
+        if calibration is None:
+            raise ValueError("gate_step='auto' measures the cross-attention of a model with its text encoder: "
+                             "pass calibration=<bundled model, its name, or a PixArt pipeline>")
+        gate_info = auto_gate(calibration, n, **auto_kwargs)
+        gate_info.check_timesteps(timesteps)
+        auto_kwargs = {}
+    elif hasattr(gate_step, "gate_step") and hasattr(gate_step, "curve"):
+        gate_info = gate_step
+        gate_info.check_timesteps(timesteps)
+    if auto_kwargs:
+        raise TypeError(f"unexpected arguments {sorted(auto_kwargs)} (they are for gate_step='auto')")
+    if gate_info is not None:
+        gate_step = gate_info.gate_step
+    if isinstance(gate_step, bool) or not isinstance(gate_step, int) or not 1 <= gate_step <= n:
+        raise ValueError(f"gate_step must be in 1..{n} for {n} steps (the number of steps that compute "
+                         f"cross-attention), got {gate_step!r}")
     if sp_interval < 1 or fi_interval < 1 or warm_up < 0:
         raise ValueError("sp_interval and fi_interval must be >= 1 and warm_up >= 0")
     plan = []
     for i in range(n):
         if i < gate_step:
-            a1 = i < max(1, warm_up) or (i - warm_up) % sp_interval == 0
+            a1 = i <= warm_up or i % sp_interval == 0 or i == gate_step - 1
         else:
-            a1 = (i - gate_step) % fi_interval == 0
-        a2 = i <= gate_step
-        letters = {"attn1": a1, "attn2": a2, "ff": True}
+            a1 = i % fi_interval == 0
+        letters = {"attn1": a1, "attn2": i < gate_step, "ff": True}
         plan.append(["".join(COMPUTE if letters[b] else REUSE for b in branches)] * nb)
-    return _make(model, timesteps, plan, "tgate",
-                 dict(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up),
-                 attn2_cache="cfg_mean")
+    params = dict(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up)
+    if gate_info is not None:
+        params["auto_gate"] = gate_info.to_dict()
+    return _make(model, timesteps, plan, "tgate", params, attn2_cache="cfg_mean")
 
 
 def first_blocks(model, timesteps: Sequence[int], keep_first: int = 4, interval: int = 3) -> Schedule:

@@ -27,13 +27,16 @@ def test_tgate_follows_gate_and_intervals():
     s = schedules.tgate(m, TS[:10], gate_step=6, sp_interval=3, fi_interval=2, warm_up=2)
     assert s.branches == ["attn1", "attn2", "ff"] and s.attn2_cache == "cfg_mean"
     col = [row[0] for row in s.plan]
-    assert [c[1] for c in col] == list("CCCCCCCRRR")   # attn2: computed through the gate step
-    assert [c[0] for c in col] == list("CCCRRCCRCR")   # attn1: warm-up, every 3rd before, every 2nd after
+    assert [c[1] for c in col] == list("CCCCCCRRRR")   # attn2: computed at the gate_step steps before the gate
+    # attn1 (as the authors' package): steps <= warm_up, i % 3 == 0 and the step before the gate; i % 2 == 0 after
+    assert [c[0] for c in col] == list("CCCCRCCRCR")
     assert all(c[2] == "C" for c in col)
     with pytest.raises(ValueError, match="cross-attention"):
         schedules.tgate(tiny_dit(), TS, gate_step=5)
     with pytest.raises(ValueError, match="gate_step"):
-        schedules.tgate(m, TS[:10], gate_step=10)
+        schedules.tgate(m, TS[:10], gate_step=11)
+    with pytest.raises(ValueError, match="gate_step"):
+        schedules.tgate(m, TS[:10], gate_step=0)
 
 
 @pytest.mark.parametrize("budget", [0.2, 0.5, 0.7])

@@ -15,9 +15,9 @@ TS = [951, 851, 751, 651, 551, 451, 351, 251, 151, 51]
 def test_collapsible_steps_follow_the_gate_and_cache_ages():
     m = tiny_pixart(layers=2)
     s = schedules.tgate(m, TS, gate_step=4, sp_interval=2, fi_interval=1, warm_up=1)
-    assert collapsible_steps(s) == [False] * 5 + [True] * 5
+    assert collapsible_steps(s) == [False] * 4 + [True] * 6
     # attn1 reused right after the gate reads a cache from before it: that step cannot collapse
-    s2 = schedules.tgate(m, TS, gate_step=4, sp_interval=2, fi_interval=2, warm_up=1)
+    s2 = schedules.tgate(m, TS, gate_step=5, sp_interval=2, fi_interval=2, warm_up=1)
     flags = collapsible_steps(s2)
     assert flags[:6] == [False] * 6 and flags[6] and flags[7]
     assert not any(collapsible_steps(schedules.uniform(m, TS, 2)))

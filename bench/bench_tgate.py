@@ -1,0 +1,383 @@
+"""T-GATE on the bundled pixart-digits model: our schedule (with and without CFG collapse), the
+automatic gate, a learned L2C schedule and the authors' ``tgate`` package, side by side.
+
+Every row samples through an unchanged ``PixArtAlphaPipeline`` built around the bundled model
+(``l2c_kernels.models.pipelines.pixart_pipeline``), with the same prompts and the same initial
+latents; the official package runs through its own ``pipe.tgate(...)`` on a copy of the model
+(it patches the attention modules it runs). For each sampler (DPM-Solver++ 25 steps, DDIM 50
+steps, CFG on):
+
+- speedup: median wall time of interleaved repeated generations in this one process (timing batch);
+- MACs removed: counted with ``torch.utils.flop_counter`` over one whole generation;
+- PSNR / SSIM against full compute and the digit classifier's accuracy on the evaluation set.
+
+    python bench/bench_tgate.py                  # writes bench/results/tgate_pixart.{json,md,png}
+    python bench/bench_tgate.py --quick          # small smoke run (not written unless --out is given)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import l2c_kernels as l2c  # noqa: E402
+from l2c_kernels import metrics, models, schedules  # noqa: E402
+from l2c_kernels.learn.gate import DEFAULT_TOL, auto_gate  # noqa: E402
+from l2c_kernels.models.pipelines import pixart_pipeline  # noqa: E402
+from l2c_kernels.models.text_encoder import CAPTION_TEMPLATES, caption_for  # noqa: E402
+from l2c_kernels.runtime.plan import collapsible_steps  # noqa: E402
+from l2c_kernels.sampling import initial_noise, timesteps_for  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+#: the T-GATE authors' PixArt setting (25 steps); the gate scales with the step count
+AUTHORS = dict(gate_step=15, sp_interval=3, fi_interval=1, warm_up=2)
+SAMPLERS = [("dpm++", 25), ("ddim", 50)]
+
+
+def eval_prompts(n: int) -> tuple[list[str], list[int]]:
+    """``n`` captions cycling over the digits and the caption templates."""
+    labels = [i % 10 for i in range(n)]
+    return [caption_for(l, (i // 10) % len(CAPTION_TEMPLATES)) for i, l in enumerate(labels)], labels
+
+
+def calibration_prompts(n: int = 8, seed: int = 1) -> list[str]:
+    """Calibration captions for the automatic gate, drawn apart from the evaluation set."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g).tolist()
+    temps = torch.randint(0, len(CAPTION_TEMPLATES), (n,), generator=g).tolist()
+    return [caption_for(l, t) for l, t in zip(labels, temps)]
+
+
+class Row:
+    def __init__(self, name, kind, transformer=None, schedule=None, official=None, note=""):
+        self.name, self.kind, self.transformer, self.schedule = name, kind, transformer, schedule
+        self.official = official  # (pipe, kwargs) for the authors' package
+        self.note = note
+        self.error: str | None = None
+
+
+def pipe_kwargs(steps, cfg, latents):
+    return dict(num_inference_steps=steps, guidance_scale=cfg, latents=latents.clone(), use_resolution_binning=False,
+                max_sequence_length=8, clean_caption=False, output_type="pt")
+
+
+def run_row(row: Row, pipe, prompts, steps, cfg, latents) -> torch.Tensor:
+    """Images in [-1, 1] for ``prompts``."""
+    kw = pipe_kwargs(steps, cfg, latents)
+    if row.kind == "official":
+        opipe, okw = row.official
+        out = opipe.tgate(prompts, **kw, **okw).images
+    else:
+        pipe.transformer = row.transformer
+        if hasattr(row.transformer, "reset"):
+            row.transformer.reset()
+        out = pipe(prompts, **kw).images
+    return out.float() * 2 - 1
+
+
+def count_macs(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops() // 2
+
+
+def schedule_macs_estimate(sched, collapse: bool) -> float:
+    """Fraction of branch MACs removed by ``sched`` (batch halved at collapsible steps when ``collapse``)."""
+    w = [float(sched.branch_flops[b]) for b in sched.branches]
+    coll = collapsible_steps(sched) if collapse else [False] * sched.num_steps
+    done = 0.0
+    for s, row in enumerate(sched.compute_mask()):
+        done += sum(sum(wi for wi, c in zip(w, blk) if c) for blk in row) * (0.5 if coll[s] else 1.0)
+    return 1.0 - done / (sum(w) * sched.num_blocks * sched.num_steps)
+
+
+def make_official(bundle, sampler, kwargs) -> tuple:
+    import tgate
+
+    b2 = copy.copy(bundle)
+    b2.transformer = copy.deepcopy(bundle.transformer)  # the package replaces Attention.forward in place
+    opipe = tgate.TgatePixArtAlphaLoader(pixart_pipeline(b2, scheduler=sampler))
+    opipe.set_progress_bar_config(disable=True)
+    return opipe, kwargs
+
+
+def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
+    model = bundle.transformer
+    cfg = bundle.recommended_cfg
+    ts = timesteps_for(bundle, steps, sampler)
+    scale = steps / 25
+    hand = dict(AUTHORS, gate_step=round(AUTHORS["gate_step"] * scale))
+    pipe = pixart_pipeline(bundle, scheduler=sampler)
+    pipe.set_progress_bar_config(disable=True)
+
+    t0 = time.perf_counter()
+    gate = auto_gate(bundle, steps, sampler, prompts=calibration_prompts(args.calibration), tol=args.tol,
+                     cfg=cfg, seed=1)
+    gate_seconds = time.perf_counter() - t0
+    log(f"[{sampler} {steps}] auto gate {gate.gate_step} (hand-set {hand['gate_step']}), tol {gate.tol:.4f}, "
+        f"{gate_seconds:.1f} s; curve " + " ".join(f"{v:.3f}" for v in gate.curve[1:]))
+    s_hand = schedules.tgate(model, ts, **hand)
+    s_auto = schedules.tgate(model, ts, gate_step=gate, **{k: v for k, v in hand.items() if k != "gate_step"})
+
+    rows = [Row("full compute", "pipe", model, note="original diffusers transformer"),
+            Row(f"T-GATE gate {hand['gate_step']} (no CFG collapse)", "pipe",
+                l2c.compile_schedule(model, s_hand, cfg_collapse=False), s_hand),
+            Row(f"T-GATE gate {hand['gate_step']} + CFG collapse", "pipe", l2c.compile_schedule(model, s_hand), s_hand),
+            Row(f"T-GATE auto gate {gate.gate_step} + CFG collapse", "pipe", l2c.compile_schedule(model, s_auto),
+                s_auto, note=f"tol {args.tol} (per 25 steps)")]
+    # learned L2C schedule at the MACs T-GATE with collapse removes (branch MACs)
+    budget = round(schedule_macs_estimate(s_hand, collapse=True), 3)
+    lpath = Path(args.out or RESULTS) / f"tgate_learned_{sampler.replace('+', 'p')}{steps}.l2c.json"
+    if lpath.exists() and not args.relearn:
+        s_learn = l2c.Schedule.load(lpath)
+    else:
+        t0 = time.perf_counter()
+        s_learn = l2c.learn_schedule(bundle, steps, budget=budget, scheduler=sampler, cfg=cfg,
+                                     iterations=args.learn_iterations, progress=False)
+        log(f"[{sampler} {steps}] learned schedule (budget {budget}) in {time.perf_counter() - t0:.0f} s")
+        if args.out is not None or not args.quick:
+            lpath.parent.mkdir(parents=True, exist_ok=True)
+            s_learn.save(lpath)
+    rows.append(Row(f"L2C learned, {100 * budget:.0f}% branch MACs", "pipe", l2c.compile_schedule(model, s_learn),
+                    s_learn, note=f"attn2 reused in {s_learn.summary()['removed_per_branch'].get('attn2', 0):.0%} "
+                                  "of its cells"))
+    off = Row(f"official tgate {_tgate_version()} gate {hand['gate_step']}", "official")
+    try:
+        off.official = make_official(bundle, sampler, hand)
+    except Exception as e:  # noqa: BLE001
+        off.error = f"{type(e).__name__}: {e}"
+    rows.append(off)
+
+    prompts, labels = eval_prompts(args.samples)
+    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    latents = initial_noise(args.samples, shape, seed=0)
+    tprompts = prompts[: args.timing_batch]
+    tlatents = latents[: args.timing_batch]
+
+    # images on the evaluation set (one run each; also the warm-up)
+    images = {}
+    for r in rows:
+        if r.error:
+            continue
+        try:
+            images[r.name] = run_row(r, pipe, prompts, steps, cfg, latents)
+        except Exception as e:  # noqa: BLE001
+            r.error = f"{type(e).__name__}: {e}"
+            log(traceback.format_exc())
+    ref = images[rows[0].name]
+
+    # MACs of one generation of the timing batch
+    macs = {}
+    for r in rows:
+        if r.error is None:
+            macs[r.name] = count_macs(lambda r=r: run_row(r, pipe, tprompts[:2], steps, cfg, tlatents[:2]))
+
+    # interleaved timing
+    live = [r for r in rows if r.error is None]
+    times = {r.name: [] for r in live}
+    for rep in range(args.repeats + 1):
+        for r in live:
+            t0 = time.perf_counter()
+            run_row(r, pipe, tprompts, steps, cfg, tlatents)
+            dt = time.perf_counter() - t0
+            if rep > 0:
+                times[r.name].append(dt)
+        log(f"[{sampler} {steps}] repeat {rep}: " + ", ".join(f"{n.split(' (')[0][:24]} {v[-1]:.2f}s"
+                                                              for n, v in times.items() if v))
+    t_full = statistics.median(times[rows[0].name])
+    out_rows = []
+    for r in rows:
+        d = dict(name=r.name, note=r.note)
+        if r.schedule is not None:
+            d.update(schedule_method=r.schedule.method, gate_step=r.schedule.params.get("gate_step"),
+                     branch_macs_removed_estimate=round(schedule_macs_estimate(
+                         r.schedule, collapse=getattr(r.transformer, "collapsible", [False])[-1:] == [True]), 4),
+                     collapsible_steps=sum(getattr(r.transformer, "collapsible", [])))
+        if r.error is not None:
+            d.update(error=r.error)
+            out_rows.append(d)
+            continue
+        med = statistics.median(times[r.name])
+        img = images[r.name]
+        d.update(seconds=round(med, 4), spread=[round(min(times[r.name]), 4), round(max(times[r.name]), 4)],
+                 speedup=round(t_full / med, 3), macs_per_generation=macs[r.name],
+                 macs_removed=round(1 - macs[r.name] / macs[rows[0].name], 4),
+                 psnr=round(metrics.psnr(img, ref), 2) if r is not rows[0] else math.inf,
+                 ssim=round(metrics.ssim(img, ref), 4),
+                 accuracy=round(metrics.class_accuracy(img, labels), 4))
+        if r.kind == "official":
+            d["psnr_vs_ours_collapse"] = round(metrics.psnr(img, images[rows[2].name]), 2)
+        out_rows.append(d)
+    return dict(sampler=sampler, steps=steps, cfg=cfg, timesteps=ts, hand_setting=hand,
+                auto_gate=dict(gate.to_dict(), seconds=round(gate_seconds, 1)), rows=out_rows,
+                images={r.name: images[r.name][:10] for r in rows if r.name in images})
+
+
+def _tgate_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tgate")
+    except Exception:  # noqa: BLE001
+        return "(not installed)"
+
+
+def write_markdown(result: dict) -> str:
+    md = [f"# T-GATE on pixart-digits: our schedule with CFG collapse, automatic gate, learned, official package",
+          "",
+          f"{result['device']}, torch {result['torch']}, diffusers {result['diffusers']}, tgate {result['tgate']}, "
+          f"{result['date']}. Unchanged `PixArtAlphaPipeline` around the bundled model; "
+          f"{result['samples']} evaluation images (digits 0-9, caption templates cycled), same initial latents "
+          f"for every row; speedup = median of {result['repeats']} interleaved generations of "
+          f"{result['timing_batch']} images (CFG batch {2 * result['timing_batch']}) in one process; MACs counted "
+          f"with torch.utils.flop_counter over one generation; accuracy = bundled digit classifier reads the "
+          f"asked-for digit.", ""]
+    for s in result["samplers"]:
+        g = s["auto_gate"]
+        md += [f"## {s['sampler']} {s['steps']} steps, CFG {s['cfg']}", "",
+               f"Hand-set (authors' PixArt setting scaled to {s['steps']} steps): {s['hand_setting']}. "
+               f"Automatic gate: {g['gate_step']} (tolerance {g['tol']:.4f} per step, measured in {g['seconds']} s "
+               f"on {len(g['prompts'])} calibration prompts).", "",
+               "| method | speedup | MACs removed | PSNR (dB) | SSIM | accuracy | note |",
+               "|---|---|---|---|---|---|---|"]
+        for r in s["rows"]:
+            if "error" in r:
+                md.append(f"| {r['name']} | — | — | — | — | — | did not run: {r['error']} |")
+                continue
+            note = r.get("note", "")
+            if "psnr_vs_ours_collapse" in r:
+                note = (note + "; " if note else "") + f"PSNR vs our T-GATE + collapse {r['psnr_vs_ours_collapse']} dB"
+            psnr = "—" if math.isinf(r["psnr"]) else f"{r['psnr']:.2f}"
+            md.append(f"| {r['name']} | {r['speedup']:.2f}x ({r['seconds']:.2f} s) | {100 * r['macs_removed']:.1f}% | "
+                      f"{psnr} | {r['ssim']:.4f} | {100 * r['accuracy']:.1f}% | {note} |")
+        md.append("")
+    if result.get("goals"):
+        md += ["## Goals (DPM-Solver++ 25 steps)", ""] + [f"- {k}: {v}" for k, v in result["goals"].items()] + [""]
+    return "\n".join(md)
+
+
+def goals(result: dict) -> dict:
+    s = next(x for x in result["samplers"] if x["steps"] == 25)
+    rows = {r["name"]: r for r in s["rows"]}
+    full = s["rows"][0]
+    ours = s["rows"][2]
+    off = next(r for r in s["rows"] if r["name"].startswith("official"))
+    out = {"T-GATE + CFG collapse >= 1.6x faster than full":
+           f"{'met' if ours['speedup'] >= 1.6 else 'NOT met'} ({ours['speedup']:.2f}x)",
+           "accuracy within 2 points of full":
+           f"{'met' if abs(ours['accuracy'] - full['accuracy']) <= 0.02 else 'NOT met'} "
+           f"({100 * ours['accuracy']:.1f}% vs {100 * full['accuracy']:.1f}%)"}
+    if "error" in off:
+        out["at least as fast as the official package at equal or better PSNR"] = "official package did not run"
+    else:
+        ok = ours["speedup"] >= off["speedup"] and ours["psnr"] >= off["psnr"] - 0.05
+        out["at least as fast as the official package at equal or better PSNR"] = (
+            f"{'met' if ok else 'NOT met'} (ours {ours['speedup']:.2f}x / {ours['psnr']:.2f} dB, official "
+            f"{off['speedup']:.2f}x / {off['psnr']:.2f} dB)")
+    del rows
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(result["samplers"])
+    fig, axes = plt.subplots(2, n, figsize=(6.2 * n, 8.4), squeeze=False)
+    for j, s in enumerate(result["samplers"]):
+        ax = axes[0, j]
+        for r in s["rows"]:
+            if "error" in r or math.isinf(r["psnr"]):
+                continue
+            ax.scatter(r["speedup"], r["psnr"], s=40)
+            ax.annotate(r["name"].replace(" + CFG collapse", "\n+ collapse"), (r["speedup"], r["psnr"]), fontsize=7,
+                        xytext=(4, 2), textcoords="offset points")
+        ax.set_xlabel("measured speedup over full compute (CPU)")
+        ax.set_ylabel("PSNR vs full compute (dB)")
+        ax.set_title(f"{s['sampler']} {s['steps']} steps", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax = axes[1, j]
+        g = s["auto_gate"]
+        curve = [v for v in g["curve"][1:]]
+        ax.plot(range(1, len(curve) + 1), curve, marker=".", label="cross-attention change per step")
+        ax.axhline(g["tol"], color="grey", ls="--", label=f"tolerance {g['tol']:.3f}")
+        ax.axvline(g["gate_step"], color="C2", label=f"automatic gate {g['gate_step']}")
+        ax.axvline(s["hand_setting"]["gate_step"], color="C3", ls=":", label=f"hand-set gate {s['hand_setting']['gate_step']}")
+        ax.set_yscale("log")
+        ax.set_xlabel("sampling step")
+        ax.set_ylabel("relative change of attn2 output")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=200, help="evaluation images (quality and accuracy)")
+    ap.add_argument("--timing-batch", type=int, default=20, help="images per timed generation")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calibration", type=int, default=8, help="calibration prompts for the automatic gate")
+    ap.add_argument("--tol", type=float, default=DEFAULT_TOL)
+    ap.add_argument("--learn-iterations", type=int, default=60)
+    ap.add_argument("--relearn", action="store_true", help="learn the L2C schedules again even if saved")
+    ap.add_argument("--samplers", default="dpm++:25,ddim:50")
+    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--out", default=None, help=f"output directory (default {RESULTS})")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.samples, args.timing_batch, args.repeats, args.learn_iterations = 20, 4, 1, 4
+    torch.set_num_threads(args.threads)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    bundle = models.load("pixart-digits")
+    samplers = [(a, int(b)) for a, b in (x.split(":") for x in args.samplers.split(","))]
+    import diffusers
+
+    result = dict(benchmark="T-GATE on pixart-digits", date=str(date.today()), device=f"CPU ({args.threads} threads)",
+                  torch=torch.__version__, diffusers=diffusers.__version__, tgate=_tgate_version(),
+                  samples=args.samples, timing_batch=args.timing_batch, repeats=args.repeats,
+                  model_training=dict(steps=bundle.info.get("steps"), minutes=bundle.info.get("minutes")),
+                  samplers=[])
+    all_images = {}
+    for sampler, steps in samplers:
+        r = bench_sampler(bundle, sampler, steps, args, log)
+        all_images[f"{sampler} {steps}"] = r.pop("images")
+        result["samplers"].append(r)
+    if any(s["steps"] == 25 for s in result["samplers"]):
+        result["goals"] = goals(result)
+    md = write_markdown(result)
+    print(md)
+    if args.quick and args.out is None:
+        return result
+    out = Path(args.out or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tgate_pixart.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "tgate_pixart.md").write_text(md + "\n")
+    plot(result, out / "tgate_pixart.png")
+    from l2c_kernels.plots import side_by_side
+
+    for key, imgs in all_images.items():
+        side_by_side({k: v for k, v in imgs.items()}, out / f"tgate_samples_{key.replace(' ', '_').replace('+', 'p')}.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

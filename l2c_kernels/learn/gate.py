@@ -1,0 +1,202 @@
+"""Choosing T-GATE's gate step from data.
+
+T-GATE stops computing cross-attention once its output has converged. Instead of a hand-set
+``gate_step``, :func:`auto_gate` samples a few calibration prompts with full compute, records the
+cross-attention output of every block (forward hooks on ``attn2``, so custom attention processors
+stay in place) and measures its step-to-step relative change
+
+    curve[s] = mean over blocks of ||y_s - y_(s-1)|| / ||y_(s-1)||      (curve[0] = inf)
+
+The gate is the first step from which the curve stays below ``tol``: cross-attention is computed
+at steps ``0 .. gate_step - 1`` and the CFG mean of step ``gate_step - 1`` is reused after that.
+
+    from l2c_kernels.learn.gate import auto_gate
+    g = auto_gate("pixart-digits", 25, "dpm++")
+    sched = schedules.tgate(bundle.transformer, g.timesteps, gate_step=g)    # or gate_step="auto", calibration=...
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+#: Default tolerance on the per-step relative change of the cross-attention output, stated for
+#: 25 steps. With ``per_step_scaling=True`` (default) it is scaled by ``25 / num_inference_steps``
+#: so the same convergence level is asked of any step count (a step of a 50-step sampler moves
+#: about half as far as one of a 25-step sampler).
+DEFAULT_TOL = 0.05
+REFERENCE_STEPS = 25
+
+
+@dataclass
+class GateResult:
+    """A gate chosen from measured cross-attention convergence."""
+
+    gate_step: int                 # steps 0..gate_step-1 compute cross-attention
+    curve: list[float]             # per step: relative change from the previous step (curve[0] = inf)
+    tol: float                     # the tolerance the curve was compared with (after step scaling)
+    timesteps: list[float]         # the sampler's timesteps (call order) the curve was measured on
+    per_block: list[list[float]] = field(default_factory=list)  # [step][block] relative change
+    scheduler: str | None = None
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def to_dict(self) -> dict:
+        return dict(gate_step=self.gate_step, tol=round(self.tol, 6), scheduler=self.scheduler,
+                    prompts=list(self.prompts),
+                    curve=[None if not math.isfinite(v) else round(v, 6) for v in self.curve])
+
+    def check_timesteps(self, timesteps: Sequence) -> None:
+        from ..schedule import same_timestep
+
+        ts = [float(t) for t in timesteps]
+        if len(ts) != self.num_steps or not all(same_timestep(a, b) for a, b in zip(ts, self.timesteps)):
+            raise ValueError(f"the gate was measured for {self.num_steps} steps with timesteps {self.timesteps}, "
+                             f"not for {ts}; measure it with the same num_inference_steps and scheduler")
+
+
+def select_gate(curve: Sequence[float], tol: float, min_gate: int = 1) -> int:
+    """The first step ``g >= min_gate`` such that ``curve[s] < tol`` for every ``s >= g``.
+
+    ``curve[s]`` is the change of the cross-attention output from step ``s - 1`` to step ``s``; reusing
+    the output of step ``g - 1`` from step ``g`` on is what the gate does. Returns ``len(curve)`` (never
+    gate) when the last step still changes by ``tol`` or more.
+    """
+    n = len(curve)
+    if n == 0:
+        raise ValueError("empty curve")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    min_gate = max(1, int(min_gate))
+    g = n
+    for s in range(n - 1, min_gate - 1, -1):
+        v = float(curve[s])
+        if not (v < tol):  # nan counts as not converged
+            break
+        g = s
+    return g
+
+
+def _hook_cross_attention(model, record: dict):
+    from ..adapters import adapter_for
+
+    handles = []
+    for b, block in enumerate(adapter_for(model).blocks(model)):
+        attn2 = getattr(block, "attn2", None)
+        if attn2 is None:
+            raise ValueError(f"{type(model).__name__} has no cross-attention (attn2) to measure")
+
+        def hook(mod, args, out, b=b):
+            record[b] = (out[0] if isinstance(out, tuple) else out).detach().float().clone()
+
+        handles.append(attn2.register_forward_hook(hook))
+    return handles
+
+
+@torch.no_grad()
+def measure_cross_attention_change(obj, num_inference_steps: int, scheduler: str = "dpm++", *, prompts=None,
+                                   labels=None, num_samples: int = 8, cfg: float | None = None,
+                                   seed: int = 0) -> tuple[list[float], list[list[float]], list[float]]:
+    """Sample ``obj`` (bundled model, its name, or a PixArt pipeline) with full compute and classifier-free
+    guidance and return ``(curve, per_block, timesteps)``: the step-to-step relative change of every
+    block's cross-attention output (mean over blocks, and per block) and the sampler's timesteps.
+
+    ``scheduler`` names the sampler for bundled models (``ddim``, ``dpm++``, ``euler``); a pipeline uses
+    its own. ``prompts`` are the calibration captions (required for a pipeline; for a bundled model the
+    default is captions of ``num_samples`` digits drawn with ``seed``).
+    """
+    from ..models import BundledModel
+    from ..models import load as load_model
+    from ..sampling import initial_noise
+    from .conditioning import denoiser_for
+
+    if isinstance(obj, str):
+        obj = load_model(obj)
+    if cfg is None:
+        cfg = obj.recommended_cfg if isinstance(obj, BundledModel) else 4.5
+    if cfg <= 1.0:
+        raise ValueError("T-GATE's gate is measured with classifier-free guidance on (cfg > 1)")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
+        raise ValueError(f"num_inference_steps must be an integer >= 2, got {num_inference_steps!r}")
+    den = denoiser_for(obj, num_samples, cfg, scheduler, seed=seed, labels=labels, prompts=prompts)
+    model = den.transformer
+    sched = den.make_scheduler()
+    sched.set_timesteps(num_inference_steps)
+    timesteps = [float(t) for t in sched.timesteps]
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    x = initial_noise(den.num_samples, den.latent_shape, seed).to(dev, torch.float32) * sched.init_noise_sigma
+    record: dict = {}
+    handles = _hook_cross_attention(model, record)
+    prev: dict | None = None
+    per_block: list[list[float]] = []
+    try:
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(den.batch(x), t)
+            ts = t.to(dev).reshape(1).expand(inp.shape[0])
+            record.clear()
+            pred = model(inp.to(dtype), timestep=ts, **den.cond_args).sample.float()
+            if pred.shape[1] != x.shape[1]:  # learned sigma
+                pred = pred[:, : x.shape[1]]
+            x = sched.step(den.guided(pred), t, x).prev_sample
+            cur = dict(record)
+            if prev is None:
+                per_block.append([math.inf] * len(cur))
+            else:
+                per_block.append([float((cur[b] - prev[b]).norm() / prev[b].norm().clamp_min(1e-12))
+                                  for b in sorted(cur)])
+            prev = cur
+    finally:
+        for h in handles:
+            h.remove()
+    curve = [math.inf] + [sum(row) / len(row) for row in per_block[1:]]
+    return curve, per_block, timesteps
+
+
+def auto_gate(obj, num_inference_steps: int, scheduler: str = "dpm++", *, prompts=None, labels=None,
+              tol: float = DEFAULT_TOL, per_step_scaling: bool = True, min_gate: int = 1, num_samples: int = 8,
+              cfg: float | None = None, seed: int = 0) -> GateResult:
+    """Pick T-GATE's ``gate_step`` for ``obj`` (bundled model, its name, or a PixArt pipeline) and sampler.
+
+    The cross-attention output's step-to-step relative change is measured on calibration prompts
+    (:func:`measure_cross_attention_change`); the gate is the first step from which it stays below the
+    tolerance (:func:`select_gate`). ``tol`` is stated for 25 steps and, with ``per_step_scaling``,
+    scaled by ``25 / num_inference_steps``. Returns a :class:`GateResult` with the gate and the curve.
+    """
+    curve, per_block, timesteps = measure_cross_attention_change(
+        obj, num_inference_steps, scheduler, prompts=prompts, labels=labels, num_samples=num_samples, cfg=cfg,
+        seed=seed)
+    eff_tol = tol * REFERENCE_STEPS / num_inference_steps if per_step_scaling else tol
+    gate = select_gate(curve, eff_tol, min_gate=min_gate)
+    from ..models import BundledModel
+
+    is_pipe = not isinstance(obj, (str, BundledModel))
+    return GateResult(gate_step=gate, curve=curve, tol=eff_tol, timesteps=timesteps, per_block=per_block,
+                      scheduler=type(obj.scheduler).__name__ if is_pipe else scheduler,
+                      prompts=list(prompts) if prompts is not None else [])
+
+
+def auto_tgate(obj, num_inference_steps: int, scheduler: str = "dpm++", *, sp_interval: int = 3,
+               fi_interval: int = 1, warm_up: int = 2, **gate_kwargs):
+    """A T-GATE :class:`~l2c_kernels.Schedule` for ``obj`` with the gate chosen by :func:`auto_gate`
+    (``gate_kwargs``: ``prompts``, ``tol``, ``min_gate``, ...). The chosen gate and its curve are kept in
+    the schedule's ``params["auto_gate"]``."""
+    from ..models import BundledModel
+    from ..models import load as load_model
+    from ..schedules import tgate
+
+    if isinstance(obj, str):
+        obj = load_model(obj)
+    g = auto_gate(obj, num_inference_steps, scheduler, **gate_kwargs)
+    model = obj.transformer if isinstance(obj, BundledModel) else obj.transformer
+    model = getattr(model, "original_model", model)
+    return tgate(model, g.timesteps, gate_step=g, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up)
+
+
+__all__ = ["GateResult", "auto_gate", "auto_tgate", "measure_cross_attention_change", "select_gate",
+           "DEFAULT_TOL"]
