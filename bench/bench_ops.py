@@ -1,0 +1,351 @@
+"""Fused ops vs the eager PyTorch expressions they replace, at DiT activation shapes.
+
+For each op of :mod:`l2c_kernels.ops`, four ways to compute the same thing on the same tensors:
+
+``fused``
+    the public op (``l2c_kernels.ops.<op>``, default backend: C++ on CPU, CUDA on GPU), including
+    its argument checks and the copy of strided ``gate``/``shift``/``scale`` views;
+``kernel``
+    the registered kernel alone (``torch.ops.l2c.<op>``, contiguous arguments), when the extension is built;
+``eager``
+    the obvious multi-kernel PyTorch expression, written into the same preallocated buffers
+    (``EAGER`` below: e.g. ``cache.copy_(y); x.add_(gate.unsqueeze(1) * y)``);
+``torch``
+    the package's own PyTorch backend (:mod:`l2c_kernels.ops.reference`): a leaner composite using
+    ``addcmul_`` and ``out=`` where PyTorch has them.
+
+Per-sample vectors are taken with ``.chunk`` from a ``[B, 6C]`` embedding, as in a DiT block.
+Every (op, shape, dtype) is timed in one process, the variants interleaved, as the median of
+repeated samples; the ratios ``eager / fused`` and ``torch / fused`` come from the same run. Each
+row also carries the bytes each variant moves (``BYTES``, in units of one ``[B, N, C]`` tensor),
+whose ratio is the prediction for memory-bound passes.
+
+    python bench/bench_ops.py                        # CPU, fp32 + bf16: bench/results/ops_cpu.{json,md}
+    python bench/bench_ops.py --device cuda          # GPU, fp32 + bf16 + fp16: bench/results/ops_cuda.{json,md}
+    python -m pytest bench/bench_ops.py --benchmark-only --benchmark-group-by=group   # with pytest-benchmark
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import l2c_kernels  # noqa: E402
+from l2c_kernels import ops  # noqa: E402
+from l2c_kernels.ops import reference  # noqa: E402
+
+#: name -> (B, N, C)
+SHAPES = {
+    "dit-digits": (32, 64, 128),      # the bundled model: CFG batch 32, 64 tokens, hidden 128
+    "DiT-XL/2 256px": (2, 256, 1152),  # one image with CFG, 256 tokens, hidden 1152
+    "DiT-XL/2 256px x8": (16, 256, 1152),  # eight images with CFG: tensors larger than a typical L3 share
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: The benchmarked calls: op variant -> what it computes.
+CASES = {
+    "gated_residual_ store": "x += gate * y; cache <- y",
+    "gated_residual_ reuse": "x += gate * cache",
+    "cfg_mean_store_": "x += y; cache <- (y[:B/2] + y[B/2:]) / 2",
+    "residual_delta_store_": "cache <- out - inp",
+    "residual_apply_": "out <- inp + cache",
+    "adaln_modulate": "LayerNorm(x) * (1 + scale) + shift",
+}
+
+#: Bytes read + written per call, in units of one [B, N, C] tensor (per-sample vectors are
+#: negligible). Each kernel reads its inputs and writes its output once.
+BYTES = {
+    # fused: x r+w, y r, cache w | eager: copy y->cache 2, gate*y 2, x.add_ 3 | torch: copy 2, addcmul_ 3
+    "gated_residual_ store": {"fused": 4, "eager": 7, "torch": 5},
+    # fused: x r+w, cache r | eager: gate*cache 2, x.add_ 3 | torch: addcmul_ 3
+    "gated_residual_ reuse": {"fused": 3, "eager": 5, "torch": 3},
+    # fused: x r+w, y r, cache w (half) | eager: x.add_ 3, ya+yb 1.5, /2 1, copy_ 1
+    # | torch: x.add_ 3, copy_ 1, mul_ 1, add_ 1.5
+    "cfg_mean_store_": {"fused": 3.5, "eager": 6.5, "torch": 6.5},
+    # fused: 2 r + 1 w | eager: out - inp 3, copy_ 2 | torch: torch.sub(out=) 3
+    "residual_delta_store_": {"fused": 3, "eager": 5, "torch": 3},
+    "residual_apply_": {"fused": 3, "eager": 5, "torch": 3},
+    # fused: x r, out w | eager: layer_norm 2, * (1 + scale) 2, + shift 2
+    # | torch (fp32): layer_norm 2, addcmul 2
+    "adaln_modulate": {"fused": 2, "eager": 6, "torch": 4},
+}
+BYTES = {k: {**v, "kernel": v["fused"]} for k, v in BYTES.items()}
+
+IMPLS = ("fused", "kernel", "eager", "torch")
+
+
+def make_inputs(B, N, C, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    emb = randn(B, 6 * C) * 0.1
+    shift, scale, gate = emb.chunk(6, dim=1)[:3]  # strided views, as in a DiT block
+    return dict(x=randn(B, N, C), y=randn(B, N, C), inp=randn(B, N, C), cache=randn(B, N, C),
+                half=randn(B // 2, N, C), out=torch.empty(B, N, C, dtype=dtype, device=device),
+                gate=gate, shift=shift, scale=scale)
+
+
+def _eager_cfg(x, y, cache):
+    h = x.shape[0] // 2
+    x.add_(y)
+    cache.copy_((y[:h] + y[h:]) / 2)
+
+
+def _kernel(name):
+    return getattr(torch.ops.l2c, name) if ops.HAS_EXTENSION else None
+
+
+def callables(case: str, t: dict) -> dict:
+    """The four ways to compute ``case`` on the tensors ``t`` (missing ones are left out)."""
+    x, y, cache, gate = t["x"], t["y"], t["cache"], t["gate"]
+    eps = 1e-6
+    gate_c, shift_c, scale_c = (t[k].contiguous() for k in ("gate", "shift", "scale"))
+    if case == "gated_residual_ store":
+        k = _kernel("gated_residual_")
+        fns = dict(fused=lambda: ops.gated_residual_(x, y, gate, cache),
+                   kernel=k is not None and (lambda: k(x, y, gate_c, cache)),
+                   eager=lambda: (cache.copy_(y), x.add_(gate.unsqueeze(1) * y)),
+                   torch=lambda: reference.gated_residual_(x, y, gate, cache))
+    elif case == "gated_residual_ reuse":
+        k = _kernel("gated_residual_")
+        fns = dict(fused=lambda: ops.gated_residual_(x, cache, gate),
+                   kernel=k is not None and (lambda: k(x, cache, gate_c, None)),
+                   eager=lambda: x.add_(gate.unsqueeze(1) * cache),
+                   torch=lambda: reference.gated_residual_(x, cache, gate))
+    elif case == "cfg_mean_store_":
+        k, half = _kernel("cfg_mean_store_"), t["half"]
+        fns = dict(fused=lambda: ops.cfg_mean_store_(x, y, half),
+                   kernel=k is not None and (lambda: k(x, y, half)),
+                   eager=lambda: _eager_cfg(x, y, half),
+                   torch=lambda: reference.cfg_mean_store_(x, y, half))
+    elif case == "residual_delta_store_":
+        k, inp = _kernel("residual_delta_store_"), t["inp"]
+        fns = dict(fused=lambda: ops.residual_delta_store_(cache, x, inp),
+                   kernel=k is not None and (lambda: k(cache, x, inp)),
+                   eager=lambda: cache.copy_(x - inp),
+                   torch=lambda: reference.residual_delta_store_(cache, x, inp))
+    elif case == "residual_apply_":
+        k, inp, out = _kernel("residual_apply_"), t["inp"], t["out"]
+        fns = dict(fused=lambda: ops.residual_apply_(out, inp, cache),
+                   kernel=k is not None and (lambda: k(out, inp, cache)),
+                   eager=lambda: out.copy_(inp + cache),
+                   torch=lambda: reference.residual_apply_(out, inp, cache))
+    elif case == "adaln_modulate":
+        k, shift, scale, C = _kernel("adaln_modulate"), t["shift"], t["scale"], x.shape[-1]
+        fns = dict(fused=lambda: ops.adaln_modulate(x, shift, scale, eps),
+                   kernel=k is not None and (lambda: k(x, shift_c, scale_c, eps)),
+                   eager=lambda: F.layer_norm(x, (C,), eps=eps) * (1 + scale[:, None]) + shift[:, None],
+                   torch=lambda: reference.adaln_modulate(x, shift, scale, eps))
+    else:
+        raise KeyError(case)
+    if x.device.type != "cpu" and ops.default_backend(x.device) != "cuda":
+        fns.pop("kernel", None)
+    return {k: v for k, v in fns.items() if v}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sample(fn, n: int, device: torch.device) -> float:
+    """Seconds per call over ``n`` back-to-back calls."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def time_case(fns: dict, device: torch.device, repeats: int, sample_s: float) -> dict:
+    """Median seconds per call of each function, samples of the functions interleaved."""
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        once = _sample(fn, 3, device)
+        calls[name] = max(1, int(sample_s / max(once, 1e-7)))
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(_sample(fns[name], calls[name], device))
+    return {name: dict(median_s=statistics.median(v), min_s=min(v), max_s=max(v), calls_per_sample=calls[name])
+            for name, v in times.items()}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_caches() -> dict:
+    """{'L1d': '32K', 'L2': '1024K', 'L3': '32768K'} of CPU 0, where Linux reports them."""
+    caches = {}
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((d / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches[f"L{level}{'d' if kind == 'Data' else ''}"] = size
+    return caches
+
+
+def run(device: torch.device, dtypes: list[str], shapes: dict, cases: list[str], repeats: int, sample_s: float,
+        log=print) -> list[dict]:
+    rows = []
+    for shape_name, (B, N, C) in shapes.items():
+        for dt in dtypes:
+            dtype = DTYPES[dt]
+            t = make_inputs(B, N, C, dtype, device)
+            unit = B * N * C * dtype.itemsize
+            for case in cases:
+                timed = time_case(callables(case, t), device, repeats, sample_s)
+                fused = timed["fused"]["median_s"]
+                row = dict(op=case, computes=CASES[case], shape=shape_name, B=B, N=N, C=C, dtype=dt,
+                           tensor_bytes=unit, predicted_eager_over_fused=round(BYTES[case]["eager"] / BYTES[case]["fused"], 3))
+                for impl, tm in timed.items():
+                    row[impl] = dict(median_us=round(1e6 * tm["median_s"], 2), min_us=round(1e6 * tm["min_s"], 2),
+                                     max_us=round(1e6 * tm["max_s"], 2), calls_per_sample=tm["calls_per_sample"],
+                                     bytes=BYTES[case][impl] * unit,
+                                     gb_per_s=round(BYTES[case][impl] * unit / tm["median_s"] / 1e9, 2))
+                row["eager_over_fused"] = round(timed["eager"]["median_s"] / fused, 3)
+                row["torch_over_fused"] = round(timed["torch"]["median_s"] / fused, 3)
+                if "kernel" in timed:
+                    row["eager_over_kernel"] = round(timed["eager"]["median_s"] / timed["kernel"]["median_s"], 3)
+                rows.append(row)
+                log(f"{shape_name:>15} {dt} {case:<22} fused {row['fused']['median_us']:9.1f} us  "
+                    f"eager {row['eager']['median_us']:9.1f} us  eager/fused {row['eager_over_fused']:.2f} "
+                    f"(predicted {row['predicted_eager_over_fused']:.2f})  torch/fused {row['torch_over_fused']:.2f}")
+    return rows
+
+
+def environment(device: torch.device, threads: int) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = None
+    info = l2c_kernels.build_info()
+    env = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,
+               triton=triton_version, python=platform.python_version(), threads=threads,
+               fused_backend=ops.default_backend(device), cpu=cpu_name(), cpu_count=os.cpu_count(),
+               cpu_caches=cpu_caches(), cpu_vectorization=info["cpu_vectorization"],
+               cpu_parallel=info["cpu_parallel"], extension_loaded=info["extension_loaded"])
+    env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else env["cpu"]
+    return env
+
+
+def markdown(result: dict) -> str:
+    e = result["environment"]
+    caches = ", ".join(f"{k} {v}" for k, v in e["cpu_caches"].items())
+    lines = [f"# Fused ops vs eager PyTorch on {e['device']} ({result['device_type']})", "",
+             f"{e['date']}; torch {e['torch']}, triton {e['triton']}; {e['threads']} threads"
+             + (f" of {e['cpu_count']} CPUs ({caches}); C++ kernels {e['cpu_vectorization']}, {e['cpu_parallel']}"
+                if result["device_type"] == "cpu" else "")
+             + f"; fused = default backend `{e['fused_backend']}`.",
+             f"Median of {result['repeats']} interleaved samples of ~{result['sample_ms']} ms each; "
+             "per-sample vectors are strided `.chunk` views of a `[B, 6C]` embedding.",
+             "`predicted` = bytes moved by eager / by fused (memory-bound passes).", ""]
+    for shape in dict.fromkeys(r["shape"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["shape"] == shape]
+        B, N, C = rows[0]["B"], rows[0]["N"], rows[0]["C"]
+        lines += [f"## {shape}: B={B}, N={N}, C={C}", "",
+                  "| op | dtype | fused us | kernel us | eager us | torch us | eager/fused | predicted | torch/fused | fused GB/s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            k = f"{r['kernel']['median_us']:.1f}" if "kernel" in r else "-"
+            lines.append(f"| {r['op']} | {r['dtype']} | {r['fused']['median_us']:.1f} | {k} | {r['eager']['median_us']:.1f} | "
+                         f"{r['torch']['median_us']:.1f} | **{r['eager_over_fused']:.2f}x** | {r['predicted_eager_over_fused']:.2f}x | "
+                         f"{r['torch_over_fused']:.2f}x | {r['fused']['gb_per_s']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtypes", default=None, help="comma-separated of fp32,bf16,fp16 (default: fp32,bf16 on CPU, "
+                                                  "fp32,bf16,fp16 on CUDA)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated of {list(SHAPES)}")
+    ap.add_argument("--ops", default=",".join(CASES), help="comma-separated subset of the op variants")
+    ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--sample-ms", type=float, default=10.0, help="length of one timing sample")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (CPU)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    torch.set_num_threads(args.threads)
+    dtypes = (args.dtypes or ("fp32,bf16,fp16" if device.type == "cuda" else "fp32,bf16")).split(",")
+    shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
+    cases = args.ops.split(",")
+    for c in cases:
+        if c not in CASES:
+            ap.error(f"unknown op variant {c!r}; expected some of {list(CASES)}")
+
+    env = environment(device, args.threads)
+    print(f"{env['device']}, torch {env['torch']}, {args.threads} threads, fused backend {env['fused_backend']}")
+    with torch.inference_mode():
+        rows = run(device, dtypes, shapes, cases, args.repeats, args.sample_ms / 1e3)
+    result = dict(benchmark="fused ops vs eager PyTorch", device_type=device.type, environment=env,
+                  repeats=args.repeats, sample_ms=args.sample_ms, shapes=shapes, bytes_model=BYTES, rows=rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"ops_{device.type}.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = markdown(result)
+    (out / f"ops_{device.type}.md").write_text(md + "\n")
+    print(md)
+    return result
+
+
+# ------------------------------------------------------------------------------------- pytest-benchmark
+
+try:
+    import pytest
+except ImportError:  # script mode needs no pytest
+    pytest = None
+
+if pytest is not None:
+    _PARAMS = [pytest.param(case, impl, shape, dt, id=f"{case.replace(' ', '-')}-{impl}-{shape.split()[0]}-{dt}")
+               for shape in SHAPES for dt in ("fp32", "bf16") for case in CASES for impl in IMPLS]
+
+    @pytest.mark.parametrize("case,impl,shape,dt", _PARAMS)
+    def test_op(benchmark, case, impl, shape, dt):
+        """One variant of one op; compare within a group (``--benchmark-group-by=group``)."""
+        B, N, C = SHAPES[shape]
+        fns = callables(case, make_inputs(B, N, C, DTYPES[dt], torch.device("cpu")))
+        if impl not in fns:
+            pytest.skip(f"{impl} is not available here")
+        benchmark.group = f"{case} {shape} {dt}"
+        benchmark.extra_info.update(bytes=BYTES[case][impl] * B * N * C * DTYPES[dt].itemsize,
+                                    predicted_eager_over_fused=BYTES[case]["eager"] / BYTES[case]["fused"])
+        with torch.inference_mode():
+            benchmark(fns[impl])
+
+
+if __name__ == "__main__":
+    main()
