@@ -1,0 +1,208 @@
+"""Splitting a transformer's blocks into contiguous components of equal measured cost.
+
+Each block is timed on a sample input (the model's own forward up to the first block gives the
+block input and the keyword arguments the forward passes to every block), then the blocks are
+cut into ``n`` contiguous runs minimising the most expensive run. Nothing here is specific to a
+model id: any model the adapters support can be split, and other models can be split by
+passing ``sample_inputs``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..adapters import adapter_for
+
+
+@dataclass
+class Split:
+    """How the blocks are divided among the components."""
+
+    ranges: list[tuple[int, int]]       #: component n runs blocks ``ranges[n][0] .. ranges[n][1] - 1``
+    block_costs: list[float]            #: relative (or measured, in seconds) cost of every block
+    method: str = "measure"             #: "measure", "uniform" or "given"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def component_costs(self) -> list[float]:
+        return [sum(self.block_costs[a:b]) for a, b in self.ranges]
+
+    @property
+    def imbalance(self) -> float:
+        """Most expensive component over the mean component cost (1.0 = perfectly balanced)."""
+        c = self.component_costs
+        return max(c) / (sum(c) / len(c)) if sum(c) > 0 else 1.0
+
+    def to_dict(self) -> dict:
+        return dict(ranges=[list(r) for r in self.ranges], block_costs=list(self.block_costs),
+                    component_costs=self.component_costs, imbalance=self.imbalance, method=self.method, **self.info)
+
+
+def balanced_split(costs: Sequence[float], n: int) -> list[tuple[int, int]]:
+    """Cut ``costs`` into ``n`` non-empty contiguous runs minimising the largest run's sum.
+
+    Exact dynamic programme, O(n * len(costs)^2). Among optimal cuts the one with the most even
+    remaining runs is not searched for; ties keep earlier cuts earlier.
+    """
+    m = len(costs)
+    if not 1 <= n <= m:
+        raise ValueError(f"cannot split {m} blocks into {n} non-empty components")
+    prefix = [0.0]
+    for c in costs:
+        if c < 0:
+            raise ValueError("block costs must be non-negative")
+        prefix.append(prefix[-1] + float(c))
+    inf = float("inf")
+    # best[k][j]: smallest achievable max-run cost putting the first j blocks in k runs
+    best = [[inf] * (m + 1) for _ in range(n + 1)]
+    cut = [[0] * (m + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for k in range(1, n + 1):
+        for j in range(k, m - (n - k) + 1):
+            for i in range(k - 1, j):
+                v = max(best[k - 1][i], prefix[j] - prefix[i])
+                if v < best[k][j] - 1e-15:
+                    best[k][j], cut[k][j] = v, i
+    ranges, j = [], m
+    for k in range(n, 0, -1):
+        i = cut[k][j]
+        ranges.append((i, j))
+        j = i
+    return ranges[::-1]
+
+
+def uniform_split(num_blocks: int, n: int) -> list[tuple[int, int]]:
+    """Equal block counts (the first components get one more block when they do not divide)."""
+    return balanced_split([1.0] * num_blocks, n)
+
+
+# ------------------------------------------------------------------------------ sample inputs
+def example_inputs(model, batch: int = 2, text_tokens: int = 8) -> dict:
+    """Keyword arguments for one forward call of a supported diffusers transformer (random latents).
+
+    Only used to time blocks; pass your own (``sample_inputs=``) for models not listed here or to
+    time at the batch and resolution you will sample at.
+    """
+    inner = getattr(model, "original_model", model)
+    cfg = inner.config
+    p = next(inner.parameters())
+    g = torch.Generator().manual_seed(0)
+    size = int(cfg.sample_size)
+    x = torch.randn(batch, int(cfg.in_channels), size, size, generator=g).to(device=p.device, dtype=p.dtype)
+    t = torch.full((batch,), 500, device=p.device, dtype=torch.long)
+    name = type(inner).__name__
+    if name == "DiTTransformer2DModel":
+        return dict(hidden_states=x, timestep=t, class_labels=torch.zeros(batch, dtype=torch.long, device=p.device))
+    if name == "PixArtTransformer2DModel":
+        enc = torch.randn(batch, text_tokens, int(cfg.caption_channels), generator=g).to(device=p.device, dtype=p.dtype)
+        added = {"resolution": None, "aspect_ratio": None}
+        if inner.use_additional_conditions:
+            added = {"resolution": torch.full((batch, 2), float(size * 8), device=p.device, dtype=p.dtype),
+                     "aspect_ratio": torch.ones(batch, 1, device=p.device, dtype=p.dtype)}
+        return dict(hidden_states=x, timestep=t, encoder_hidden_states=enc,
+                    encoder_attention_mask=torch.ones(batch, text_tokens, device=p.device),
+                    added_cond_kwargs=added)
+    raise TypeError(f"no built-in sample input for {name}; pass sample_inputs=dict(...) (the forward's keyword "
+                    f"arguments) or balance='uniform'")
+
+
+# ------------------------------------------------------------------------------ timing
+class _StopForward(Exception):
+    def __init__(self, args, kwargs):
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
+
+
+def block_call_inputs(model, inputs: dict) -> tuple[torch.Tensor, dict]:
+    """The residual stream entering the first block and the keyword arguments the model's forward
+    passes to its blocks, for forward arguments ``inputs`` (runs the forward up to the first block)."""
+    inner = getattr(model, "original_model", model)
+    blocks = adapter_for(inner).blocks(inner)
+
+    def stop(_mod, args, kwargs):
+        raise _StopForward(args, kwargs)
+
+    hook = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            inner(**inputs, return_dict=False)
+    except _StopForward as s:
+        args, kwargs = list(s.args), dict(s.kwargs)
+        h = args.pop(0) if args else kwargs.pop("hidden_states")
+        if args:
+            raise TypeError("blocks called with extra positional arguments are not supported") from None
+        return h, kwargs
+    finally:
+        hook.remove()
+    raise RuntimeError("the model's forward never called its first block")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_block_costs(model, sample_inputs: dict | None = None, repeats: int = 5, batch: int = 2,
+                        pool_identical: bool = True) -> list[float]:
+    """Seconds per call of every block on ``sample_inputs`` (the forward's keyword arguments; built
+    from the config when omitted).
+
+    Blocks run eagerly on the true residual stream with the keyword arguments the model's own
+    forward passes to them. Every block is timed ``repeats`` times, the blocks taking turns, and
+    the fastest call counts (background load only ever adds time). With ``pool_identical``, blocks
+    of identical structure (class, parameter names, shapes and dtypes) get the median of their
+    group's times: they do the same work, and pooling keeps timing noise from moving the split.
+    """
+    inner = getattr(model, "original_model", model)
+    if sample_inputs is None:
+        sample_inputs = example_inputs(inner, batch=batch)
+    blocks = adapter_for(inner).blocks(inner)
+    h, kw = block_call_inputs(inner, sample_inputs)
+    dev = h.device
+    inputs = []
+    with torch.no_grad():
+        for blk in blocks:  # the residual stream entering every block (also an untimed first call)
+            inputs.append(h)
+            h = blk(h, **kw)
+        best = [float("inf")] * len(blocks)
+        for _ in range(repeats):
+            for i, blk in enumerate(blocks):
+                _sync(dev)
+                t0 = time.perf_counter()
+                blk(inputs[i], **kw)
+                _sync(dev)
+                best[i] = min(best[i], time.perf_counter() - t0)
+    if not pool_identical:
+        return best
+    groups: dict[tuple, list[int]] = {}
+    for i, blk in enumerate(blocks):
+        groups.setdefault(_structure(blk), []).append(i)
+    costs = list(best)
+    for members in groups.values():
+        pooled = statistics.median(best[i] for i in members)
+        for i in members:
+            costs[i] = pooled
+    return costs
+
+
+def _structure(block) -> tuple:
+    return (type(block).__name__,) + tuple((n, tuple(p.shape), str(p.dtype)) for n, p in block.named_parameters())
+
+
+def schedule_weights(cached) -> list[float]:
+    """For a ``CachedTransformer``: each block's average fraction of its full cost over the schedule's
+    steps (branches weighted by their FLOPs; a reused block counts as nothing)."""
+    sched = cached.schedule
+    flops = sched.branch_flops or cached.adapter.branch_flops(cached.original_model)
+    w = [float(flops.get(b, 1.0)) for b in sched.branches]
+    total = sum(w) or 1.0
+    out = [0.0] * sched.num_blocks
+    for plan in cached.plans:
+        for b, bp in enumerate(plan.blocks):
+            if not bp.reuse_block:
+                out[b] += sum(wi for wi, c in zip(w, bp.compute) if c) / total
+    return [o / max(1, len(cached.plans)) for o in out]

@@ -1,0 +1,197 @@
+"""AsyncDenoiser in one process: the N=1 / no-process-group fallback, the split, the emulation."""
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+
+import pytest
+import torch
+
+import l2c_kernels as l2c
+from l2c_kernels import parallel, schedules
+from l2c_kernels.parallel.partition import balanced_split, example_inputs, uniform_split
+from l2c_kernels.parallel.runners import CachedRunner, ModelRunner
+from tests.tiny_models import dit_inputs, pixart_inputs, tiny_dit, tiny_pixart
+
+from . import workers
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return workers.base_model(dict(model="dit-digits"))[0]
+
+
+# ------------------------------------------------------------------ the split
+def _brute_force(costs, n):
+    m = len(costs)
+    best = None
+    for cuts in itertools.combinations(range(1, m), n - 1):
+        b = (0,) + cuts + (m,)
+        worst = max(sum(costs[b[i]:b[i + 1]]) for i in range(n))
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_balanced_split_minimises_the_largest_component(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    costs = (torch.rand(9, generator=g) + 0.05).tolist()
+    ranges = balanced_split(costs, n)
+    assert len(ranges) == n and ranges[0][0] == 0 and ranges[-1][1] == len(costs)
+    assert all(a < b for a, b in ranges) and all(ranges[i][1] == ranges[i + 1][0] for i in range(n - 1))
+    assert max(sum(costs[a:b]) for a, b in ranges) == pytest.approx(_brute_force(costs, n))
+
+
+def test_uniform_split_and_errors():
+    assert uniform_split(12, 2) == [(0, 6), (6, 12)]
+    assert uniform_split(12, 3) == [(0, 4), (4, 8), (8, 12)]
+    assert [b - a for a, b in uniform_split(7, 3)] in ([3, 2, 2], [2, 3, 2], [2, 2, 3])
+    with pytest.raises(ValueError):
+        balanced_split([1.0, 1.0], 3)
+
+
+def _component_seconds(runner, args, ranges, repeats=9):
+    """Fastest of ``repeats`` interleaved runs of every component (on its true input)."""
+    caps = [e - 1 for _, e in ranges[:-1]]
+    _, captured = runner.full(args, caps, 0)
+    inputs = [None] + [captured[b] for b in caps]
+    best = [float("inf")] * len(ranges)
+    with torch.no_grad():
+        for _ in range(repeats):
+            for i, (a, b) in enumerate(ranges):
+                t0 = time.perf_counter()
+                runner.component(args, a, b, inputs[i], 0)
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_measured_split_balances_component_time_within_20_percent(dit, n):
+    """The components' measured run times (embedding and final layer included) differ by less than 20%."""
+    torch.set_num_threads(1)
+    inputs = example_inputs(dit, batch=16)
+    ad = parallel.AsyncDenoiser(dit, num_components=n, warm_up=1, emulate=True, sample_inputs=inputs)
+    assert ad.split.method == "measure" and len(ad.component_ranges) == n
+    assert ad.split.imbalance < 1.2
+    secs = _component_seconds(ModelRunner(dit), inputs, ad.component_ranges)
+    assert max(secs) / min(secs) < 1.2, (ad.component_ranges, secs)
+
+
+def test_split_follows_the_cache_schedule(dit):
+    """With a DeepCache schedule the middle blocks are mostly reused: the split gives the middle
+    component more blocks, and the components' time over a whole generation stays balanced."""
+    torch.set_num_threads(1)
+    ts = workers.timesteps(workers.SCHEDULE, 12)
+    cached = l2c.compile_schedule(dit, schedules.deepcache(dit, ts, interval=3, keep_first=2, keep_last=2),
+                                  cuda_graphs=False)
+    ad = parallel.AsyncDenoiser(cached, num_components=3, warm_up=1, emulate=True,
+                                sample_inputs=example_inputs(dit, batch=16))
+    sizes = [b - a for a, b in ad.component_ranges]
+    assert sizes[1] > sizes[0] and sizes[1] > sizes[2], ad.component_ranges
+    assert ad.split.info["schedule_weights"][0] == 1.0 and ad.split.info["schedule_weights"][5] < 0.5
+
+    runner = CachedRunner(cached)
+    args = dict(example_inputs(dit, batch=16))
+    caps = [e - 1 for _, e in ad.component_ranges[:-1]]
+    total = [float("inf")] * 3
+    for _ in range(3):
+        runner.reset()
+        secs = [0.0] * 3
+        for step, t in enumerate(ts):
+            args["timestep"] = torch.full((16,), t)
+            _, captured = runner.full(args, caps, step)
+            inputs = [None] + [captured[b] for b in caps]
+            for i, (a, b) in enumerate(ad.component_ranges):
+                t0 = time.perf_counter()
+                runner.component(args, a, b, inputs[i], step)
+                secs[i] += time.perf_counter() - t0
+        total = [min(x, y) for x, y in zip(total, secs)]
+    assert max(total) / min(total) < 1.2, (ad.component_ranges, total)
+
+
+def test_given_costs_and_uniform_balance():
+    m = tiny_dit(layers=6)
+    ad = parallel.AsyncDenoiser(m, num_components=2, warm_up=1, emulate=True, balance=[1, 1, 1, 1, 1, 5])
+    assert ad.component_ranges == [(0, 5), (5, 6)] and ad.split.method == "given"
+    ad = parallel.AsyncDenoiser(m, num_components=3, warm_up=1, emulate=True, balance="uniform")
+    assert ad.component_ranges == [(0, 2), (2, 4), (4, 6)]
+    with pytest.raises(ValueError):
+        parallel.AsyncDenoiser(m, num_components=2, emulate=True, balance=[1, 2])
+    with pytest.raises(ValueError):
+        parallel.AsyncDenoiser(m, num_components=2, emulate=True, balance="fastest")
+
+
+# ------------------------------------------------------------------ one process
+@pytest.mark.parametrize("make,inputs", [(tiny_dit, dit_inputs), (tiny_pixart, pixart_inputs)])
+def test_one_component_is_the_plain_model(make, inputs):
+    m = make(layers=4)
+    ad = parallel.AsyncDenoiser(m, num_components=1)
+    assert not ad.active and ad.config is m.config and ad.dtype == torch.float32
+    for t in (981, 500):
+        a = inputs(batch=4, t=t)
+        assert torch.equal(ad(**a).sample, m(**a).sample)
+        assert torch.equal(ad(**a, return_dict=False)[0], m(**a, return_dict=False)[0])
+
+
+def test_one_component_of_a_cached_model_is_the_cached_model(dit):
+    spec = dict(model="dit-digits", batch=2, steps=8, schedule=("uniform", 2))
+    cached, kind, sc = workers.build(spec)
+    ad = parallel.AsyncDenoiser(cached, num_components=1)
+    got = workers.sample(ad, kind, sc, 8, batch=2)
+    assert torch.equal(got, workers.reference(spec))
+
+
+def test_without_a_process_group_runs_the_plain_model_and_warns():
+    m = tiny_dit(layers=4)
+    with pytest.warns(UserWarning, match="torchrun --nproc_per_node=2"):
+        ad = parallel.AsyncDenoiser(m, num_components=2, warm_up=1)
+    a = dit_inputs(batch=2)
+    assert torch.equal(ad(**a).sample, m(**a).sample)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parallel.AsyncDenoiser(m, num_components=1)
+
+
+def test_invalid_settings():
+    m = tiny_dit(layers=3)
+    with pytest.raises(ValueError, match="exceeds"):
+        parallel.AsyncDenoiser(m, num_components=4, emulate=True)
+    with pytest.raises(ValueError, match="warm_up"):
+        parallel.AsyncDenoiser(m, num_components=2, warm_up=0, emulate=True)
+    with pytest.raises(ValueError):
+        parallel.AsyncDenoiser(m, num_components=0)
+
+
+# ------------------------------------------------------------------ emulation of the ranks
+@pytest.mark.parametrize("n,stride", [(3, 1), (2, 2)])
+def test_emulation_with_warm_up_on_every_step_is_exact(n, stride):
+    spec = dict(model="tiny-dit", layers=6, batch=2, steps=6, N=n, stride=stride, warm_up=6)
+    torch.testing.assert_close(workers.emulated(spec), workers.reference(spec), rtol=0, atol=1e-6)
+
+
+def test_emulation_runs_the_asynchronous_schedule():
+    spec = dict(model="tiny-dit", layers=6, batch=2, steps=8, N=2, warm_up=2)
+    model, kind, sc = workers.build(spec)
+    ad = workers.denoiser(model, dict(spec, emulate=True), sc)
+    out = workers.sample(ad, kind, sc, 8, batch=2)
+    assert len(ad.timings["compute"]) == 6 and not torch.equal(out, workers.reference(spec))
+    d = ad.describe()
+    assert d["world_size"] == 2 and d["split"]["ranges"] == [[0, 3], [3, 6]]
+    # the same call sequence again is a new generation with the same result
+    assert torch.equal(workers.sample(ad, kind, sc, 8, batch=2), out)
+
+
+def test_stride_two_checks_the_timestep_it_computed_ahead():
+    """Stride 2 computes step s+1 ahead (its timestep extrapolated from the last two); a sampler that
+    then passes another timestep gets an error, not a prediction for the wrong noise level."""
+    spec = dict(model="tiny-dit", layers=4, batch=2, steps=8, N=2, stride=2, warm_up=2)
+    model, kind, sc = workers.build(spec)
+    ad = workers.denoiser(model, dict(spec, emulate=True), sc)
+    a = dit_inputs(batch=2, size=8)
+    ts = workers.timesteps(sc, 8)
+    for t in ts[:3]:
+        ad(**dict(a, timestep=torch.full((2,), t)))
+    with pytest.raises(parallel.AsyncDiffError, match="computed ahead"):
+        ad(**dict(a, timestep=torch.full((2,), ts[3] + 7)))
