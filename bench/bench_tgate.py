@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import l2c_kernels as l2c  # noqa: E402
 from l2c_kernels import metrics, models, schedules  # noqa: E402
-from l2c_kernels.learn.gate import DEFAULT_TOL, auto_gate  # noqa: E402
+from l2c_kernels.learn.gate import DEFAULT_OUTPUT_TOL, DEFAULT_TOL, auto_gate  # noqa: E402
 from l2c_kernels.models.pipelines import pixart_pipeline  # noqa: E402
 from l2c_kernels.models.text_encoder import CAPTION_TEMPLATES, caption_for  # noqa: E402
 from l2c_kernels.runtime.plan import collapsible_steps  # noqa: E402
@@ -117,7 +117,7 @@ def make_official(bundle, sampler, kwargs) -> tuple:
 
 def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
     model = bundle.transformer
-    cfg = bundle.recommended_cfg
+    cfg = args.cfg if args.cfg is not None else bundle.recommended_cfg
     ts = timesteps_for(bundle, steps, sampler)
     scale = steps / 25
     hand = dict(AUTHORS, gate_step=round(AUTHORS["gate_step"] * scale))
@@ -125,20 +125,31 @@ def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
     pipe.set_progress_bar_config(disable=True)
 
     t0 = time.perf_counter()
-    gate = auto_gate(bundle, steps, sampler, prompts=calibration_prompts(args.calibration), tol=args.tol,
-                     cfg=cfg, seed=1)
+    sp = {k: v for k, v in hand.items() if k != "gate_step"}
+    cal = calibration_prompts(args.calibration)
+    gate = auto_gate(bundle, steps, sampler, prompts=cal, criterion="output", tol=args.output_tol, cfg=cfg, seed=1,
+                     full_curve=True, **sp)
     gate_seconds = time.perf_counter() - t0
-    log(f"[{sampler} {steps}] auto gate {gate.gate_step} (hand-set {hand['gate_step']}), tol {gate.tol:.4f}, "
-        f"{gate_seconds:.1f} s; curve " + " ".join(f"{v:.3f}" for v in gate.curve[1:]))
+    gate_c = auto_gate(bundle, steps, sampler, prompts=cal, criterion="attn2_change", tol=args.tol, cfg=cfg, seed=1)
+    log(f"[{sampler} {steps}] auto gate {gate.gate_step} (output error <= {gate.tol}), {gate.gate_step} "
+        f"(hand-set {hand['gate_step']}), {gate_seconds:.1f} s; error per gate "
+        + " ".join(f"{v:.3f}" for v in gate.curve[1:]))
+    log(f"[{sampler} {steps}] auto gate from cross-attention change {gate_c.gate_step} (tol {gate_c.tol:.4f}); "
+        "curve " + " ".join(f"{v:.4f}" for v in gate_c.curve[1:]))
     s_hand = schedules.tgate(model, ts, **hand)
-    s_auto = schedules.tgate(model, ts, gate_step=gate, **{k: v for k, v in hand.items() if k != "gate_step"})
+    s_auto = schedules.tgate(model, ts, gate_step=gate, **sp)
+    s_auto_c = schedules.tgate(model, ts, gate_step=gate_c, **sp)
 
     rows = [Row("full compute", "pipe", model, note="original diffusers transformer"),
             Row(f"T-GATE gate {hand['gate_step']} (no CFG collapse)", "pipe",
                 l2c.compile_schedule(model, s_hand, cfg_collapse=False), s_hand),
             Row(f"T-GATE gate {hand['gate_step']} + CFG collapse", "pipe", l2c.compile_schedule(model, s_hand), s_hand),
-            Row(f"T-GATE auto gate {gate.gate_step} + CFG collapse", "pipe", l2c.compile_schedule(model, s_auto),
-                s_auto, note=f"tol {args.tol} (per 25 steps)")]
+            Row(f"T-GATE auto gate {gate.gate_step} (output error) + CFG collapse", "pipe",
+                l2c.compile_schedule(model, s_auto), s_auto,
+                note=f"calibration error <= {gate.tol} on {len(cal)} other prompts"),
+            Row(f"T-GATE auto gate {gate_c.gate_step} (cross-attn change) + CFG collapse", "pipe",
+                l2c.compile_schedule(model, s_auto_c), s_auto_c,
+                note=f"step-to-step change < {gate_c.tol:.3f}")]
     # learned L2C schedule at the MACs T-GATE with collapse removes (branch MACs)
     budget = round(schedule_macs_estimate(s_hand, collapse=True), 3)
     lpath = Path(args.out or RESULTS) / f"tgate_learned_{sampler.replace('+', 'p')}{steps}.l2c.json"
@@ -223,7 +234,8 @@ def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
             d["psnr_vs_ours_collapse"] = round(metrics.psnr(img, images[rows[2].name]), 2)
         out_rows.append(d)
     return dict(sampler=sampler, steps=steps, cfg=cfg, timesteps=ts, hand_setting=hand,
-                auto_gate=dict(gate.to_dict(), seconds=round(gate_seconds, 1)), rows=out_rows,
+                auto_gate=dict(gate.to_dict(), seconds=round(gate_seconds, 1)), auto_gate_attn2_change=gate_c.to_dict(),
+                rows=out_rows,
                 images={r.name: images[r.name][:10] for r in rows if r.name in images})
 
 
@@ -250,8 +262,14 @@ def write_markdown(result: dict) -> str:
         g = s["auto_gate"]
         md += [f"## {s['sampler']} {s['steps']} steps, CFG {s['cfg']}", "",
                f"Hand-set (authors' PixArt setting scaled to {s['steps']} steps): {s['hand_setting']}. "
-               f"Automatic gate: {g['gate_step']} (tolerance {g['tol']:.4f} per step, measured in {g['seconds']} s "
-               f"on {len(g['prompts'])} calibration prompts).", "",
+               f"Automatic gate from the output error of gating (relative RMS error of {len(g['prompts'])} calibration "
+               f"samples <= {g['tol']}): {g['gate_step']}, measured in {g['seconds']} s. Automatic gate from the "
+               f"cross-attention output's step-to-step change (< {s['auto_gate_attn2_change']['tol']:.4f}): "
+               f"{s['auto_gate_attn2_change']['gate_step']}.", "",
+               "Calibration error per gate: " + " ".join(
+                   f"{i}:{v:.3f}" for i, v in enumerate(g["curve"]) if v is not None), "",
+               "Cross-attention change per step: " + " ".join(
+                   f"{v:.4f}" for v in s["auto_gate_attn2_change"]["curve"] if v is not None), "",
                "| method | speedup | MACs removed | PSNR (dB) | SSIM | accuracy | note |",
                "|---|---|---|---|---|---|---|"]
         for r in s["rows"]:
@@ -313,15 +331,21 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{s['sampler']} {s['steps']} steps", fontsize=10)
         ax.grid(alpha=0.3)
         ax = axes[1, j]
-        g = s["auto_gate"]
-        curve = [v for v in g["curve"][1:]]
-        ax.plot(range(1, len(curve) + 1), curve, marker=".", label="cross-attention change per step")
-        ax.axhline(g["tol"], color="grey", ls="--", label=f"tolerance {g['tol']:.3f}")
-        ax.axvline(g["gate_step"], color="C2", label=f"automatic gate {g['gate_step']}")
-        ax.axvline(s["hand_setting"]["gate_step"], color="C3", ls=":", label=f"hand-set gate {s['hand_setting']['gate_step']}")
+        g, gc = s["auto_gate"], s["auto_gate_attn2_change"]
+        xs = [i for i, v in enumerate(g["curve"]) if v is not None]
+        ax.plot(xs, [g["curve"][i] for i in xs], marker=".", color="C0",
+                label="calibration error when gating at this step")
+        ax.axhline(g["tol"], color="C0", ls="--", lw=0.8, label=f"tolerance {g['tol']}")
+        ax.plot(range(1, len(gc["curve"])), gc["curve"][1:], marker=".", color="C1",
+                label="cross-attention change from the previous step")
+        ax.axhline(gc["tol"], color="C1", ls="--", lw=0.8, label=f"tolerance {gc['tol']:.3f}")
+        ax.axvline(g["gate_step"], color="C2", label=f"automatic gate (output error) {g['gate_step']}")
+        ax.axvline(gc["gate_step"], color="C4", ls="-.", label=f"automatic gate (cross-attn change) {gc['gate_step']}")
+        ax.axvline(s["hand_setting"]["gate_step"], color="C3", ls=":",
+                   label=f"hand-set gate {s['hand_setting']['gate_step']}")
         ax.set_yscale("log")
         ax.set_xlabel("sampling step")
-        ax.set_ylabel("relative change of attn2 output")
+        ax.set_ylabel("relative change / relative error")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -336,7 +360,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calibration", type=int, default=8, help="calibration prompts for the automatic gate")
-    ap.add_argument("--tol", type=float, default=DEFAULT_TOL)
+    ap.add_argument("--tol", type=float, default=DEFAULT_TOL, help="tolerance of the cross-attention change gate")
+    ap.add_argument("--output-tol", type=float, default=DEFAULT_OUTPUT_TOL, help="tolerance of the output-error gate")
+    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommended one)")
     ap.add_argument("--learn-iterations", type=int, default=60)
     ap.add_argument("--relearn", action="store_true", help="learn the L2C schedules again even if saved")
     ap.add_argument("--samplers", default="dpm++:25,ddim:50")

@@ -70,9 +70,9 @@ def tgate(model, timesteps: Sequence[int], gate_step=15, sp_interval: int = 3, f
     ``i % fi_interval == 0`` after it; in between its last output is reused. The MLP is always computed.
     The authors' PixArt setting is ``gate_step=15, sp_interval=3, fi_interval=1, warm_up=2`` for 25 steps.
 
-    ``gate_step="auto"`` picks the gate from the measured convergence of the cross-attention output
+    ``gate_step="auto"`` picks the gate from measurements on calibration prompts
     (:func:`l2c_kernels.learn.gate.auto_gate`); pass ``calibration=`` (a bundled model, its name, or a
-    PixArt pipeline) and optionally ``prompts=``, ``tol=``, ``scheduler=`` for it. A
+    PixArt pipeline) and optionally ``prompts=``, ``criterion=``, ``tol=``, ``scheduler=`` for it. A
     :class:`~l2c_kernels.learn.gate.GateResult` is accepted as ``gate_step`` too.
     """
     nb, branches, _ = _facts(model)
@@ -89,6 +89,7 @@ def tgate(model, timesteps: Sequence[int], gate_step=15, sp_interval: int = 3, f
         if calibration is None:
             raise ValueError("gate_step='auto' measures the cross-attention of a model with its text encoder: "
                              "pass calibration=<bundled model, its name, or a PixArt pipeline>")
+        auto_kwargs = dict(dict(sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up), **auto_kwargs)
         gate_info = auto_gate(calibration, n, **auto_kwargs)
         gate_info.check_timesteps(timesteps)
         auto_kwargs = {}

@@ -89,27 +89,43 @@ def test_select_gate_on_synthetic_curve():
         select_gate(curve, 0.0)
 
 
-def test_auto_gate_measures_cross_attention_and_builds_the_schedule(monkeypatch):
+def test_auto_gate_measures_cross_attention_and_builds_the_schedule():
     pipe, model = tiny_pipe()
-    g = auto_gate(pipe, STEPS, prompts=PROMPTS, tol=0.5, per_step_scaling=False)
+    kw = dict(prompts=PROMPTS, criterion="attn2_change", tol=0.5, per_step_scaling=False)
+    g = auto_gate(pipe, STEPS, **kw)
     assert len(g.curve) == STEPS and math.isinf(g.curve[0]) and all(v >= 0 for v in g.curve[1:])
-    assert len(g.per_block) == STEPS and len(g.per_block[1]) == 2
+    assert g.curve == g.attn2_change and len(g.per_block) == STEPS and len(g.per_block[1]) == 2
     assert g.gate_step == select_gate(g.curve, 0.5)
     assert g.timesteps == pipe_timesteps(pipe)
     assert all(not m._forward_hooks for m in model.modules())  # hooks removed
     # per-step scaling: the same tolerance asked of twice the steps is halved
-    assert auto_gate(pipe, 2 * STEPS, prompts=PROMPTS, tol=0.5).tol == pytest.approx(0.5 * 25 / (2 * STEPS))
+    g2 = auto_gate(pipe, 2 * STEPS, prompts=PROMPTS, criterion="attn2_change", tol=0.5)
+    assert g2.tol == pytest.approx(0.5 * 25 / (2 * STEPS))
     s = schedules.tgate(model, g.timesteps, gate_step=g, sp_interval=1)
     assert s.params["gate_step"] == g.gate_step and s.params["auto_gate"]["curve"][0] is None
-    s2 = schedules.tgate(model, g.timesteps, gate_step="auto", calibration=pipe, prompts=PROMPTS, tol=0.5,
-                         per_step_scaling=False, sp_interval=1)
+    s2 = schedules.tgate(model, g.timesteps, gate_step="auto", calibration=pipe, sp_interval=1, **kw)
     assert s2.plan == s.plan
-    s3 = auto_tgate(pipe, STEPS, prompts=PROMPTS, tol=0.5, per_step_scaling=False, sp_interval=1)
+    s3 = auto_tgate(pipe, STEPS, sp_interval=1, **kw)
     assert s3.plan == s.plan
     with pytest.raises(ValueError, match="timesteps"):
         schedules.tgate(model, g.timesteps[:-1], gate_step=g)
     with pytest.raises(ValueError, match="calibration"):
         schedules.tgate(model, g.timesteps, gate_step="auto")
+
+
+def test_auto_gate_output_criterion_measures_the_gated_samples():
+    pipe, model = tiny_pipe()
+    full = auto_gate(pipe, STEPS, prompts=PROMPTS, tol=1e-9, full_curve=True)
+    errs = full.curve[1:]
+    assert full.criterion == "output" and all(e > 0 for e in errs) and len(full.attn2_change) == STEPS
+    assert full.gate_step == STEPS                  # nothing is within a zero tolerance: never gate
+    tol = sorted(errs)[len(errs) // 2] * 1.0001     # a tolerance half the gates meet
+    g = auto_gate(pipe, STEPS, prompts=PROMPTS, tol=tol)
+    assert g.gate_step == select_gate(full.curve, tol)
+    # the search stops at the first gate over the tolerance; what it measured agrees with the full curve
+    measured = [s for s in range(1, STEPS) if not math.isnan(g.curve[s])]
+    assert measured == list(range(max(1, g.gate_step - 1), STEPS))
+    assert all(g.curve[s] == pytest.approx(full.curve[s], rel=1e-5) for s in measured)
 
 
 # ------------------------------------------------------------------------------------ CFG collapse

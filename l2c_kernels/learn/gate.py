@@ -1,14 +1,18 @@
 """Choosing T-GATE's gate step from data.
 
-T-GATE stops computing cross-attention once its output has converged. Instead of a hand-set
-``gate_step``, :func:`auto_gate` samples a few calibration prompts with full compute, records the
-cross-attention output of every block (forward hooks on ``attn2``, so custom attention processors
-stay in place) and measures its step-to-step relative change
+Instead of a hand-set ``gate_step``, :func:`auto_gate` samples a few calibration prompts with full
+compute and records every block's cross-attention output (forward hooks on ``attn2``, so custom
+attention processors stay in place). Two curves can decide the gate:
 
-    curve[s] = mean over blocks of ||y_s - y_(s-1)|| / ||y_(s-1)||      (curve[0] = inf)
+- ``"attn2_change"``: the cross-attention output's step-to-step relative change,
+  ``mean over blocks of ||y_s - y_(s-1)|| / ||y_(s-1)||`` (T-GATE's convergence argument);
+- ``"output"`` (default): the error of the final calibration samples when gating at each step,
+  relative to full compute (after the gate the CFG halves are identical, so guidance is gone from the
+  remaining steps: this is what the gate really costs).
 
-The gate is the first step from which the curve stays below ``tol``: cross-attention is computed
-at steps ``0 .. gate_step - 1`` and the CFG mean of step ``gate_step - 1`` is reused after that.
+The gate is the first step from which the curve stays below ``tol`` (:func:`select_gate`):
+cross-attention is computed at steps ``0 .. gate_step - 1`` and the CFG mean of step
+``gate_step - 1`` is reused after that.
 
     from l2c_kernels.learn.gate import auto_gate
     g = auto_gate("pixart-digits", 25, "dpm++")
@@ -28,28 +32,36 @@ import torch
 #: about half as far as one of a 25-step sampler).
 DEFAULT_TOL = 0.05
 REFERENCE_STEPS = 25
+#: Default tolerance of the ``"output"`` criterion: relative RMS error of the final calibration samples
+#: against full compute (for the bundled digits, 0.1 is about 27 dB PSNR).
+DEFAULT_OUTPUT_TOL = 0.1
 
 
 @dataclass
 class GateResult:
-    """A gate chosen from measured cross-attention convergence."""
+    """A gate chosen from measurements on calibration prompts."""
 
     gate_step: int                 # steps 0..gate_step-1 compute cross-attention
-    curve: list[float]             # per step: relative change from the previous step (curve[0] = inf)
+    curve: list[float]             # the curve the gate was selected on (see auto_gate), indexed by step
     tol: float                     # the tolerance the curve was compared with (after step scaling)
     timesteps: list[float]         # the sampler's timesteps (call order) the curve was measured on
     per_block: list[list[float]] = field(default_factory=list)  # [step][block] relative change
     scheduler: str | None = None
     prompts: list[str] = field(default_factory=list)
+    criterion: str = "attn2_change"
+    attn2_change: list[float] = field(default_factory=list)  # the cross-attention change curve, always measured
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
     def to_dict(self) -> dict:
-        return dict(gate_step=self.gate_step, tol=round(self.tol, 6), scheduler=self.scheduler,
-                    prompts=list(self.prompts),
-                    curve=[None if not math.isfinite(v) else round(v, 6) for v in self.curve])
+        def rnd(c):
+            return [None if not math.isfinite(v) else round(v, 6) for v in c]
+
+        return dict(gate_step=self.gate_step, criterion=self.criterion, tol=round(self.tol, 6),
+                    scheduler=self.scheduler, prompts=list(self.prompts), curve=rnd(self.curve),
+                    attn2_change=rnd(self.attn2_change))
 
     def check_timesteps(self, timesteps: Sequence) -> None:
         from ..schedule import same_timestep
@@ -98,6 +110,43 @@ def _hook_cross_attention(model, record: dict):
     return handles
 
 
+def _rollout(den, transformer, num_inference_steps: int, noise: torch.Tensor, record=None):
+    """Sample with ``transformer`` from ``noise``; ``record(step)`` is called after every transformer call."""
+    sched = den.make_scheduler()
+    sched.set_timesteps(num_inference_steps)
+    dev = next(den.transformer.parameters()).device
+    dtype = next(den.transformer.parameters()).dtype
+    x = noise.to(dev, torch.float32) * sched.init_noise_sigma
+    if hasattr(transformer, "reset"):
+        transformer.reset()
+    for s, t in enumerate(sched.timesteps):
+        inp = sched.scale_model_input(den.batch(x), t)
+        ts = t.to(dev).reshape(1).expand(inp.shape[0])
+        pred = transformer(inp.to(dtype), timestep=ts, **den.cond_args).sample.float()
+        if pred.shape[1] != x.shape[1]:  # learned sigma
+            pred = pred[:, : x.shape[1]]
+        x = sched.step(den.guided(pred), t, x).prev_sample
+        if record is not None:
+            record(s)
+    return x.clamp(-1, 1), [float(t) for t in sched.timesteps]
+
+
+def _denoiser(obj, num_inference_steps, scheduler, prompts, labels, num_samples, cfg, seed):
+    from ..models import BundledModel
+    from ..models import load as load_model
+    from .conditioning import denoiser_for
+
+    if isinstance(obj, str):
+        obj = load_model(obj)
+    if cfg is None:
+        cfg = obj.recommended_cfg if isinstance(obj, BundledModel) else 4.5
+    if cfg <= 1.0:
+        raise ValueError("T-GATE's gate is measured with classifier-free guidance on (cfg > 1)")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
+        raise ValueError(f"num_inference_steps must be an integer >= 2, got {num_inference_steps!r}")
+    return obj, denoiser_for(obj, num_samples, cfg, scheduler, seed=seed, labels=labels, prompts=prompts)
+
+
 @torch.no_grad()
 def measure_cross_attention_change(obj, num_inference_steps: int, scheduler: str = "dpm++", *, prompts=None,
                                    labels=None, num_samples: int = 8, cfg: float | None = None,
@@ -110,93 +159,119 @@ def measure_cross_attention_change(obj, num_inference_steps: int, scheduler: str
     its own. ``prompts`` are the calibration captions (required for a pipeline; for a bundled model the
     default is captions of ``num_samples`` digits drawn with ``seed``).
     """
-    from ..models import BundledModel
-    from ..models import load as load_model
-    from ..sampling import initial_noise
-    from .conditioning import denoiser_for
+    curve, per_block, timesteps, _ = _measure_change(obj, num_inference_steps, scheduler, prompts, labels,
+                                                     num_samples, cfg, seed)
+    return curve, per_block, timesteps
 
-    if isinstance(obj, str):
-        obj = load_model(obj)
-    if cfg is None:
-        cfg = obj.recommended_cfg if isinstance(obj, BundledModel) else 4.5
-    if cfg <= 1.0:
-        raise ValueError("T-GATE's gate is measured with classifier-free guidance on (cfg > 1)")
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
-        raise ValueError(f"num_inference_steps must be an integer >= 2, got {num_inference_steps!r}")
-    den = denoiser_for(obj, num_samples, cfg, scheduler, seed=seed, labels=labels, prompts=prompts)
+
+def _measure_change(obj, num_inference_steps, scheduler, prompts, labels, num_samples, cfg, seed):
+    from ..sampling import initial_noise
+
+    obj, den = _denoiser(obj, num_inference_steps, scheduler, prompts, labels, num_samples, cfg, seed)
     model = den.transformer
-    sched = den.make_scheduler()
-    sched.set_timesteps(num_inference_steps)
-    timesteps = [float(t) for t in sched.timesteps]
-    dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    x = initial_noise(den.num_samples, den.latent_shape, seed).to(dev, torch.float32) * sched.init_noise_sigma
+    noise = initial_noise(den.num_samples, den.latent_shape, seed)
     record: dict = {}
-    handles = _hook_cross_attention(model, record)
-    prev: dict | None = None
     per_block: list[list[float]] = []
+    prev: dict = {}
+
+    def on_step(s):
+        cur = dict(record)
+        if not prev:
+            per_block.append([math.inf] * len(cur))
+        else:
+            per_block.append([float((cur[b] - prev[b]).norm() / prev[b].norm().clamp_min(1e-12))
+                              for b in sorted(cur)])
+        prev.clear()
+        prev.update(cur)
+        record.clear()
+
+    handles = _hook_cross_attention(model, record)
     try:
-        for t in sched.timesteps:
-            inp = sched.scale_model_input(den.batch(x), t)
-            ts = t.to(dev).reshape(1).expand(inp.shape[0])
-            record.clear()
-            pred = model(inp.to(dtype), timestep=ts, **den.cond_args).sample.float()
-            if pred.shape[1] != x.shape[1]:  # learned sigma
-                pred = pred[:, : x.shape[1]]
-            x = sched.step(den.guided(pred), t, x).prev_sample
-            cur = dict(record)
-            if prev is None:
-                per_block.append([math.inf] * len(cur))
-            else:
-                per_block.append([float((cur[b] - prev[b]).norm() / prev[b].norm().clamp_min(1e-12))
-                                  for b in sorted(cur)])
-            prev = cur
+        final, timesteps = _rollout(den, model, num_inference_steps, noise, on_step)
     finally:
         for h in handles:
             h.remove()
     curve = [math.inf] + [sum(row) / len(row) for row in per_block[1:]]
-    return curve, per_block, timesteps
+    return curve, per_block, timesteps, (obj, den, noise, final)
 
 
+@torch.no_grad()
 def auto_gate(obj, num_inference_steps: int, scheduler: str = "dpm++", *, prompts=None, labels=None,
-              tol: float = DEFAULT_TOL, per_step_scaling: bool = True, min_gate: int = 1, num_samples: int = 8,
-              cfg: float | None = None, seed: int = 0) -> GateResult:
+              criterion: str = "output", tol: float | None = None, per_step_scaling: bool = True,
+              min_gate: int = 1, num_samples: int = 8, cfg: float | None = None, seed: int = 0,
+              full_curve: bool = False, sp_interval: int = 1, fi_interval: int = 1, warm_up: int = 0) -> GateResult:
     """Pick T-GATE's ``gate_step`` for ``obj`` (bundled model, its name, or a PixArt pipeline) and sampler.
 
-    The cross-attention output's step-to-step relative change is measured on calibration prompts
-    (:func:`measure_cross_attention_change`); the gate is the first step from which it stays below the
-    tolerance (:func:`select_gate`). ``tol`` is stated for 25 steps and, with ``per_step_scaling``,
-    scaled by ``25 / num_inference_steps``. Returns a :class:`GateResult` with the gate and the curve.
+    One full-compute run on the calibration prompts records every block's cross-attention output
+    (forward hooks on ``attn2``); its step-to-step relative change is always returned as
+    ``attn2_change``. The gate is then the first step from which a curve stays below ``tol``
+    (:func:`select_gate`), with the curve chosen by ``criterion``:
+
+    - ``"attn2_change"``: the cross-attention output's step-to-step relative change (T-GATE's
+      convergence argument). ``tol`` (default :data:`DEFAULT_TOL`) is stated for 25 steps and, with
+      ``per_step_scaling``, scaled by ``25 / num_inference_steps``.
+    - ``"output"`` (default): for each candidate gate ``g`` the calibration prompts are sampled again
+      with the gate at ``g`` (compiled, CFG collapse on; ``sp_interval``/``fi_interval``/``warm_up`` as
+      the schedule will use them) and ``curve[g]`` is the relative RMS error of the final samples
+      against full compute. ``tol`` (default :data:`DEFAULT_OUTPUT_TOL`) bounds that error. Gates are
+      tried from the last step down and the search stops at the first one over the tolerance
+      (``full_curve=True`` measures every gate). This measures what the gate does: after it, the CFG
+      halves are identical, so guidance is gone from the remaining steps, which no convergence of the
+      cross-attention output alone can tell.
+
+    Returns a :class:`GateResult` with the gate, the curve used and ``attn2_change``.
     """
-    curve, per_block, timesteps = measure_cross_attention_change(
-        obj, num_inference_steps, scheduler, prompts=prompts, labels=labels, num_samples=num_samples, cfg=cfg,
-        seed=seed)
-    eff_tol = tol * REFERENCE_STEPS / num_inference_steps if per_step_scaling else tol
+    if criterion not in ("output", "attn2_change"):
+        raise ValueError(f"criterion must be 'output' or 'attn2_change', got {criterion!r}")
+    change, per_block, timesteps, (obj, den, noise, ref) = _measure_change(
+        obj, num_inference_steps, scheduler, prompts, labels, num_samples, cfg, seed)
+    n = num_inference_steps
+    if criterion == "attn2_change":
+        tol = DEFAULT_TOL if tol is None else tol
+        eff_tol = tol * REFERENCE_STEPS / n if per_step_scaling else tol
+        curve = change
+    else:
+        from .. import schedules
+        from ..runtime import compile_schedule
+
+        eff_tol = DEFAULT_OUTPUT_TOL if tol is None else tol
+        curve = [math.nan] * n
+        curve[0] = math.inf
+        model = den.transformer
+        scale = ref.norm()
+        for g in range(n - 1, max(1, int(min_gate)) - 1, -1):
+            sched = schedules.tgate(model, timesteps, gate_step=g, sp_interval=sp_interval,
+                                    fi_interval=fi_interval, warm_up=warm_up)
+            out, _ = _rollout(den, compile_schedule(model, sched), n, noise)
+            curve[g] = float((out - ref).norm() / scale.clamp_min(1e-12))
+            if curve[g] >= eff_tol and not full_curve:
+                break
     gate = select_gate(curve, eff_tol, min_gate=min_gate)
     from ..models import BundledModel
 
     is_pipe = not isinstance(obj, (str, BundledModel))
     return GateResult(gate_step=gate, curve=curve, tol=eff_tol, timesteps=timesteps, per_block=per_block,
                       scheduler=type(obj.scheduler).__name__ if is_pipe else scheduler,
-                      prompts=list(prompts) if prompts is not None else [])
+                      prompts=list(prompts) if prompts is not None else [], criterion=criterion,
+                      attn2_change=change)
 
 
 def auto_tgate(obj, num_inference_steps: int, scheduler: str = "dpm++", *, sp_interval: int = 3,
                fi_interval: int = 1, warm_up: int = 2, **gate_kwargs):
     """A T-GATE :class:`~l2c_kernels.Schedule` for ``obj`` with the gate chosen by :func:`auto_gate`
-    (``gate_kwargs``: ``prompts``, ``tol``, ``min_gate``, ...). The chosen gate and its curve are kept in
-    the schedule's ``params["auto_gate"]``."""
-    from ..models import BundledModel
+    (``gate_kwargs``: ``prompts``, ``criterion``, ``tol``, ``min_gate``, ...; the ``"output"`` criterion
+    measures with these self-attention intervals). The chosen gate and its curves are kept in the
+    schedule's ``params["auto_gate"]``."""
     from ..models import load as load_model
     from ..schedules import tgate
 
     if isinstance(obj, str):
         obj = load_model(obj)
-    g = auto_gate(obj, num_inference_steps, scheduler, **gate_kwargs)
-    model = obj.transformer if isinstance(obj, BundledModel) else obj.transformer
-    model = getattr(model, "original_model", model)
+    g = auto_gate(obj, num_inference_steps, scheduler, sp_interval=sp_interval, fi_interval=fi_interval,
+                  warm_up=warm_up, **gate_kwargs)
+    model = getattr(obj.transformer, "original_model", obj.transformer)
     return tgate(model, g.timesteps, gate_step=g, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up)
 
 
 __all__ = ["GateResult", "auto_gate", "auto_tgate", "measure_cross_attention_change", "select_gate",
-           "DEFAULT_TOL"]
+           "DEFAULT_TOL", "DEFAULT_OUTPUT_TOL"]
