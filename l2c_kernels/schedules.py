@@ -154,7 +154,7 @@ def block_caching(model, timesteps: Sequence[int], change_curves, budget: float)
     """Block Caching (Wimbauer et al.): each branch is recomputed once its accumulated relative change
     since its last computation exceeds a threshold; the threshold is searched so that ``budget`` of the
     branch FLOPs is removed. ``change_curves[step][block][branch]`` is the measured relative change of the
-    branch output from the previous step (see :func:`l2c_kernels.learn.measure_change_curves`)."""
+    branch output from the previous step (see :func:`measure_change_curves`)."""
     _check_budget(budget)
     nb, branches, flops = _facts(model)
     w = [float(flops[b]) for b in branches]
@@ -186,9 +186,65 @@ def block_caching(model, timesteps: Sequence[int], change_curves, budget: float)
                  dict(budget=budget, threshold=hi))
 
 
+def measure_change_curves(obj, num_inference_steps: int = 20, *, scheduler: str = "ddim", cfg: float | None = None,
+                          num_runs: int = 2, batch_size: int = 4, seed: int = 0, labels=None,
+                          prompts=None) -> list[list[list[float]]]:
+    """Per-branch change curves for :func:`block_caching`, measured on full-compute sampling runs.
+
+    ``obj`` is a bundled model (or its name) or a DiT/PixArt pipeline. Returns
+    ``curves[step][block][branch]``: the mean relative L1 change ``mean|y_s - y_{s-1}| / mean|y_{s-1}|``
+    of each branch's raw output from the previous step, averaged over ``num_runs`` runs of
+    ``batch_size`` samples (step 0 is 0).
+    """
+    import torch
+
+    from .learn.conditioning import denoiser_for
+    from .learn.soft_forward import SoftCaches, soft_forward
+
+    if isinstance(obj, str):
+        from .models import load as load_model
+
+        obj = load_model(obj)
+    if cfg is None:
+        cfg = float(getattr(obj, "recommended_cfg", 4.0))
+    if num_runs < 1 or batch_size < 1:
+        raise ValueError("num_runs and batch_size must be >= 1")
+    acc = None
+    for r in range(num_runs):
+        den = denoiser_for(obj, batch_size, cfg, scheduler, seed=seed + r, labels=labels, prompts=prompts)
+        model = den.transformer
+        ad = adapter_for(model)
+        nb, nbr = ad.num_blocks(model), len(ad.branches(model))
+        if acc is None:
+            acc = [[[0.0] * nbr for _ in range(nb)] for _ in range(num_inference_steps)]
+        sched = den.make_scheduler()
+        sched.set_timesteps(num_inference_steps)
+        g = torch.Generator().manual_seed(seed + 1000 * r)
+        x = torch.randn((den.num_samples,) + tuple(den.latent_shape), generator=g).to(model.device, model.dtype)
+        x = x * sched.init_noise_sigma
+        caches = SoftCaches(nb, nbr)
+        prev = None
+        with torch.no_grad():
+            for s, t in enumerate(sched.timesteps):
+                xin = sched.scale_model_input(den.batch(x), t)
+                tt = torch.full((xin.shape[0],), float(t), device=x.device)
+                rec: list = []
+                out = soft_forward(model, dict(den.cond_args, hidden_states=xin, timestep=tt), None, caches,
+                                   record=rec)
+                cur = {(b, i): y for b, i, y in rec}
+                if prev is not None:
+                    for (b, i), y in cur.items():
+                        p = prev[(b, i)]
+                        acc[s][b][i] += float((y - p).abs().mean() / p.abs().mean().clamp_min(1e-12)) / num_runs
+                prev = cur
+                x = sched.step(den.guided(out), t, x).prev_sample
+    return acc
+
+
 def _check_budget(budget: float) -> None:
     if not 0.0 < budget < 1.0:
         raise ValueError(f"budget is the fraction of branch FLOPs to remove and must be in (0, 1), got {budget}")
 
 
-__all__ = ["full", "uniform", "deepcache", "tgate", "first_blocks", "random_schedule", "block_caching"]
+__all__ = ["full", "uniform", "deepcache", "tgate", "first_blocks", "random_schedule", "block_caching",
+           "measure_change_curves"]

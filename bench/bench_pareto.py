@@ -1,0 +1,466 @@
+"""Learned schedules against every baseline schedule and the dynamic caches people use, one model, one run.
+
+For a bundled model and a DDIM step count, with classifier-free guidance at the model's
+recommended scale, every method samples the same digits from the same noise:
+
+- full compute (the plain diffusers transformer: 1.0x),
+- learned L2C schedules at several FLOPs budgets (``l2c_kernels.learn_schedule``),
+- the baseline schedules of ``l2c_kernels.schedules``: uniform interval (FORA), DeepCache,
+  static first-blocks (the static analogue of DBCache), T-GATE (models with cross-attention),
+  Block Caching (change curves measured on separate runs), random at the learned budgets,
+- the dynamic peers of ``bench/peers.py``: diffusers FirstBlockCache, PyramidAttentionBroadcast,
+  TaylorSeer and cache-dit DBCache, each at a grid of settings.
+
+Schedules run through ``compile_schedule``. For each method: measured CPU speedup (median of
+interleaved timed runs in this process against full compute), fraction of branch FLOPs removed
+(from the schedule; counted from the branch calls that really ran for the peers), PSNR and SSIM
+against full compute, and the bundled classifier's accuracy on the generated digits.
+
+    python bench/bench_pareto.py --model dit-digits --steps 20
+    python bench/bench_pareto.py --model pixart-digits --steps 50 --samples 100 --time-samples 20 --repeats 5
+
+writes ``bench/results/pareto_<model>_<steps>.{json,md,png}`` and the learned schedules under
+``bench/results/pareto_<model>_<steps>_schedules/`` (reused by later runs unless ``--relearn``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import l2c_kernels as l2c  # noqa: E402
+from l2c_kernels import metrics, sampling, schedules  # noqa: E402
+
+import peers as peer_mod  # noqa: E402
+
+TARGETS = (1.5, 2.0)          # speedups the comparison is made at
+TOLERANCE = 0.05              # "within 5%": a point counts at target T if its speedup >= (1 - 5%) T
+FLOPS_TARGETS = (1 / 3, 1 / 2)  # FLOPs-removed fractions whose ideal speedups are 1.5x and 2x
+BASELINE_FAMILIES = ("uniform (FORA)", "DeepCache", "first blocks (static)", "T-GATE", "Block Caching", "random")
+LEARNED = "learned (L2C)"
+
+
+# ---------------------------------------------------------------------------------------------- methods
+def baseline_schedules(bundle, steps: int, budgets, change_curves=None, scheduler: str = "ddim") -> list[tuple]:
+    """``(family, label, schedule)`` for every baseline in :mod:`l2c_kernels.schedules`."""
+    tr = bundle.transformer
+    ts = sampling.timesteps_for(bundle, steps, scheduler)
+    out = []
+    for k in (2, 3, 4):
+        out.append(("uniform (FORA)", f"every {k} steps", schedules.uniform(tr, ts, k)))
+    nb = l2c.adapters.adapter_for(tr).num_blocks(tr)
+    for k in (2, 3):
+        if nb < 4:
+            break
+        out.append(("DeepCache", f"full every {k}, blocks 0-1 and 11 always",
+                    schedules.deepcache(tr, ts, interval=k, keep_first=2, keep_last=1)))
+    for f, k in ((2, 2), (4, 2), (2, 3), (4, 3), (6, 3)):
+        if f >= nb:
+            continue
+        out.append(("first blocks (static)", f"F{f} every {k}", schedules.first_blocks(tr, ts, keep_first=f, interval=k)))
+    if "attn2" in l2c.adapters.adapter_for(tr).branches(tr):
+        for frac, fi in ((0.6, 1), (0.3, 1), (0.3, 2)):  # 0.6: the authors' PixArt setting (15 of 25 steps)
+            g = max(1, round(frac * steps))
+            out.append(("T-GATE", f"cross-attn for {g} steps, self-attn every 3" + (f", every {fi} after" if fi > 1 else ""),
+                        schedules.tgate(tr, ts, gate_step=g, sp_interval=3, fi_interval=fi, warm_up=2)))
+    if change_curves is not None:
+        for b in budgets:
+            out.append(("Block Caching", f"{100 * b:.0f}% removed", schedules.block_caching(tr, ts, change_curves, b)))
+    for b in budgets:
+        out.append(("random", f"{100 * b:.0f}% removed", schedules.random_schedule(tr, ts, b, seed=0)))
+    return out
+
+
+def learned_schedules(bundle, steps: int, budgets, cfg: float, out_dir: Path | None, relearn: bool = False,
+                      scheduler: str = "ddim", log=print, **learn_kwargs) -> list[tuple]:
+    """``(family, label, schedule)`` for a learned schedule at every budget (cached as JSON in ``out_dir``)."""
+    out = []
+    for b in budgets:
+        path = None if out_dir is None else Path(out_dir) / f"learned_{round(100 * b)}.l2c.json"
+        sched = None
+        if path is not None and path.exists() and not relearn:
+            sched = l2c.Schedule.load(path)
+            if sched.params.get("cfg") != cfg or sched.num_steps != steps:
+                sched = None
+        if sched is None:
+            t0 = time.time()
+            sched = l2c.learn_schedule(bundle, num_inference_steps=steps, budget=b, cfg=cfg, scheduler=scheduler,
+                                       progress=False, **learn_kwargs)
+            log(f"  learned budget {b:.2f} in {time.time() - t0:.0f} s: "
+                f"{100 * sched.flops_removed_fraction():.1f}% of branch FLOPs removed")
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sched.save(path)
+        out.append((LEARNED, f"budget {100 * b:.0f}%", sched))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- running
+def _quality(images, ref, labels) -> dict:
+    acc = None
+    if images.shape[1:] == (1, 16, 16):  # the bundled digit classifier's input
+        acc = metrics.class_accuracy(images, labels)
+    return dict(psnr=metrics.psnr(images, ref), ssim=metrics.ssim(images, ref), accuracy=acc)
+
+
+def _sample(bundle, tr, labels, steps, cfg, seed, scheduler):
+    return sampling.sample(bundle, labels=labels, steps=steps, scheduler=scheduler, cfg=cfg, seed=seed,
+                           transformer=tr, progress=False)
+
+
+def run_methods(bundle, entries: list[dict], *, steps: int, cfg: float, labels, time_labels, repeats: int,
+                seed: int, scheduler: str = "ddim", log=print) -> list[dict]:
+    """Quality pass on ``labels`` (one run per method), then ``repeats`` interleaved timed rounds on
+    ``time_labels`` after one warm-up round. ``entries[i]``: family, label, transformer, and for
+    schedules ``schedule``. Returns one row per entry (the first entry must be full compute)."""
+    assert entries[0]["family"] == "full compute"
+    ref = None
+    rows = []
+    for e in entries:
+        tr = e["transformer"]
+        if hasattr(tr, "reset"):
+            tr.reset()
+        t0 = time.perf_counter()
+        imgs = _sample(bundle, tr, labels, steps, cfg, seed, scheduler)
+        dt = time.perf_counter() - t0
+        if ref is None:
+            ref = imgs
+        row = dict(family=e["family"], label=e["label"], kind=e.get("kind", "schedule"), params=e.get("params", {}))
+        row.update(_quality(imgs, ref, labels))
+        if "schedule" in e:
+            row["flops_removed"] = e["schedule"].flops_removed_fraction()
+        elif isinstance(tr, peer_mod.PeerTransformer):
+            row["flops_removed"] = tr.flops_removed_fraction(total=False)
+        else:
+            row["flops_removed"] = 0.0
+        row["quality_seconds"] = dt
+        rows.append(row)
+        log(f"  {e['family']:<36s} {e['label']:<44s} removed {100 * row['flops_removed']:5.1f}%  "
+            f"PSNR {row['psnr']:6.2f}  acc {row['accuracy'] if row['accuracy'] is None else round(row['accuracy'], 3)}")
+    times = [[] for _ in entries]
+    for r in range(repeats + 1):
+        for i, e in enumerate(entries):
+            tr = e["transformer"]
+            if hasattr(tr, "reset"):
+                tr.reset()
+            t0 = time.perf_counter()
+            _sample(bundle, tr, time_labels, steps, cfg, seed, scheduler)
+            if r > 0:
+                times[i].append(time.perf_counter() - t0)
+        if r > 0:
+            log(f"  timed round {r}/{repeats}: full compute {times[0][-1]:.2f} s")
+    ref_t = statistics.median(times[0])
+    for row, t in zip(rows, times):
+        med = statistics.median(t)
+        row.update(seconds=med, speedup=ref_t / med, seconds_all=t,
+                   ideal_speedup=1.0 / max(1e-9, 1.0 - row["flops_removed"]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def _group(row) -> str:
+    if row["family"] == LEARNED:
+        return "learned"
+    if row["family"] in BASELINE_FAMILIES:
+        return "baseline"
+    if row["family"] == "full compute":
+        return "full"
+    return "peer" if row.get("kind") == "peer" else "other"
+
+
+def best_at(rows, family: str, key: str, target: float, tol: float) -> dict | None:
+    """The row of ``family`` with the highest PSNR among those reaching ``key >= (1 - tol) * target``."""
+    cand = [r for r in rows if r["family"] == family and r.get(key) is not None and r[key] >= (1 - tol) * target]
+    return max(cand, key=lambda r: r["psnr"]) if cand else None
+
+
+def summarize(rows, targets=TARGETS, tol: float = TOLERANCE, flops_targets=FLOPS_TARGETS,
+              full_accuracy: float | None = None) -> dict:
+    """For every target speedup (and FLOPs-removed fraction): the best PSNR each family reaches there,
+    the learned schedule's margin over the best baseline and the best peer, and whether it wins."""
+    fams = []
+    for r in rows:
+        if r["family"] != "full compute" and r["family"] not in fams:
+            fams.append(r["family"])
+    out = dict(tolerance=tol, by_speedup=[], by_flops=[])
+    for key, tgts, dest in (("speedup", targets, "by_speedup"), ("flops_removed", flops_targets, "by_flops")):
+        for t in tgts:
+            per = {}
+            for f in fams:
+                b = best_at(rows, f, key, t, tol if key == "speedup" else 0.0)
+                fam_rows = [r for r in rows if r["family"] == f]
+                per[f] = None if b is None else dict(label=b["label"], speedup=b["speedup"], psnr=b["psnr"],
+                                                     ssim=b["ssim"], accuracy=b["accuracy"],
+                                                     flops_removed=b["flops_removed"])
+                if b is None:
+                    per[f] = dict(unreachable=True, max_reached=max((r.get(key) or 0.0) for r in fam_rows))
+            groups = {g: [f for f in fams if f in per and per[f] and not per[f].get("unreachable")
+                          and _group(next(r for r in rows if r["family"] == f)) == g]
+                      for g in ("learned", "baseline", "peer")}
+
+            def best(g):
+                c = [(per[f]["psnr"], f) for f in groups[g]]
+                return max(c) if c else None
+
+            bl, bb, bp = best("learned"), best("baseline"), best("peer")
+            entry = dict(target=t, per_family=per,
+                         learned=None if bl is None else dict(family=bl[1], **per[bl[1]]),
+                         best_baseline=None if bb is None else dict(family=bb[1], **per[bb[1]]),
+                         best_peer=None if bp is None else dict(family=bp[1], **per[bp[1]]))
+            others = [x for x in (bb, bp) if x is not None]
+            entry["learned_wins"] = bool(bl is not None and all(bl[0] > o[0] for o in others))
+            entry["margin_db"] = None if (bl is None or not others) else bl[0] - max(o[0] for o in others)
+            if key == "speedup" and full_accuracy is not None and bl is not None and per[bl[1]]["accuracy"] is not None:
+                entry["accuracy_drop_points"] = 100 * (full_accuracy - per[bl[1]]["accuracy"])
+            out[dest].append(entry)
+    out["goal_met"] = all(e["learned_wins"] for e in out["by_speedup"])
+    acc15 = [e for e in out["by_speedup"] if abs(e["target"] - 1.5) < 1e-9]
+    if acc15 and acc15[0].get("accuracy_drop_points") is not None:
+        out["accuracy_within_2_points_at_1_5x"] = acc15[0]["accuracy_drop_points"] <= 2.0 + 1e-9
+        out["goal_met"] = out["goal_met"] and out["accuracy_within_2_points_at_1_5x"]
+    return out
+
+
+def _fmt(v, f="{:.2f}"):
+    if v is None:
+        return "—"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return f.format(v)
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    rows = result["rows"]
+    full = rows[0]
+    lines = [f"# Learned schedules vs baselines and peers: {m['model']}, DDIM {m['steps']} steps, CFG {m['cfg']}",
+             "",
+             f"{m['device']}, torch {m['torch']}, diffusers {m['diffusers']}, cache-dit {m['cache_dit']}, {m['date']}. "
+             f"Quality: PSNR/SSIM on {m['samples']} digits (labels i mod 10, noise seed {m['seed']}) against full compute "
+             f"from the same noise; classifier accuracy on {m['accuracy_samples']} digits (seed {m['seed'] + 1}) for full "
+             f"compute ({_fmt(full['accuracy'], '{:.3f}')}), the learned schedules and the best baseline and peer at "
+             f"each target, on the {m['samples']} for the others. Speed: median of {m['repeats']} "
+             f"interleaved runs of {m['time_samples']} digits after a warm-up round; full compute "
+             f"{full['seconds']:.2f} s per run = 1.00x.",
+             "", "## At 1.5x and 2x measured speedup",
+             "",
+             f"Best PSNR each family reaches at a speedup of at least {100 * (1 - m['tolerance']):.0f}% of the target "
+             "(\"cannot reach\": no setting of that method is that fast).",
+             "",
+             "| target | family | setting | speedup | FLOPs removed | PSNR (dB) | SSIM | accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in result["summary"]["by_speedup"]:
+        for fam, v in e["per_family"].items():
+            if v.get("unreachable"):
+                lines.append(f"| {e['target']:.1f}x | {fam} | cannot reach (fastest: {v['max_reached']:.2f}x) "
+                             f"| | | | | |")
+            else:
+                bold = "**" if (e["learned"] and fam == e["learned"]["family"]) else ""
+                lines.append(f"| {e['target']:.1f}x | {bold}{fam}{bold} | {v['label']} | {v['speedup']:.2f}x | "
+                             f"{100 * v['flops_removed']:.0f}% | {bold}{_fmt(v['psnr'])}{bold} | {_fmt(v['ssim'], '{:.3f}')} "
+                             f"| {_fmt(v['accuracy'], '{:.3f}')} |")
+    lines += ["", "| target | learned PSNR | best baseline | best peer | margin (dB) | learned wins |",
+              "|---|---|---|---|---|---|"]
+    for e in result["summary"]["by_speedup"] + result["summary"]["by_flops"]:
+        is_sp = e in result["summary"]["by_speedup"]
+        tgt = f"{e['target']:.1f}x speedup" if is_sp else f"{100 * e['target']:.0f}% FLOPs removed"
+
+        def cell(x):
+            return "—" if x is None else f"{_fmt(x['psnr'])} ({x['family']}: {x['label']}, {x['speedup']:.2f}x)"
+
+        lines.append(f"| {tgt} | {cell(e['learned'])} | {cell(e['best_baseline'])} | {cell(e['best_peer'])} | "
+                     f"{_fmt(e['margin_db'], '{:+.2f}')} | {'yes' if e['learned_wins'] else 'no'} |")
+    s = result["summary"]
+    lines += ["", f"Goal (learned schedule best at 1.5x and 2x; accuracy within 2 points of full at 1.5x): "
+              f"**{'met' if s['goal_met'] else 'not met'}**."]
+    lines += ["", "## Every method", "",
+              "| family | setting | speedup | ideal | FLOPs removed | PSNR (dB) | SSIM | accuracy | s/run |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["family"] != "full compute", r["family"], -r["psnr"])):
+        acc = _fmt(r['accuracy'], '{:.3f}')
+        if r.get("accuracy_samples") and r["accuracy_samples"] != m["samples"]:
+            acc += f" (n={r['accuracy_samples']})"
+        lines.append(f"| {r['family']} | {r['label']} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                     f"{100 * r['flops_removed']:.1f}% | {_fmt(r['psnr'])} | {_fmt(r['ssim'], '{:.3f}')} | "
+                     f"{acc} | {r['seconds']:.2f} |")
+    if result.get("unavailable"):
+        lines += ["", "## Peers that could not be applied", ""]
+        for u in result["unavailable"]:
+            lines.append(f"- {u['family']} ({u['setting']}): {u['reason']}")
+    unreach = sorted({(f, e["target"]) for e in s["by_speedup"] for f, v in e["per_family"].items()
+                      if v.get("unreachable")})
+    if unreach:
+        lines += ["", "Cannot reach a target at any setting tried: " +
+                  "; ".join(f"{f} at {t:.1f}x" for f, t in unreach) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> Path:
+    from l2c_kernels.plots import speed_quality
+
+    pts = [dict(family=r["family"], speedup=r["speedup"], psnr=r["psnr"]) for r in result["rows"]
+           if r["family"] != "full compute" and not math.isinf(r["psnr"])]
+    m = result["meta"]
+    return speed_quality(pts, path, title=f"{m['model']}, DDIM {m['steps']} steps, CFG {m['cfg']}: "
+                                          f"speed vs PSNR against full compute (CPU)")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_entries(bundle, steps: int, cfg: float, budgets, *, out_dir: Path | None, relearn: bool, scheduler: str,
+                  learn_kwargs: dict, curve_runs: int, peer_settings=None, log=print):
+    tr = bundle.transformer
+    entries = [dict(family="full compute", label="diffusers transformer", kind="full", transformer=tr)]
+    full_sched = schedules.full(tr, sampling.timesteps_for(bundle, steps, scheduler))
+    entries.append(dict(family="full compute (compiled)", label="compile_schedule, nothing reused", kind="schedule",
+                        schedule=full_sched, transformer=l2c.compile_schedule(tr, full_sched)))
+    log("learning schedules ...")
+    methods = learned_schedules(bundle, steps, budgets, cfg, out_dir, relearn, scheduler, log=log, **learn_kwargs)
+    curves = None
+    if curve_runs > 0:
+        log("measuring change curves for Block Caching ...")
+        curves = schedules.measure_change_curves(bundle, steps, scheduler=scheduler, cfg=cfg, num_runs=curve_runs,
+                                                 seed=7)
+    methods += baseline_schedules(bundle, steps, budgets, curves, scheduler)
+    for fam, label, s in methods:
+        params = {k: v for k, v in s.params.items() if k not in ("scores", "history")}
+        entries.append(dict(family=fam, label=label, kind="schedule", schedule=s, params=params,
+                            transformer=l2c.compile_schedule(tr, s)))
+    unavailable = []
+    settings = peer_mod.default_settings(tr, steps) if peer_settings is None else peer_settings
+    for st in settings:
+        try:
+            p = peer_mod.make_peer(tr, st, steps)
+        except peer_mod.PeerUnavailable as e:
+            unavailable.append(dict(family=peer_mod.FAMILY_NAMES[st.family], setting=st.label, reason=str(e)))
+            log(f"  {st.label}: cannot be applied: {e}")
+            continue
+        entries.append(dict(family=peer_mod.FAMILY_NAMES[st.family], label=st.label, kind="peer", params=st.params,
+                            transformer=p))
+    return entries, unavailable
+
+
+def _versions() -> dict:
+    import diffusers
+
+    try:
+        import cache_dit
+        cd = getattr(cache_dit, "__version__", None)
+        if cd is None:
+            from importlib.metadata import version
+            cd = version("cache-dit")
+    except Exception:  # noqa: BLE001
+        cd = "not installed"
+    return dict(torch=torch.__version__, diffusers=diffusers.__version__, cache_dit=cd)
+
+
+def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5, 0.6), samples: int = 20,
+        accuracy_samples: int = 100, time_samples: int = 10, repeats: int = 3, seed: int = 100,
+        out: Path | None = None, relearn: bool = False, scheduler: str = "ddim", learn_kwargs: dict | None = None, curve_runs: int = 2, peer_settings=None,
+        log=print) -> dict:
+    """The whole comparison for one bundled model and step count; writes the result files when ``out`` is set."""
+    cfg = bundle.recommended_cfg if cfg is None else float(cfg)
+    tag = f"pareto_{bundle.name}_{steps}"
+    sched_dir = None if out is None else Path(out) / f"{tag}_schedules"
+    t0 = time.time()
+    entries, unavailable = build_entries(bundle, steps, cfg, budgets, out_dir=sched_dir, relearn=relearn,
+                                         scheduler=scheduler, learn_kwargs=dict(learn_kwargs or {}),
+                                         curve_runs=curve_runs, peer_settings=peer_settings, log=log)
+    labels = [i % 10 for i in range(samples)]
+    time_labels = [i % 10 for i in range(time_samples)]
+    log(f"running {len(entries)} methods: quality on {samples} digits, {repeats} timed rounds on {time_samples}")
+    rows = run_methods(bundle, entries, steps=steps, cfg=cfg, labels=labels, time_labels=time_labels,
+                       repeats=repeats, seed=seed, scheduler=scheduler, log=log)
+    for r in rows:
+        r["accuracy_samples"] = samples if r["accuracy"] is not None else 0
+    if accuracy_samples > samples and rows[0]["accuracy"] is not None:
+        # accuracy needs more digits than PSNR: measure it again on many for full compute, the learned
+        # schedules and the best baseline/peer rows at each target
+        pre = summarize(rows)
+        picked = {0} | {i for i, r in enumerate(rows) if r["family"] == LEARNED}
+        for e in pre["by_speedup"]:
+            for k in ("best_baseline", "best_peer"):
+                if e[k] is not None:
+                    picked |= {i for i, r in enumerate(rows)
+                               if r["family"] == e[k]["family"] and r["label"] == e[k]["label"]}
+        acc_labels = [i % 10 for i in range(accuracy_samples)]
+        log(f"classifier accuracy on {accuracy_samples} digits for {len(picked)} methods")
+        for i in sorted(picked):
+            tr = entries[i]["transformer"]
+            if hasattr(tr, "reset"):
+                tr.reset()
+            imgs = _sample(bundle, tr, acc_labels, steps, cfg, seed + 1, scheduler)
+            rows[i]["accuracy_small"] = rows[i]["accuracy"]
+            rows[i]["accuracy"] = metrics.class_accuracy(imgs, acc_labels)
+            rows[i]["accuracy_samples"] = accuracy_samples
+    meta = dict(benchmark="learned schedules vs baselines and peers", model=bundle.name, steps=steps,
+                scheduler=scheduler, cfg=cfg, samples=samples, accuracy_samples=accuracy_samples,
+                time_samples=time_samples, repeats=repeats, seed=seed,
+                budgets=list(budgets), tolerance=TOLERANCE, date=str(date.today()),
+                device=f"CPU ({torch.get_num_threads()} threads, {platform.machine()})",
+                wall_seconds=None, **_versions())
+    result = dict(meta=meta, rows=rows, unavailable=unavailable,
+                  summary=summarize(rows, full_accuracy=rows[0]["accuracy"]))
+    meta["wall_seconds"] = round(time.time() - t0, 1)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{tag}.json").write_text(json.dumps(result, indent=1, default=_json_default))
+        (out / f"{tag}.md").write_text(markdown(result))
+        plot(result, out / f"{tag}.png")
+    return result
+
+
+def _json_default(o):
+    if isinstance(o, float) and math.isinf(o):
+        return "inf"
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dit-digits", choices=["dit-digits", "pixart-digits"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommended one)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6])
+    ap.add_argument("--samples", type=int, default=20, help="digits for PSNR/SSIM (and accuracy of every method)")
+    ap.add_argument("--accuracy-samples", type=int, default=100,
+                    help="digits for the accuracy of full compute, the learned schedules and the best other methods")
+    ap.add_argument("--time-samples", type=int, default=10, help="digits per timed run")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (after one warm-up round)")
+    ap.add_argument("--seed", type=int, default=100, help="noise seed of the evaluation (learning uses others)")
+    ap.add_argument("--iterations", type=int, default=None, help="router iterations (default: learn_schedule's)")
+    ap.add_argument("--relearn", action="store_true", help="learn again even if saved schedules exist")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from l2c_kernels.models import load
+
+    bundle = load(a.model)
+    learn_kwargs = {} if a.iterations is None else dict(iterations=a.iterations)
+    res = run(bundle, a.steps, cfg=a.cfg, budgets=a.budgets, samples=a.samples, accuracy_samples=a.accuracy_samples,
+              time_samples=a.time_samples,
+              repeats=a.repeats, seed=a.seed, out=Path(a.out), relearn=a.relearn, learn_kwargs=learn_kwargs,
+              log=lambda s: print(s, flush=True))
+    print(markdown(res).split("## Every method")[0])
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The dynamic caches people use today, applied to a bundled model's transformer for side-by-side runs.
+
+Each peer runs on its own copy of the transformer (the hooks patch modules in place; the copy
+keeps the original model and the schedules compiled on it untouched) behind a small wrapper
+with the transformer's call signature and a ``reset()`` that
+:func:`l2c_kernels.sampling.sample` calls before every generation:
+
+- ``fbc``: diffusers ``FirstBlockCache`` (``apply_first_block_cache``): block 0 always runs; if its
+  residual changed by less than ``threshold`` (relative mean absolute difference) since the
+  last computed step, the cached residual of all other blocks is re-added.
+- ``pab``: diffusers ``PyramidAttentionBroadcast``: self-attention (and cross-attention) outputs
+  are recomputed every ``skip`` calls inside a timestep range, reused in between.
+- ``taylorseer``: diffusers ``TaylorSeer``: the attention and MLP branches are computed every
+  ``interval`` steps after a warm-up and predicted by a Taylor expansion in between.
+- ``dbcache``: cache-dit ``DBCache``: the first ``Fn`` and last ``Bn`` blocks always run; the
+  middle blocks' residual is reused while the first blocks' residual changed less than ``threshold``.
+
+The DiT and PixArt transformers do not inherit diffusers' ``CacheMixin`` (no ``enable_cache``), so
+the ``diffusers.hooks.apply_*`` functions are used, with a cache context set by the wrapper (the
+pipelines set none for these models). cache-dit is applied to the transformer alone
+(``cache_dit.enable_cache(transformer, cache_config=...)``) and its context is refreshed per run.
+
+Every peer counts the branch computations that really ran (forward hooks on the innermost
+module of each branch: the attention output projection, the MLP's first layer), so the fraction
+of branch FLOPs removed is measured, not assumed.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+PEER_FAMILIES = ("fbc", "pab", "taylorseer", "dbcache")
+FAMILY_NAMES = {"fbc": "diffusers FirstBlockCache", "pab": "diffusers PyramidAttentionBroadcast",
+                "taylorseer": "diffusers TaylorSeer", "dbcache": "cache-dit DBCache"}
+
+
+class PeerUnavailable(RuntimeError):
+    """The peer cannot be applied to this model (the message says exactly why)."""
+
+
+def _adapter(model):
+    from l2c_kernels.adapters import adapter_for
+
+    return adapter_for(model)
+
+
+def _branch_leaf(block, branch: str) -> nn.Module:
+    """The innermost module that runs exactly when ``branch`` of ``block`` is really computed."""
+    if branch in ("attn1", "attn2"):
+        return getattr(block, branch).to_out[0]
+    if branch == "ff":
+        return block.ff.net[0]
+    raise ValueError(f"unknown branch {branch!r}")
+
+
+@dataclass
+class PeerSetting:
+    family: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        p = self.params
+        if self.family == "fbc":
+            return f"FirstBlockCache t={p['threshold']}"
+        if self.family == "pab":
+            extra = f" cross={p['cross_skip']}" if p.get("cross_skip") else ""
+            lo, hi = p.get("timestep_range", (100, 800))
+            return f"PAB skip={p['skip']}{extra} t=({lo},{hi})"
+        if self.family == "taylorseer":
+            return f"TaylorSeer every {p['interval']} order {p.get('order', 1)} warm-up {p.get('warmup', 3)}"
+        if self.family == "dbcache":
+            return f"DBCache F{p['Fn']}B{p.get('Bn', 0)} t={p['threshold']} warm-up {p.get('warmup', 0)}"
+        return f"{self.family} {p}"
+
+
+class PeerTransformer(nn.Module):
+    """A copy of ``model`` with one dynamic cache applied; same call signature as the transformer."""
+
+    def __init__(self, model: nn.Module, setting: PeerSetting, num_inference_steps: int):
+        super().__init__()
+        if setting.family not in PEER_FAMILIES:
+            raise ValueError(f"unknown peer {setting.family!r}; choose one of {PEER_FAMILIES}")
+        self.setting = setting
+        self.num_inference_steps = int(num_inference_steps)
+        self.inner = copy.deepcopy(model).eval().requires_grad_(False)
+        ad = _adapter(self.inner)
+        self.branches = list(ad.branches(self.inner))
+        self.branch_flops = {k: float(v) for k, v in ad.branch_flops(self.inner).items()}
+        self.num_blocks = ad.num_blocks(self.inner)
+        self._timestep = 0.0
+        self.calls = 0
+        self.branch_calls = [[0] * len(self.branches) for _ in range(self.num_blocks)]
+        self.total_calls = 0
+        self.total_branch_calls = [[0] * len(self.branches) for _ in range(self.num_blocks)]
+        self._diffusers_hooks = False
+        self._cache_dit_config = None
+        getattr(self, f"_apply_{setting.family}")(**setting.params)
+        for b, block in enumerate(ad.blocks(self.inner)):
+            for i, br in enumerate(self.branches):
+                _branch_leaf(block, br).register_forward_hook(self._counter(b, i))
+
+    # ------------------------------------------------------------------ counting
+    def _counter(self, b: int, i: int):
+        def hook(_mod, _inp, _out):
+            self.branch_calls[b][i] += 1
+            self.total_branch_calls[b][i] += 1
+        return hook
+
+    def flops_removed_fraction(self, total: bool = True) -> float:
+        """Fraction of branch FLOPs not computed over the calls counted (all runs, or since the last reset)."""
+        calls = self.total_calls if total else self.calls
+        counts = self.total_branch_calls if total else self.branch_calls
+        if calls == 0:
+            return 0.0
+        w = [self.branch_flops[b] for b in self.branches]
+        done = sum(c * wi for row in counts for c, wi in zip(row, w))
+        return 1.0 - done / (calls * self.num_blocks * sum(w))
+
+    # ------------------------------------------------------------------ peers
+    def _apply_fbc(self, threshold: float):
+        from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+        self._apply_diffusers(FirstBlockCacheConfig(threshold=float(threshold)), apply_first_block_cache)
+
+    def _apply_pab(self, skip: int, cross_skip: int | None = None, timestep_range=(100, 800)):
+        from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+        has_cross = "attn2" in self.branches
+        if cross_skip and not has_cross:
+            raise PeerUnavailable(f"{type(self.inner).__name__} has no cross-attention to broadcast")
+        cfg = PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=int(skip),
+            spatial_attention_timestep_skip_range=tuple(timestep_range),
+            cross_attention_block_skip_range=int(cross_skip) if cross_skip else None,
+            cross_attention_timestep_skip_range=tuple(timestep_range),
+            current_timestep_callback=lambda: self._timestep)
+        self._apply_diffusers(cfg, apply_pyramid_attention_broadcast)
+
+    def _apply_taylorseer(self, interval: int, order: int = 1, warmup: int = 3):
+        from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+        # The default identifiers ("^transformer_blocks.*attn") fullmatch modules named "...attn" (FLUX);
+        # DiT/PixArt name them attn1/attn2 and would get no hook at all, so the branches are named here.
+        names = "|".join(self.branches)
+        cfg = TaylorSeerCacheConfig(cache_interval=int(interval), disable_cache_before_step=int(warmup),
+                                    max_order=int(order), taylor_factors_dtype=torch.float32,
+                                    cache_identifiers=[rf"transformer_blocks\.\d+\.({names})"])
+        self._apply_diffusers(cfg, apply_taylorseer_cache)
+
+    def _apply_diffusers(self, config, apply_fn):
+        from diffusers.hooks import HookRegistry
+
+        if hasattr(self.inner, "enable_cache"):
+            self.inner.enable_cache(config)
+        else:
+            apply_fn(self.inner, config)
+        reg = HookRegistry.check_if_exists_or_initialize(self.inner)
+        reg.invalidate_child_registries_cache()
+        if not reg._get_child_registries() and not reg.hooks:
+            raise PeerUnavailable(f"{type(config).__name__} found no module to hook in {type(self.inner).__name__}")
+        self._diffusers_hooks = True
+        self._set_context()
+
+    def _set_context(self):
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        _set_cache_context(self.inner, CacheContext("inference"))
+
+    def _apply_dbcache(self, Fn: int, threshold: float, Bn: int = 0, warmup: int = 0,
+                       max_continuous: int = -1):
+        os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # cache-dit logs every hook it installs
+        try:
+            import cache_dit
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise PeerUnavailable(f"cache-dit is not installed (pip install cache-dit): {e}") from None
+        if Fn + Bn > self.num_blocks:
+            raise PeerUnavailable(f"DBCache F{Fn}B{Bn} computes more blocks than the model has ({self.num_blocks})")
+        cfg = cache_dit.DBCacheConfig(Fn_compute_blocks=int(Fn), Bn_compute_blocks=int(Bn),
+                                      residual_diff_threshold=float(threshold), max_warmup_steps=int(warmup),
+                                      max_continuous_cached_steps=int(max_continuous),
+                                      enable_separate_cfg=False, num_inference_steps=self.num_inference_steps)
+        self._cache_dit_config = cfg
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("cache_dit"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        cache_dit.enable_cache(self.inner, cache_config=copy.deepcopy(cfg))
+
+    # ------------------------------------------------------------------ module interface
+    @property
+    def config(self):
+        return self.inner.config
+
+    @property
+    def dtype(self):
+        return next(self.inner.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.inner.parameters()).device
+
+    def reset(self) -> None:
+        """Forget the previous generation (hook state, cache-dit context, per-run counters)."""
+        if self._diffusers_hooks:
+            from diffusers.hooks import HookRegistry
+
+            HookRegistry.check_if_exists_or_initialize(self.inner).reset_stateful_hooks(recurse=True)
+            self._set_context()  # StateManager.reset() drops the context
+        if self._cache_dit_config is not None:
+            import cache_dit
+
+            cache_dit.refresh_context(self.inner, cache_config=copy.deepcopy(self._cache_dit_config))
+        self.calls = 0
+        self.branch_calls = [[0] * len(self.branches) for _ in range(self.num_blocks)]
+
+    def forward(self, hidden_states, timestep=None, **kwargs):
+        if timestep is not None:
+            t = timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else timestep
+            self._timestep = float(t)
+        self.calls += 1
+        self.total_calls += 1
+        return self.inner(hidden_states, timestep=timestep, **kwargs)
+
+
+def default_settings(model, num_inference_steps: int) -> list[PeerSetting]:
+    """The grid of settings each peer is run at (chosen to span ~1.1x to ~3x where the peer can)."""
+    n = int(num_inference_steps)
+    has_cross = "attn2" in _adapter(model).branches(model)
+    warm = max(1, n // 10)
+    out = [PeerSetting("fbc", dict(threshold=t)) for t in (0.05, 0.1, 0.2, 0.3, 0.5)]
+    for skip, rng in ((2, (100, 800)), (2, (-1, 1001)), (3, (-1, 1001)), (5, (-1, 1001))):
+        out.append(PeerSetting("pab", dict(skip=skip, timestep_range=rng, cross_skip=2 * skip if has_cross else None)))
+    for interval, order in ((2, 1), (3, 1), (3, 2), (5, 2)):
+        out.append(PeerSetting("taylorseer", dict(interval=interval, order=order, warmup=warm)))
+    for fn, thresholds in ((1, (0.1, 0.2, 0.4)), (2, (0.1, 0.2, 0.4)), (4, (0.05, 0.1, 0.2, 0.4, 0.8))):
+        for t in thresholds:
+            out.append(PeerSetting("dbcache", dict(Fn=fn, Bn=0, threshold=t, warmup=warm)))
+    return out
+
+
+def make_peer(model, setting: PeerSetting, num_inference_steps: int) -> PeerTransformer:
+    """Apply ``setting`` to a copy of ``model``; raises :class:`PeerUnavailable` with the reason if it can't."""
+    try:
+        return PeerTransformer(model, setting, num_inference_steps)
+    except PeerUnavailable:
+        raise
+    except Exception as e:  # the peer's own code rejected the model: record its words
+        raise PeerUnavailable(f"{FAMILY_NAMES.get(setting.family, setting.family)} failed on "
+                              f"{type(model).__name__}: {type(e).__name__}: {e}") from e
+
+
+__all__ = ["PEER_FAMILIES", "FAMILY_NAMES", "PeerSetting", "PeerTransformer", "PeerUnavailable",
+           "default_settings", "make_peer"]

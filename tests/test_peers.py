@@ -1,0 +1,150 @@
+"""Dynamic-cache peers of the comparison benchmark (bench/peers.py) and its table code (bench/bench_pareto.py)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_models import dit_inputs, pixart_inputs, tiny_dit, tiny_pixart
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import peers  # noqa: E402
+
+TIMESTEPS = [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+
+
+def generate(peer, inputs, timesteps=TIMESTEPS):
+    """A short denoising loop on fixed inputs (what matters here is how often branches run)."""
+    peer.reset()
+    x = inputs["hidden_states"].clone()
+    args = {k: v for k, v in inputs.items() if k not in ("hidden_states", "timestep")}
+    for t in timesteps:
+        out = peer(x, timestep=torch.full((x.shape[0],), t), **args).sample
+        x = x - 0.05 * out
+    return x
+
+
+SETTINGS = [
+    peers.PeerSetting("fbc", dict(threshold=100.0)),
+    peers.PeerSetting("pab", dict(skip=3, timestep_range=(-1, 1001))),
+    peers.PeerSetting("taylorseer", dict(interval=3, order=1, warmup=2)),
+    peers.PeerSetting("dbcache", dict(Fn=1, Bn=0, threshold=100.0, warmup=1)),
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.family)
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_peer_applies_resets_and_removes_branch_calls(setting, kind):
+    if setting.family == "dbcache":
+        pytest.importorskip("cache_dit")
+    model = tiny_dit(layers=3) if kind == "dit" else tiny_pixart(layers=3)
+    inputs = dit_inputs(batch=2) if kind == "dit" else pixart_inputs(batch=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    p = peers.make_peer(model, setting, len(TIMESTEPS))
+    a = generate(p, inputs)
+    removed = p.flops_removed_fraction(total=False)
+    assert p.calls == len(TIMESTEPS)
+    assert 0.05 < removed < 1.0, removed
+    # reset: a second generation repeats the first exactly, with the same branch calls
+    b = generate(p, inputs)
+    assert torch.equal(a, b)
+    assert p.flops_removed_fraction(total=False) == pytest.approx(removed)
+    # the original model is untouched (the peer hooks a copy) and still computes everything
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not hasattr(model.transformer_blocks[0], "_diffusers_hook")
+    assert p.setting.label
+
+
+def test_peer_that_never_skips_matches_the_model():
+    model = tiny_dit(layers=2)
+    p = peers.make_peer(model, peers.PeerSetting("fbc", dict(threshold=0.0)), len(TIMESTEPS))
+    inputs = dit_inputs(batch=2)
+    ref = generate(model_as_peer(model), inputs)
+    out = generate(p, inputs)
+    assert p.flops_removed_fraction(total=False) == 0.0
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def model_as_peer(model):
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def reset(self):
+            pass
+
+        def forward(self, x, **kw):
+            return self.m(x, **kw)
+
+    return Plain()
+
+
+def test_peer_unavailable_says_why():
+    with pytest.raises(peers.PeerUnavailable, match="cross-attention"):
+        peers.make_peer(tiny_dit(layers=2), peers.PeerSetting("pab", dict(skip=2, cross_skip=4)), 10)
+    with pytest.raises(ValueError, match="unknown peer"):
+        peers.PeerTransformer(tiny_dit(layers=2), peers.PeerSetting("teacache", {}), 10)
+
+
+def test_default_settings_cover_every_peer():
+    fams = {s.family for s in peers.default_settings(tiny_pixart(layers=2), 20)}
+    assert fams == set(peers.PEER_FAMILIES)
+
+
+# ------------------------------------------------------------------------------------------- bench_pareto
+def _row(family, label, speedup, psnr, removed, acc=1.0, kind="schedule"):
+    return dict(family=family, label=label, kind=kind, speedup=speedup, psnr=psnr, ssim=0.9, accuracy=acc,
+                flops_removed=removed, seconds=1.0 / speedup, ideal_speedup=1 / (1 - removed), params={})
+
+
+def test_summary_picks_best_reaching_point_and_flags_unreachable():
+    import bench_pareto as bp
+
+    rows = [_row("full compute", "x", 1.0, float("inf"), 0.0, kind="full"),
+            _row(bp.LEARNED, "40%", 1.46, 40.0, 0.40), _row(bp.LEARNED, "55%", 2.05, 31.0, 0.55),
+            _row("uniform (FORA)", "every 2", 1.9, 30.0, 0.5), _row("uniform (FORA)", "every 3", 2.6, 27.0, 0.66),
+            _row("diffusers PyramidAttentionBroadcast", "skip 2", 1.2, 45.0, 0.2, kind="peer"),
+            _row("cache-dit DBCache", "t=0.1", 1.55, 38.0, 0.35, kind="peer"),
+            _row("cache-dit DBCache", "t=0.4", 2.1, 32.0, 0.52, kind="peer")]
+    s = bp.summarize(rows, full_accuracy=1.0)
+    at15, at2 = s["by_speedup"]
+    assert at15["learned"]["psnr"] == 40.0 and at15["best_peer"]["psnr"] == 38.0
+    assert at15["best_baseline"]["label"] == "every 2"  # 1.9x counts at 1.5x (at least as fast)
+    assert at15["learned_wins"] and at15["margin_db"] == pytest.approx(2.0)
+    assert at15["per_family"]["diffusers PyramidAttentionBroadcast"]["unreachable"]
+    assert at2["best_peer"]["psnr"] == 32.0 and not at2["learned_wins"]
+    assert at2["best_baseline"]["label"] == "every 2"  # 1.9x is within 5% of 2x
+    assert not s["goal_met"] and s["accuracy_within_2_points_at_1_5x"]
+
+
+def test_tiny_end_to_end_run_writes_json_table_and_plot(tmp_path):
+    import bench_pareto as bp
+    from l2c_kernels.models import BundledModel
+    from l2c_kernels.models.configs import NOISE_SCHEDULE
+
+    bundle = BundledModel("dit-digits", tiny_dit(layers=2), None, dict(NOISE_SCHEDULE))
+    settings = [peers.PeerSetting("fbc", dict(threshold=100.0)),
+                peers.PeerSetting("pab", dict(skip=2, cross_skip=2))]  # no cross-attention: recorded, not run
+    res = bp.run(bundle, 4, cfg=1.5, budgets=(0.3, 0.5), samples=2, time_samples=2, repeats=1, out=tmp_path,
+                 learn_kwargs=dict(iterations=2, batch_size=1), curve_runs=1, peer_settings=settings,
+                 log=lambda s: None)
+    fams = {r["family"] for r in res["rows"]}
+    assert {"full compute", bp.LEARNED, "uniform (FORA)", "Block Caching", "random",
+            "diffusers FirstBlockCache"} <= fams
+    assert res["rows"][0]["speedup"] == pytest.approx(1.0)
+    assert all(r["speedup"] > 0 and 0 <= r["flops_removed"] < 1 for r in res["rows"])
+    assert res["unavailable"] and "cross-attention" in res["unavailable"][0]["reason"]
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"pareto_dit-digits_4.{ext}").exists()
+    assert (tmp_path / "pareto_dit-digits_4_schedules" / "learned_30.l2c.json").exists()
+    data = json.loads((tmp_path / "pareto_dit-digits_4.json").read_text())
+    assert data["summary"]["by_speedup"][0]["target"] == 1.5
+    md = (tmp_path / "pareto_dit-digits_4.md").read_text()
+    assert "## At 1.5x and 2x measured speedup" in md and "| family | setting | speedup |" in md
+    assert "could not be applied" in md
