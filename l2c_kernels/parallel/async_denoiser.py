@@ -46,7 +46,7 @@ from ..adapters import adapter_for
 from ..schedule import same_timestep
 from . import comm as _comm
 from .comm import AsyncDiffError, Comm, crc, pack, unpack_header, unpack_payload
-from .partition import Split, balanced_split, measure_block_costs, schedule_weights
+from .partition import Split, balanced_split, measure_block_costs, measure_final_layer_cost, schedule_weights
 from .runners import CachedRunner, ModelRunner, is_cached, runner_for
 
 _VERSION = 1
@@ -69,8 +69,9 @@ class AsyncDenoiser(nn.Module):
             environment variables when not initialised yet (NCCL for CUDA models, gloo otherwise).
         balance: ``"measure"`` (time each block at construction and cut the blocks into
             contiguous runs of equal measured cost, averaged over the ranks), ``"uniform"`` (equal
-            block counts), or a sequence of per-block costs (of full computation; for a
-            ``CachedTransformer`` they are weighted by how often the schedule computes each block).
+            block counts), a sequence of per-block costs (of full computation; for a
+            ``CachedTransformer`` they are weighted by how often the schedule computes each block),
+            or a :class:`Split` (e.g. ``other.split``) to use as it is.
         timesteps: the sampler's timesteps, if known (used to track steps, to agree on the
             number of steps, and by ``stride > 1`` to condition on the coming steps).
         num_steps: number of sampling steps, if known and ``timesteps`` is not given.
@@ -401,20 +402,28 @@ class AsyncDenoiser(nn.Module):
                     timesteps=crc(repr(self.timesteps)), model_class=crc(type(inner).__name__),
                     num_blocks=self.adapter.num_blocks(inner), parameters=sum(p.numel() for p in params),
                     weights_checksum=fingerprint, dtype=crc(str(self.dtype)),
-                    balance=crc(balance if isinstance(balance, str) else repr(list(balance))),
+                    balance=crc(balance if isinstance(balance, str) else repr(balance.ranges)
+                                if isinstance(balance, Split) else repr([float(c) for c in balance])),
                     cache_schedule=crc(sched.to_json()) if sched is not None else 0)
 
     def _make_split(self, inner, balance, sample_inputs) -> Split:
         nb = self.adapter.num_blocks(inner)
-        info = {}
+        if isinstance(balance, Split):
+            if len(balance.ranges) != self.num_components or balance.ranges[-1][1] != nb:
+                raise ValueError(f"the given split {balance.ranges} does not cut {nb} blocks into "
+                                 f"{self.num_components} components")
+            return balance
+        info, final = {}, 0.0
         if isinstance(balance, str):
             if balance == "uniform":
                 costs, method = [1.0] * nb, "uniform"
             elif balance == "measure":
                 costs, method = measure_block_costs(inner, sample_inputs), "measure"
-                if self.comm is not None:
-                    costs = self.comm.mean(costs, "averaging the measured block costs")
+                final = measure_final_layer_cost(inner, sample_inputs)
+                if self.comm is not None:  # the same numbers, hence the same split, on every rank
+                    *costs, final = self.comm.mean(costs + [final], "averaging the measured block costs")
                 info["unit"] = "seconds per block call on the sample input"
+                info["final_layer_cost"] = final
             else:
                 raise ValueError(f"balance must be 'measure', 'uniform' or a list of {nb} block costs; got {balance!r}")
         else:
@@ -424,9 +433,9 @@ class AsyncDenoiser(nn.Module):
         if is_cached(self.transformer):
             # a block the schedule reuses at most steps costs little on average
             w = schedule_weights(self.transformer)
-            info["full_block_costs"] = list(costs)  # before weighting: pass as balance= to reproduce the split
             info["schedule_weights"] = w
             costs = [c * wi for c, wi in zip(costs, w)]
+        costs = costs[:-1] + [costs[-1] + final]  # only the last component runs the final layer
         return Split(balanced_split(costs, self.num_components), costs, method, info)
 
     def _emulation_runners(self, transformer) -> dict:

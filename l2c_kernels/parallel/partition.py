@@ -189,6 +189,29 @@ def measure_block_costs(model, sample_inputs: dict | None = None, repeats: int =
     return costs
 
 
+def measure_final_layer_cost(model, sample_inputs: dict | None = None, repeats: int = 5, batch: int = 2) -> float:
+    """Seconds of the work after the last block (final norm, projection, unpatchify): only the last
+    component does it. (The input embedding is not counted: every component computes it.)"""
+    from ..adapters import StepInputs
+
+    inner = getattr(model, "original_model", model)
+    if sample_inputs is None:
+        sample_inputs = example_inputs(inner, batch=batch)
+    ad = adapter_for(inner)
+    inputs = ad.bind(inner, (), dict(sample_inputs))
+    inputs = StepInputs(args=inputs.args)
+    best = float("inf")
+    with torch.no_grad():
+        h, ctx = ad.prepare(inner, inputs)
+        for _ in range(repeats + 1):
+            _sync(h.device)
+            t0 = time.perf_counter()
+            ad.finish(inner, h, ctx, inputs)
+            _sync(h.device)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def _structure(block) -> tuple:
     return (type(block).__name__,) + tuple((n, tuple(p.shape), str(p.dtype)) for n, p in block.named_parameters())
 

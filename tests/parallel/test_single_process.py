@@ -84,7 +84,7 @@ def test_split_follows_the_cache_schedule(dit):
     component more blocks, and the components' time over a whole generation stays balanced."""
     torch.set_num_threads(1)
     ts = workers.timesteps(workers.SCHEDULE, 12)
-    cached = l2c.compile_schedule(dit, schedules.deepcache(dit, ts, interval=3, keep_first=2, keep_last=2),
+    cached = l2c.compile_schedule(dit, schedules.deepcache(dit, ts, interval=3, keep_first=2, keep_last=1),
                                   cuda_graphs=False)
     ad = parallel.AsyncDenoiser(cached, num_components=3, warm_up=1, emulate=True,
                                 sample_inputs=example_inputs(dit, batch=16))
@@ -117,6 +117,8 @@ def test_given_costs_and_uniform_balance():
     assert ad.component_ranges == [(0, 5), (5, 6)] and ad.split.method == "given"
     ad = parallel.AsyncDenoiser(m, num_components=3, warm_up=1, emulate=True, balance="uniform")
     assert ad.component_ranges == [(0, 2), (2, 4), (4, 6)]
+    same = parallel.AsyncDenoiser(m, num_components=3, warm_up=1, emulate=True, balance=ad.split)
+    assert same.split is ad.split
     with pytest.raises(ValueError):
         parallel.AsyncDenoiser(m, num_components=2, emulate=True, balance=[1, 2])
     with pytest.raises(ValueError):
