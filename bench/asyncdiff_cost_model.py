@@ -1,0 +1,209 @@
+"""A cost model for AsyncDiff: predicted speedup on N devices from per-component compute time and
+collective latency/bandwidth.
+
+One generation of S steps with W warm-up steps, N components, stride s (N + s - 1 devices):
+
+    single device:  S * (T_full + T_host)
+    AsyncDiff:      W * (T_full + T_host + T_ag(D, bytes_out))                       # exact warm-up
+                  + ceil((S - W) / s) * (max_n T_n + T_ag(D, bytes_msg) + T_book)   # parallel rounds
+                  + (S - W) * T_host                                                 # sampler, every step
+
+``T_full``: one transformer call; ``T_n``: component n alone (its blocks, plus the embedding for the
+first and the final layer for the last); ``T_host``: the sampler's work per step outside the
+transformer; ``T_ag(D, m) = latency + (D - 1) * m / bandwidth``: an all_gather of m bytes per
+rank over D ranks (ring); ``bytes_msg``: the larger of the residual stream and the output;
+``T_book``: AsyncDenoiser's own work per round (packing, header checks, a host sync).
+
+1. CPU check: the model is fed with what ``bench/bench_asyncdiff.py`` measured (components timed
+   alone on one thread, gloo all_gather fitted on loopback) and its prediction is set against the
+   measured speedup of 2 processes x 1 thread over 1 process x 1 thread.
+2. H100 predictions for 2/4/8 GPUs over NVLink (NVSwitch), from FLOPs and stated assumptions
+   (``H100``, ``MODELS`` below); with measured per-component times of a real GPU run (a JSON file
+   like the CPU one, ``--gpu-json``) those replace the FLOP estimate.
+
+    python bench/asyncdiff_cost_model.py     # writes bench/results/asyncdiff_cost_model.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------- assumptions (H100)
+H100 = dict(
+    name="H100 SXM 80GB, NVLink 4 via NVSwitch, NCCL",
+    peak_bf16_flops=989e12,            # dense bf16 tensor-core peak
+    mfu_large=0.45,                    # fraction of peak reached by a block's GEMMs/attention at >= 4k rows
+    mfu_small=0.20,                    # ... at ~512 rows (one image with CFG on DiT-XL/2 256px)
+    kernel_launch_s=4e-6,              # per kernel, eager launches (about 15 kernels per block)
+    kernels_per_block=15,
+    allgather_latency_s=15e-6,         # NCCL all_gather of a small message, 2-8 GPUs on NVSwitch
+    allgather_busbw_Bps=360e9,         # NCCL all_gather bus bandwidth at MB-sized messages (nccl-tests, DGX H100)
+    host_per_step_s=0.3e-3,            # scheduler step, CFG combine, Python dispatch per sampling step
+    bookkeeping_per_round_s=0.2e-3,    # AsyncDenoiser per round: pack/unpack, header check, host sync
+    bytes_per_element=2,               # bf16 activations
+)
+
+# text: text tokens for cross-attention; images: per generation (the transformer batch is twice that, CFG)
+_XL = dict(blocks=28, hidden=1152, patch=2, out_channels=8)
+MODELS = [
+    dict(name="DiT-XL/2 256px", tokens=256, text=0, images=8, **_XL),
+    dict(name="DiT-XL/2 256px", tokens=256, text=0, images=1, **_XL),
+    dict(name="PixArt-alpha 1024px", tokens=4096, text=120, images=1, **_XL),
+]
+
+
+def t_allgather(devices: int, nbytes: float, latency: float, bandwidth: float) -> float:
+    if devices <= 1:
+        return 0.0
+    return latency + (devices - 1) * nbytes / bandwidth
+
+
+def predict(t_full: float, t_components: list[float], t_host: float, steps: int, warm_up: int, stride: int,
+            ag_latency: float, ag_bandwidth: float, bytes_msg: float, bytes_out: float,
+            t_book: float = 0.0) -> dict:
+    """Seconds per generation on one device and with AsyncDiff, and the predicted speedup."""
+    n = len(t_components)
+    devices = n + stride - 1
+    single = steps * (t_full + t_host)
+    rounds = math.ceil((steps - warm_up) / stride)
+    warm = warm_up * (t_full + t_host + t_allgather(devices, bytes_out, ag_latency, ag_bandwidth))
+    par = rounds * (max(t_components) + t_allgather(devices, bytes_msg, ag_latency, ag_bandwidth) + t_book)
+    total = warm + par + (steps - warm_up) * t_host
+    ideal = steps / (warm_up + rounds)
+    return dict(devices=devices, components=n, stride=stride, single_s=single, asyncdiff_s=total,
+                speedup=single / total, ideal_speedup=ideal,
+                comm_fraction=rounds * t_allgather(devices, bytes_msg, ag_latency, ag_bandwidth) / total)
+
+
+# ----------------------------------------------------------------------------- CPU check
+def cpu_check(cpu: dict) -> dict:
+    m = cpu["measured"]
+    st = m["single_thread"]
+    ag = m["allgather_gloo_loopback"]
+    t_full = st["full_s"]
+    kw = dict(t_host=m["outside_transformer_s"], steps=cpu["steps"], warm_up=cpu["warm_up"], stride=1,
+              ag_latency=ag["latency_s"], ag_bandwidth=ag["bandwidth_Bps"],
+              bytes_msg=max(m["hidden_bytes"], m["output_bytes"]) + 48, bytes_out=m["output_bytes"] + 48)
+    alone = predict(t_full, st["component_s"], **kw)
+    # the same with the component times measured while both processes ran (shared caches and memory)
+    together = predict(t_full, m["async_round_compute_s"], **kw)
+    measured = cpu["speedup_2p_vs_1p1t"]
+    return dict(inputs=dict(t_full_s=t_full, t_components_alone_s=st["component_s"],
+                            t_components_concurrent_s=m["async_round_compute_s"], t_host_s=m["outside_transformer_s"],
+                            allgather_latency_s=ag["latency_s"], allgather_bandwidth_Bps=ag["bandwidth_Bps"],
+                            bytes_msg=kw["bytes_msg"]),
+                predicted_from_components_alone=alone, predicted_from_components_concurrent=together,
+                measured_speedup=measured, error_alone=alone["speedup"] / measured - 1,
+                error_concurrent=together["speedup"] / measured - 1)
+
+
+# ----------------------------------------------------------------------------- H100 predictions
+def block_flops(hidden: int, tokens: int, text: int, batch: int) -> float:
+    """FLOPs of one transformer block (2 x MACs): self-attention, optional cross-attention, 4x MLP."""
+    d, n = hidden, tokens
+    macs = n * 4 * d * d + 2 * n * n * d           # q, k, v, out projections; QK^T and AV
+    if text:
+        macs += 2 * n * d * d + 2 * text * d * d + 2 * n * text * d  # q, out; k, v of the text; attention
+    macs += n * 8 * d * d                           # MLP 4x
+    return 2.0 * batch * macs
+
+
+def gpu_predictions(hw: dict, steps: int, warm_up: int, measured: dict | None = None) -> list[dict]:
+    rows = []
+    for m in MODELS:
+        batch = 2 * m["images"]  # classifier-free guidance
+        fl = block_flops(m["hidden"], m["tokens"], m["text"], batch)
+        rows_per_gemm = batch * m["tokens"]
+        mfu = hw["mfu_large"] if rows_per_gemm >= 4096 else hw["mfu_small"]
+        t_block = fl / (hw["peak_bf16_flops"] * mfu) + hw["kernels_per_block"] * hw["kernel_launch_s"]
+        t_edges = 20 * hw["kernel_launch_s"]  # patch embedding, timestep embedding, final layer
+        t_full = m["blocks"] * t_block + 2 * t_edges
+        hidden_bytes = batch * m["tokens"] * m["hidden"] * hw["bytes_per_element"]
+        out_bytes = batch * m["tokens"] * m["patch"] ** 2 * m["out_channels"] * hw["bytes_per_element"]
+        source = "FLOPs and assumptions"
+        if measured and m["name"] in measured:
+            t_full = measured[m["name"]]["full_s"]
+            t_block = measured[m["name"]]["block_s"]
+            source = "measured"
+        for devices in (2, 4, 8):
+            for stride in (1, 2):
+                n = devices - stride + 1
+                if n < 2 or n > m["blocks"]:
+                    continue
+                per = m["blocks"] // n
+                comps = [per * t_block + (t_edges if i in (0, n - 1) else 0) for i in range(n)]
+                comps[-1] += (m["blocks"] - per * n) * t_block
+                p = predict(t_full, comps, hw["host_per_step_s"], steps, warm_up, stride, hw["allgather_latency_s"],
+                            hw["allgather_busbw_Bps"], max(hidden_bytes, out_bytes), out_bytes,
+                            hw["bookkeeping_per_round_s"])
+                rows.append(dict(model=m["name"], images=m["images"], transformer_batch=batch, source=source,
+                                 t_full_ms=t_full * 1e3, block_ms=t_block * 1e3, message_MB=hidden_bytes / 1e6, **p))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-json", default=str(ROOT / "bench" / "results" / "asyncdiff_cpu.json"))
+    ap.add_argument("--gpu-json", default=None, help="measured GPU times {model name: {full_s, block_s}}")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--warm-up", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+
+    cpu = json.loads(Path(args.cpu_json).read_text())
+    check = cpu_check(cpu)
+    measured = json.loads(Path(args.gpu_json).read_text()) if args.gpu_json else None
+    gpu = gpu_predictions(H100, args.steps, args.warm_up, measured)
+
+    a, c = check["predicted_from_components_alone"], check["predicted_from_components_concurrent"]
+    print(f"CPU, 2 processes x 1 thread ({cpu['cpu']}): predicted {a['speedup']:.2f}x from components timed alone, "
+          f"{c['speedup']:.2f}x from components timed while both ran; measured {check['measured_speedup']:.2f}x "
+          f"(ideal {a['ideal_speedup']:.2f}x with {cpu['warm_up']} warm-up steps)")
+    print(f"\nH100 predictions, {args.steps} steps, {args.warm_up} warm-up steps ({H100['name']}):")
+    print(f"{'model':22s} {'images':>6s} {'GPUs':>4s} {'N':>2s} {'stride':>6s} {'step ms':>8s} {'speedup':>8s} "
+          f"{'ideal':>6s} {'comm %':>7s}")
+    for r in gpu:
+        print(f"{r['model']:22s} {r['images']:6d} {r['devices']:4d} {r['components']:2d} {r['stride']:6d} "
+              f"{r['t_full_ms']:8.2f} {r['speedup']:7.2f}x {r['ideal_speedup']:5.2f}x {100 * r['comm_fraction']:6.1f}%")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = dict(model="bench/asyncdiff_cost_model.py", date=datetime.date.today().isoformat(),
+               formula=__doc__.split("\n\n")[1], cpu_check=check, h100_assumptions=H100, h100_models=MODELS,
+               steps=args.steps, warm_up=args.warm_up, h100_predictions=gpu)
+    (out / "asyncdiff_cost_model.json").write_text(json.dumps(res, indent=1))
+    md = ["# AsyncDiff cost model (`bench/asyncdiff_cost_model.py`)", "",
+          "```", __doc__.split("\n\n")[1].strip(), "```", "",
+          "## Check against the CPU measurement", "",
+          f"From `asyncdiff_cpu.json` ({cpu['cpu']}, {cpu['date']}): transformer call "
+          f"{check['inputs']['t_full_s'] * 1e3:.1f} ms, components alone "
+          + ", ".join(f"{x * 1e3:.1f}" for x in check["inputs"]["t_components_alone_s"]) + " ms, while both ran "
+          + ", ".join(f"{x * 1e3:.1f}" for x in check["inputs"]["t_components_concurrent_s"]) + " ms; gloo all_gather "
+          f"{check['inputs']['allgather_latency_s'] * 1e6:.0f} us + {check['inputs']['bytes_msg'] / 1e6:.2f} MB at "
+          f"{check['inputs']['allgather_bandwidth_Bps'] / 1e9:.2f} GB/s.", "",
+          "| | speedup, 2 processes vs 1 process x 1 thread |", "|---|---:|",
+          f"| ideal ({cpu['warm_up']} of {cpu['steps']} steps whole) | {a['ideal_speedup']:.2f}x |",
+          f"| predicted, components timed alone | {a['speedup']:.2f}x |",
+          f"| predicted, components timed while both processes ran | {c['speedup']:.2f}x |",
+          f"| measured | {check['measured_speedup']:.2f}x |", "",
+          "## Predictions for H100s over NVLink", "",
+          "Assumptions: " + "; ".join(f"`{k}` = {v}" for k, v in H100.items()) + ". Block time = FLOPs / "
+          "(peak x MFU) + launches; the components split the blocks evenly; one all_gather per round of the "
+          "larger of residual stream and output per rank; "
+          f"{args.steps} steps, {args.warm_up} warm-up steps. N components on N + stride - 1 GPUs.", "",
+          "| model | images | GPUs | components | stride | transformer call (1 GPU) | predicted speedup | ideal | "
+          "collective share |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['model']} | {r['images']} | {r['devices']} | {r['components']} | {r['stride']} | "
+           f"{r['t_full_ms']:.2f} ms | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+           f"{100 * r['comm_fraction']:.1f}% |" for r in gpu]
+    (out / "asyncdiff_cost_model.md").write_text("\n".join(md) + "\n")
+    print(f"\nwrote {out}/asyncdiff_cost_model.json and .md")
+
+
+if __name__ == "__main__":
+    main()

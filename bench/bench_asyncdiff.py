@@ -1,0 +1,380 @@
+"""AsyncDiff on CPU: two processes with one thread each against one process.
+
+The bundled, trained ``dit-digits`` samples a CFG batch with 50 DDIM steps, three ways:
+
+* ``1 process x 1 thread``  - the plain model (the analogue of one device);
+* ``1 process x 2 threads`` - the plain model using both cores (what a CPU user runs instead);
+* ``2 processes x 1 thread`` - ``parallel.AsyncDenoiser`` with 2 components, stride 1, 3 warm-up
+  steps, over a gloo group on loopback (the analogue of one device per component).
+
+The three are interleaved (one generation of each per round) in the same two processes, so a
+change in background load hits all of them alike; medians over the rounds. The single-process
+runs happen on rank 0 while rank 1 waits in a barrier (blocked, not spinning). The AsyncDiff
+images are compared with the single-process images from the same noise (PSNR, images in
+[-1, 1]). Also measured, for ``bench/asyncdiff_cost_model.py``: every component's compute time,
+the full model's step time, the per-step work outside the transformer, and gloo all_gather
+latency and bandwidth on this machine.
+
+    python bench/bench_asyncdiff.py            # writes bench/results/asyncdiff_cpu.{json,md}
+    python bench/bench_asyncdiff.py --quick    # 10 steps, 2 rounds: a smoke run (no files written)
+    python bench/bench_asyncdiff.py --quality  # image quality for 2-4 components and stride 2 (emulated)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NULL_CLASS = 1000
+
+
+# ----------------------------------------------------------------------------- sampling
+def make_scheduler(scheduler_config: dict):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**scheduler_config)
+
+
+def sample(transformer, scheduler_config: dict, images: int, steps: int, cfg: float, seed: int = 0,
+           step_times: list | None = None) -> torch.Tensor:
+    """Class-conditional DDIM with classifier-free guidance (what ``DiTPipeline`` does), labels 0..9 cycled."""
+    sched = make_scheduler(scheduler_config)
+    sched.set_timesteps(steps)
+    labels = torch.arange(images) % 10
+    lab = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(images, 1, 16, 16, generator=g)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            t0 = time.perf_counter()
+            inp = torch.cat([x, x])
+            eps = transformer(inp, timestep=t.expand(inp.shape[0]), class_labels=lab).sample
+            t1 = time.perf_counter()
+            c, u = eps.chunk(2)
+            x = sched.step(u + cfg * (c - u), t, x).prev_sample
+            if step_times is not None:
+                step_times.append((t1 - t0, time.perf_counter() - t1))
+    return x
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
+    a, b = a.clamp(-1, 1).double(), b.clamp(-1, 1).double()
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(data_range ** 2 / mse)).item()
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- measurements
+def component_seconds(model, ranges, images: int, repeats: int = 5) -> dict:
+    """One thread: fastest-of-``repeats`` time of every component and of the whole model on a CFG batch."""
+    from l2c_kernels.parallel.runners import ModelRunner
+
+    runner = ModelRunner(model)
+    args = _sample_inputs(images)
+    caps = [e - 1 for _, e in ranges[:-1]]
+    with torch.no_grad():
+        _, captured = runner.full(args, caps, 0)
+        inputs = [None] + [captured[c] for c in caps]
+        comp = [float("inf")] * len(ranges)
+        full = float("inf")
+        for _ in range(repeats):
+            _, dt = timed(lambda: model(**args))
+            full = min(full, dt)
+            for i, (a, e) in enumerate(ranges):
+                _, dt = timed(lambda: runner.component(args, a, e, inputs[i], 0))
+                comp[i] = min(comp[i], dt)
+    return dict(full_s=full, component_s=comp)
+
+
+def allgather_fit(sizes=(8, 4096, 65536, 262144, 1048576, 4194304), repeats: int = 30) -> dict:
+    """gloo all_gather time per message size (median), and a least-squares fit t = latency + bytes / bandwidth."""
+    import torch.distributed as dist
+
+    pts = []
+    for n in sizes:
+        buf = torch.zeros(n, dtype=torch.uint8)
+        out = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+        times = []
+        for i in range(repeats + 3):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_gather(out, buf)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        pts.append((n, statistics.median(times)))
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    latency = max(my - slope * mx, min(ys))
+    return dict(points=[dict(bytes=n, seconds=t) for n, t in pts], latency_s=latency,
+                bandwidth_Bps=1.0 / slope if slope > 0 else float("inf"))
+
+
+# ----------------------------------------------------------------------------- the two ranks
+def rank_main(rank: int, world: int, port: int, args, outdir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=1800))
+    from l2c_kernels import models, parallel
+
+    bundle = models.load("dit-digits")
+    model, sc = bundle.transformer, bundle.scheduler_config
+    cfg = args.cfg if args.cfg is not None else bundle.recommended_cfg
+    ad = parallel.AsyncDenoiser(model, num_components=2, stride=1, warm_up=args.warm_up, timeout_s=600,
+                                sample_inputs=_sample_inputs(args.images))
+
+    def solo(threads):
+        """Rank 0 samples alone with ``threads`` threads; rank 1 waits."""
+        out = dt = None
+        if rank == 0:
+            torch.set_num_threads(threads)
+            out, dt = timed(lambda: sample(model, sc, args.images, args.steps, cfg))
+            torch.set_num_threads(1)
+        dist.barrier()
+        return out, dt
+
+    def together():
+        dist.barrier()
+        out, dt = timed(lambda: sample(ad, sc, args.images, args.steps, cfg))
+        return out, max(_all(dt))
+
+    # untimed first runs (allocator, lazy initialisation), then interleaved rounds
+    ref1, _ = solo(1)
+    solo(2)
+    asy, _ = together()
+    for v in ad.timings.values():
+        v.clear()
+    times = {"1p1t": [], "1p2t": [], "2p1t": []}
+    for _ in range(args.rounds):
+        out1, dt = solo(1)
+        times["1p1t"].append(dt)
+        out2, dt = solo(2)
+        times["1p2t"].append(dt)
+        outa, dt = together()
+        times["2p1t"].append(dt)
+        assert torch.equal(outa, asy), "AsyncDiff images changed between rounds"
+        if rank == 0:
+            assert torch.equal(out1, ref1)
+
+    # what the cost model needs
+    per_rank_compute = _all(statistics.median(ad.timings["compute"]))
+    per_rank_comm = _all(statistics.median(ad.timings["comm"]))
+    step_times = []
+    if rank == 0:
+        sample(model, sc, args.images, min(args.steps, 10), cfg, step_times=step_times)
+        comps = component_seconds(model, ad.component_ranges, args.images)
+    dist.barrier()
+    fit = allgather_fit()
+
+    if rank == 0:
+        res = dict(
+            times_s={k: v for k, v in times.items()}, cfg=cfg, ranges=ad.component_ranges,
+            split=ad.split.to_dict(), psnr_2p_vs_1p=psnr(asy, ref1), psnr_1p2t_vs_1p1t=psnr(out2, ref1),
+            async_round_compute_s=per_rank_compute, async_round_comm_s=per_rank_comm,
+            single_thread=comps, outside_transformer_s=statistics.median(s[1] for s in step_times),
+            transformer_call_s=statistics.median(s[0] for s in step_times), allgather=fit,
+            hidden_bytes=2 * args.images * 64 * 128 * 4, output_bytes=2 * args.images * 256 * 4)
+        Path(outdir, "result.json").write_text(json.dumps(res))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _all(x: float) -> list[float]:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, x)
+    return out
+
+
+def _sample_inputs(images: int) -> dict:
+    b = 2 * images
+    return dict(hidden_states=torch.randn(b, 1, 16, 16, generator=torch.Generator().manual_seed(2)),
+                timestep=torch.full((b,), 500), class_labels=torch.arange(b) % 10)
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# ----------------------------------------------------------------------------- report
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_report(res: dict, args, out: Path) -> dict:
+    med = {k: statistics.median(v) for k, v in res["times_s"].items()}
+    report = dict(
+        benchmark="AsyncDiff (l2c_kernels.parallel.AsyncDenoiser) on CPU", date=datetime.date.today().isoformat(),
+        cpu=cpu_name(), logical_cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
+        model="dit-digits (bundled, trained): DiTTransformer2DModel, 12 blocks, hidden 128, 64 tokens",
+        dtype="float32", images=args.images, transformer_batch=2 * args.images,
+        shapes=dict(latents=[args.images, 1, 16, 16], transformer_input=[2 * args.images, 1, 16, 16],
+                    residual_stream=[2 * args.images, 64, 128]),
+        steps=args.steps, scheduler="DDIM", cfg=res["cfg"], warm_up=args.warm_up, num_components=2, stride=1,
+        rounds=args.rounds, component_ranges=res["ranges"], split=res["split"],
+        median_s=med, all_s=res["times_s"],
+        speedup_2p_vs_1p1t=med["1p1t"] / med["2p1t"], speedup_2p_vs_1p2t=med["1p2t"] / med["2p1t"],
+        speedup_1p2t_vs_1p1t=med["1p1t"] / med["1p2t"],
+        psnr_db_2p_vs_single_process=res["psnr_2p_vs_1p"], psnr_db_1p2t_vs_1p1t=res["psnr_1p2t_vs_1p1t"],
+        measured=dict(single_thread=res["single_thread"], async_round_compute_s=res["async_round_compute_s"],
+                      async_round_comm_s=res["async_round_comm_s"], transformer_call_s=res["transformer_call_s"],
+                      outside_transformer_s=res["outside_transformer_s"], allgather_gloo_loopback=res["allgather"],
+                      hidden_bytes=res["hidden_bytes"], output_bytes=res["output_bytes"]),
+        command="python bench/bench_asyncdiff.py " + " ".join(sys.argv[1:]),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "asyncdiff_cpu.json").write_text(json.dumps(report, indent=1))
+    st = res["single_thread"]
+    ag = res["allgather"]
+    md = [
+        "# AsyncDiff on CPU (`bench/bench_asyncdiff.py`)", "",
+        f"{report['date']}, {report['cpu']} ({report['logical_cpus']} logical CPUs), torch {report['torch']}, "
+        f"float32. Model: {report['model']}. {args.images} images per generation (transformer batch "
+        f"{2 * args.images} with classifier-free guidance, cfg {res['cfg']:g}), {args.steps} DDIM steps; AsyncDiff "
+        f"with 2 components (blocks {res['ranges'][0]} and {res['ranges'][1]}), stride 1, {args.warm_up} "
+        f"warm-up steps, gloo on loopback. Medians of {args.rounds} interleaved rounds.", "",
+        "| configuration | seconds per generation (median) | speedup vs 1 process x 1 thread | PSNR vs 1 process |",
+        "|---|---:|---:|---:|",
+        f"| 1 process x 1 thread | {med['1p1t']:.2f} | 1.00x | reference |",
+        f"| 1 process x 2 threads | {med['1p2t']:.2f} | {med['1p1t'] / med['1p2t']:.2f}x | "
+        f"{_db(res['psnr_1p2t_vs_1p1t'])} |",
+        f"| 2 processes x 1 thread (AsyncDiff) | {med['2p1t']:.2f} | **{med['1p1t'] / med['2p1t']:.2f}x** | "
+        f"{_db(res['psnr_2p_vs_1p'])} |", "",
+        f"AsyncDiff against one process with both cores: **{med['1p2t'] / med['2p1t']:.2f}x**.", "",
+        "Compute-bound: at this batch one transformer call takes "
+        f"{st['full_s'] * 1e3:.1f} ms on one thread; the asynchronous rounds' collective moves "
+        f"{res['hidden_bytes'] / 1e6:.2f} MB per rank (gloo all_gather: latency {ag['latency_s'] * 1e6:.0f} us, "
+        f"{ag['bandwidth_Bps'] / 1e9:.2f} GB/s on loopback).", "",
+        "| measured (one thread) | ms |", "|---|---:|",
+        f"| whole transformer call | {st['full_s'] * 1e3:.2f} |",
+        *[f"| component {i} (blocks {a}-{b - 1}{', embedding' if i == 0 else ''}"
+          f"{', final layer' if i == len(res['ranges']) - 1 else ''}) | {c * 1e3:.2f} |"
+          for i, ((a, b), c) in enumerate(zip(res["ranges"], st["component_s"]))],
+        *[f"| asynchronous round compute, rank {r} (median) | {c * 1e3:.2f} |"
+          for r, c in enumerate(res["async_round_compute_s"])],
+        *[f"| asynchronous round collective, rank {r} (median, includes waiting) | {c * 1e3:.2f} |"
+          for r, c in enumerate(res["async_round_comm_s"])],
+        f"| sampler work per step outside the transformer | {res['outside_transformer_s'] * 1e3:.2f} |", "",
+    ]
+    (out / "asyncdiff_cpu.md").write_text("\n".join(md))
+    return report
+
+
+def quality_sweep(args, out: Path | None) -> list[dict]:
+    """PSNR / SSIM against the single-process images and the digit classifier's accuracy, for
+    several numbers of components, strides and warm-ups; the asynchronous schedule of all ranks
+    is computed in one process (``emulate=True``: the same images as separate processes)."""
+    from l2c_kernels import metrics, models, parallel, sampling
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    bundle = models.load("dit-digits")
+    cfg = args.cfg if args.cfg is not None else bundle.recommended_cfg
+    labels = [i % 10 for i in range(40)]
+    rows = []
+    for steps in (20, 50):
+        ts = sampling.timesteps_for(bundle, steps)
+        ref = sampling.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, progress=False)
+        other = sampling.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=1, progress=False)
+        rows.append(dict(steps=steps, setting="single process (reference)", psnr_db=float("inf"), ssim=1.0,
+                         accuracy=metrics.class_accuracy(ref, labels)))
+        rows.append(dict(steps=steps, setting="another seed (unrelated images)", psnr_db=metrics.psnr(other, ref),
+                         ssim=metrics.ssim(other, ref), accuracy=metrics.class_accuracy(other, labels)))
+        for n, stride in ((2, 1), (3, 1), (4, 1), (2, 2)):
+            for warm in (3, 5):
+                ad = parallel.AsyncDenoiser(bundle.transformer, num_components=n, stride=stride, warm_up=warm,
+                                            emulate=True, balance="uniform", timesteps=ts)
+                img = sampling.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, progress=False,
+                                      transformer=ad)
+                rows.append(dict(steps=steps, setting=f"{n} components, stride {stride}, warm-up {warm} "
+                                 f"({n + stride - 1} processes)", num_components=n, stride=stride, warm_up=warm,
+                                 psnr_db=metrics.psnr(img, ref), ssim=metrics.ssim(img, ref),
+                                 accuracy=metrics.class_accuracy(img, labels)))
+                print(rows[-1], flush=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, model="dit-digits",
+                    images=len(labels), labels="0-9 cycled", cfg=cfg, scheduler="DDIM", dtype="float32",
+                    command="python bench/bench_asyncdiff.py --quality", rows=rows)
+        (out / "asyncdiff_quality.json").write_text(json.dumps(meta, indent=1))
+        md = ["# AsyncDiff image quality (`bench/bench_asyncdiff.py --quality`)", "",
+              f"{meta['date']}, torch {meta['torch']}. dit-digits, {len(labels)} images (labels 0-9 cycled), "
+              f"cfg {cfg:g}, DDIM, same noise. PSNR and SSIM against the single-process images (images in "
+              f"[-1, 1]); accuracy: the bundled digit classifier reads the digit that was asked for.", "",
+              "| steps | setting | PSNR | SSIM | class accuracy |", "|---:|---|---:|---:|---:|"]
+        md += [f"| {r['steps']} | {r['setting']} | {_db(r['psnr_db'])} | {r['ssim']:.3f} | {r['accuracy']:.3f} |"
+               for r in rows]
+        (out / "asyncdiff_quality.md").write_text("\n".join(md) + "\n")
+    return rows
+
+
+def _db(x: float) -> str:
+    return "identical" if x == float("inf") else f"{x:.1f} dB"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=16, help="images per generation (transformer batch is twice this)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--warm-up", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommended)")
+    ap.add_argument("--quick", action="store_true", help="10 steps, 2 rounds, print only")
+    ap.add_argument("--quality", action="store_true",
+                    help="instead of timing: image quality for 2-4 components and stride 2 (one process)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds = 10, 2
+    if args.quality:
+        quality_sweep(args, Path(args.out))
+        return
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.start_processes(rank_main, args=(2, _free_port(), args, outdir), nprocs=2, start_method="spawn")
+        res = json.loads(Path(outdir, "result.json").read_text())
+    med = {k: statistics.median(v) for k, v in res["times_s"].items()}
+    print(json.dumps(dict(median_s=med, psnr_db=res["psnr_2p_vs_1p"], single_thread=res["single_thread"],
+                          async_round_compute_s=res["async_round_compute_s"],
+                          async_round_comm_s=res["async_round_comm_s"]), indent=1))
+    print(f"2 processes x 1 thread vs 1 process x 1 thread: {med['1p1t'] / med['2p1t']:.2f}x; "
+          f"vs 1 process x 2 threads: {med['1p2t'] / med['2p1t']:.2f}x; PSNR {res['psnr_2p_vs_1p']:.1f} dB")
+    if not args.quick:
+        write_report(res, args, Path(args.out))
+        print(f"wrote {args.out}/asyncdiff_cpu.json and .md")
+
+
+if __name__ == "__main__":
+    main()
