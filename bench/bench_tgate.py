@@ -320,16 +320,18 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, n, figsize=(6.2 * n, 8.4), squeeze=False)
     for j, s in enumerate(result["samplers"]):
         ax = axes[0, j]
-        for r in s["rows"]:
+        for k, r in enumerate(s["rows"]):
             if "error" in r or math.isinf(r["psnr"]):
                 continue
-            ax.scatter(r["speedup"], r["psnr"], s=40)
-            ax.annotate(r["name"].replace(" + CFG collapse", "\n+ collapse"), (r["speedup"], r["psnr"]), fontsize=7,
-                        xytext=(4, 2), textcoords="offset points")
+            official = r["name"].startswith("official")
+            ax.scatter(r["speedup"], r["psnr"], s=90 if official else 45, marker="x" if official else "o",
+                       color=f"C{k}", label=f"{r['name']}: {100 * r['accuracy']:.0f}% acc.", zorder=3)
         ax.set_xlabel("measured speedup over full compute (CPU)")
         ax.set_ylabel("PSNR vs full compute (dB)")
-        ax.set_title(f"{s['sampler']} {s['steps']} steps", fontsize=10)
+        ax.set_title(f"{s['sampler']} {s['steps']} steps (full compute: "
+                     f"{100 * s['rows'][0]['accuracy']:.0f}% accuracy)", fontsize=10)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
         ax = axes[1, j]
         g, gc = s["auto_gate"], s["auto_gate_attn2_change"]
         xs = [i for i, v in enumerate(g["curve"]) if v is not None]
@@ -367,12 +369,19 @@ def main(argv=None):
     ap.add_argument("--relearn", action="store_true", help="learn the L2C schedules again even if saved")
     ap.add_argument("--samplers", default="dpm++:25,ddim:50")
     ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--replot", action="store_true", help="only rewrite the table and plot from the saved JSON")
     ap.add_argument("--out", default=None, help=f"output directory (default {RESULTS})")
     args = ap.parse_args(argv)
     if args.quick:
         args.samples, args.timing_batch, args.repeats, args.learn_iterations = 20, 4, 1, 4
     torch.set_num_threads(args.threads)
     log = lambda m: print(m, flush=True)  # noqa: E731
+    if args.replot:
+        out = Path(args.out or RESULTS)
+        result = json.loads((out / "tgate_pixart.json").read_text())
+        (out / "tgate_pixart.md").write_text(write_markdown(result) + "\n")
+        plot(result, out / "tgate_pixart.png")
+        return result
     bundle = models.load("pixart-digits")
     samplers = [(a, int(b)) for a, b in (x.split(":") for x in args.samplers.split(","))]
     import diffusers
