@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from l2c_kernels._machine import cpu_name  # noqa: E402
+from l2c_kernels.parallel.comm import free_port  # noqa: E402
 
 NULL_CLASS = 1000
 
@@ -213,23 +215,8 @@ def _sample_inputs(images: int) -> dict:
                 timestep=torch.full((b,), 500), class_labels=torch.arange(b) % 10)
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 # ----------------------------------------------------------------------------- report
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_report(res: dict, args, out: Path) -> dict:
@@ -363,7 +350,7 @@ def main(argv=None):
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as outdir:
-        mp.start_processes(rank_main, args=(2, _free_port(), args, outdir), nprocs=2, start_method="spawn")
+        mp.start_processes(rank_main, args=(2, free_port(), args, outdir), nprocs=2, start_method="spawn")
         res = json.loads(Path(outdir, "result.json").read_text())
     med = {k: statistics.median(v) for k, v in res["times_s"].items()}
     print(json.dumps(dict(median_s=med, psnr_db=res["psnr_2p_vs_1p"], single_thread=res["single_thread"],

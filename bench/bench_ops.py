@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 import l2c_kernels  # noqa: E402
 from l2c_kernels import ops  # noqa: E402
 from l2c_kernels.ops import reference  # noqa: E402
+from l2c_kernels._machine import cpu_name  # noqa: E402
 
 #: name -> (B, N, C)
 SHAPES = {
@@ -189,14 +190,6 @@ def time_case(fns: dict, device: torch.device, repeats: int, sample_s: float) ->
             for name, v in times.items()}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_caches() -> dict:
