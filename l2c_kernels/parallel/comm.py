@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import zlib
 from typing import Sequence
 
@@ -48,6 +49,15 @@ def ensure_process_group(device: torch.device, timeout_s: float, backend: str | 
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def free_port() -> int:
+    """A TCP port free on this host now: the rendezvous port of a process group spawned locally."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def crc(text: str) -> int:

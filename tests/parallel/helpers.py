@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -12,15 +11,9 @@ from pathlib import Path
 
 import torch
 
+from l2c_kernels.parallel.comm import free_port
+
 NULL_CLASS = 1000
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def ddim(scheduler_config: dict):
