@@ -275,6 +275,18 @@ def same_timestep(a, b) -> bool:
     return abs(float(a) - float(b)) <= 1e-4 * max(1.0, abs(float(a)))
 
 
+def next_step_index(timesteps, t, current: int | None) -> int | None:
+    """The step a sampler calling with timestep ``t`` is at, after step ``current`` (``None``: no step
+    yet): the next step when ``t`` is its timestep, else 0 when ``t`` is the first timestep again (a new
+    generation), else ``None``."""
+    nxt = 0 if current is None else current + 1
+    if nxt < len(timesteps) and same_timestep(timesteps[nxt], t):
+        return nxt
+    if same_timestep(timesteps[0], t):
+        return 0
+    return None
+
+
 def _to_nested(mask):
     if hasattr(mask, "tolist"):
         return mask.tolist()

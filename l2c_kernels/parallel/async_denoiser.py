@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for
-from ..schedule import same_timestep
+from ..schedule import next_step_index, same_timestep
 from . import comm as _comm
 from .comm import AsyncDiffError, Comm, crc, pack, unpack_header, unpack_payload
 from .partition import Split, balanced_split, measure_block_costs, measure_final_layer_cost, schedule_weights
@@ -226,11 +226,10 @@ class AsyncDenoiser(nn.Module):
             raise ValueError("the transformer was called without a timestep; pass one or call set_step()")
         if self.timesteps is not None:
             ts = self.timesteps
+            s = next_step_index(ts, t, self._step)
+            if s is not None:
+                return s
             nxt = 0 if self._step is None else self._step + 1
-            if nxt < len(ts) and same_timestep(ts[nxt], t):
-                return nxt
-            if same_timestep(ts[0], t):
-                return 0
             raise AsyncDiffError(f"timestep {t} is not the next of the {len(ts)} timesteps given "
                                  f"(expected {ts[nxt] if nxt < len(ts) else 'a new generation at ' + str(ts[0])}); "
                                  f"call reset() or set_step()")

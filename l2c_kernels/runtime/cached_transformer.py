@@ -1,15 +1,13 @@
 """The drop-in module returned by :func:`compile_schedule`."""
 from __future__ import annotations
 
-import contextlib
-import warnings
 
 import torch
 from torch import nn
 
 from .. import ops
 from ..adapters import adapter_for
-from ..schedule import Schedule, ScheduleError, same_timestep
+from ..schedule import Schedule, ScheduleError, next_step_index
 from .caches import CacheSet
 from .cuda_graphs import GraphCache, signature
 from .plan import StepPlan, collapsible_steps, compile_plans
@@ -115,12 +113,9 @@ class CachedTransformer(nn.Module):
             t = timestep.reshape(-1)[0].item() if timestep.numel() else None
         else:
             t = float(timestep)
-        ts = self.schedule.timesteps
-        nxt = 0 if self._step is None else self._step + 1
-        if nxt < len(ts) and same_timestep(ts[nxt], t):
-            return nxt
-        if same_timestep(ts[0], t):
-            return 0
+        s = next_step_index(self.schedule.timesteps, t, self._step)
+        if s is not None:
+            return s
         return self.schedule.step_index(t, after=self._step)  # raises with both step lists if unknown
 
     # ------------------------------------------------------------ forward
