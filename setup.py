@@ -252,7 +252,12 @@ setup(
         "pillow",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "triton"]},
+    extras_require={
+        # transformers: diffusers' PixArt pipelines are placeholders without it; cache-dit and tgate:
+        # the dynamic-cache and T-GATE packages the comparison tests and benchmarks run against
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers", "cache-dit", "tgate"],
+        "bench": ["pytest-benchmark", "transformers", "cache-dit", "tgate"],
+    },
     entry_points={"console_scripts": ["l2c = l2c_kernels.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
