@@ -28,6 +28,9 @@ class RouterResult:
     timesteps: list
     history: list = field(default_factory=list)
     seconds: float = 0.0
+    mask: torch.Tensor | None = None   # [steps, blocks, branches], True = compute: the best hard schedule measured
+    calibration_mse: float | None = None
+    candidates: int = 0
 
 
 def _rollout(den: Denoiser, x: torch.Tensor, w_all: torch.Tensor | None, keep_path: bool) -> tuple:
@@ -55,15 +58,29 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                  cfg: float = 1.5, iterations: int = 60, batch_size: int = 4, lr: float = 0.1,
                  trajectory_weight: float = 0.5, init_logit: float = 3.0, seed: int = 0,
                  labels=None, prompts=None, progress: bool = True, log_every: int = 5,
-                 hard_fraction: float = 0.5) -> RouterResult:
+                 hard_fraction: float = 0.5, calibration_samples: int = 8,
+                 refine_evaluations: int = 0) -> RouterResult:
     """Train router logits for ``obj`` (bundled model, its name, or a DiT/PixArt pipeline).
 
     The first ``1 - hard_fraction`` of the iterations use soft caches with the adaptive FLOPs
     penalty; the rest run the *hard* schedule the scores rank to at ``budget`` (straight-through
     gradients through the sigmoid), so training ends on exactly the decisions inference makes.
+    Every hard schedule visited is also measured on a fixed calibration batch
+    (``calibration_samples`` samples with their own noise, full compute as the reference): the one
+    with the lowest final-image error is returned as ``RouterResult.mask``. With
+    ``refine_evaluations > 0`` that mask is then improved by a local search on the same measured
+    error: swaps of one computed and one reused branch of the same kind (the FLOPs stay exact),
+    proposed by the first-order effect of each flip (the gradient of the error with respect to the
+    hard mask) and kept only when the measured error goes down.
+
+    With a bundled model and no ``labels``/``prompts``, every iteration draws new classes (captions)
+    as well as new noise.
     """
+    from ..models import BundledModel
+
     torch.manual_seed(seed)
     den = denoiser_for(obj, batch_size, cfg, scheduler, seed=seed, labels=labels, prompts=prompts)
+    vary = isinstance(obj, BundledModel) and labels is None and prompts is None
     model = den.transformer
     ad = adapter_for(model)
     branches = ad.branches(model)
@@ -71,8 +88,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     flops = ad.branch_flops(model)
     sch = den.make_scheduler()
     sch.set_timesteps(num_inference_steps)
-    den._timesteps = [t.item() for t in sch.timesteps]
-    n = len(den._timesteps)
+    timesteps = den._timesteps = [t.item() for t in sch.timesteps]
+    n = len(timesteps)
     device, dtype = model.device, model.dtype
     cost = torch.tensor([float(flops[b]) for b in branches], device=device)
     cost = (cost / cost.sum()).expand(n - 1, nb, len(branches))
@@ -83,17 +100,37 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     target_keep = 1.0 - budget
     hist, t0 = [], time.time()
     model.requires_grad_(False)
+    ones = torch.ones((1, nb, len(branches)), device=device)
+    hard_budget = min(0.999, budget * n / (n - 1))
+    # calibration batch: its own noise and classes, used only to pick among the hard schedules visited
+    calib = None
+    if calibration_samples and hard_fraction > 0:
+        cseed = seed + 7919
+        cden = denoiser_for(obj, calibration_samples, cfg, scheduler, seed=cseed,
+                            labels=None if labels is None else list(labels)[:calibration_samples] or None,
+                            prompts=None if prompts is None else list(prompts)[:calibration_samples] or None)
+        cden._timesteps = timesteps
+        cg = torch.Generator().manual_seed(cseed)
+        cx = torch.randn((cden.num_samples,) + tuple(cden.latent_shape), generator=cg).to(device, dtype)
+        with torch.no_grad():
+            cref, _ = _rollout(cden, cx, None, keep_path=False)
+        calib = (cden, cx, cref)
+    best_mask, best_err, seen = None, float("inf"), {}
     bar = tqdm(range(iterations), desc="learning schedule", disable=not progress)
     for it in bar:
+        if vary and it > 0:
+            den = denoiser_for(obj, batch_size, cfg, scheduler, seed=seed + 1 + it)
+            den._timesteps = timesteps
         x = torch.randn((den.num_samples,) + tuple(den.latent_shape), generator=gen).to(device, dtype)
         with torch.no_grad():
             teacher, tpath = _rollout(den, x, None, keep_path=True)
         w = torch.sigmoid(logits)
         hard = it >= iterations * (1.0 - hard_fraction)
         if hard:
-            mask = _budget_mask(w.detach(), cost, min(0.999, budget * n / (n - 1)))
+            mask = _budget_mask(w.detach(), cost, hard_budget)
+            if calib is not None:
+                best_mask, best_err = _consider(calib, mask, ones, seen, best_mask, best_err)
             w = mask + w - w.detach()  # straight-through: hard forward, sigmoid gradient
-        ones = torch.ones((1, nb, len(branches)), device=device)
         student, spath = _rollout(den, x, torch.cat([ones, w]), keep_path=True)
         scale = teacher.pow(2).mean().clamp_min(1e-8)
         final = (student - teacher).pow(2).mean() / scale
@@ -108,11 +145,97 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             # dual ascent on the penalty: push the soft compute fraction towards 1 - budget
             lam = (lam * torch.exp(torch.tensor(2.0 * (keep.item() - target_keep)))).clamp(1e-5, 10.0)
         if it % log_every == 0 or it == iterations - 1:
-            hist.append(dict(iteration=it, hard=bool(hard), loss=round(loss.item(), 6), final_mse=round(final.item(), 6),
-                             keep=round(keep.item(), 4), lam=round(lam.item(), 6)))
+            h = dict(iteration=it, hard=bool(hard), loss=round(loss.item(), 6), final_mse=round(final.item(), 6),
+                     keep=round(keep.item(), 4), lam=round(lam.item(), 6))
+            if hard and calib is not None:
+                h["calibration_mse_best"] = best_err
+            hist.append(h)
         bar.set_postfix(final=f"{final.item():.2e}", keep=f"{keep.item():.2f}")
     scores = torch.cat([torch.ones((1, nb, len(branches))), torch.sigmoid(logits.detach()).cpu()])
-    return RouterResult(scores=scores, timesteps=den._timesteps, history=hist, seconds=time.time() - t0)
+    if calib is not None and hard_fraction > 0:  # the schedule the final scores rank to is a candidate too
+        mask = _budget_mask(scores[1:].to(device), cost, hard_budget)
+        best_mask, best_err = _consider(calib, mask, ones, seen, best_mask, best_err)
+    refine_hist = []
+    if best_mask is not None and refine_evaluations > 0:
+        best_mask, best_err, refine_hist = _refine_mask(calib, best_mask, best_err, ones, refine_evaluations)
+        hist.append(dict(refined=True, evaluations=len(refine_hist), calibration_mse_best=best_err))
+    res = RouterResult(scores=scores, timesteps=timesteps, history=hist, seconds=time.time() - t0)
+    if best_mask is not None:
+        res.mask = torch.cat([torch.ones((1, nb, len(branches))), best_mask.cpu()]).bool()
+        res.calibration_mse = best_err
+        res.candidates = len(seen)
+    return res
+
+
+def _calibration_error(calib, mask: torch.Tensor, ones: torch.Tensor) -> float:
+    """Mean squared error of the final sample under hard ``mask`` against full compute."""
+    cden, cx, cref = calib
+    with torch.no_grad():
+        out, _ = _rollout(cden, cx, torch.cat([ones, mask]), keep_path=False)
+    return (out - cref).pow(2).mean().item()
+
+
+def _consider(calib, mask: torch.Tensor, ones: torch.Tensor, seen: dict, best_mask, best_err: float) -> tuple:
+    """Measure ``mask`` on the calibration batch once (``seen`` remembers every mask measured) and
+    return the better of it and ``(best_mask, best_err)``."""
+    key = bytes(mask.to(torch.uint8).flatten().tolist())
+    if key not in seen:
+        seen[key] = _calibration_error(calib, mask, ones)
+        if seen[key] < best_err:
+            return mask.clone(), seen[key]
+    return best_mask, best_err
+
+
+def _refine_mask(calib, mask: torch.Tensor, err: float, ones: torch.Tensor, evaluations: int,
+                 per_round: int = 4) -> tuple:
+    """Local search on the measured calibration error of a hard mask ``[steps-1, blocks, branches]``
+    (1 = compute); every move swaps a computed and a reused branch of the same kind."""
+    cden, cx, cref = calib
+    tried: set = set()
+    hist = []
+    used = 0
+    g = None
+    while used < evaluations:
+        if g is None:  # gradient of the measured error at the current mask
+            w = mask.clone().requires_grad_(True)
+            out, _ = _rollout(cden, cx, torch.cat([ones, w]), keep_path=False)
+            (out - cref).pow(2).mean().backward()
+            g = w.grad.detach()
+        cands = []
+        for i in range(mask.shape[-1]):
+            on = (mask[..., i] > 0.5).nonzero().tolist()
+            off = (mask[..., i] < 0.5).nonzero().tolist()
+            if not on or not off:
+                continue
+            # first-order change of the error: reuse a computed cell (-g), compute a reused cell (+g)
+            on.sort(key=lambda c: -float(g[c[0], c[1], i]))
+            off.sort(key=lambda c: float(g[c[0], c[1], i]))
+            for a in on[:per_round]:
+                for b in off[:per_round]:
+                    gain = -float(g[a[0], a[1], i]) + float(g[b[0], b[1], i])
+                    key = (a[0], a[1], b[0], b[1], i)
+                    if key not in tried:
+                        cands.append((gain, key))
+        if not cands:
+            break
+        cands.sort()
+        improved = False
+        for gain, key in cands[:per_round]:
+            if used >= evaluations:
+                break
+            tried.add(key)
+            a0, a1, b0, b1, i = key
+            m2 = mask.clone()
+            m2[a0, a1, i], m2[b0, b1, i] = 0.0, 1.0
+            e2 = _calibration_error(calib, m2, ones)
+            used += 1
+            hist.append(e2)
+            if e2 < err:
+                mask, err, improved, g = m2, e2, True, None
+                break
+        if not improved and len(cands) <= per_round:
+            break
+    return mask, err, hist
 
 
 def _budget_mask(scores: torch.Tensor, cost: torch.Tensor, budget: float) -> torch.Tensor:
@@ -191,4 +314,8 @@ def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, s
                   scores=[[[round(v, 4) for v in blk] for blk in row] for row in res.scores.tolist()])
     if threshold is not None:
         return schedule_from_scores(model, res.timesteps, res.scores, threshold=threshold, params=params)
+    if res.mask is not None:  # the hard schedule with the lowest measured error on the calibration batch
+        params.update(budget=budget, threshold=None, calibration_mse=res.calibration_mse,
+                      candidates_measured=res.candidates)
+        return Schedule.from_mask(model, res.timesteps, res.mask, method="learned", params=params)
     return schedule_from_scores(model, res.timesteps, res.scores, budget=budget, params=params)

@@ -77,3 +77,34 @@ def test_threshold_selection_and_bad_arguments():
         schedule_from_scores(model, [2, 1], scores, budget=0.5)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         l2c.learn.learn_schedule(tiny_bundle(), 4, budget=0.0)
+
+
+def test_calibrated_pick_is_the_best_measured_hard_schedule_and_refinement_only_improves():
+    from l2c_kernels.learn.router import _calibration_error
+
+    bundle = tiny_bundle()
+    kw = dict(budget=0.5, iterations=6, batch_size=2, progress=False, calibration_samples=2, hard_fraction=0.5)
+    res = train_router(bundle, 5, **kw)
+    assert res.mask is not None and res.mask.shape == (5, 2, 2) and res.mask.dtype == torch.bool
+    assert bool(res.mask[0].all()), "the first step must compute everything"
+    assert 1 <= res.candidates <= 4  # 3 hard iterations + the final ranking, duplicates measured once
+    # the returned error is the mask's real error on the calibration batch, measured independently
+    from l2c_kernels.learn.conditioning import denoiser_for
+
+    cden = denoiser_for(bundle, 2, 1.5, "ddim", seed=7919)
+    cden._timesteps = res.timesteps
+    cx = torch.randn((2,) + tuple(cden.latent_shape), generator=torch.Generator().manual_seed(7919))
+    from l2c_kernels.learn.router import _rollout
+
+    with torch.no_grad():
+        ref, _ = _rollout(cden, cx, None, keep_path=False)
+    ones = torch.ones((1, 2, 2))
+    err = _calibration_error((cden, cx, ref), res.mask[1:].float(), ones)
+    assert err == pytest.approx(res.calibration_mse, rel=1e-5)
+    # the schedule learn_schedule returns is that mask, at the requested budget
+    s = l2c.learn.learn_schedule(bundle, 5, **kw)
+    assert torch.equal(torch.tensor(s.compute_mask()), res.mask)
+    # local search keeps the FLOPs and never makes the measured error worse
+    ref_res = train_router(bundle, 5, refine_evaluations=4, **kw)
+    assert ref_res.calibration_mse <= res.calibration_mse + 1e-12
+    assert int(ref_res.mask.sum()) == int(res.mask.sum())
