@@ -45,9 +45,9 @@ NULL_CLASS = 1000
 
 # ----------------------------------------------------------------------------- sampling
 def make_scheduler(scheduler_config: dict):
-    from diffusers import DDIMScheduler
+    from l2c_kernels.sampling import make_scheduler as package_scheduler
 
-    return DDIMScheduler(**scheduler_config)
+    return package_scheduler(scheduler_config, "ddim")
 
 
 def sample(transformer, scheduler_config: dict, images: int, steps: int, cfg: float, seed: int = 0,
@@ -73,9 +73,9 @@ def sample(transformer, scheduler_config: dict, images: int, steps: int, cfg: fl
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
-    a, b = a.clamp(-1, 1).double(), b.clamp(-1, 1).double()
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(data_range ** 2 / mse)).item()
+    from l2c_kernels import metrics
+
+    return metrics.psnr(a.clamp(-1, 1).double(), b.clamp(-1, 1).double(), data_range)
 
 
 def timed(fn):

@@ -150,6 +150,19 @@ def default_backend(device: torch.device | str | torch.Tensor = "cpu") -> str:
     return "torch"
 
 
+@torch.compiler.assume_constant_result
+def _default_for(dev: str) -> str:
+    """:func:`default_backend`, remembered per device type once it cannot change any more (on CPU
+    it depends only on whether the extension loaded; elsewhere it is recomputed)."""
+    if dev != "cpu":
+        return default_backend(dev)
+    try:
+        return _facts["default_backend:cpu"]  # type: ignore[return-value]
+    except KeyError:
+        value = _facts["default_backend:cpu"] = default_backend(dev)
+        return value
+
+
 def _check_name(name: str, source: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown l2c_kernels.ops backend {name!r} (from {source}); expected one of {BACKENDS}")
@@ -177,7 +190,7 @@ def select(dev: str, requested: str | None = None, needs_grad: bool = False) -> 
         if needs_grad:
             return "torch"
     if name is None:
-        return default_backend(dev)
+        return _default_for(dev)
     if needs_grad and name != "torch":
         raise ValueError(f"backend {name!r} (from {source}) is not differentiable and an input requires grad; "
                          f"use the 'torch' backend, or call under torch.no_grad()")

@@ -6,7 +6,7 @@ contiguous (e.g. ``shift, scale = emb.chunk(2, dim=1)`` of a ``[B, 2C]`` tensor)
 contiguous ones; arguments written in place must already be contiguous.
 
 Memory-overlap checks read ``data_ptr()`` and are skipped while ``torch.compile`` traces (fake
-tensors have no storage) and for meta tensors.
+tensors have no storage), for meta tensors, and with ``memory=False`` (the ops' fake kernels).
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def _disjoint_or_same(out: torch.Tensor, out_name: str, other: torch.Tensor, oth
 # ------------------------------------------------------------------------------------------ per op
 
 
-def check_gated_residual(x, y, gate, cache):
+def check_gated_residual(x, y, gate, cache, memory: bool = True):
     op = "gated_residual_"
     _activation(x, op, "x")
     y = _like(y, "y", x, "x", op, inplace=False)
@@ -113,7 +113,7 @@ def check_gated_residual(x, y, gate, cache):
         gate = _per_sample(gate, "gate", x, op)
     if cache is not None:
         cache = _like(cache, "cache", x, "x", op, inplace=True)
-    if _checking_memory(x):
+    if memory and _checking_memory(x):
         _disjoint(x, "x", y, "y", op)
         if gate is not None:
             _disjoint(x, "x", gate, "gate", op)
@@ -125,7 +125,7 @@ def check_gated_residual(x, y, gate, cache):
     return y, gate, cache
 
 
-def check_cfg_mean_store(x, y, cache):
+def check_cfg_mean_store(x, y, cache, memory: bool = True):
     op = "cfg_mean_store_"
     _activation(x, op, "x")
     y = _like(y, "y", x, "x", op, inplace=False)
@@ -140,14 +140,14 @@ def check_cfg_mean_store(x, y, cache):
     if not cache.is_contiguous():
         _fail(op, f"'cache' is written in place and must be contiguous; got strides {list(cache.stride())} "
                   f"for shape {_shape(cache)}")
-    if _checking_memory(x):
+    if memory and _checking_memory(x):
         _disjoint(x, "x", y, "y", op)
         _disjoint(cache, "cache", x, "x", op)
         _disjoint(cache, "cache", y, "y", op)
     return y
 
 
-def _check_residual(dst, dst_name, a, a_name, b, b_name, op):
+def _check_residual(dst, dst_name, a, a_name, b, b_name, op, memory=True):
     """The residual ops are elementwise over tensors of any one shape."""
     _is_tensor(dst, op, dst_name)
     if dst.dtype not in SUPPORTED_DTYPES:
@@ -157,18 +157,18 @@ def _check_residual(dst, dst_name, a, a_name, b, b_name, op):
                   f"for shape {_shape(dst)}")
     a = _like(a, a_name, dst, dst_name, op, inplace=False)
     b = _like(b, b_name, dst, dst_name, op, inplace=False)
-    if _checking_memory(dst):
+    if memory and _checking_memory(dst):
         _disjoint_or_same(dst, dst_name, a, a_name, op)
         _disjoint_or_same(dst, dst_name, b, b_name, op)
     return a, b
 
 
-def check_residual_delta_store(cache, out, inp):
-    return _check_residual(cache, "cache", out, "out", inp, "inp", "residual_delta_store_")
+def check_residual_delta_store(cache, out, inp, memory: bool = True):
+    return _check_residual(cache, "cache", out, "out", inp, "inp", "residual_delta_store_", memory)
 
 
-def check_residual_apply(out, inp, cache):
-    return _check_residual(out, "out", inp, "inp", cache, "cache", "residual_apply_")
+def check_residual_apply(out, inp, cache, memory: bool = True):
+    return _check_residual(out, "out", inp, "inp", cache, "cache", "residual_apply_", memory)
 
 
 def check_adaln_modulate(x, shift, scale, eps):
