@@ -5,6 +5,8 @@ Per block: ``emb = linear(silu(emb(t, class)))`` gives shift/scale/gate for atte
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -36,11 +38,16 @@ class AdaNormZeroAdapter(BlockAdapter):
             cross_attention_kwargs=a.get("cross_attention_kwargs") or {})
         h = model.pos_embed(x)
         ctx.values["dtype"] = h.dtype
+        ctx.values["temb"] = _timestep_embeddings(model, ctx.values["timestep"], h.dtype)
         return h, ctx
 
     def block_context(self, block, ctx: StepContext) -> dict:
         n1 = block.norm1
-        emb = n1.emb(ctx.values["timestep"], ctx.values["class_labels"], hidden_dtype=ctx.values["dtype"])
+        temb = ctx.values.get("temb")
+        if temb is not None:  # the timestep half of the block's embedding, computed once per timestep value
+            emb = temb[id(block)] + n1.emb.class_embedder(ctx.values["class_labels"])
+        else:
+            emb = n1.emb(ctx.values["timestep"], ctx.values["class_labels"], hidden_dtype=ctx.values["dtype"])
         emb = n1.linear(n1.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
         return dict(shift_msa=shift_msa, scale_msa=scale_msa, gate_msa=gate_msa,
@@ -67,3 +74,40 @@ class AdaNormZeroAdapter(BlockAdapter):
         h = model.proj_out_2(h)
         side = int(h.shape[1] ** 0.5)
         return self.unpatchify(h, side, side, model.patch_size, model.out_channels)
+
+
+# model -> {(timestep value, dtype, weight versions): {id(block): [1, C] timestep embedding}}
+_TEMB_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TEMB_CACHE_SIZE = 256  # distinct timesteps kept per model (a few samplers' worth)
+
+
+def _timestep_embeddings(model, timestep, dtype) -> dict | None:
+    """Every block's ``timestep_embedder(time_proj(t))`` for the call's timestep, cached by its value.
+
+    A DiT block embeds the timestep with its own two linears (and the sinusoidal projection) on every
+    call, ~12 small ops per block that depend on nothing but ``t``; a sampler passes the same few
+    timesteps to every generation. Used in eager CPU inference only (reading ``t`` on the host is
+    free there): never on GPU (the CUDA graph replays the embedding), while ``torch.compile`` traces,
+    with autograd recording, or when the batch mixes timesteps. In-place weight updates invalidate the
+    entry (parameter version counters are part of the key)."""
+    if (not isinstance(timestep, torch.Tensor) or timestep.device.type != "cpu" or torch.is_grad_enabled()
+            or torch.compiler.is_compiling() or timestep.numel() == 0):
+        return None
+    t = timestep.reshape(-1)
+    if t.numel() > 1 and not bool((t == t[0]).all()):
+        return None
+    blocks = list(model.transformer_blocks)
+    embs = [blk.norm1.emb for blk in blocks]
+    versions = tuple(p._version for e in embs for p in e.timestep_embedder.parameters())
+    key = (float(t[0]), dtype, versions)
+    per_model = _TEMB_CACHE.get(model)
+    if per_model is None:
+        per_model = _TEMB_CACHE[model] = {}
+    hit = per_model.get(key)
+    if hit is None:
+        if len(per_model) >= _TEMB_CACHE_SIZE:
+            per_model.clear()
+        one = t[:1]
+        hit = {id(blk): e.timestep_embedder(e.time_proj(one).to(dtype=dtype)) for blk, e in zip(blocks, embs)}
+        per_model[key] = hit
+    return hit

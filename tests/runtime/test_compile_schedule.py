@@ -288,3 +288,26 @@ def test_cuda_graph_replay_matches_eager_and_counts_plans():
     assert graphed.num_graphs() == graphed.distinct_plans() == 3
     graphed.release()
     assert graphed.num_graphs() == 0
+
+
+def test_dit_timestep_embedding_cache_follows_timesteps_weights_and_mixed_batches():
+    """The DiT adapter embeds each timestep value once per model (CPU eager); the result must still be
+    the original model's for a repeated timestep, after an in-place weight update, and for a batch that
+    mixes timesteps (which bypasses the cache)."""
+    model = tiny_dit(seed=3)
+    fast = l2c.compile_schedule(model, l2c.Schedule.full(model, TS))
+    inputs = inputs_for(model, batch=3)
+    with torch.no_grad():
+        for _ in range(2):  # the second generation hits the cache
+            for t in TS:
+                inp = dict(inputs, timestep=torch.full((3,), t))
+                assert rel_err(fast(**inp).sample, model(**inp).sample) < 1e-5
+        lin = model.transformer_blocks[1].norm1.emb.timestep_embedder.linear_2
+        lin.weight.mul_(1.5)  # bumps the parameter's version: cached embeddings are stale
+        inp = dict(inputs, timestep=torch.full((3,), TS[0]))
+        assert rel_err(fast(**inp).sample, model(**inp).sample) < 1e-5
+        mixed = dict(inputs, timestep=torch.tensor([TS[0], TS[0], TS[1]]))
+        fast.reset()
+        ref = model(**mixed).sample
+        fast.set_step(0)
+        assert rel_err(fast(**mixed).sample, ref) < 1e-5
