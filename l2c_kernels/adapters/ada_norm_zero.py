@@ -68,7 +68,11 @@ class AdaNormZeroAdapter(BlockAdapter):
 
     def finish(self, model, h, ctx, inputs):
         v = ctx.values
-        cond = model.transformer_blocks[0].norm1.emb(v["timestep"], v["class_labels"], hidden_dtype=h.dtype)
+        blk0 = model.transformer_blocks[0]
+        if v.get("temb") is not None:
+            cond = v["temb"][id(blk0)] + blk0.norm1.emb.class_embedder(v["class_labels"])
+        else:
+            cond = blk0.norm1.emb(v["timestep"], v["class_labels"], hidden_dtype=h.dtype)
         shift, scale = model.proj_out_1(F.silu(cond)).chunk(2, dim=1)
         h = ops.adaln_modulate(h, shift, scale, model.norm_out.eps)
         h = model.proj_out_2(h)
