@@ -59,9 +59,10 @@ class AdaNormSingleAdapter(BlockAdapter):
 
     def block_context(self, block, ctx: StepContext) -> dict:
         t = ctx.values["t_emb"]
-        mods = (block.scale_shift_table[None] + t.reshape(t.shape[0], 6, -1)).chunk(6, dim=1)
+        # [6, B, C] in one contiguous copy: the six vectors reach the fused ops without per-op copies
+        mods = (block.scale_shift_table[None] + t.reshape(t.shape[0], 6, -1)).transpose(0, 1).contiguous()
         names = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
-        return {k: m.squeeze(1) for k, m in zip(names, mods)}
+        return dict(zip(names, mods.unbind(0)))
 
     def compute_branch(self, block, name, h, bctx, ctx):
         v = ctx.values

@@ -49,7 +49,9 @@ class AdaNormZeroAdapter(BlockAdapter):
         else:
             emb = n1.emb(ctx.values["timestep"], ctx.values["class_labels"], hidden_dtype=ctx.values["dtype"])
         emb = n1.linear(n1.silu(emb))
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+        # one copy makes all six [B, C] vectors contiguous (the fused ops would copy each strided chunk)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            emb.view(emb.shape[0], 6, -1).transpose(0, 1).contiguous().unbind(0))
         return dict(shift_msa=shift_msa, scale_msa=scale_msa, gate_msa=gate_msa,
                     shift_mlp=shift_mlp, scale_mlp=scale_mlp, gate_mlp=gate_mlp)
 
