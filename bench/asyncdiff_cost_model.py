@@ -74,7 +74,7 @@ def predict(t_full: float, t_components: list[float], t_host: float, steps: int,
     warm = warm_up * (t_full + t_host + t_allgather(devices, bytes_out, ag_latency, ag_bandwidth))
     par = rounds * (max(t_components) + t_allgather(devices, bytes_msg, ag_latency, ag_bandwidth) + t_book)
     total = warm + par + (steps - warm_up) * t_host
-    ideal = steps / (warm_up + rounds)
+    ideal = steps / (warm_up + rounds / n)  # equal components, free communication
     return dict(devices=devices, components=n, stride=stride, single_s=single, asyncdiff_s=total,
                 speedup=single / total, ideal_speedup=ideal,
                 comm_fraction=rounds * t_allgather(devices, bytes_msg, ag_latency, ag_bandwidth) / total)
