@@ -41,14 +41,27 @@ class AdaNormZeroAdapter(BlockAdapter):
         ctx.values["temb"] = _timestep_embeddings(model, ctx.values["timestep"], h.dtype)
         return h, ctx
 
-    def block_context(self, block, ctx: StepContext) -> dict:
+    def _conditioning(self, block, ctx: StepContext) -> torch.Tensor:
         n1 = block.norm1
         temb = ctx.values.get("temb")
         if temb is not None:  # the timestep half of the block's embedding, computed once per timestep value
             emb = temb[id(block)] + n1.emb.class_embedder(ctx.values["class_labels"])
         else:
             emb = n1.emb(ctx.values["timestep"], ctx.values["class_labels"], hidden_dtype=ctx.values["dtype"])
-        emb = n1.linear(n1.silu(emb))
+        return n1.silu(emb)
+
+    def block_gates(self, block, ctx: StepContext) -> dict:
+        # rows [2C, 3C) and [5C, 6C) of the adaLN projection: a third of its work
+        lin = block.norm1.linear
+        c = lin.out_features // 6
+        s = self._conditioning(block, ctx)
+        w, b = lin.weight, lin.bias
+        return dict(gate_msa=F.linear(s, w[2 * c:3 * c], None if b is None else b[2 * c:3 * c]),
+                    gate_mlp=F.linear(s, w[5 * c:], None if b is None else b[5 * c:]))
+
+    def block_context(self, block, ctx: StepContext) -> dict:
+        n1 = block.norm1
+        emb = n1.linear(self._conditioning(block, ctx))
         # one copy makes all six [B, C] vectors contiguous (the fused ops would copy each strided chunk)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             emb.view(emb.shape[0], 6, -1).transpose(0, 1).contiguous().unbind(0))

@@ -79,6 +79,12 @@ class BlockAdapter:
         """Per-block modulation (shift/scale/gate vectors) for the current step."""
         raise NotImplementedError
 
+    def block_gates(self, block, ctx: StepContext) -> dict:
+        """What :meth:`branch_gate` needs when the block computes no branch at this step (every branch
+        reused): by default the whole :meth:`block_context`; families whose gates are a slice of a larger
+        projection compute just that slice."""
+        return self.block_context(block, ctx)
+
     def compute_branch(self, block, name: str, h: torch.Tensor, bctx: dict, ctx: StepContext) -> torch.Tensor:
         """The branch's raw output (before its gate) for residual stream ``h``."""
         raise NotImplementedError

@@ -59,7 +59,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                  trajectory_weight: float = 0.5, init_logit: float = 3.0, seed: int = 0,
                  labels=None, prompts=None, progress: bool = True, log_every: int = 5,
                  hard_fraction: float = 0.5, calibration_samples: int = 8,
-                 refine_evaluations: int = 0) -> RouterResult:
+                 refine_evaluations: int = 0, structured_candidates: bool = True) -> RouterResult:
     """Train router logits for ``obj`` (bundled model, its name, or a DiT/PixArt pipeline).
 
     The first ``1 - hard_fraction`` of the iterations use soft caches with the adaptive FLOPs
@@ -72,6 +72,12 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     error: swaps of one computed and one reused branch of the same kind (the FLOPs stay exact),
     proposed by the first-order effect of each flip (the gradient of the error with respect to the
     hard mask) and kept only when the measured error goes down.
+
+    With ``structured_candidates``, step-structured masks are measured as well (the first ``f``
+    blocks always computed, the others every ``k`` steps, for every ``f`` up to half the depth and
+    ``k`` in 2..5, where that removes at least the budget), each brought to the budget exactly by
+    computing again its reused cells with the highest router scores: the learned scores decide which
+    cells of a good step structure to keep, and the calibration error decides between structures.
 
     With a bundled model and no ``labels``/``prompts``, every iteration draws new classes (captions)
     as well as new noise.
@@ -155,6 +161,9 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     if calib is not None and hard_fraction > 0:  # the schedule the final scores rank to is a candidate too
         mask = _budget_mask(scores[1:].to(device), cost, hard_budget)
         best_mask, best_err = _consider(calib, mask, ones, seen, best_mask, best_err)
+    if calib is not None and hard_fraction > 0 and structured_candidates:
+        for mask in _structured_masks(model, timesteps, scores[1:].to(device), cost, hard_budget):
+            best_mask, best_err = _consider(calib, mask, ones, seen, best_mask, best_err)
     refine_hist = []
     if best_mask is not None and refine_evaluations > 0:
         best_mask, best_err, refine_hist = _refine_mask(calib, best_mask, best_err, ones, refine_evaluations)
@@ -184,6 +193,34 @@ def _consider(calib, mask: torch.Tensor, ones: torch.Tensor, seen: dict, best_ma
         if seen[key] < best_err:
             return mask.clone(), seen[key]
     return best_mask, best_err
+
+
+def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor, budget: float,
+                      intervals=(2, 3, 4, 5), slack: float = 0.2) -> list:
+    """Masks ``[steps-1, blocks, branches]`` (1 = compute) of the "first ``f`` blocks always, the rest
+    every ``k`` steps" family that remove at least ``budget`` (and at most ``budget + slack``) of the
+    cost, each filled back to the budget (to one cell) with its highest-scored reused cells."""
+    from ..schedules import first_blocks
+
+    nb = scores.shape[1]
+    total = cost.sum()
+    out = []
+    for k in intervals:
+        for f in range(0, nb // 2 + 1):
+            m = torch.tensor(first_blocks(model, timesteps, keep_first=f, interval=k).compute_mask(),
+                             dtype=scores.dtype, device=scores.device)[1:]
+            removed = float(((1 - m) * cost).sum() / total)
+            if removed < budget - 1e-9 or removed > budget + slack:
+                continue
+            flat_m, flat_c, flat_s = m.reshape(-1), cost.reshape(-1), scores.reshape(-1)
+            off = (flat_m < 0.5).nonzero().flatten()
+            for c in off[torch.argsort(flat_s[off], descending=True, stable=True)].tolist():
+                share = float(flat_c[c] / total)
+                if removed - share >= budget - 1e-9:
+                    flat_m[c] = 1.0
+                    removed -= share
+            out.append(flat_m.reshape(m.shape))
+    return out
 
 
 def _refine_mask(calib, mask: torch.Tensor, err: float, ones: torch.Tensor, evaluations: int,

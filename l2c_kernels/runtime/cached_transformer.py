@@ -284,7 +284,8 @@ class CachedTransformer(nn.Module):
                 ops.gated_residual_(h, per_sample(caches.delta_buffer(b)))
                 continue
             inp = h.clone() if bp.store_delta else None
-            bctx = ad.block_context(block, ctx)
+            # a block that computes no branch needs only its gates
+            bctx = ad.block_context(block, ctx) if any(bp.compute) else ad.block_gates(block, ctx)
             for i, name in enumerate(plan.branches):
                 gate = ad.branch_gate(name, bctx)
                 cfg_mean = plan.attn2_cfg_mean and name == "attn2"

@@ -83,7 +83,8 @@ def test_calibrated_pick_is_the_best_measured_hard_schedule_and_refinement_only_
     from l2c_kernels.learn.router import _calibration_error
 
     bundle = tiny_bundle()
-    kw = dict(budget=0.5, iterations=6, batch_size=2, progress=False, calibration_samples=2, hard_fraction=0.5)
+    kw = dict(budget=0.5, iterations=6, batch_size=2, progress=False, calibration_samples=2, hard_fraction=0.5,
+              structured_candidates=False)
     res = train_router(bundle, 5, **kw)
     assert res.mask is not None and res.mask.shape == (5, 2, 2) and res.mask.dtype == torch.bool
     assert bool(res.mask[0].all()), "the first step must compute everything"
@@ -108,3 +109,31 @@ def test_calibrated_pick_is_the_best_measured_hard_schedule_and_refinement_only_
     ref_res = train_router(bundle, 5, refine_evaluations=4, **kw)
     assert ref_res.calibration_mse <= res.calibration_mse + 1e-12
     assert int(ref_res.mask.sum()) == int(res.mask.sum())
+
+
+def test_structured_candidates_hit_the_budget_and_the_pick_is_no_worse_than_any_of_them():
+    from l2c_kernels.learn.conditioning import denoiser_for
+    from l2c_kernels.learn.router import _calibration_error, _rollout, _structured_masks
+
+    bundle = tiny_bundle()
+    steps, budget = 7, 0.4
+    res = train_router(bundle, steps, budget=budget, iterations=4, batch_size=2, progress=False,
+                       calibration_samples=2, hard_fraction=0.5)
+    model = bundle.transformer
+    cost = torch.tensor([float(v) for v in l2c.adapters.adapter_for(model).branch_flops(model).values()])
+    cost = (cost / cost.sum()).expand(steps - 1, 2, 2)
+    hard_budget = budget * steps / (steps - 1)
+    largest = float(cost.max() / cost.sum())
+    cands = _structured_masks(model, res.timesteps, res.scores[1:], cost, hard_budget)
+    assert cands, "some structured masks remove at least the budget"
+    cden = denoiser_for(bundle, 2, 1.5, "ddim", seed=7919)
+    cden._timesteps = res.timesteps
+    cx = torch.randn((2,) + tuple(cden.latent_shape), generator=torch.Generator().manual_seed(7919))
+    with torch.no_grad():
+        ref, _ = _rollout(cden, cx, None, keep_path=False)
+    ones = torch.ones((1, 2, 2))
+    for m in cands + [res.mask[1:].float()]:
+        removed = float(((1 - m) * cost).sum() / cost.sum())
+        assert hard_budget - 1e-6 <= removed < hard_budget + largest + 1e-6
+    for m in cands:  # the returned mask is the best measured one
+        assert _calibration_error((cden, cx, ref), m, ones) >= res.calibration_mse - 1e-12
