@@ -52,15 +52,19 @@ def test_uniform_split_and_errors():
         balanced_split([1.0, 1.0], 3)
 
 
-def _component_seconds(runner, args, ranges, repeats=9):
-    """Fastest of ``repeats`` interleaved runs of every component (on its true input)."""
+def _component_seconds(runner, args, ranges, repeats=15):
+    """Fastest of ``repeats`` interleaved runs of every component (on its true input), the order of the
+    components rotated every round so that no component always runs first."""
     caps = [e - 1 for _, e in ranges[:-1]]
     _, captured = runner.full(args, caps, 0)
     inputs = [None] + [captured[b] for b in caps]
     best = [float("inf")] * len(ranges)
     with torch.no_grad():
-        for _ in range(repeats):
-            for i, (a, b) in enumerate(ranges):
+        for r in range(repeats):
+            order = list(range(len(ranges)))
+            order = order[r % len(order):] + order[:r % len(order)]
+            for i in order:
+                a, b = ranges[i]
                 t0 = time.perf_counter()
                 runner.component(args, a, b, inputs[i], 0)
                 best[i] = min(best[i], time.perf_counter() - t0)
