@@ -91,6 +91,16 @@ def _direct() -> bool:
 _ERRORS = (RuntimeError, TypeError, AttributeError)
 
 
+def _extension_call(call, check):
+    """``call()`` (the extension's op); if its C++ checks refuse the arguments, ``check()`` (the Python
+    checks) raises the clear ``ValueError``; anything it does not catch is re-raised as is."""
+    try:
+        return call()
+    except _ERRORS:
+        check()
+        raise
+
+
 def _register_fake(name: str):
     """Register the decorated function as the fake (meta) kernel of ``l2c::name``, if it exists."""
     def deco(fn):
@@ -119,12 +129,9 @@ def gated_residual_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None 
     """
     name = _backend.select(_dev(x), backend, _needs_grad(x, y, gate))
     if name in _EXTENSION_BACKENDS and _direct():
-        try:
-            torch.ops.l2c.gated_residual_.default(x, _c(y), _c(gate), cache)
-            return x
-        except _ERRORS:
-            _checks.check_gated_residual(x, y, gate, cache)  # the clear error, if the arguments are wrong
-            raise
+        _extension_call(lambda: torch.ops.l2c.gated_residual_.default(x, _c(y), _c(gate), cache),
+                        lambda: _checks.check_gated_residual(x, y, gate, cache))
+        return x
     y, gate, cache = _checks.check_gated_residual(x, y, gate, cache)
     if name == "torch":
         reference.gated_residual_(x, y, gate, cache)
@@ -162,12 +169,9 @@ def cfg_mean_store_(x: torch.Tensor, y: torch.Tensor, cache: torch.Tensor, *,
     """
     name = _backend.select(_dev(x), backend, _needs_grad(x, y))
     if name in _EXTENSION_BACKENDS and _direct():
-        try:
-            torch.ops.l2c.cfg_mean_store_.default(x, _c(y), cache)
-            return x
-        except _ERRORS:
-            _checks.check_cfg_mean_store(x, y, cache)
-            raise
+        _extension_call(lambda: torch.ops.l2c.cfg_mean_store_.default(x, _c(y), cache),
+                        lambda: _checks.check_cfg_mean_store(x, y, cache))
+        return x
     y = _checks.check_cfg_mean_store(x, y, cache)
     if name == "torch":
         reference.cfg_mean_store_(x, y, cache)
@@ -199,12 +203,9 @@ def residual_delta_store_(cache: torch.Tensor, out: torch.Tensor, inp: torch.Ten
     """
     name = _backend.select(_dev(cache), backend, _needs_grad(out, inp))
     if name in _EXTENSION_BACKENDS and _direct():
-        try:
-            torch.ops.l2c.residual_delta_store_.default(cache, _c(out), _c(inp))
-            return cache
-        except _ERRORS:
-            _checks.check_residual_delta_store(cache, out, inp)
-            raise
+        _extension_call(lambda: torch.ops.l2c.residual_delta_store_.default(cache, _c(out), _c(inp)),
+                        lambda: _checks.check_residual_delta_store(cache, out, inp))
+        return cache
     out, inp = _checks.check_residual_delta_store(cache, out, inp)
     if name == "torch":
         reference.residual_delta_store_(cache, out, inp)
@@ -236,12 +237,9 @@ def residual_apply_(out: torch.Tensor, inp: torch.Tensor, cache: torch.Tensor, *
     """
     name = _backend.select(_dev(out), backend, _needs_grad(inp, cache))
     if name in _EXTENSION_BACKENDS and _direct():
-        try:
-            torch.ops.l2c.residual_apply_.default(out, _c(inp), _c(cache))
-            return out
-        except _ERRORS:
-            _checks.check_residual_apply(out, inp, cache)
-            raise
+        _extension_call(lambda: torch.ops.l2c.residual_apply_.default(out, _c(inp), _c(cache)),
+                        lambda: _checks.check_residual_apply(out, inp, cache))
+        return out
     inp, cache = _checks.check_residual_apply(out, inp, cache)
     if name == "torch":
         reference.residual_apply_(out, inp, cache)
@@ -280,11 +278,8 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     """
     name = _backend.select(_dev(x), backend, _needs_grad(x, shift, scale))
     if name in _EXTENSION_BACKENDS and _direct() and type(eps) is float:
-        try:
-            return torch.ops.l2c.adaln_modulate.default(_c(x), _c(shift), _c(scale), eps)
-        except _ERRORS:
-            _checks.check_adaln_modulate(x, shift, scale, eps)
-            raise
+        return _extension_call(lambda: torch.ops.l2c.adaln_modulate.default(_c(x), _c(shift), _c(scale), eps),
+                               lambda: _checks.check_adaln_modulate(x, shift, scale, eps))
     x, shift, scale, eps = _checks.check_adaln_modulate(x, shift, scale, eps)
     if name == "torch":
         return reference.adaln_modulate(x, shift, scale, eps)

@@ -90,17 +90,8 @@ def test_calibrated_pick_is_the_best_measured_hard_schedule_and_refinement_only_
     assert bool(res.mask[0].all()), "the first step must compute everything"
     assert 1 <= res.candidates <= 4  # 3 hard iterations + the final ranking, duplicates measured once
     # the returned error is the mask's real error on the calibration batch, measured independently
-    from l2c_kernels.learn.conditioning import denoiser_for
-
-    cden = denoiser_for(bundle, 2, 1.5, "ddim", seed=7919)
-    cden._timesteps = res.timesteps
-    cx = torch.randn((2,) + tuple(cden.latent_shape), generator=torch.Generator().manual_seed(7919))
-    from l2c_kernels.learn.router import _rollout
-
-    with torch.no_grad():
-        ref, _ = _rollout(cden, cx, None, keep_path=False)
     ones = torch.ones((1, 2, 2))
-    err = _calibration_error((cden, cx, ref), res.mask[1:].float(), ones)
+    err = _calibration_error(_calibration_batch(bundle, res.timesteps), res.mask[1:].float(), ones)
     assert err == pytest.approx(res.calibration_mse, rel=1e-5)
     # the schedule learn_schedule returns is that mask, at the requested budget
     s = l2c.learn.learn_schedule(bundle, 5, **kw)
@@ -112,8 +103,7 @@ def test_calibrated_pick_is_the_best_measured_hard_schedule_and_refinement_only_
 
 
 def test_structured_candidates_hit_the_budget_and_the_pick_is_no_worse_than_any_of_them():
-    from l2c_kernels.learn.conditioning import denoiser_for
-    from l2c_kernels.learn.router import _calibration_error, _rollout, _structured_masks
+    from l2c_kernels.learn.router import _calibration_error, _structured_masks
 
     bundle = tiny_bundle()
     steps, budget = 7, 0.4
@@ -126,14 +116,23 @@ def test_structured_candidates_hit_the_budget_and_the_pick_is_no_worse_than_any_
     largest = float(cost.max() / cost.sum())
     cands = _structured_masks(model, res.timesteps, res.scores[1:], cost, hard_budget)
     assert cands, "some structured masks remove at least the budget"
-    cden = denoiser_for(bundle, 2, 1.5, "ddim", seed=7919)
-    cden._timesteps = res.timesteps
-    cx = torch.randn((2,) + tuple(cden.latent_shape), generator=torch.Generator().manual_seed(7919))
-    with torch.no_grad():
-        ref, _ = _rollout(cden, cx, None, keep_path=False)
+    calib = _calibration_batch(bundle, res.timesteps)
     ones = torch.ones((1, 2, 2))
     for m in cands + [res.mask[1:].float()]:
         removed = float(((1 - m) * cost).sum() / cost.sum())
         assert hard_budget - 1e-6 <= removed < hard_budget + largest + 1e-6
     for m in cands:  # the returned mask is the best measured one
-        assert _calibration_error((cden, cx, ref), m, ones) >= res.calibration_mse - 1e-12
+        assert _calibration_error(calib, m, ones) >= res.calibration_mse - 1e-12
+
+
+def _calibration_batch(bundle, timesteps, samples=2, seed=7919):
+    """The router's calibration batch, rebuilt independently: denoiser, noise, full-compute result."""
+    from l2c_kernels.learn.conditioning import denoiser_for
+    from l2c_kernels.learn.router import _rollout
+
+    cden = denoiser_for(bundle, samples, 1.5, "ddim", seed=seed)
+    cden._timesteps = timesteps
+    cx = torch.randn((samples,) + tuple(cden.latent_shape), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref, _ = _rollout(cden, cx, None, keep_path=False)
+    return cden, cx, ref
