@@ -44,16 +44,12 @@ NULL_CLASS = 1000
 
 
 # ----------------------------------------------------------------------------- sampling
-def make_scheduler(scheduler_config: dict):
-    from l2c_kernels.sampling import make_scheduler as package_scheduler
-
-    return package_scheduler(scheduler_config, "ddim")
-
-
 def sample(transformer, scheduler_config: dict, images: int, steps: int, cfg: float, seed: int = 0,
            step_times: list | None = None) -> torch.Tensor:
     """Class-conditional DDIM with classifier-free guidance (what ``DiTPipeline`` does), labels 0..9 cycled."""
-    sched = make_scheduler(scheduler_config)
+    from l2c_kernels.sampling import make_scheduler
+
+    sched = make_scheduler(scheduler_config, "ddim")
     sched.set_timesteps(steps)
     labels = torch.arange(images) % 10
     lab = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])

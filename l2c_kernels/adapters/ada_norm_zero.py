@@ -41,14 +41,17 @@ class AdaNormZeroAdapter(BlockAdapter):
         ctx.values["temb"] = _timestep_embeddings(model, ctx.values["timestep"], h.dtype)
         return h, ctx
 
-    def _conditioning(self, block, ctx: StepContext) -> torch.Tensor:
-        n1 = block.norm1
-        temb = ctx.values.get("temb")
+    @staticmethod
+    def _embedding(block, ctx: StepContext) -> torch.Tensor:
+        """``block.norm1.emb(timestep, class_labels)``, with the timestep half from the per-value cache."""
+        emb, v = block.norm1.emb, ctx.values
+        temb = v.get("temb")
         if temb is not None:  # the timestep half of the block's embedding, computed once per timestep value
-            emb = temb[id(block)] + n1.emb.class_embedder(ctx.values["class_labels"])
-        else:
-            emb = n1.emb(ctx.values["timestep"], ctx.values["class_labels"], hidden_dtype=ctx.values["dtype"])
-        return n1.silu(emb)
+            return temb[id(block)] + emb.class_embedder(v["class_labels"])
+        return emb(v["timestep"], v["class_labels"], hidden_dtype=v["dtype"])
+
+    def _conditioning(self, block, ctx: StepContext) -> torch.Tensor:
+        return block.norm1.silu(self._embedding(block, ctx))
 
     def block_gates(self, block, ctx: StepContext) -> dict:
         # rows [2C, 3C) and [5C, 6C) of the adaLN projection: a third of its work
@@ -82,12 +85,7 @@ class AdaNormZeroAdapter(BlockAdapter):
         return bctx["gate_msa"] if name == "attn1" else bctx["gate_mlp"]
 
     def finish(self, model, h, ctx, inputs):
-        v = ctx.values
-        blk0 = model.transformer_blocks[0]
-        if v.get("temb") is not None:
-            cond = v["temb"][id(blk0)] + blk0.norm1.emb.class_embedder(v["class_labels"])
-        else:
-            cond = blk0.norm1.emb(v["timestep"], v["class_labels"], hidden_dtype=h.dtype)
+        cond = self._embedding(model.transformer_blocks[0], ctx)
         shift, scale = model.proj_out_1(F.silu(cond)).chunk(2, dim=1)
         h = ops.adaln_modulate(h, shift, scale, model.norm_out.eps)
         h = model.proj_out_2(h)

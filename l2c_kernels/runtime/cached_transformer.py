@@ -1,7 +1,6 @@
 """The drop-in module returned by :func:`compile_schedule`."""
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
