@@ -60,6 +60,9 @@ def baseline_schedules(bundle, steps: int, budgets, change_curves=None, schedule
     out = []
     for k in (2, 3, 4):
         out.append(("uniform (FORA)", f"every {k} steps", schedules.uniform(tr, ts, k)))
+    for k in (2, 3):  # the same with reused outputs extrapolated from the last two computations
+        out.append(("uniform (FORA)", f"every {k} steps, linear forecast",
+                    schedules.uniform(tr, ts, k, forecast="linear")))
     nb = l2c.adapters.adapter_for(tr).num_blocks(tr)
     for k in (2, 3):
         if nb < 4:
@@ -103,7 +106,8 @@ def learned_schedules(bundle, steps: int, budgets, cfg: float, out_dir: Path | N
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 sched.save(path)
-        out.append((LEARNED, f"budget {100 * b:.0f}%", sched))
+        out.append((LEARNED, f"budget {100 * b:.0f}%" + (f", {sched.forecast} forecast" if sched.forecast != "none"
+                                                          else ""), sched))
     return out
 
 
@@ -445,6 +449,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (after one warm-up round)")
     ap.add_argument("--seed", type=int, default=100, help="noise seed of the evaluation (learning uses others)")
     ap.add_argument("--iterations", type=int, default=None, help="router iterations (default: learn_schedule's)")
+    ap.add_argument("--calibration-samples", type=int, default=None,
+                    help="samples the learner measures its candidate schedules on (default: learn_schedule's)")
     ap.add_argument("--relearn", action="store_true", help="learn again even if saved schedules exist")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -454,6 +460,8 @@ def main(argv=None):
 
     bundle = load(a.model)
     learn_kwargs = {} if a.iterations is None else dict(iterations=a.iterations)
+    if a.calibration_samples is not None:
+        learn_kwargs["calibration_samples"] = a.calibration_samples
     res = run(bundle, a.steps, cfg=a.cfg, budgets=a.budgets, samples=a.samples, accuracy_samples=a.accuracy_samples,
               time_samples=a.time_samples,
               repeats=a.repeats, seed=a.seed, out=Path(a.out), relearn=a.relearn, learn_kwargs=learn_kwargs,

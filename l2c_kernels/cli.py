@@ -47,7 +47,7 @@ def cmd_demo(a) -> int:
     print(f"[1/3] learning a schedule for {a.model}: {a.steps} {a.scheduler} steps, CFG {cfg}, "
           f"budget {100 * a.budget:.0f}% of branch FLOPs", flush=True)
     sched = learn_schedule(bundle, num_inference_steps=a.steps, budget=a.budget, scheduler=a.scheduler, cfg=cfg,
-                           iterations=a.iterations, batch_size=4, seed=a.seed)
+                           iterations=a.iterations, batch_size=4, seed=a.seed, forecast=a.forecast)
     sched.save(out / "schedule.l2c.json")
     schedule_heatmap(sched, out / "schedule_heatmap.png")
     print(sched.format_summary(), flush=True)
@@ -85,7 +85,7 @@ def cmd_learn(a) -> int:
     bundle = load(a.model)
     cfg = a.cfg if a.cfg is not None else bundle.recommended_cfg
     sched = learn_schedule(bundle, num_inference_steps=a.steps, budget=a.budget, scheduler=a.scheduler, cfg=cfg,
-                           iterations=a.iterations, batch_size=a.batch, seed=a.seed)
+                           iterations=a.iterations, batch_size=a.batch, seed=a.seed, forecast=a.forecast)
     sched.params["model"] = a.model
     sched.save(a.output)
     print(sched.format_summary())
@@ -132,18 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="l2c", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sp, model=True):
+    def common(sp, model=True, forecast=False):
         if model:
             sp.add_argument("--model", default="dit-digits", help="bundled model: dit-digits or pixart-digits")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommended)")
+        if forecast:
+            sp.add_argument("--forecast", default="auto", choices=["auto", "none", "linear"],
+                            help="what a reused branch contributes: its last output (none), the extrapolation from "
+                                 "its last two outputs (linear), or whichever measures better (auto, default)")
 
     d = sub.add_parser("demo", help="learn, compile and compare a schedule on the bundled DiT (a few minutes on CPU)",
                        description="Learn a schedule for a bundled model, compile it, sample with and without it "
                                    "from the same noise, and write a side-by-side PNG, a schedule heatmap, the "
                                    "schedule JSON and a report.")
-    common(d)
+    common(d, forecast=True)
     d.add_argument("--steps", type=int, default=20, help="sampling steps")
     d.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm++", "euler"])
     d.add_argument("--budget", type=float, default=0.5, help="fraction of branch FLOPs to remove, in (0, 1)")
@@ -156,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp = sub.add_parser("learn", help="learn a schedule for a bundled model and save it as JSON",
                         description="Train the L2C router along the sampler's trajectory and rank its scores to a "
                                     "FLOPs budget.")
-    common(lp)
+    common(lp, forecast=True)
     lp.add_argument("--steps", type=int, default=20)
     lp.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm++", "euler"])
     lp.add_argument("--budget", type=float, default=0.4, help="fraction of branch FLOPs to remove, in (0, 1)")

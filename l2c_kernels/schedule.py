@@ -12,6 +12,11 @@ On disk a schedule is versioned, human-readable JSON::
      "num_blocks": 12, "branches": ["attn1", "ff"], "timesteps": [981, 961, ...],
      "plan": [["CC", "CC", ...], ["CR", "B", ...], ...],   # [step][block] -> one letter per branch, or "B"
      "method": "learned", "params": {...}, "branch_flops": {"attn1": ..., "ff": ...}}
+
+``"forecast"`` says what a reused branch contributes: ``"none"`` (default) its last computed output;
+``"linear"`` the first-order extrapolation from its last two computations at steps ``s0 < s1``,
+``y1 + (s - s1) / (s1 - s0) * (y1 - y0)`` at step ``s`` (the last output while only one exists).
+Both are fixed by the schedule before sampling, so either runs inside one CUDA graph per step plan.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import Any, Sequence
 FORMAT = "l2c-schedule"
 VERSION = 1
 KNOWN_BRANCHES = ("attn1", "attn2", "ff")
+FORECASTS = ("none", "linear")
 COMPUTE, REUSE, BLOCK = "C", "R", "B"
 
 
@@ -50,6 +56,7 @@ class Schedule:
     params: dict = field(default_factory=dict)
     branch_flops: dict = field(default_factory=dict)
     attn2_cache: str = "per_sample"  # or "cfg_mean" (T-GATE: cache the mean of the CFG halves)
+    forecast: str = "none"           # or "linear": extrapolate reused branch outputs (module docstring)
 
     def __post_init__(self):
         self.timesteps = [_as_number(t) for t in self.timesteps]
@@ -61,7 +68,7 @@ class Schedule:
     @classmethod
     def from_mask(cls, model, timesteps: Sequence[int], mask, branches: Sequence[str] | None = None,
                   block_reuse=None, method: str = "manual", params: dict | None = None,
-                  attn2_cache: str = "per_sample") -> "Schedule":
+                  attn2_cache: str = "per_sample", forecast: str = "none") -> "Schedule":
         """Build from ``mask[step][block][branch]`` (True = compute) for ``model``.
 
         ``block_reuse[step][block]`` (optional, True = skip the whole block and re-add its cached
@@ -95,7 +102,7 @@ class Schedule:
                      for e in row] for row in plan]
         return cls(timesteps=list(timesteps), plan=plan, branches=model_branches, num_blocks=nblocks,
                    model_class=model_class, method=method, params=dict(params or {}),
-                   branch_flops=flops, attn2_cache=attn2_cache)
+                   branch_flops=flops, attn2_cache=attn2_cache, forecast=forecast)
 
     @classmethod
     def full(cls, model, timesteps: Sequence[int]) -> "Schedule":
@@ -148,7 +155,7 @@ class Schedule:
         per_step = [1.0 - sum(sum(b) for b in row) / max(1, sum(len(b) for b in row)) for row in m]
         per_branch = {br: 1.0 - sum(blk[i] for row in m for blk in row) / max(1, self.num_steps * self.num_blocks)
                       for i, br in enumerate(self.branches)}
-        out = dict(model_class=self.model_class, method=self.method, steps=self.num_steps,
+        out = dict(model_class=self.model_class, method=self.method, forecast=self.forecast, steps=self.num_steps,
                    blocks=self.num_blocks, branches=self.branches,
                    removed_fraction=round(self.removed_fraction(), 4),
                    flops_removed_fraction=round(self.flops_removed_fraction(), 4),
@@ -161,7 +168,8 @@ class Schedule:
     def format_summary(self) -> str:
         s = self.summary()
         lines = [f"{s['method']} schedule for {s['model_class']}: {s['steps']} steps x {s['blocks']} blocks x "
-                 f"{'/'.join(s['branches'])}",
+                 f"{'/'.join(s['branches'])}" + (f", reused outputs forecast: {s['forecast']}"
+                                                  if s["forecast"] != "none" else ""),
                  f"  branch computations removed: {100 * s['removed_fraction']:.1f}%   "
                  f"branch FLOPs removed: {100 * s['flops_removed_fraction']:.1f}%   "
                  f"ideal speedup of the blocks: {s['ideal_speedup']:.2f}x",
@@ -180,6 +188,8 @@ class Schedule:
             raise ScheduleError(f"duplicate branch names in {self.branches}")
         if self.attn2_cache not in ("per_sample", "cfg_mean"):
             raise ScheduleError(f"attn2_cache must be 'per_sample' or 'cfg_mean', got {self.attn2_cache!r}")
+        if self.forecast not in FORECASTS:
+            raise ScheduleError(f"forecast must be one of {FORECASTS}, got {self.forecast!r}")
         if self.num_steps == 0:
             raise ScheduleError("a schedule needs at least one step")
         if len(self.plan) != self.num_steps:
@@ -225,7 +235,7 @@ class Schedule:
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict:
         return dict(format=FORMAT, version=VERSION, model_class=self.model_class, num_blocks=self.num_blocks,
-                    branches=self.branches, attn2_cache=self.attn2_cache, method=self.method,
+                    branches=self.branches, attn2_cache=self.attn2_cache, forecast=self.forecast, method=self.method,
                     params=self.params, branch_flops=self.branch_flops, timesteps=self.timesteps,
                     plan=self.plan)
 
@@ -242,7 +252,7 @@ class Schedule:
         return cls(timesteps=d["timesteps"], plan=d["plan"], branches=d["branches"], num_blocks=int(d["num_blocks"]),
                    model_class=d.get("model_class", ""), method=d.get("method", "manual"),
                    params=d.get("params", {}), branch_flops=d.get("branch_flops", {}),
-                   attn2_cache=d.get("attn2_cache", "per_sample"))
+                   attn2_cache=d.get("attn2_cache", "per_sample"), forecast=d.get("forecast", "none"))
 
     def to_json(self) -> str:
         """JSON with one field per line and one plan row (a step) per line."""

@@ -17,11 +17,11 @@ def _facts(model):
     return ad.num_blocks(model), ad.branches(model), ad.branch_flops(model)
 
 
-def _make(model, timesteps, plan, method, params, attn2_cache="per_sample") -> Schedule:
+def _make(model, timesteps, plan, method, params, attn2_cache="per_sample", forecast="none") -> Schedule:
     nb, branches, flops = _facts(model)
     return Schedule(timesteps=list(timesteps), plan=plan, branches=branches, num_blocks=nb,
                     model_class=type(getattr(model, "original_model", model)).__name__, method=method,
-                    params=params, branch_flops=flops, attn2_cache=attn2_cache)
+                    params=params, branch_flops=flops, attn2_cache=attn2_cache, forecast=forecast)
 
 
 def full(model, timesteps: Sequence[int]) -> Schedule:
@@ -30,13 +30,14 @@ def full(model, timesteps: Sequence[int]) -> Schedule:
     return _make(model, timesteps, [[COMPUTE * len(branches)] * nb for _ in timesteps], "full", {})
 
 
-def uniform(model, timesteps: Sequence[int], interval: int = 2) -> Schedule:
-    """FORA: recompute every branch every ``interval`` steps, reuse all of them in between."""
+def uniform(model, timesteps: Sequence[int], interval: int = 2, forecast: str = "none") -> Schedule:
+    """FORA: recompute every branch every ``interval`` steps, reuse all of them in between
+    (``forecast="linear"``: extrapolated from the last two computations, see :class:`Schedule`)."""
     if interval < 1:
         raise ValueError(f"interval must be >= 1, got {interval}")
     nb, branches, _ = _facts(model)
     plan = [[(COMPUTE if i % interval == 0 else REUSE) * len(branches)] * nb for i in range(len(timesteps))]
-    return _make(model, timesteps, plan, "uniform", dict(interval=interval))
+    return _make(model, timesteps, plan, "uniform", dict(interval=interval), forecast=forecast)
 
 
 def deepcache(model, timesteps: Sequence[int], interval: int = 3, keep_first: int = 2, keep_last: int = 1,

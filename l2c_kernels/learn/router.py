@@ -29,17 +29,19 @@ class RouterResult:
     history: list = field(default_factory=list)
     seconds: float = 0.0
     mask: torch.Tensor | None = None   # [steps, blocks, branches], True = compute: the best hard schedule measured
-    calibration_mse: float | None = None
+    forecast: str = "none"             # how the best schedule's reused outputs are formed
+    calibration_error: float | None = None  # of the best schedule: see _calibration_error
     candidates: int = 0
 
 
-def _rollout(den: Denoiser, x: torch.Tensor, w_all: torch.Tensor | None, keep_path: bool) -> tuple:
+def _rollout(den: Denoiser, x: torch.Tensor, w_all: torch.Tensor | None, keep_path: bool,
+             forecast: str = "none") -> tuple:
     """Sample from noise ``x``; ``w_all[s]`` are the compute weights of step s (None: full compute)."""
     model = den.transformer
     ad = adapter_for(model)
     sched = den.make_scheduler()
     sched.set_timesteps(len(den._timesteps))
-    caches = SoftCaches(ad.num_blocks(model), len(ad.branches(model)))
+    caches = SoftCaches(ad.num_blocks(model), len(ad.branches(model)), forecast)
     path = []
     x = x * sched.init_noise_sigma
     for s, t in enumerate(sched.timesteps):
@@ -59,7 +61,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                  trajectory_weight: float = 0.5, init_logit: float = 3.0, seed: int = 0,
                  labels=None, prompts=None, progress: bool = True, log_every: int = 5,
                  hard_fraction: float = 0.5, calibration_samples: int = 8,
-                 refine_evaluations: int = 0, structured_candidates: bool = True) -> RouterResult:
+                 refine_evaluations: int = 0, structured_candidates: bool = True,
+                 forecast: str = "auto") -> RouterResult:
     """Train router logits for ``obj`` (bundled model, its name, or a DiT/PixArt pipeline).
 
     The first ``1 - hard_fraction`` of the iterations use soft caches with the adaptive FLOPs
@@ -79,9 +82,18 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     computing again its reused cells with the highest router scores: the learned scores decide which
     cells of a good step structure to keep, and the calibration error decides between structures.
 
+    ``forecast``: what reused branch outputs are (see :class:`~l2c_kernels.Schedule`): ``"none"`` (the
+    last computed output), ``"linear"`` (extrapolated from the last two), or ``"auto"`` (default): the
+    router trains with linear-forecast caches and every candidate is measured both ways; the better
+    one is returned (``RouterResult.forecast``).
+
     With a bundled model and no ``labels``/``prompts``, every iteration draws new classes (captions)
     as well as new noise.
     """
+    if forecast not in ("auto", "none", "linear"):
+        raise ValueError(f"forecast must be 'auto', 'none' or 'linear', got {forecast!r}")
+    train_forecast = "none" if forecast == "none" else "linear"
+    forecasts = ("none", "linear") if forecast == "auto" else (forecast,)
     from ..models import BundledModel
 
     torch.manual_seed(seed)
@@ -120,8 +132,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         cx = torch.randn((cden.num_samples,) + tuple(cden.latent_shape), generator=cg).to(device, dtype)
         with torch.no_grad():
             cref, _ = _rollout(cden, cx, None, keep_path=False)
-        calib = (cden, cx, cref)
-    best_mask, best_err, seen = None, float("inf"), {}
+        calib = _Calibration(cden, cx, cref, model, timesteps, forecasts)
+    best, seen = _Best(), {}
     bar = tqdm(range(iterations), desc="learning schedule", disable=not progress)
     for it in bar:
         if vary and it > 0:
@@ -135,9 +147,9 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         if hard:
             mask = _budget_mask(w.detach(), cost, hard_budget)
             if calib is not None:
-                best_mask, best_err = _consider(calib, mask, ones, seen, best_mask, best_err)
+                _consider(calib, mask, seen, best)
             w = mask + w - w.detach()  # straight-through: hard forward, sigmoid gradient
-        student, spath = _rollout(den, x, torch.cat([ones, w]), keep_path=True)
+        student, spath = _rollout(den, x, torch.cat([ones, w]), keep_path=True, forecast=train_forecast)
         scale = teacher.pow(2).mean().clamp_min(1e-8)
         final = (student - teacher).pow(2).mean() / scale
         traj = torch.stack([(a - b).pow(2).mean() for a, b in zip(spath, tpath)]).mean() / scale
@@ -154,45 +166,87 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             h = dict(iteration=it, hard=bool(hard), loss=round(loss.item(), 6), final_mse=round(final.item(), 6),
                      keep=round(keep.item(), 4), lam=round(lam.item(), 6))
             if hard and calib is not None:
-                h["calibration_mse_best"] = best_err
+                h["calibration_error_best"] = best.err
             hist.append(h)
         bar.set_postfix(final=f"{final.item():.2e}", keep=f"{keep.item():.2f}")
     scores = torch.cat([torch.ones((1, nb, len(branches))), torch.sigmoid(logits.detach()).cpu()])
     if calib is not None and hard_fraction > 0:  # the schedule the final scores rank to is a candidate too
         mask = _budget_mask(scores[1:].to(device), cost, hard_budget)
-        best_mask, best_err = _consider(calib, mask, ones, seen, best_mask, best_err)
+        _consider(calib, mask, seen, best)
     if calib is not None and hard_fraction > 0 and structured_candidates:
         for mask in _structured_masks(model, timesteps, scores[1:].to(device), cost, hard_budget):
-            best_mask, best_err = _consider(calib, mask, ones, seen, best_mask, best_err)
-    refine_hist = []
-    if best_mask is not None and refine_evaluations > 0:
-        best_mask, best_err, refine_hist = _refine_mask(calib, best_mask, best_err, ones, refine_evaluations)
-        hist.append(dict(refined=True, evaluations=len(refine_hist), calibration_mse_best=best_err))
-    res = RouterResult(scores=scores, timesteps=timesteps, history=hist, seconds=time.time() - t0)
-    if best_mask is not None:
-        res.mask = torch.cat([torch.ones((1, nb, len(branches))), best_mask.cpu()]).bool()
-        res.calibration_mse = best_err
-        res.candidates = len(seen)
+            _consider(calib, mask, seen, best)
+    if best.mask is not None and refine_evaluations > 0:
+        best.mask, best.err, refine_hist = _refine_mask(calib, best.mask, best.err, ones, refine_evaluations,
+                                                         best.forecast)
+        hist.append(dict(refined=True, evaluations=len(refine_hist), calibration_error_best=best.err))
+    res = RouterResult(scores=scores, timesteps=timesteps, history=hist, seconds=time.time() - t0,
+                       forecast=train_forecast)
+    if best.mask is not None:
+        res.mask = torch.cat([torch.ones((1, nb, len(branches))), best.mask.cpu()]).bool()
+        res.forecast = best.forecast
+        res.calibration_error = best.err
+        res.candidates = len({key for key, _ in seen})  # distinct masks (each measured per forecast mode)
     return res
 
 
-def _calibration_error(calib, mask: torch.Tensor, ones: torch.Tensor) -> float:
-    """Mean squared error of the final sample under hard ``mask`` against full compute."""
-    cden, cx, cref = calib
+@dataclass
+class _Calibration:
+    """The batch hard schedules are measured on: its denoiser, noise and full-compute samples."""
+
+    den: Denoiser
+    noise: torch.Tensor
+    reference: torch.Tensor
+    model: torch.nn.Module
+    timesteps: list
+    forecasts: tuple
+
+
+@dataclass
+class _Best:
+    mask: torch.Tensor | None = None   # [steps-1, blocks, branches], 1 = compute
+    err: float = float("inf")
+    forecast: str = "none"
+
+
+def _calibration_error(calib: _Calibration, mask: torch.Tensor, forecast: str) -> float:
+    """Error of the final calibration samples when the hard ``mask`` (steps 1..) runs through
+    ``compile_schedule`` with ``forecast`` (the runtime the schedule will use), against full compute:
+    the mean over samples of ``10 log10(MSE)`` of each sample, in dB (lower is better; minus the mean
+    per-image PSNR, up to the constant ``10 log10(range^2)``).
+
+    Per sample, then averaged in the log domain: the MSE of the whole batch is dominated by its one or
+    two worst samples, and which schedule has them on a small calibration batch is luck; the mean log
+    error measures the typical image and ranks schedules the same way on other samples."""
+    from ..runtime import compile_schedule
+
+    den, model = calib.den, calib.model
+    full = torch.cat([torch.ones_like(mask[:1]), mask]).bool().cpu()
+    fast = compile_schedule(model, Schedule.from_mask(model, calib.timesteps, full, forecast=forecast))
+    sched = den.make_scheduler()
+    sched.set_timesteps(len(calib.timesteps))
+    x = calib.noise * sched.init_noise_sigma
     with torch.no_grad():
-        out, _ = _rollout(cden, cx, torch.cat([ones, mask]), keep_path=False)
-    return (out - cref).pow(2).mean().item()
+        for s, t in enumerate(sched.timesteps):
+            xin = sched.scale_model_input(den.batch(x), t)
+            tt = torch.full((xin.shape[0],), float(t) if t.is_floating_point() else int(t), device=x.device)
+            fast.set_step(s)
+            out = fast(**dict(den.cond_args, hidden_states=xin, timestep=tt)).sample
+            x = sched.step(den.guided(out), t, x).prev_sample
+    per_sample = (x.clamp(-1, 1) - calib.reference.clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return (10.0 * torch.log10(per_sample.double().clamp_min(1e-20))).mean().item()
 
 
-def _consider(calib, mask: torch.Tensor, ones: torch.Tensor, seen: dict, best_mask, best_err: float) -> tuple:
-    """Measure ``mask`` on the calibration batch once (``seen`` remembers every mask measured) and
-    return the better of it and ``(best_mask, best_err)``."""
+def _consider(calib: _Calibration, mask: torch.Tensor, seen: dict, best: _Best) -> None:
+    """Measure ``mask`` on the calibration batch once per forecast mode (``seen`` remembers every
+    measurement) and keep it in ``best`` if it beats it."""
     key = bytes(mask.to(torch.uint8).flatten().tolist())
-    if key not in seen:
-        seen[key] = _calibration_error(calib, mask, ones)
-        if seen[key] < best_err:
-            return mask.clone(), seen[key]
-    return best_mask, best_err
+    for fc in calib.forecasts:
+        if (key, fc) in seen:
+            continue
+        err = seen[(key, fc)] = _calibration_error(calib, mask, fc)
+        if err < best.err:
+            best.mask, best.err, best.forecast = mask.clone(), err, fc
 
 
 def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor, budget: float,
@@ -223,11 +277,11 @@ def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor
     return out
 
 
-def _refine_mask(calib, mask: torch.Tensor, err: float, ones: torch.Tensor, evaluations: int,
-                 per_round: int = 4) -> tuple:
+def _refine_mask(calib: _Calibration, mask: torch.Tensor, err: float, ones: torch.Tensor, evaluations: int,
+                 forecast: str = "none", per_round: int = 4) -> tuple:
     """Local search on the measured calibration error of a hard mask ``[steps-1, blocks, branches]``
     (1 = compute); every move swaps a computed and a reused branch of the same kind."""
-    cden, cx, cref = calib
+    cden, cx, cref = calib.den, calib.noise, calib.reference
     tried: set = set()
     hist = []
     used = 0
@@ -235,7 +289,7 @@ def _refine_mask(calib, mask: torch.Tensor, err: float, ones: torch.Tensor, eval
     while used < evaluations:
         if g is None:  # gradient of the measured error at the current mask
             w = mask.clone().requires_grad_(True)
-            out, _ = _rollout(cden, cx, torch.cat([ones, w]), keep_path=False)
+            out, _ = _rollout(cden, cx, torch.cat([ones, w]), keep_path=False, forecast=forecast)
             (out - cref).pow(2).mean().backward()
             g = w.grad.detach()
         cands = []
@@ -264,7 +318,7 @@ def _refine_mask(calib, mask: torch.Tensor, err: float, ones: torch.Tensor, eval
             a0, a1, b0, b1, i = key
             m2 = mask.clone()
             m2[a0, a1, i], m2[b0, b1, i] = 0.0, 1.0
-            e2 = _calibration_error(calib, m2, ones)
+            e2 = _calibration_error(calib, m2, forecast)
             used += 1
             hist.append(e2)
             if e2 < err:
@@ -289,7 +343,7 @@ def _budget_mask(scores: torch.Tensor, cost: torch.Tensor, budget: float) -> tor
 
 def schedule_from_scores(model, timesteps, scores: torch.Tensor, *, budget: float | None = None,
                          threshold: float | None = None, method: str = "learned", params: dict | None = None,
-                         attn2_cache: str = "per_sample") -> Schedule:
+                         attn2_cache: str = "per_sample", forecast: str = "none") -> Schedule:
     """A static schedule from router scores: at a FLOPs ``budget`` (remove the lowest-scored branches
     until that fraction of branch FLOPs is removed) or at a ``threshold`` (compute where score > threshold).
     Step 0 always computes everything."""
@@ -325,7 +379,7 @@ def schedule_from_scores(model, timesteps, scores: torch.Tensor, *, budget: floa
     p.update(budget=budget, threshold=threshold)
     return Schedule(timesteps=list(timesteps), plan=plan, branches=branches, num_blocks=nb,
                     model_class=type(getattr(model, "original_model", model)).__name__, method=method,
-                    params=p, branch_flops=flops, attn2_cache=attn2_cache)
+                    params=p, branch_flops=flops, attn2_cache=attn2_cache, forecast=forecast)
 
 
 def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, scheduler: str = "ddim",
@@ -350,9 +404,12 @@ def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, s
                   batch_size=batch_size, seed=seed, train_seconds=round(res.seconds, 1), history=res.history,
                   scores=[[[round(v, 4) for v in blk] for blk in row] for row in res.scores.tolist()])
     if threshold is not None:
-        return schedule_from_scores(model, res.timesteps, res.scores, threshold=threshold, params=params)
+        return schedule_from_scores(model, res.timesteps, res.scores, threshold=threshold, params=params,
+                                    forecast=res.forecast)
     if res.mask is not None:  # the hard schedule with the lowest measured error on the calibration batch
-        params.update(budget=budget, threshold=None, calibration_mse=res.calibration_mse,
+        params.update(budget=budget, threshold=None, calibration_error_db=res.calibration_error,
                       candidates_measured=res.candidates)
-        return Schedule.from_mask(model, res.timesteps, res.mask, method="learned", params=params)
-    return schedule_from_scores(model, res.timesteps, res.scores, budget=budget, params=params)
+        return Schedule.from_mask(model, res.timesteps, res.mask, method="learned", params=params,
+                                  forecast=res.forecast)
+    return schedule_from_scores(model, res.timesteps, res.scores, budget=budget, params=params,
+                                forecast=res.forecast)

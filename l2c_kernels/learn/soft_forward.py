@@ -4,6 +4,14 @@ Every branch is computed; its output is mixed with the cache as ``w * fresh + (1
 and the mix becomes the new cache, so the cache a branch would reuse at inference (possibly
 several steps old) is what the router is trained against. ``w`` is 1 for a branch with an empty
 cache (the first step).
+
+With ``forecast="linear"`` the cache is extrapolated the way a linear-forecast schedule does it:
+each branch carries its anchor ``a`` (last computed output), slope ``d`` (per step) and the age
+``k`` of the anchor; the reused value at a step is ``c + d`` (one step on from the previous
+value ``c``), and a step mixing in a fresh output ``y`` with weight ``w`` updates
+``d <- w (y - a) / k + (1 - w) d``, ``a <- w y + (1 - w) a``, ``k <- 1 + (1 - w) k``. For ``w`` in
+{0, 1} this is exactly ``y1 + (s - s1) / (s1 - s0) (y1 - y0)`` of the runtime; in between it
+is differentiable in ``w``.
 """
 from __future__ import annotations
 
@@ -15,8 +23,32 @@ from ..adapters import StepInputs, adapter_for
 class SoftCaches:
     """Per (block, branch) cached outputs carried along one sampling trajectory."""
 
-    def __init__(self, num_blocks: int, num_branches: int):
+    def __init__(self, num_blocks: int, num_branches: int, forecast: str = "none"):
+        if forecast not in ("none", "linear"):
+            raise ValueError(f"forecast must be 'none' or 'linear', got {forecast!r}")
+        self.forecast = forecast
         self.values: list[list[torch.Tensor | None]] = [[None] * num_branches for _ in range(num_blocks)]
+        # linear forecast state per (block, branch): (anchor, slope, age) or None before the first output
+        self.linear: list[list[tuple | None]] = [[None] * num_branches for _ in range(num_blocks)]
+
+    def mix(self, b: int, i: int, y: torch.Tensor, w) -> torch.Tensor:
+        """The value branch (b, i) contributes at this step when its fresh output is ``y``, weight ``w``."""
+        c = self.values[b][i]
+        if self.forecast == "none":
+            mixed = y if (c is None or w is None) else w * y + (1 - w) * c
+        else:
+            st = self.linear[b][i]
+            if st is None or w is None:
+                w = 1.0
+            if st is None:  # the first output: nothing to extrapolate from yet
+                mixed, st = y, (y, torch.zeros_like(y), 1.0)
+            else:
+                a, d, k = st
+                mixed = w * y + (1 - w) * (c + d)
+                st = (w * y + (1 - w) * a, w * (y - a) / k + (1 - w) * d, 1.0 + (1 - w) * k)
+            self.linear[b][i] = st
+        self.values[b][i] = mixed
+        return mixed
 
 
 def soft_forward(model, args: dict, w: torch.Tensor | None, caches: SoftCaches,
@@ -38,9 +70,7 @@ def soft_forward(model, args: dict, w: torch.Tensor | None, caches: SoftCaches,
                 y = ad.compute_branch(block, name, h, bctx, ctx)
                 if record is not None:
                     record.append((b, i, y.detach()))
-                c = caches.values[b][i]
-                mixed = y if (c is None or w is None) else w[b, i] * y + (1 - w[b, i]) * c
-                caches.values[b][i] = mixed
+                mixed = caches.mix(b, i, y, None if w is None else w[b, i])
                 gate = ad.branch_gate(name, bctx)
                 h = h + (mixed if gate is None else gate[:, None, :] * mixed)
         return ad.finish(model, h, ctx, inputs)

@@ -191,7 +191,7 @@ class CachedTransformer(nn.Module):
                                         f"generation (start at step 0, or call reset())")
                 continue
             for i, c in enumerate(bp.compute):
-                if not c and (b, i) not in caches.filled:
+                if not c and ((b, i) not in caches.filled or (bp.coef[i] and ("diff", b, i) not in caches.filled)):
                     raise ScheduleError(
                         f"step {step} reuses {plan.branches[i]} of block {b} but that cache was not filled in this "
                         f"generation (start at step 0, or call reset())")
@@ -208,6 +208,8 @@ class CachedTransformer(nn.Module):
                     caches.filled.add((b, i))
                     if collapsed and not (plan.attn2_cfg_mean and plan.branches[i] == "attn2"):
                         caches.half_dirty.add((b, i))
+                if bp.store_diff[i]:  # never at a collapsed step (forecast schedules do not collapse)
+                    caches.filled.add(("diff", b, i))
 
     # ------------------------------------------------------------ CFG collapse
     _PER_SAMPLE_TEXT = ("encoder_hidden_states", "encoder_attention_mask")
@@ -293,6 +295,8 @@ class CachedTransformer(nn.Module):
                                      f"guidance halves, which needs an even batch; got batch {h.shape[0]}")
                 if bp.compute[i]:
                     y = ad.compute_branch(block, name, h, bctx, ctx)
+                    if bp.store_diff[i]:  # diff <- y - (the output stored at the branch's previous computation)
+                        ops.residual_delta_store_(caches.diff_buffer(b, i), y, caches.branch_buffer(b, i))
                     if cfg_mean and bp.store[i]:
                         ops.cfg_mean_store_(h, y, caches.branch_buffer(b, i, half=True))
                     else:
@@ -306,6 +310,12 @@ class CachedTransformer(nn.Module):
                         ops.gated_residual_(h[half:], cache)
                 else:
                     ops.gated_residual_(h, per_sample(caches.branch_buffer(b, i)), gate)
+                    if bp.coef[i]:  # linear forecast: + a * (y1 - y0), under the same gate
+                        diff = caches.diff_buffer(b, i)
+                        if gate is None:
+                            h.add_(diff, alpha=bp.coef[i])
+                        else:
+                            ops.gated_residual_(h, diff, gate * bp.coef[i])
             if bp.store_delta:
                 ops.residual_delta_store_(per_sample(caches.delta_buffer(b)), h, inp)
         return h
@@ -338,6 +348,8 @@ class CachedTransformer(nn.Module):
             for i, st in enumerate(bp.store):
                 if st:
                     caches.filled.add((b, i))
+                if bp.store_diff[i]:
+                    caches.filled.add(("diff", b, i))
         return h
 
     def end_step(self, step: int) -> None:

@@ -5,7 +5,8 @@ import torch
 
 
 class CacheSet:
-    """Branch caches ``[B, N, C]`` (``[B/2, N, C]`` for CFG-mean cross-attention) and block residuals.
+    """Branch caches ``[B, N, C]`` (``[B/2, N, C]`` for CFG-mean cross-attention), the differences of a
+    branch's last two outputs (``forecast="linear"`` schedules) and block residuals.
 
     Buffers are allocated on first use and live outside any CUDA graph, so graphs of different
     steps read what other steps wrote. ``filled`` records, on the host, which caches hold data
@@ -17,6 +18,7 @@ class CacheSet:
         self.dtype, self.device = like.dtype, like.device
         self.branch: dict[tuple[int, int], torch.Tensor] = {}
         self.delta: dict[int, torch.Tensor] = {}
+        self.diff: dict[tuple[int, int], torch.Tensor] = {}
         self.filled: set = set()
         self.half_dirty: set = set()  # caches whose second half was written by a collapsed (half-batch) step
 
@@ -28,6 +30,12 @@ class CacheSet:
             self.branch[(block, branch)] = buf
         return buf
 
+    def diff_buffer(self, block: int, branch: int) -> torch.Tensor:
+        buf = self.diff.get((block, branch))
+        if buf is None:
+            buf = self.diff[(block, branch)] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return buf
+
     def delta_buffer(self, block: int) -> torch.Tensor:
         buf = self.delta.get(block)
         if buf is None:
@@ -36,4 +44,4 @@ class CacheSet:
         return buf
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in list(self.branch.values()) + list(self.delta.values()))
+        return sum(t.numel() * t.element_size() for t in [*self.branch.values(), *self.delta.values(), *self.diff.values()])

@@ -2,7 +2,9 @@
 
 Because the schedule is static, the runtime knows before sampling which cache writes are ever
 read: a branch output is stored only when a later step reuses it before recomputing it, and a
-block residual only when a later step reuses the whole block. Steps with the same plan share
+block residual only when a later step reuses the whole block. With ``forecast="linear"`` the
+extrapolation coefficient of every reuse is fixed here too, and the difference of the last two
+outputs is stored only where a later reuse extrapolates with it. Steps with the same plan share
 one plan object (and, on GPU, one CUDA graph).
 """
 from __future__ import annotations
@@ -18,6 +20,10 @@ class BlockPlan:
     compute: tuple[bool, ...]    # per branch: compute (True) or reuse the cached raw output
     store: tuple[bool, ...]      # per branch: write the raw output to the cache (only if computed)
     store_delta: bool            # write the block residual (out - in) to the block cache
+    # forecast="linear": per branch, the reuse coefficient a (reused output = cache + a * diff; 0: cache
+    # alone) and whether a computing step writes diff <- fresh - cache before storing the fresh output
+    coef: tuple[float, ...] = ()
+    store_diff: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -40,17 +46,33 @@ def compile_plans(schedule: Schedule) -> list[StepPlan]:
     """One :class:`StepPlan` per step, identical plans interned to one object."""
     nsteps, nblocks, nbr = schedule.num_steps, schedule.num_blocks, len(schedule.branches)
     plan = schedule.plan
+    cfg_mean_branch = (schedule.branches.index("attn2") if schedule.attn2_cache == "cfg_mean"
+                       and "attn2" in schedule.branches else None)
 
-    def next_use(s: int, b: int, i: int | None) -> str | None:
-        """What happens next to the cache of (block b, branch i) after step s (i None: block residual)."""
-        for s2 in range(s + 1, nsteps):
-            e = plan[s2][b]
-            if i is None:
-                return "reuse" if e == BLOCK else "run"
-            if e == BLOCK:
-                continue
-            return "reuse" if e[i] == REUSE else "compute"
-        return None
+    def block_reused_next(s: int, b: int) -> bool:
+        """The next step skips block ``b`` and re-adds the residual this step stores."""
+        return s + 1 < nsteps and plan[s + 1][b] == BLOCK
+
+    # per (block, branch): what each step does with the branch cache
+    coef = [[[0.0] * nbr for _ in range(nblocks)] for _ in range(nsteps)]
+    store = [[[False] * nbr for _ in range(nblocks)] for _ in range(nsteps)]
+    store_diff = [[[False] * nbr for _ in range(nblocks)] for _ in range(nsteps)]
+    linear = schedule.forecast == "linear"
+    for b in range(nblocks):
+        for i in range(nbr):
+            extrapolate = linear and i != cfg_mean_branch
+            computed = [s for s in range(nsteps) if plan[s][b] != BLOCK and plan[s][b][i] == COMPUTE]
+            for k, s1 in enumerate(computed):
+                end = computed[k + 1] if k + 1 < len(computed) else nsteps
+                reuses = [s for s in range(s1 + 1, end) if plan[s][b] != BLOCK and plan[s][b][i] == REUSE]
+                if not reuses:
+                    continue
+                store[s1][b][i] = True
+                if extrapolate and k > 0:
+                    s0 = computed[k - 1]
+                    store_diff[s1][b][i] = store[s0][b][i] = True
+                    for s in reuses:
+                        coef[s][b][i] = (s - s1) / (s1 - s0)
 
     interned: dict[tuple, StepPlan] = {}
     out = []
@@ -59,11 +81,11 @@ def compile_plans(schedule: Schedule) -> list[StepPlan]:
         for b in range(nblocks):
             e = plan[s][b]
             if e == BLOCK:
-                blocks.append(BlockPlan(True, (False,) * nbr, (False,) * nbr, False))
+                blocks.append(BlockPlan(True, (False,) * nbr, (False,) * nbr, False, (0.0,) * nbr, (False,) * nbr))
                 continue
             compute = tuple(c == COMPUTE for c in e)
-            store = tuple(compute[i] and next_use(s, b, i) == "reuse" for i in range(nbr))
-            blocks.append(BlockPlan(False, compute, store, next_use(s, b, None) == "reuse"))
+            blocks.append(BlockPlan(False, compute, tuple(store[s][b]), block_reused_next(s, b),
+                                    tuple(coef[s][b]), tuple(store_diff[s][b])))
         sp = StepPlan(tuple(blocks), tuple(schedule.branches), schedule.attn2_cache == "cfg_mean")
         out.append(interned.setdefault(sp.key, sp))
     return out
@@ -77,7 +99,8 @@ def collapsible_steps(schedule: Schedule) -> list[bool]:
     identical across the halves too). Given identical latents and timesteps in both halves, the
     transformer can then run on one half and return it for both (T-GATE's CFG collapse).
     """
-    if schedule.attn2_cache != "cfg_mean" or "attn2" not in schedule.branches:
+    if schedule.attn2_cache != "cfg_mean" or "attn2" not in schedule.branches or schedule.forecast != "none":
+        # (an extrapolated output mixes caches written at different steps: no collapse is proven for it)
         return [False] * schedule.num_steps
     a2 = schedule.branches.index("attn2")
     nbr = len(schedule.branches)

@@ -90,15 +90,14 @@ def test_calibrated_pick_is_the_best_measured_hard_schedule_and_refinement_only_
     assert bool(res.mask[0].all()), "the first step must compute everything"
     assert 1 <= res.candidates <= 4  # 3 hard iterations + the final ranking, duplicates measured once
     # the returned error is the mask's real error on the calibration batch, measured independently
-    ones = torch.ones((1, 2, 2))
-    err = _calibration_error(_calibration_batch(bundle, res.timesteps), res.mask[1:].float(), ones)
-    assert err == pytest.approx(res.calibration_mse, rel=1e-5)
-    # the schedule learn_schedule returns is that mask, at the requested budget
+    err = _calibration_error(_calibration_batch(bundle, res.timesteps), res.mask[1:].float(), res.forecast)
+    assert err == pytest.approx(res.calibration_error, rel=1e-5)
+    # the schedule learn_schedule returns is that mask, at the requested budget, with its forecast mode
     s = l2c.learn.learn_schedule(bundle, 5, **kw)
-    assert torch.equal(torch.tensor(s.compute_mask()), res.mask)
+    assert torch.equal(torch.tensor(s.compute_mask()), res.mask) and s.forecast == res.forecast
     # local search keeps the FLOPs and never makes the measured error worse
     ref_res = train_router(bundle, 5, refine_evaluations=4, **kw)
-    assert ref_res.calibration_mse <= res.calibration_mse + 1e-12
+    assert ref_res.calibration_error <= res.calibration_error + 1e-12
     assert int(ref_res.mask.sum()) == int(res.mask.sum())
 
 
@@ -117,22 +116,51 @@ def test_structured_candidates_hit_the_budget_and_the_pick_is_no_worse_than_any_
     cands = _structured_masks(model, res.timesteps, res.scores[1:], cost, hard_budget)
     assert cands, "some structured masks remove at least the budget"
     calib = _calibration_batch(bundle, res.timesteps)
-    ones = torch.ones((1, 2, 2))
     for m in cands + [res.mask[1:].float()]:
         removed = float(((1 - m) * cost).sum() / cost.sum())
         assert hard_budget - 1e-6 <= removed < hard_budget + largest + 1e-6
-    for m in cands:  # the returned mask is the best measured one
-        assert _calibration_error(calib, m, ones) >= res.calibration_mse - 1e-12
+    for m in cands:  # the returned mask and forecast mode are the best measured ones
+        for fc in ("none", "linear"):
+            assert _calibration_error(calib, m, fc) >= res.calibration_error * (1 - 1e-5)
 
 
 def _calibration_batch(bundle, timesteps, samples=2, seed=7919):
     """The router's calibration batch, rebuilt independently: denoiser, noise, full-compute result."""
     from l2c_kernels.learn.conditioning import denoiser_for
-    from l2c_kernels.learn.router import _rollout
+    from l2c_kernels.learn.router import _Calibration, _rollout
 
     cden = denoiser_for(bundle, samples, 1.5, "ddim", seed=seed)
     cden._timesteps = timesteps
     cx = torch.randn((samples,) + tuple(cden.latent_shape), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref, _ = _rollout(cden, cx, None, keep_path=False)
-    return cden, cx, ref
+    return _Calibration(cden, cx, ref, bundle.transformer, timesteps, ("none", "linear"))
+
+
+@pytest.mark.parametrize("make", [tiny_dit, tiny_pixart])
+def test_soft_linear_forecast_with_hard_weights_is_the_runtime_schedule(make):
+    """Soft caches with forecast="linear" and 0/1 weights give what compile_schedule runs for that mask
+    (extrapolation from the last two computations), and stay differentiable in between."""
+    model = make(layers=2)
+    ad = l2c.adapters.adapter_for(model)
+    nbr = len(ad.branches(model))
+    inputs = dit_inputs if make is tiny_dit else pixart_inputs
+    ts = [900, 800, 700, 600, 500, 400]
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(len(ts), 2, nbr, generator=g) > 0.5
+    mask[0] = True
+    sched = l2c.Schedule.from_mask(model, ts, mask, forecast="linear")
+    fast = l2c.compile_schedule(model, sched)
+    caches = SoftCaches(2, nbr, forecast="linear")
+    for s, t in enumerate(ts):
+        want = fast(**inputs(t=t)).sample
+        got = soft_forward(model, inputs(t=t), None if s == 0 else mask[s].float(), caches)
+        assert rel_err(got.detach(), want) < 1e-5, f"step {s}"
+    caches = SoftCaches(2, nbr, forecast="linear")
+    soft_forward(model, inputs(t=900), None, caches)
+    soft_forward(model, inputs(t=800), None, caches)
+    w = torch.full((2, nbr), 0.5, requires_grad=True)
+    soft_forward(model, inputs(t=700), w, caches).pow(2).mean().backward()
+    assert w.grad is not None and torch.all(w.grad != 0)
+    with pytest.raises(ValueError, match="forecast"):
+        SoftCaches(2, nbr, forecast="cubic")

@@ -4,7 +4,8 @@ It runs the *unmodified* diffusers model and, per the schedule, records each bra
 output (``attn1`` / ``attn2`` / ``ff``) when it is computed and substitutes the recorded output
 when it is reused; the block itself then applies the current step's gate. Whole-block reuse
 records ``out - in`` of the block and returns ``in + cached``. CFG-mean cross-attention caches
-the mean of the two batch halves and substitutes it for both.
+the mean of the two batch halves and substitutes it for both. ``forecast="linear"`` substitutes
+``y1 + (s - s1) / (s1 - s0) * (y1 - y0)`` from the branch's last two computations (steps s0 < s1).
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ class HookReference:
         self.model, self.schedule = model, schedule
         self.branch_cache: dict = {}
         self.block_cache: dict = {}
+        self.history: dict = {}  # (block, branch) -> [(step, output), ...] of its computations
 
     def step(self, s: int, inputs: dict) -> torch.Tensor:
         sch, handles = self.schedule, []
+        if s == 0:  # a new generation
+            self.history.clear()
         blocks = list(self.model.transformer_blocks)
         for b, block in enumerate(blocks):
             entry = sch.plan[s][b]
@@ -47,9 +51,16 @@ class HookReference:
                             self.branch_cache[key] = ((out[:h] + out[h:]) / 2).clone()
                         else:
                             self.branch_cache[key] = out.clone()
+                            self.history[key] = (self.history.get(key, []) + [(s, out.double())])[-2:]
                         return out
                     cached = self.branch_cache[key]
-                    return torch.cat([cached, cached]) if cfg_mean else cached
+                    if cfg_mean:
+                        return torch.cat([cached, cached])
+                    hist = self.history[key]
+                    if sch.forecast == "linear" and len(hist) == 2:
+                        (s0, y0), (s1, y1) = hist
+                        return (y1 + (s - s1) / (s1 - s0) * (y1 - y0)).to(out.dtype)
+                    return cached
                 handles.append(mod.register_forward_hook(hook))
         try:
             with torch.no_grad():

@@ -21,6 +21,8 @@ def test_collapsible_steps_follow_the_gate_and_cache_ages():
     flags = collapsible_steps(s2)
     assert flags[:6] == [False] * 6 and flags[6] and flags[7]
     assert not any(collapsible_steps(schedules.uniform(m, TS, 2)))
+    # an extrapolated output mixes caches of different ages: never collapsed
+    assert not any(collapsible_steps(l2c.Schedule.from_dict(dict(s.to_dict(), forecast="linear"))))
 
 
 def test_collapse_equals_uncollapsed_run():

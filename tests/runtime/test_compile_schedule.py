@@ -311,3 +311,75 @@ def test_dit_timestep_embedding_cache_follows_timesteps_weights_and_mixed_batche
         ref = model(**mixed).sample
         fast.set_step(0)
         assert rel_err(fast(**mixed).sample, ref) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- linear forecast
+@pytest.mark.parametrize("name", list(MODELS))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_linear_forecast_random_schedules_match_hook_reference(name, data):
+    """Reused outputs extrapolated from the last two computations, against the hook reference (float64
+    extrapolation there), for random plans mixing computes, reuses and whole-block reuses."""
+    model = MODELS[name]()
+    base = _random_schedule(model, data)
+    sched = l2c.Schedule(timesteps=TS, plan=base.plan, branches=base.branches, num_blocks=base.num_blocks,
+                         model_class=base.model_class, forecast="linear")
+    inputs = inputs_for(model, batch=2)
+    fast = l2c.compile_schedule(model, sched)
+    ref = HookReference(model, sched)
+    for gen in range(2):  # a second generation must not extrapolate from the first one's outputs
+        got = run_steps(fast, sched, inputs)
+        want = run_steps(ref, sched, inputs)
+        for s, (a, b) in enumerate(zip(got, want)):
+            assert rel_err(a, b) < 1e-5, f"generation {gen} step {s}: plan {sched.plan[s]}"
+
+
+def test_linear_forecast_differs_from_hold_and_extrapolates_exactly(model):
+    """C C R R: steps 2 and 3 add y1 + 1 * (y1 - y0) and y1 + 2 * (y1 - y0); plans carry those coefficients."""
+    br = l2c.adapters.adapter_for(model).branches(model)
+    nb = len(model.transformer_blocks)
+    ts = [981, 801, 601, 401]
+    plan = [["C" * len(br)] * nb] * 2 + [["R" * len(br)] * nb] * 2
+    hold = l2c.Schedule(timesteps=ts, plan=plan, branches=br, num_blocks=nb, model_class=type(model).__name__)
+    lin = l2c.Schedule.from_dict(dict(hold.to_dict(), forecast="linear"))
+    plans = compile_plans(lin)
+    assert plans[0].blocks[0].store == (True,) * len(br) and plans[0].blocks[0].store_diff == (False,) * len(br)
+    assert plans[1].blocks[0].store_diff == (True,) * len(br)
+    assert plans[2].blocks[0].coef == (1.0,) * len(br) and plans[3].blocks[0].coef == (2.0,) * len(br)
+    assert all(c == 0.0 for p in compile_plans(hold) for bp in p.blocks for c in bp.coef)
+    inputs = inputs_for(model)
+    got_lin = run_steps(l2c.compile_schedule(model, lin), lin, inputs)
+    got_hold = run_steps(l2c.compile_schedule(model, hold), hold, inputs)
+    assert rel_err(got_lin[0], got_hold[0]) < 1e-6 and rel_err(got_lin[1], got_hold[1]) < 1e-6
+    assert rel_err(got_lin[2], got_hold[2]) > 1e-4
+    want = run_steps(HookReference(model, lin), lin, inputs)
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(got_lin, want))
+
+
+def test_linear_forecast_stores_only_what_is_read():
+    """y0 is kept only when the next computation forms a difference that a later reuse reads."""
+    model = tiny_dit()
+    nb = len(model.transformer_blocks)
+    rows = ["CC", "CC", "CC", "RR", "CC"]  # the difference is formed at step 2 from steps 1 and 2
+    plan = [[r] * nb for r in rows]
+    sched = l2c.Schedule(timesteps=[981, 801, 601, 401, 201], plan=plan, branches=["attn1", "ff"], num_blocks=nb,
+                         model_class=type(model).__name__, forecast="linear")
+    p = compile_plans(sched)
+    assert [p[s].blocks[0].store for s in range(5)] == [(False, False), (True, True), (True, True),
+                                                        (False, False), (False, False)]
+    assert [p[s].blocks[0].store_diff for s in range(5)] == [(False, False), (False, False), (True, True),
+                                                             (False, False), (False, False)]
+    assert p[3].blocks[0].coef == (1.0, 1.0)
+
+
+def test_forecast_field_validated_and_round_trips(tmp_path):
+    model = tiny_dit()
+    sched = l2c.Schedule.full(model, TS)
+    with pytest.raises(l2c.ScheduleError, match="forecast"):
+        l2c.Schedule.from_dict(dict(sched.to_dict(), forecast="quadratic"))
+    lin = l2c.Schedule.from_dict(dict(sched.to_dict(), forecast="linear"))
+    lin.save(tmp_path / "s.json")
+    assert l2c.Schedule.load(tmp_path / "s.json").forecast == "linear"
+    old = sched.to_dict()
+    old.pop("forecast")
+    assert l2c.Schedule.from_dict(old).forecast == "none"  # files written before the field existed
