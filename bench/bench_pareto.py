@@ -449,6 +449,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (after one warm-up round)")
     ap.add_argument("--seed", type=int, default=100, help="noise seed of the evaluation (learning uses others)")
     ap.add_argument("--iterations", type=int, default=None, help="router iterations (default: learn_schedule's)")
+    ap.add_argument("--refine", type=int, default=0,
+                    help="calibration measurements of the learner's local search after its pick (0: none)")
     ap.add_argument("--calibration-samples", type=int, default=None,
                     help="samples the learner measures its candidate schedules on (default: learn_schedule's)")
     ap.add_argument("--relearn", action="store_true", help="learn again even if saved schedules exist")
@@ -462,6 +464,8 @@ def main(argv=None):
     learn_kwargs = {} if a.iterations is None else dict(iterations=a.iterations)
     if a.calibration_samples is not None:
         learn_kwargs["calibration_samples"] = a.calibration_samples
+    if a.refine:
+        learn_kwargs["refine_evaluations"] = a.refine
     res = run(bundle, a.steps, cfg=a.cfg, budgets=a.budgets, samples=a.samples, accuracy_samples=a.accuracy_samples,
               time_samples=a.time_samples,
               repeats=a.repeats, seed=a.seed, out=Path(a.out), relearn=a.relearn, learn_kwargs=learn_kwargs,
