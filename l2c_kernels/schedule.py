@@ -15,7 +15,8 @@ On disk a schedule is versioned, human-readable JSON::
 
 ``"forecast"`` says what a reused branch contributes: ``"none"`` (default) its last computed output;
 ``"linear"`` the first-order extrapolation from its last two computations at steps ``s0 < s1``,
-``y1 + (s - s1) / (s1 - s0) * (y1 - y0)`` at step ``s`` (the last output while only one exists).
+``y1 + (s - s1) / (s1 - s0) * (y1 - y0)`` at step ``s`` (the last output while only one exists);
+``"quadratic"`` the parabola through its last three computations (linear while only two exist).
 Both are fixed by the schedule before sampling, so either runs inside one CUDA graph per step plan.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 FORMAT = "l2c-schedule"
 VERSION = 1
 KNOWN_BRANCHES = ("attn1", "attn2", "ff")
-FORECASTS = ("none", "linear")
+FORECASTS = ("none", "linear", "quadratic")
 COMPUTE, REUSE, BLOCK = "C", "R", "B"
 
 
@@ -56,7 +57,7 @@ class Schedule:
     params: dict = field(default_factory=dict)
     branch_flops: dict = field(default_factory=dict)
     attn2_cache: str = "per_sample"  # or "cfg_mean" (T-GATE: cache the mean of the CFG halves)
-    forecast: str = "none"           # or "linear": extrapolate reused branch outputs (module docstring)
+    forecast: str = "none"           # or "linear" / "quadratic": extrapolate reused outputs (module docstring)
 
     def __post_init__(self):
         self.timesteps = [_as_number(t) for t in self.timesteps]

@@ -83,17 +83,18 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     cells of a good step structure to keep, and the calibration error decides between structures.
 
     ``forecast``: what reused branch outputs are (see :class:`~l2c_kernels.Schedule`): ``"none"`` (the
-    last computed output), ``"linear"`` (extrapolated from the last two), or ``"auto"`` (default): the
-    router trains with linear-forecast caches and every candidate is measured both ways; the better
-    one is returned (``RouterResult.forecast``).
+    last computed output), ``"linear"`` / ``"quadratic"`` (extrapolated from the last two / three), or
+    ``"auto"`` (default): every candidate is measured all three ways and the best is returned
+    (``RouterResult.forecast``). The router itself trains with linear-forecast caches unless
+    ``forecast="none"``.
 
     With a bundled model and no ``labels``/``prompts``, every iteration draws new classes (captions)
     as well as new noise.
     """
-    if forecast not in ("auto", "none", "linear"):
-        raise ValueError(f"forecast must be 'auto', 'none' or 'linear', got {forecast!r}")
+    if forecast not in ("auto", "none", "linear", "quadratic"):
+        raise ValueError(f"forecast must be 'auto', 'none', 'linear' or 'quadratic', got {forecast!r}")
     train_forecast = "none" if forecast == "none" else "linear"
-    forecasts = ("none", "linear") if forecast == "auto" else (forecast,)
+    forecasts = ("none", "linear", "quadratic") if forecast == "auto" else (forecast,)
     from ..models import BundledModel
 
     torch.manual_seed(seed)
@@ -178,7 +179,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             _consider(calib, mask, seen, best)
     if best.mask is not None and refine_evaluations > 0:
         best.mask, best.err, refine_hist = _refine_mask(calib, best.mask, best.err, ones, refine_evaluations,
-                                                         best.forecast)
+                                                         best.forecast, train_forecast)
         hist.append(dict(refined=True, evaluations=len(refine_hist), calibration_error_best=best.err))
     res = RouterResult(scores=scores, timesteps=timesteps, history=hist, seconds=time.time() - t0,
                        forecast=train_forecast)
@@ -278,9 +279,10 @@ def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor
 
 
 def _refine_mask(calib: _Calibration, mask: torch.Tensor, err: float, ones: torch.Tensor, evaluations: int,
-                 forecast: str = "none", per_round: int = 4) -> tuple:
+                 forecast: str = "none", soft_forecast: str = "none", per_round: int = 4) -> tuple:
     """Local search on the measured calibration error of a hard mask ``[steps-1, blocks, branches]``
-    (1 = compute); every move swaps a computed and a reused branch of the same kind."""
+    (1 = compute) run with ``forecast``; every move swaps a computed and a reused branch of the same
+    kind, proposed by the gradient of the soft rollout (``soft_forecast`` caches)."""
     cden, cx, cref = calib.den, calib.noise, calib.reference
     tried: set = set()
     hist = []
@@ -289,7 +291,7 @@ def _refine_mask(calib: _Calibration, mask: torch.Tensor, err: float, ones: torc
     while used < evaluations:
         if g is None:  # gradient of the measured error at the current mask
             w = mask.clone().requires_grad_(True)
-            out, _ = _rollout(cden, cx, torch.cat([ones, w]), keep_path=False, forecast=forecast)
+            out, _ = _rollout(cden, cx, torch.cat([ones, w]), keep_path=False, forecast=soft_forecast)
             (out - cref).pow(2).mean().backward()
             g = w.grad.detach()
         cands = []

@@ -191,7 +191,8 @@ class CachedTransformer(nn.Module):
                                         f"generation (start at step 0, or call reset())")
                 continue
             for i, c in enumerate(bp.compute):
-                if not c and ((b, i) not in caches.filled or (bp.coef[i] and ("diff", b, i) not in caches.filled)):
+                if not c and ((b, i) not in caches.filled or (bp.coef[i] and ("diff", b, i) not in caches.filled)
+                              or (bp.coef2[i] and ("diff2", b, i) not in caches.filled)):
                     raise ScheduleError(
                         f"step {step} reuses {plan.branches[i]} of block {b} but that cache was not filled in this "
                         f"generation (start at step 0, or call reset())")
@@ -210,6 +211,8 @@ class CachedTransformer(nn.Module):
                         caches.half_dirty.add((b, i))
                 if bp.store_diff[i]:  # never at a collapsed step (forecast schedules do not collapse)
                     caches.filled.add(("diff", b, i))
+                if bp.store_diff2[i]:
+                    caches.filled.add(("diff2", b, i))
 
     # ------------------------------------------------------------ CFG collapse
     _PER_SAMPLE_TEXT = ("encoder_hidden_states", "encoder_attention_mask")
@@ -295,6 +298,8 @@ class CachedTransformer(nn.Module):
                                      f"guidance halves, which needs an even batch; got batch {h.shape[0]}")
                 if bp.compute[i]:
                     y = ad.compute_branch(block, name, h, bctx, ctx)
+                    if bp.store_diff2[i]:  # keep the previous difference aside
+                        caches.diff_buffer(b, i, 2).copy_(caches.diff_buffer(b, i))
                     if bp.store_diff[i]:  # diff <- y - (the output stored at the branch's previous computation)
                         ops.residual_delta_store_(caches.diff_buffer(b, i), y, caches.branch_buffer(b, i))
                     if cfg_mean and bp.store[i]:
@@ -310,12 +315,13 @@ class CachedTransformer(nn.Module):
                         ops.gated_residual_(h[half:], cache)
                 else:
                     ops.gated_residual_(h, per_sample(caches.branch_buffer(b, i)), gate)
-                    if bp.coef[i]:  # linear forecast: + a * (y1 - y0), under the same gate
-                        diff = caches.diff_buffer(b, i)
-                        if gate is None:
-                            h.add_(diff, alpha=bp.coef[i])
-                        else:
-                            ops.gated_residual_(h, diff, gate * bp.coef[i])
+                    for order, a in ((1, bp.coef[i]), (2, bp.coef2[i])):  # forecast: + a * diff, same gate
+                        if a:
+                            diff = caches.diff_buffer(b, i, order)
+                            if gate is None:
+                                h.add_(diff, alpha=a)
+                            else:
+                                ops.gated_residual_(h, diff, gate * a)
             if bp.store_delta:
                 ops.residual_delta_store_(per_sample(caches.delta_buffer(b)), h, inp)
         return h
@@ -350,6 +356,8 @@ class CachedTransformer(nn.Module):
                     caches.filled.add((b, i))
                 if bp.store_diff[i]:
                     caches.filled.add(("diff", b, i))
+                if bp.store_diff2[i]:
+                    caches.filled.add(("diff2", b, i))
         return h
 
     def end_step(self, step: int) -> None:

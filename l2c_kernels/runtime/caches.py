@@ -6,7 +6,7 @@ import torch
 
 class CacheSet:
     """Branch caches ``[B, N, C]`` (``[B/2, N, C]`` for CFG-mean cross-attention), the differences of a
-    branch's last two outputs (``forecast="linear"`` schedules) and block residuals.
+    branch's last outputs (schedules with a forecast) and block residuals.
 
     Buffers are allocated on first use and live outside any CUDA graph, so graphs of different
     steps read what other steps wrote. ``filled`` records, on the host, which caches hold data
@@ -18,7 +18,7 @@ class CacheSet:
         self.dtype, self.device = like.dtype, like.device
         self.branch: dict[tuple[int, int], torch.Tensor] = {}
         self.delta: dict[int, torch.Tensor] = {}
-        self.diff: dict[tuple[int, int], torch.Tensor] = {}
+        self.diff: dict[tuple[int, int, int], torch.Tensor] = {}
         self.filled: set = set()
         self.half_dirty: set = set()  # caches whose second half was written by a collapsed (half-batch) step
 
@@ -30,10 +30,11 @@ class CacheSet:
             self.branch[(block, branch)] = buf
         return buf
 
-    def diff_buffer(self, block: int, branch: int) -> torch.Tensor:
-        buf = self.diff.get((block, branch))
+    def diff_buffer(self, block: int, branch: int, order: int = 1) -> torch.Tensor:
+        """``order`` 1: the difference of the branch's last two outputs; 2: the one before it."""
+        buf = self.diff.get((block, branch, order))
         if buf is None:
-            buf = self.diff[(block, branch)] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            buf = self.diff[(block, branch, order)] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         return buf
 
     def delta_buffer(self, block: int) -> torch.Tensor:

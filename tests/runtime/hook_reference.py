@@ -5,7 +5,8 @@ output (``attn1`` / ``attn2`` / ``ff``) when it is computed and substitutes the 
 when it is reused; the block itself then applies the current step's gate. Whole-block reuse
 records ``out - in`` of the block and returns ``in + cached``. CFG-mean cross-attention caches
 the mean of the two batch halves and substitutes it for both. ``forecast="linear"`` substitutes
-``y1 + (s - s1) / (s1 - s0) * (y1 - y0)`` from the branch's last two computations (steps s0 < s1).
+``y1 + (s - s1) / (s1 - s0) * (y1 - y0)`` from the branch's last two computations (steps s0 < s1);
+``"quadratic"`` the Lagrange parabola through its last three (linear while only two exist).
 """
 from __future__ import annotations
 
@@ -51,16 +52,24 @@ class HookReference:
                             self.branch_cache[key] = ((out[:h] + out[h:]) / 2).clone()
                         else:
                             self.branch_cache[key] = out.clone()
-                            self.history[key] = (self.history.get(key, []) + [(s, out.double())])[-2:]
+                            self.history[key] = (self.history.get(key, []) + [(s, out.double())])[-3:]
                         return out
                     cached = self.branch_cache[key]
                     if cfg_mean:
                         return torch.cat([cached, cached])
-                    hist = self.history[key]
-                    if sch.forecast == "linear" and len(hist) == 2:
-                        (s0, y0), (s1, y1) = hist
-                        return (y1 + (s - s1) / (s1 - s0) * (y1 - y0)).to(out.dtype)
-                    return cached
+                    n = {"none": 1, "linear": 2, "quadratic": 3}[sch.forecast]
+                    pts = self.history[key][-n:]
+                    if len(pts) == 1:
+                        return cached
+                    # Lagrange form: independent of the runtime's Newton form with stored differences
+                    y = 0
+                    for j, (sj, yj) in enumerate(pts):
+                        w = 1.0
+                        for m, (sm, _) in enumerate(pts):
+                            if m != j:
+                                w *= (s - sm) / (sj - sm)
+                        y = y + w * yj
+                    return y.to(out.dtype)
                 handles.append(mod.register_forward_hook(hook))
         try:
             with torch.no_grad():

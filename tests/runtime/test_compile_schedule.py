@@ -314,16 +314,17 @@ def test_dit_timestep_embedding_cache_follows_timesteps_weights_and_mixed_batche
 
 
 # ---------------------------------------------------------------------------------------------- linear forecast
+@pytest.mark.parametrize("forecast", ["linear", "quadratic"])
 @pytest.mark.parametrize("name", list(MODELS))
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_linear_forecast_random_schedules_match_hook_reference(name, data):
-    """Reused outputs extrapolated from the last two computations, against the hook reference (float64
-    extrapolation there), for random plans mixing computes, reuses and whole-block reuses."""
+def test_forecast_random_schedules_match_hook_reference(name, forecast, data):
+    """Reused outputs extrapolated from the last computations, against the hook reference (Lagrange
+    form in float64 there), for random plans mixing computes, reuses and whole-block reuses."""
     model = MODELS[name]()
     base = _random_schedule(model, data)
     sched = l2c.Schedule(timesteps=TS, plan=base.plan, branches=base.branches, num_blocks=base.num_blocks,
-                         model_class=base.model_class, forecast="linear")
+                         model_class=base.model_class, forecast=forecast)
     inputs = inputs_for(model, batch=2)
     fast = l2c.compile_schedule(model, sched)
     ref = HookReference(model, sched)
@@ -376,10 +377,29 @@ def test_forecast_field_validated_and_round_trips(tmp_path):
     model = tiny_dit()
     sched = l2c.Schedule.full(model, TS)
     with pytest.raises(l2c.ScheduleError, match="forecast"):
-        l2c.Schedule.from_dict(dict(sched.to_dict(), forecast="quadratic"))
+        l2c.Schedule.from_dict(dict(sched.to_dict(), forecast="cubic"))
     lin = l2c.Schedule.from_dict(dict(sched.to_dict(), forecast="linear"))
     lin.save(tmp_path / "s.json")
     assert l2c.Schedule.load(tmp_path / "s.json").forecast == "linear"
     old = sched.to_dict()
     old.pop("forecast")
     assert l2c.Schedule.from_dict(old).forecast == "none"  # files written before the field existed
+
+
+def test_quadratic_forecast_coefficients_and_output(model):
+    """C C C R: step 3 adds the parabola through steps 0-2, 3 y2 - 3 y1 + y0 = y2 + 2 (y2 - y1) - (y1 - y0)."""
+    br = l2c.adapters.adapter_for(model).branches(model)
+    nb = len(model.transformer_blocks)
+    ts = [981, 801, 601, 401, 201]
+    plan = [["C" * len(br)] * nb] * 3 + [["R" * len(br)] * nb] * 2
+    sched = l2c.Schedule(timesteps=ts, plan=plan, branches=br, num_blocks=nb, model_class=type(model).__name__,
+                         forecast="quadratic")
+    p = compile_plans(sched)
+    assert p[0].blocks[0].store == (True,) * len(br)
+    assert p[1].blocks[0].store_diff == (True,) * len(br) and p[2].blocks[0].store_diff2 == (True,) * len(br)
+    assert p[3].blocks[0].coef == (2.0,) * len(br) and p[3].blocks[0].coef2 == (-1.0,) * len(br)
+    assert p[4].blocks[0].coef == (5.0,) * len(br) and p[4].blocks[0].coef2 == (-3.0,) * len(br)  # 6y2 - 8y1 + 3y0
+    inputs = inputs_for(model)
+    got = run_steps(l2c.compile_schedule(model, sched), sched, inputs)
+    want = run_steps(HookReference(model, sched), sched, inputs)
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(got, want))
