@@ -198,8 +198,10 @@ class CachedTransformer(nn.Module):
                         f"generation (start at step 0, or call reset())")
 
     @staticmethod
-    def _mark_filled(plan: StepPlan, caches: CacheSet, collapsed: bool = False) -> None:
-        for b, bp in enumerate(plan.blocks):
+    def _mark_filled(plan: StepPlan, caches: CacheSet, collapsed: bool = False, blocks: range | None = None) -> None:
+        """Record what ``plan`` stored (in ``blocks``, default all) as filled for this generation."""
+        for b in range(len(plan.blocks)) if blocks is None else blocks:
+            bp = plan.blocks[b]
             if bp.store_delta:
                 caches.filled.add(("delta", b))
                 if collapsed:
@@ -347,17 +349,7 @@ class CachedTransformer(nn.Module):
         plan = self.plans[step]
         with torch.no_grad():
             h = self._run_blocks(plan, h.contiguous(), ctx, caches, start, end)
-        for b in range(start, end):  # mark what these blocks stored
-            bp = plan.blocks[b]
-            if bp.store_delta:
-                caches.filled.add(("delta", b))
-            for i, st in enumerate(bp.store):
-                if st:
-                    caches.filled.add((b, i))
-                if bp.store_diff[i]:
-                    caches.filled.add(("diff", b, i))
-                if bp.store_diff2[i]:
-                    caches.filled.add(("diff2", b, i))
+        self._mark_filled(plan, caches, blocks=range(start, end))
         return h
 
     def end_step(self, step: int) -> None:
