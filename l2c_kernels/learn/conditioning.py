@@ -27,6 +27,27 @@ class Denoiser:
     def batch(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x]) if self.cfg > 1.0 else x
 
+    def sample_with(self, transformer, num_inference_steps: int, noise: torch.Tensor, record=None) -> tuple:
+        """Sample with ``transformer`` (the model, or a compiled schedule of it) from ``noise``; returns the
+        final samples clamped to [-1, 1] and the timesteps. ``record(step)`` is called after every call."""
+        sched = self.make_scheduler()
+        sched.set_timesteps(num_inference_steps)
+        dev = next(self.transformer.parameters()).device
+        dtype = next(self.transformer.parameters()).dtype
+        x = noise.to(dev, torch.float32) * sched.init_noise_sigma
+        if hasattr(transformer, "reset"):
+            transformer.reset()
+        for s, t in enumerate(sched.timesteps):
+            inp = sched.scale_model_input(self.batch(x), t)
+            ts = t.to(dev).reshape(1).expand(inp.shape[0])
+            pred = transformer(inp.to(dtype), timestep=ts, **self.cond_args).sample.float()
+            if pred.shape[1] != x.shape[1]:  # learned sigma
+                pred = pred[:, : x.shape[1]]
+            x = sched.step(self.guided(pred), t, x).prev_sample
+            if record is not None:
+                record(s)
+        return x.clamp(-1, 1), [float(t) for t in sched.timesteps]
+
 
 def _labels(n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)

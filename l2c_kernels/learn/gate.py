@@ -110,27 +110,6 @@ def _hook_cross_attention(model, record: dict):
     return handles
 
 
-def _rollout(den, transformer, num_inference_steps: int, noise: torch.Tensor, record=None):
-    """Sample with ``transformer`` from ``noise``; ``record(step)`` is called after every transformer call."""
-    sched = den.make_scheduler()
-    sched.set_timesteps(num_inference_steps)
-    dev = next(den.transformer.parameters()).device
-    dtype = next(den.transformer.parameters()).dtype
-    x = noise.to(dev, torch.float32) * sched.init_noise_sigma
-    if hasattr(transformer, "reset"):
-        transformer.reset()
-    for s, t in enumerate(sched.timesteps):
-        inp = sched.scale_model_input(den.batch(x), t)
-        ts = t.to(dev).reshape(1).expand(inp.shape[0])
-        pred = transformer(inp.to(dtype), timestep=ts, **den.cond_args).sample.float()
-        if pred.shape[1] != x.shape[1]:  # learned sigma
-            pred = pred[:, : x.shape[1]]
-        x = sched.step(den.guided(pred), t, x).prev_sample
-        if record is not None:
-            record(s)
-    return x.clamp(-1, 1), [float(t) for t in sched.timesteps]
-
-
 def _denoiser(obj, num_inference_steps, scheduler, prompts, labels, num_samples, cfg, seed):
     from ..models import BundledModel
     from ..models import load as load_model
@@ -187,7 +166,7 @@ def _measure_change(obj, num_inference_steps, scheduler, prompts, labels, num_sa
 
     handles = _hook_cross_attention(model, record)
     try:
-        final, timesteps = _rollout(den, model, num_inference_steps, noise, on_step)
+        final, timesteps = den.sample_with(model, num_inference_steps, noise, on_step)
     finally:
         for h in handles:
             h.remove()
@@ -242,7 +221,7 @@ def auto_gate(obj, num_inference_steps: int, scheduler: str = "dpm++", *, prompt
         for g in range(n - 1, max(1, int(min_gate)) - 1, -1):
             sched = schedules.tgate(model, timesteps, gate_step=g, sp_interval=sp_interval,
                                     fi_interval=fi_interval, warm_up=warm_up)
-            out, _ = _rollout(den, compile_schedule(model, sched), n, noise)
+            out, _ = den.sample_with(compile_schedule(model, sched), n, noise)
             curve[g] = float((out - ref).norm() / scale.clamp_min(1e-12))
             if curve[g] >= eff_tol and not full_curve:
                 break

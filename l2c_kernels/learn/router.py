@@ -221,20 +221,12 @@ def _calibration_error(calib: _Calibration, mask: torch.Tensor, forecast: str) -
     error measures the typical image and ranks schedules the same way on other samples."""
     from ..runtime import compile_schedule
 
-    den, model = calib.den, calib.model
+    model = calib.model
     full = torch.cat([torch.ones_like(mask[:1]), mask]).bool().cpu()
     fast = compile_schedule(model, Schedule.from_mask(model, calib.timesteps, full, forecast=forecast))
-    sched = den.make_scheduler()
-    sched.set_timesteps(len(calib.timesteps))
-    x = calib.noise * sched.init_noise_sigma
     with torch.no_grad():
-        for s, t in enumerate(sched.timesteps):
-            xin = sched.scale_model_input(den.batch(x), t)
-            tt = torch.full((xin.shape[0],), float(t) if t.is_floating_point() else int(t), device=x.device)
-            fast.set_step(s)
-            out = fast(**dict(den.cond_args, hidden_states=xin, timestep=tt)).sample
-            x = sched.step(den.guided(out), t, x).prev_sample
-    per_sample = (x.clamp(-1, 1) - calib.reference.clamp(-1, 1)).pow(2).flatten(1).mean(1)
+        x, _ = calib.den.sample_with(fast, len(calib.timesteps), calib.noise)
+    per_sample = (x - calib.reference.clamp(-1, 1)).pow(2).flatten(1).mean(1)  # x is clamped already
     return (10.0 * torch.log10(per_sample.double().clamp_min(1e-20))).mean().item()
 
 

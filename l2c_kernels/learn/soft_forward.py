@@ -38,7 +38,7 @@ class SoftCaches:
             mixed = y if (c is None or w is None) else w * y + (1 - w) * c
         else:
             st = self.linear[b][i]
-            if st is None or w is None:
+            if w is None:  # full compute
                 w = 1.0
             if st is None:  # the first output: nothing to extrapolate from yet
                 mixed, st = y, (y, torch.zeros_like(y), 1.0)
