@@ -1,0 +1,50 @@
+"""The ``l2c`` command at small settings: learn, show, bench, and the errors it names."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import l2c_kernels as l2c
+from l2c_kernels.cli import build_parser, main
+
+
+def test_learn_show_bench_on_the_bundled_dit(tmp_path, capsys):
+    out = tmp_path / "dit.l2c.json"
+    rc = main(["learn", "--model", "dit-digits", "--steps", "4", "--budget", "0.4", "--iterations", "2",
+               "--batch", "2", "--threads", "2", "-o", str(out)])
+    assert rc == 0 and out.exists() and out.with_suffix(".png").exists()
+    sched = l2c.Schedule.load(out)
+    assert sched.num_steps == 4 and sched.forecast in ("none", "linear", "quadratic")
+    sched.validate_for(l2c.models.load("dit-digits").transformer)
+    assert sched.flops_removed_fraction() >= 0.4 - 1e-9
+    capsys.readouterr()
+    assert main(["show", str(out), "--png", str(tmp_path / "h.png")]) == 0
+    assert "schedule for DiTTransformer2DModel" in capsys.readouterr().out and (tmp_path / "h.png").exists()
+    assert main(["bench", str(out), "--samples", "2", "--repeats", "1", "--threads", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "dit-digits" and report["steps"] == 4
+    # the same schedule on the other bundled model is refused with its reason
+    assert main(["bench", str(out), "--model", "pixart-digits", "--samples", "2", "--repeats", "1"]) == 2
+    assert "branches" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["learn", "--budget", "1.5"], "--budget must be in (0, 1)"),
+    (["learn", "--budget", "0"], "--budget must be in (0, 1)"),
+    (["learn", "--model", "sd3"], "unknown model 'sd3'"),
+    (["show", "no-such-file.json"], "no-such-file.json"),
+])
+def test_bad_input_named(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_explains_every_command(capsys):
+    p = build_parser()
+    for cmd in ("demo", "learn", "show", "bench"):
+        with pytest.raises(SystemExit):
+            p.parse_args([cmd, "--help"])
+        assert "usage: l2c " + cmd in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        p.parse_args(["learn", "--forecast", "cubic"])
