@@ -466,6 +466,9 @@ def main(argv=None):
     ap.add_argument("--calibration-samples", type=int, default=None,
                     help="samples the learner measures its candidate schedules on (default: learn_schedule's)")
     ap.add_argument("--relearn", action="store_true", help="learn again even if saved schedules exist")
+    ap.add_argument("--learn-only", action="store_true",
+                    help="learn (or load) the schedules, save them and stop; a later run without --relearn "
+                         "measures them (learning needs no quiet machine, the timed rounds do)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args(argv)
@@ -478,6 +481,11 @@ def main(argv=None):
         learn_kwargs["calibration_samples"] = a.calibration_samples
     if a.refine:
         learn_kwargs["refine_evaluations"] = a.refine
+    if a.learn_only:
+        cfg = bundle.recommended_cfg if a.cfg is None else float(a.cfg)
+        learned_schedules(bundle, a.steps, a.budgets, cfg, Path(a.out) / f"pareto_{bundle.name}_{a.steps}_schedules",
+                          a.relearn, log=lambda s: print(s, flush=True), **learn_kwargs)
+        return None
     res = run(bundle, a.steps, cfg=a.cfg, budgets=a.budgets, samples=a.samples, accuracy_samples=a.accuracy_samples,
               time_samples=a.time_samples,
               repeats=a.repeats, seed=a.seed, out=Path(a.out), relearn=a.relearn, learn_kwargs=learn_kwargs,

@@ -300,6 +300,28 @@ inline cudaError_t grid_size(int64_t items, int64_t per_block, int threads, unsi
   return cudaSuccess;
 }
 
+// Launches a grid-stride kernel over the chunks of VEC elements of flat [B * N * C] tensors
+// that also index per-sample [B, C] vectors: calls
+//   launch(blocks, threads, chunks, sample_of, column_of)
+// with 32-bit indices and FastDivmod32 divisors (by N * C and by C) when every element index
+// fits, 64-bit ones otherwise, then returns cudaGetLastError().
+template <int VEC, typename F>
+cudaError_t launch_rows(int64_t N, int64_t C, int64_t numel, F&& launch) {
+  constexpr int threads = kElementwiseThreads;
+  const int64_t chunks = numel / VEC;
+  unsigned blocks = 0;
+  const cudaError_t err =
+      grid_size(chunks, static_cast<int64_t>(threads) * kElementwiseUnroll, threads, &blocks);
+  if (err != cudaSuccess) return err;
+  if (fits_int32(numel)) {
+    launch(blocks, threads, static_cast<uint32_t>(chunks),
+           FastDivmod32(static_cast<uint32_t>(N * C)), FastDivmod32(static_cast<uint32_t>(C)));
+  } else {
+    launch(blocks, threads, chunks, Divmod64(N * C), Divmod64(C));
+  }
+  return cudaGetLastError();
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Calls f(T{}) with T in {float, __half, __nv_bfloat16}; cudaErrorInvalidValue for other tags.

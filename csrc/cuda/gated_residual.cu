@@ -64,23 +64,13 @@ __global__ void __launch_bounds__(detail::kElementwiseThreads)
 template <typename T, int VEC, bool kGate, bool kCache>
 cudaError_t launch(T* x, const T* y, const T* gate, T* cache, int64_t N, int64_t C,
                    int64_t numel, cudaStream_t stream) {
-  constexpr int threads = detail::kElementwiseThreads;
-  const int64_t chunks = numel / VEC;
-  unsigned blocks = 0;
-  const cudaError_t err = detail::grid_size(
-      chunks, static_cast<int64_t>(threads) * detail::kElementwiseUnroll, threads, &blocks);
-  if (err != cudaSuccess) return err;
-  if (detail::fits_int32(numel)) {
-    gated_residual_kernel<T, VEC, kGate, kCache, uint32_t, detail::FastDivmod32>
-        <<<blocks, threads, 0, stream>>>(x, y, gate, cache, static_cast<uint32_t>(chunks),
-                                         detail::FastDivmod32(static_cast<uint32_t>(N * C)),
-                                         detail::FastDivmod32(static_cast<uint32_t>(C)));
-  } else {
-    gated_residual_kernel<T, VEC, kGate, kCache, int64_t, detail::Divmod64>
-        <<<blocks, threads, 0, stream>>>(x, y, gate, cache, chunks, detail::Divmod64(N * C),
-                                         detail::Divmod64(C));
-  }
-  return cudaGetLastError();
+  return detail::launch_rows<VEC>(N, C, numel, [&](unsigned blocks, int threads, auto chunks,
+                                                    auto sample_of, auto column_of) {
+    using IndexT = decltype(chunks);
+    using Div = decltype(sample_of);
+    gated_residual_kernel<T, VEC, kGate, kCache, IndexT, Div>
+        <<<blocks, threads, 0, stream>>>(x, y, gate, cache, chunks, sample_of, column_of);
+  });
 }
 
 template <typename T, int VEC>

@@ -11,6 +11,10 @@ in float32 and rounds once per stored element.
 ``cfg_mean_store_(x, y, cache)``                  ``x += y``; ``cache <- (y[:B/2] + y[B/2:]) / 2`` (cache ``[B/2, N, C]``)
 ``residual_delta_store_(cache, out, inp)``        ``cache <- out - inp``
 ``residual_apply_(out, inp, cache)``              ``out <- inp + cache``
+``forecast_residual_(x, cache, diff, diff2,       ``x += gate[:, None, :] * (cache + a * diff + b * diff2)``: reuse a cached
+gate, a, b)``                                     branch output extrapolated by its stored differences, one pass
+``forecast_store_(x, y, gate, cache, diff,        ``x += gate[:, None, :] * y``; ``diff2 <- diff``; ``diff <- y - cache``;
+diff2)``                                          ``cache <- y``: a computed branch and its forecast state, one pass
 ``adaln_modulate(x, shift, scale, eps=1e-6)``     ``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]`` (no affine,
                                                   float32 statistics, biased variance) as a new tensor
 =============================================  ===============================================================
@@ -39,8 +43,8 @@ from . import _backend, _checks, reference
 from ._backend import BACKENDS, BackendUnavailableError, available_backends, default_backend, use_backend
 
 __all__ = [
-    "gated_residual_", "cfg_mean_store_", "residual_delta_store_", "residual_apply_", "adaln_modulate",
-    "BACKENDS", "BackendUnavailableError", "available_backends", "default_backend", "use_backend",
+    "gated_residual_", "cfg_mean_store_", "residual_delta_store_", "residual_apply_", "forecast_residual_",
+    "forecast_store_", "adaln_modulate", "BACKENDS", "BackendUnavailableError", "available_backends", "default_backend", "use_backend",
     "reference",
 ]
 
@@ -254,6 +258,97 @@ def residual_apply_(out: torch.Tensor, inp: torch.Tensor, cache: torch.Tensor, *
 @_register_fake("residual_apply_")
 def _residual_apply_fake(out, inp, cache) -> None:
     _checks.check_residual_apply(out, inp, cache, memory=False)
+    return None
+
+
+# -------------------------------------------------------------------------------- forecast_residual_
+
+
+def forecast_residual_(x: torch.Tensor, cache: torch.Tensor, diff: torch.Tensor, diff2: torch.Tensor | None = None,
+                       gate: torch.Tensor | None = None, a: float = 1.0, b: float = 0.0, *,
+                       backend: str | None = None) -> torch.Tensor:
+    """``x += gate[:, None, :] * (cache + a * diff + b * diff2)`` in one pass.
+
+    Reuses a cached branch output forecast from its stored differences (Newton extrapolation:
+    ``a``, ``b`` are the schedule's coefficients for the step); without ``diff2`` there is no ``b``
+    term, without ``gate`` the forecast is added as is. The sum is formed in float32 and ``x`` is
+    rounded once.
+
+    Args:
+        x: ``[B, N, C]``, updated in place (contiguous).
+        cache: ``[B, N, C]`` the branch output stored at its last computation.
+        diff, diff2: ``[B, N, C]`` its first and second differences between computations (``diff2`` optional).
+        gate: ``[B, C]`` per-sample gate, or None.
+        a, b: finite coefficients of ``diff`` and ``diff2``.
+        backend: force a backend.
+
+    Returns:
+        ``x``.
+    """
+    name = _backend.select(_dev(x), backend, _needs_grad(x, cache, diff, diff2, gate))
+    if name in _EXTENSION_BACKENDS and _direct() and type(a) is float and type(b) is float:
+        _extension_call(lambda: torch.ops.l2c.forecast_residual_.default(x, _c(cache), _c(diff), _c(diff2),
+                                                                         _c(gate), a, b),
+                        lambda: _checks.check_forecast_residual(x, cache, diff, diff2, gate, a, b))
+        return x
+    cache, diff, diff2, gate, a, b = _checks.check_forecast_residual(x, cache, diff, diff2, gate, a, b)
+    if name == "torch":
+        reference.forecast_residual_(x, cache, diff, diff2, gate, a, b)
+    elif name == "triton":
+        _triton()
+        torch.ops.l2c_triton.forecast_residual_(x, cache, diff, diff2, gate, a, b)
+    else:
+        torch.ops.l2c.forecast_residual_(x, cache, diff, diff2, gate, a, b)
+    return x
+
+
+@_register_fake("forecast_residual_")
+def _forecast_residual_fake(x, cache, diff, diff2, gate, a, b) -> None:
+    _checks.check_forecast_residual(x, cache, diff, diff2, gate, a, b, memory=False)
+    return None
+
+
+# ----------------------------------------------------------------------------------- forecast_store_
+
+
+def forecast_store_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, cache: torch.Tensor,
+                    diff: torch.Tensor, diff2: torch.Tensor | None = None, *,
+                    backend: str | None = None) -> torch.Tensor:
+    """A computed branch output ``y`` and its forecast state, in one pass.
+
+    ``x += gate[:, None, :] * y`` (``x += y`` without gate); ``diff2 <- diff`` when given (the
+    previous difference, bit for bit); ``diff <- y - cache`` (``cache`` as stored at the branch's
+    previous computation, float32 subtraction); ``cache <- y``.
+
+    Args:
+        x: ``[B, N, C]``, updated in place (contiguous).
+        y: ``[B, N, C]`` branch output.
+        gate: ``[B, C]`` per-sample gate, or None.
+        cache, diff, diff2: ``[B, N, C]`` buffers updated in place (contiguous; ``diff2`` optional).
+        backend: force a backend.
+
+    Returns:
+        ``x``.
+    """
+    name = _backend.select(_dev(x), backend, _needs_grad(x, y, gate, cache, diff, diff2))
+    if name in _EXTENSION_BACKENDS and _direct():
+        _extension_call(lambda: torch.ops.l2c.forecast_store_.default(x, _c(y), _c(gate), cache, diff, diff2),
+                        lambda: _checks.check_forecast_store(x, y, gate, cache, diff, diff2))
+        return x
+    y, gate, cache, diff, diff2 = _checks.check_forecast_store(x, y, gate, cache, diff, diff2)
+    if name == "torch":
+        reference.forecast_store_(x, y, gate, cache, diff, diff2)
+    elif name == "triton":
+        _triton()
+        torch.ops.l2c_triton.forecast_store_(x, y, gate, cache, diff, diff2)
+    else:
+        torch.ops.l2c.forecast_store_(x, y, gate, cache, diff, diff2)
+    return x
+
+
+@_register_fake("forecast_store_")
+def _forecast_store_fake(x, y, gate, cache, diff, diff2) -> None:
+    _checks.check_forecast_store(x, y, gate, cache, diff, diff2, memory=False)
     return None
 
 

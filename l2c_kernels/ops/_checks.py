@@ -171,6 +171,50 @@ def check_residual_apply(out, inp, cache, memory: bool = True):
     return _check_residual(out, "out", inp, "inp", cache, "cache", "residual_apply_", memory)
 
 
+def _coefficient(v, name: str, op: str) -> float:
+    if isinstance(v, (bool, torch.Tensor)) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+        _fail(op, f"'{name}' must be a finite float, got {v!r}")
+    return float(v)
+
+
+def check_forecast_residual(x, cache, diff, diff2, gate, a, b, memory: bool = True):
+    op = "forecast_residual_"
+    _activation(x, op, "x")
+    cache = _like(cache, "cache", x, "x", op, inplace=False)
+    diff = _like(diff, "diff", x, "x", op, inplace=False)
+    if diff2 is not None:
+        diff2 = _like(diff2, "diff2", x, "x", op, inplace=False)
+    if gate is not None:
+        gate = _per_sample(gate, "gate", x, op)
+    a, b = _coefficient(a, "a", op), _coefficient(b, "b", op)
+    if memory and _checking_memory(x):
+        for t, name in ((cache, "cache"), (diff, "diff"), (diff2, "diff2"), (gate, "gate")):
+            if t is not None:
+                _disjoint(x, "x", t, name, op)
+    return cache, diff, diff2, gate, a, b
+
+
+def check_forecast_store(x, y, gate, cache, diff, diff2, memory: bool = True):
+    op = "forecast_store_"
+    _activation(x, op, "x")
+    y = _like(y, "y", x, "x", op, inplace=False)
+    if gate is not None:
+        gate = _per_sample(gate, "gate", x, op)
+    cache = _like(cache, "cache", x, "x", op, inplace=True)
+    diff = _like(diff, "diff", x, "x", op, inplace=True)
+    if diff2 is not None:
+        diff2 = _like(diff2, "diff2", x, "x", op, inplace=True)
+    if memory and _checking_memory(x):
+        named = [(x, "x"), (y, "y"), (cache, "cache"), (diff, "diff"), (diff2, "diff2"), (gate, "gate")]
+        for w, wname in ((x, "x"), (cache, "cache"), (diff, "diff"), (diff2, "diff2")):
+            if w is None:
+                continue
+            for t, name in named:
+                if t is not None and name != wname:
+                    _disjoint(w, wname, t, name, op)
+    return y, gate, cache, diff, diff2
+
+
 def check_adaln_modulate(x, shift, scale, eps):
     op = "adaln_modulate"
     _is_tensor(x, op, "x")

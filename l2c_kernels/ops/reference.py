@@ -35,6 +35,28 @@ def cfg_mean_store_(x: torch.Tensor, y: torch.Tensor, cache: torch.Tensor) -> to
     return x
 
 
+def forecast_residual_(x: torch.Tensor, cache: torch.Tensor, diff: torch.Tensor, diff2: torch.Tensor | None,
+                       gate: torch.Tensor | None, a: float, b: float) -> torch.Tensor:
+    """``x += gate[:, None, :] * (cache + a * diff + b * diff2)`` (no gate: ``x += ...``; no ``diff2``: no ``b`` term)."""
+    v = cache.float() + a * diff.float()
+    if diff2 is not None:
+        v = v + b * diff2.float()
+    if gate is not None:
+        v = v * gate.float().unsqueeze(1)
+    x.copy_(x.float() + v)  # one rounding of x, as the fused kernels
+    return x
+
+
+def forecast_store_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, cache: torch.Tensor,
+                    diff: torch.Tensor, diff2: torch.Tensor | None) -> torch.Tensor:
+    """``x += gate[:, None, :] * y``; ``diff2 <- diff`` (if given); ``diff <- y - cache``; ``cache <- y``."""
+    if diff2 is not None:
+        diff2.copy_(diff)
+    diff.copy_(y - cache)  # float32 arithmetic for low precision, rounded once
+    cache.copy_(y)
+    return gated_residual_(x, y, gate)
+
+
 def _records_grad(*tensors: torch.Tensor) -> bool:
     """Autograd records ops on these tensors (``out=`` variants then raise: copy a result instead)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -300,6 +300,11 @@ class CachedTransformer(nn.Module):
                                      f"guidance halves, which needs an even batch; got batch {h.shape[0]}")
                 if bp.compute[i]:
                     y = ad.compute_branch(block, name, h, bctx, ctx)
+                    if bp.store_diff[i] and bp.store[i] and not cfg_mean and not collapsed:
+                        # forecast state: diff2 <- diff, diff <- y - cache, cache <- y, and h += gate * y, one pass
+                        ops.forecast_store_(h, y, gate, caches.branch_buffer(b, i), caches.diff_buffer(b, i),
+                                            caches.diff_buffer(b, i, 2) if bp.store_diff2[i] else None)
+                        continue
                     if bp.store_diff2[i]:  # keep the previous difference aside
                         caches.diff_buffer(b, i, 2).copy_(caches.diff_buffer(b, i))
                     if bp.store_diff[i]:  # diff <- y - (the output stored at the branch's previous computation)
@@ -315,15 +320,16 @@ class CachedTransformer(nn.Module):
                     else:
                         ops.gated_residual_(h[:half], cache)
                         ops.gated_residual_(h[half:], cache)
+                elif bp.coef[i] or bp.coef2[i]:  # forecast: h += gate * (cache + a * diff + a2 * diff2), one pass
+                    a, a2 = float(bp.coef[i]), float(bp.coef2[i])
+                    cache = per_sample(caches.branch_buffer(b, i))
+                    if a:
+                        ops.forecast_residual_(h, cache, caches.diff_buffer(b, i),
+                                               caches.diff_buffer(b, i, 2) if a2 else None, gate, a, a2)
+                    else:
+                        ops.forecast_residual_(h, cache, caches.diff_buffer(b, i, 2), None, gate, a2, 0.0)
                 else:
                     ops.gated_residual_(h, per_sample(caches.branch_buffer(b, i)), gate)
-                    for order, a in ((1, bp.coef[i]), (2, bp.coef2[i])):  # forecast: + a * diff, same gate
-                        if a:
-                            diff = caches.diff_buffer(b, i, order)
-                            if gate is None:
-                                h.add_(diff, alpha=a)
-                            else:
-                                ops.gated_residual_(h, diff, gate * a)
             if bp.store_delta:
                 ops.residual_delta_store_(per_sample(caches.delta_buffer(b)), h, inp)
         return h
