@@ -233,7 +233,7 @@ def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
         if r.kind == "official":
             d["psnr_vs_ours_collapse"] = round(metrics.psnr(img, images[rows[2].name]), 2)
         out_rows.append(d)
-    return dict(sampler=sampler, steps=steps, cfg=cfg, timesteps=ts, hand_setting=hand,
+    return dict(sampler=sampler, steps=steps, cfg=cfg, date=str(date.today()), timesteps=ts, hand_setting=hand,
                 auto_gate=dict(gate.to_dict(), seconds=round(gate_seconds, 1)), auto_gate_attn2_change=gate_c.to_dict(),
                 rows=out_rows,
                 images={r.name: images[r.name][:10] for r in rows if r.name in images})
@@ -260,7 +260,8 @@ def write_markdown(result: dict) -> str:
           f"asked-for digit.", ""]
     for s in result["samplers"]:
         g = s["auto_gate"]
-        md += [f"## {s['sampler']} {s['steps']} steps, CFG {s['cfg']}", "",
+        md += [f"## {s['sampler']} {s['steps']} steps, CFG {s['cfg']}" + (f" (measured {s['date']})" if "date" in s else ""),
+               "",
                f"Hand-set (authors' PixArt setting scaled to {s['steps']} steps): {s['hand_setting']}. "
                f"Automatic gate from the output error of gating (relative RMS error of {len(g['prompts'])} calibration "
                f"samples <= {g['tol']}): {g['gate_step']}, measured in {g['seconds']} s. Automatic gate from the "
@@ -369,6 +370,8 @@ def main(argv=None):
     ap.add_argument("--relearn", action="store_true", help="learn the L2C schedules again even if saved")
     ap.add_argument("--samplers", default="dpm++:25,ddim:50")
     ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the sections of --samplers in the saved result (keep the others)")
     ap.add_argument("--replot", action="store_true", help="only rewrite the table and plot from the saved JSON")
     ap.add_argument("--out", default=None, help=f"output directory (default {RESULTS})")
     args = ap.parse_args(argv)
@@ -396,6 +399,12 @@ def main(argv=None):
         r = bench_sampler(bundle, sampler, steps, args, log)
         all_images[f"{sampler} {steps}"] = r.pop("images")
         result["samplers"].append(r)
+    saved = Path(args.out or RESULTS) / "tgate_pixart.json"
+    if args.update and saved.exists():  # keep the saved sections of the other samplers, in their order
+        old = json.loads(saved.read_text())
+        new = {(r["sampler"], r["steps"]): r for r in result["samplers"]}
+        result["samplers"] = [new.pop((r["sampler"], r["steps"]), r) for r in old["samplers"]] + list(new.values())
+        result["updated_sections"] = [f"{a} {b}" for a, b in samplers]
     if any(s["steps"] == 25 for s in result["samplers"]):
         result["goals"] = goals(result)
     md = write_markdown(result)
