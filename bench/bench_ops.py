@@ -63,8 +63,7 @@ CASES = {
     "cfg_mean_store_": "x += y; cache <- (y[:B/2] + y[B/2:]) / 2",
     "residual_delta_store_": "cache <- out - inp",
     "residual_apply_": "out <- inp + cache",
-    "forecast_residual_": "x += gate * (cache + a * diff + b * diff2)",
-    "forecast_store_": "x += gate * y; diff2 <- diff; diff <- y - cache; cache <- y",
+    "forecast_residual_": "x += gate * (c0 * y0 + c1 * y1 + c2 * y2)",
     "adaln_modulate": "LayerNorm(x) * (1 + scale) + shift",
 }
 
@@ -81,12 +80,9 @@ BYTES = {
     # fused: 2 r + 1 w | eager: out - inp 3, copy_ 2 | torch: torch.sub(out=) 3
     "residual_delta_store_": {"fused": 3, "eager": 5, "torch": 3},
     "residual_apply_": {"fused": 3, "eager": 5, "torch": 3},
-    # fused: x r+w, cache, diff, diff2 r | eager: a*diff 2, + cache 3, b*diff2 2, + 3, gate* 2, x.add_ 3
-    # | torch: the same plus x.float() + v 3 and copy_ 2 instead of x.add_
-    "forecast_residual_": {"fused": 5, "eager": 15, "torch": 17},
-    # fused: x r+w, y r, cache r+w, diff r+w, diff2 w | eager: copy 2, sub(out=) 3, copy 2, gate*y 2, x.add_ 3
-    # | torch: copy 2, y - cache 3, copy_ 2, copy 2, addcmul_ 3
-    "forecast_store_": {"fused": 8, "eager": 12, "torch": 12},
+    # fused: x r+w, y0, y1, y2 r | eager: c0*y0 2, c1*y1 2, + 3, c2*y2 2, + 3, gate* 2, x.add_ 3
+    # | torch: the same with x.float() + v 3 and copy_ 2 instead of x.add_
+    "forecast_residual_": {"fused": 5, "eager": 17, "torch": 19},
     # fused: x r, out w | eager: layer_norm 2, * (1 + scale) 2, + shift 2
     # | torch (fp32): layer_norm 2, addcmul 2
     "adaln_modulate": {"fused": 2, "eager": 6, "torch": 4},
@@ -105,7 +101,7 @@ def make_inputs(B, N, C, dtype, device, seed=0):
     emb = randn(B, 6 * C) * 0.1
     shift, scale, gate = emb.chunk(6, dim=1)[:3]  # strided views, as in a DiT block
     return dict(x=randn(B, N, C), y=randn(B, N, C), inp=randn(B, N, C), cache=randn(B, N, C),
-                diff=randn(B, N, C), diff2=randn(B, N, C),
+                y1=randn(B, N, C), y2=randn(B, N, C),
                 half=randn(B // 2, N, C), out=torch.empty(B, N, C, dtype=dtype, device=device),
                 gate=gate, shift=shift, scale=scale)
 
@@ -156,18 +152,11 @@ def callables(case: str, t: dict) -> dict:
                    eager=lambda: out.copy_(inp + cache),
                    torch=lambda: reference.residual_apply_(out, inp, cache))
     elif case == "forecast_residual_":
-        k, diff, diff2, a, b = _kernel("forecast_residual_"), t["diff"], t["diff2"], 1.5, -0.5
-        fns = dict(fused=lambda: ops.forecast_residual_(x, cache, diff, diff2, gate, a, b),
-                   kernel=k is not None and (lambda: k(x, cache, diff, diff2, gate_c, a, b)),
-                   eager=lambda: x.add_(gate.unsqueeze(1) * (cache + a * diff + b * diff2)),
-                   torch=lambda: reference.forecast_residual_(x, cache, diff, diff2, gate, a, b))
-    elif case == "forecast_store_":
-        k, diff, diff2 = _kernel("forecast_store_"), t["diff"], t["diff2"]
-        fns = dict(fused=lambda: ops.forecast_store_(x, y, gate, cache, diff, diff2),
-                   kernel=k is not None and (lambda: k(x, y, gate_c, cache, diff, diff2)),
-                   eager=lambda: (diff2.copy_(diff), torch.sub(y, cache, out=diff), cache.copy_(y),
-                                  x.add_(gate.unsqueeze(1) * y)),
-                   torch=lambda: reference.forecast_store_(x, y, gate, cache, diff, diff2))
+        k, y1, y2, c = _kernel("forecast_residual_"), t["y1"], t["y2"], (3.0, -3.0, 1.0)
+        fns = dict(fused=lambda: ops.forecast_residual_(x, cache, y1, y2, gate, *c),
+                   kernel=k is not None and (lambda: k(x, cache, y1, y2, gate_c, *c)),
+                   eager=lambda: x.add_(gate.unsqueeze(1) * (c[0] * cache + c[1] * y1 + c[2] * y2)),
+                   torch=lambda: reference.forecast_residual_(x, cache, y1, y2, gate, *c))
     elif case == "adaln_modulate":
         k, shift, scale, C = _kernel("adaln_modulate"), t["shift"], t["scale"], x.shape[-1]
         fns = dict(fused=lambda: ops.adaln_modulate(x, shift, scale, eps),

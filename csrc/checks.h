@@ -170,52 +170,27 @@ inline void check_residual_apply_args(const at::Tensor& out, const at::Tensor& i
   check_residual_args(out, "out", inp, "inp", cache, "cache", "l2c::residual_apply_");
 }
 
-inline void check_forecast_residual_args(const at::Tensor& x, const at::Tensor& cache,
-                                         const at::Tensor& diff,
-                                         const std::optional<at::Tensor>& diff2,
-                                         const std::optional<at::Tensor>& gate, double a,
-                                         double b) {
+inline void check_forecast_residual_args(const at::Tensor& x, const at::Tensor& y0,
+                                         const at::Tensor& y1,
+                                         const std::optional<at::Tensor>& y2,
+                                         const std::optional<at::Tensor>& gate, double c0,
+                                         double c1, double c2) {
   constexpr const char* op = "l2c::forecast_residual_";
-  TORCH_CHECK(std::isfinite(a), op, ": 'a' must be a finite float, got ", a);
-  TORCH_CHECK(std::isfinite(b), op, ": 'b' must be a finite float, got ", b);
+  TORCH_CHECK(std::isfinite(c0), op, ": 'c0' must be a finite float, got ", c0);
+  TORCH_CHECK(std::isfinite(c1), op, ": 'c1' must be a finite float, got ", c1);
+  TORCH_CHECK(std::isfinite(c2), op, ": 'c2' must be a finite float, got ", c2);
   check_activation(x, op, "x");
-  check_like(cache, "cache", x, "x", op);
-  check_disjoint(x, "x", cache, "cache", op);
-  check_like(diff, "diff", x, "x", op);
-  check_disjoint(x, "x", diff, "diff", op);
-  if (diff2.has_value()) {
-    check_like(*diff2, "diff2", x, "x", op);
-    check_disjoint(x, "x", *diff2, "diff2", op);
+  check_like(y0, "y0", x, "x", op);
+  check_disjoint(x, "x", y0, "y0", op);
+  check_like(y1, "y1", x, "x", op);
+  check_disjoint(x, "x", y1, "y1", op);
+  if (y2.has_value()) {
+    check_like(*y2, "y2", x, "x", op);
+    check_disjoint(x, "x", *y2, "y2", op);
   }
   if (gate.has_value()) {
     check_per_sample(*gate, "gate", x, "x", op);
     check_disjoint(x, "x", *gate, "gate", op);
-  }
-}
-
-inline void check_forecast_store_args(const at::Tensor& x, const at::Tensor& y,
-                                      const std::optional<at::Tensor>& gate,
-                                      const at::Tensor& cache, const at::Tensor& diff,
-                                      const std::optional<at::Tensor>& diff2) {
-  constexpr const char* op = "l2c::forecast_store_";
-  check_activation(x, op, "x");
-  check_like(y, "y", x, "x", op);
-  check_like(cache, "cache", x, "x", op);
-  check_like(diff, "diff", x, "x", op);
-  if (diff2.has_value()) check_like(*diff2, "diff2", x, "x", op);
-  if (gate.has_value()) check_per_sample(*gate, "gate", x, "x", op);
-  // every written tensor is disjoint from every other argument
-  const at::Tensor* written[] = {&x, &cache, &diff, diff2.has_value() ? &*diff2 : nullptr};
-  const char* written_names[] = {"x", "cache", "diff", "diff2"};
-  const at::Tensor* all[] = {&x, &y, &cache, &diff, diff2.has_value() ? &*diff2 : nullptr,
-                             gate.has_value() ? &*gate : nullptr};
-  const char* all_names[] = {"x", "y", "cache", "diff", "diff2", "gate"};
-  for (int w = 0; w < 4; ++w) {
-    if (written[w] == nullptr) continue;
-    for (int o = 0; o < 6; ++o) {
-      if (all[o] == nullptr || all[o] == written[w]) continue;
-      check_disjoint(*written[w], written_names[w], *all[o], all_names[o], op);
-    }
   }
 }
 

@@ -106,37 +106,21 @@ void residual_apply_cuda(const at::Tensor& out, const at::Tensor& inp, const at:
                op);
 }
 
-void forecast_residual_cuda(const at::Tensor& x, const at::Tensor& cache, const at::Tensor& diff,
-                            const std::optional<at::Tensor>& diff2,
-                            const std::optional<at::Tensor>& gate, double a, double b) {
+void forecast_residual_cuda(const at::Tensor& x, const at::Tensor& y0, const at::Tensor& y1,
+                            const std::optional<at::Tensor>& y2,
+                            const std::optional<at::Tensor>& gate, double c0, double c1,
+                            double c2) {
   constexpr const char* op = "l2c::forecast_residual_";
-  check_forecast_residual_args(x, cache, diff, diff2, gate, a, b);
+  check_forecast_residual_args(x, y0, y1, y2, gate, c0, c1, c2);
   check_on_cuda(x, op, "x");
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   check_launch(l2c::cuda::forecast_residual(
-                   x.mutable_data_ptr(), cache.const_data_ptr(), diff.const_data_ptr(),
-                   diff2.has_value() ? diff2->const_data_ptr() : nullptr,
-                   gate.has_value() ? gate->const_data_ptr() : nullptr, static_cast<float>(a),
-                   static_cast<float>(b), x.size(0), x.size(1), x.size(2), dtype_of(x, op),
-                   current_stream()),
-               op);
-}
-
-void forecast_store_cuda(const at::Tensor& x, const at::Tensor& y,
-                         const std::optional<at::Tensor>& gate, const at::Tensor& cache,
-                         const at::Tensor& diff, const std::optional<at::Tensor>& diff2) {
-  constexpr const char* op = "l2c::forecast_store_";
-  check_forecast_store_args(x, y, gate, cache, diff, diff2);
-  check_on_cuda(x, op, "x");
-  if (x.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  check_launch(l2c::cuda::forecast_store(x.mutable_data_ptr(), y.const_data_ptr(),
-                                         gate.has_value() ? gate->const_data_ptr() : nullptr,
-                                         cache.mutable_data_ptr(), diff.mutable_data_ptr(),
-                                         diff2.has_value() ? diff2->mutable_data_ptr() : nullptr,
-                                         x.size(0), x.size(1), x.size(2), dtype_of(x, op),
-                                         current_stream()),
+                   x.mutable_data_ptr(), y0.const_data_ptr(), y1.const_data_ptr(),
+                   y2.has_value() ? y2->const_data_ptr() : nullptr,
+                   gate.has_value() ? gate->const_data_ptr() : nullptr, static_cast<float>(c0),
+                   static_cast<float>(c1), static_cast<float>(c2), x.size(0), x.size(1),
+                   x.size(2), dtype_of(x, op), current_stream()),
                op);
 }
 
@@ -167,6 +151,5 @@ TORCH_LIBRARY_IMPL(l2c, CUDA, m) {
   m.impl("residual_delta_store_", &l2c::cuda::residual_delta_store_cuda);
   m.impl("residual_apply_", &l2c::cuda::residual_apply_cuda);
   m.impl("forecast_residual_", &l2c::cuda::forecast_residual_cuda);
-  m.impl("forecast_store_", &l2c::cuda::forecast_store_cuda);
   m.impl("adaln_modulate", &l2c::cuda::adaln_modulate_cuda);
 }

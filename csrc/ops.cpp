@@ -18,16 +18,11 @@ TORCH_LIBRARY(l2c, m) {
   m.def("residual_delta_store_(Tensor(a!) cache, Tensor out, Tensor inp) -> ()");
   // out <- inp + cache
   m.def("residual_apply_(Tensor(a!) out, Tensor inp, Tensor cache) -> ()");
-  // x += gate[:, None, :] * (cache + a * diff + b * diff2)  (no gate: x += ...; no diff2: no b term).
-  // Reuses a cached branch output extrapolated by its stored differences (forecast schedules).
+  // x += gate[:, None, :] * (c0 * y0 + c1 * y1 + c2 * y2)  (no gate: x += ...; no y2: no c2 term).
+  // Reuses a branch by extrapolating its last stored outputs (forecast schedules).
   m.def(
-      "forecast_residual_(Tensor(a!) x, Tensor cache, Tensor diff, Tensor? diff2, Tensor? gate, "
-      "float a, float b) -> ()");
-  // x += gate[:, None, :] * y (x += y without gate); diff2 <- diff when given; diff <- y - cache;
-  // cache <- y. One pass: a computed branch updates the stream and its forecast state together.
-  m.def(
-      "forecast_store_(Tensor(a!) x, Tensor y, Tensor? gate, Tensor(b!) cache, Tensor(c!) diff, "
-      "Tensor(d!)? diff2) -> ()");
+      "forecast_residual_(Tensor(a!) x, Tensor y0, Tensor y1, Tensor? y2, Tensor? gate, float c0, "
+      "float c1, float c2) -> ()");
   // LayerNorm over C without affine (float32 statistics, biased variance, eps inside the sqrt),
   // then * (1 + scale[:, None, :]) + shift[:, None, :]. Returns a new tensor like x.
   m.def("adaln_modulate(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor");

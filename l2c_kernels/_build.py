@@ -18,7 +18,7 @@ from typing import Any
 
 #: The operators l2c_kernels._C defines, in the ``l2c`` namespace.
 OPS = ("gated_residual_", "cfg_mean_store_", "residual_delta_store_", "residual_apply_", "forecast_residual_",
-       "forecast_store_", "adaln_modulate")
+       "adaln_modulate")
 
 _lock = threading.Lock()
 _state: tuple[ModuleType | None, str | None] | None = None

@@ -18,10 +18,8 @@ SCHEMAS = {
     "cfg_mean_store_": "l2c::cfg_mean_store_(Tensor(a!) x, Tensor y, Tensor(b!) cache) -> ()",
     "residual_delta_store_": "l2c::residual_delta_store_(Tensor(a!) cache, Tensor out, Tensor inp) -> ()",
     "residual_apply_": "l2c::residual_apply_(Tensor(a!) out, Tensor inp, Tensor cache) -> ()",
-    "forecast_residual_": ("l2c::forecast_residual_(Tensor(a!) x, Tensor cache, Tensor diff, Tensor? diff2, "
-                           "Tensor? gate, float a, float b) -> ()"),
-    "forecast_store_": ("l2c::forecast_store_(Tensor(a!) x, Tensor y, Tensor? gate, Tensor(b!) cache, "
-                        "Tensor(c!) diff, Tensor(d!)? diff2) -> ()"),
+    "forecast_residual_": ("l2c::forecast_residual_(Tensor(a!) x, Tensor y0, Tensor y1, Tensor? y2, Tensor? gate, "
+                           "float c0, float c1, float c2) -> ()"),
     "adaln_modulate": "l2c::adaln_modulate(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor",
 }
 

@@ -11,10 +11,8 @@ in float32 and rounds once per stored element.
 ``cfg_mean_store_(x, y, cache)``                  ``x += y``; ``cache <- (y[:B/2] + y[B/2:]) / 2`` (cache ``[B/2, N, C]``)
 ``residual_delta_store_(cache, out, inp)``        ``cache <- out - inp``
 ``residual_apply_(out, inp, cache)``              ``out <- inp + cache``
-``forecast_residual_(x, cache, diff, diff2,       ``x += gate[:, None, :] * (cache + a * diff + b * diff2)``: reuse a cached
-gate, a, b)``                                     branch output extrapolated by its stored differences, one pass
-``forecast_store_(x, y, gate, cache, diff,        ``x += gate[:, None, :] * y``; ``diff2 <- diff``; ``diff <- y - cache``;
-diff2)``                                          ``cache <- y``: a computed branch and its forecast state, one pass
+``forecast_residual_(x, y0, y1, y2, gate,         ``x += gate[:, None, :] * (c0 * y0 + c1 * y1 + c2 * y2)``: reuse a branch
+c0, c1, c2)``                                     by extrapolating its last stored outputs, one pass
 ``adaln_modulate(x, shift, scale, eps=1e-6)``     ``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]`` (no affine,
                                                   float32 statistics, biased variance) as a new tensor
 =============================================  ===============================================================
@@ -44,7 +42,7 @@ from ._backend import BACKENDS, BackendUnavailableError, available_backends, def
 
 __all__ = [
     "gated_residual_", "cfg_mean_store_", "residual_delta_store_", "residual_apply_", "forecast_residual_",
-    "forecast_store_", "adaln_modulate", "BACKENDS", "BackendUnavailableError", "available_backends", "default_backend", "use_backend",
+    "adaln_modulate", "BACKENDS", "BackendUnavailableError", "available_backends", "default_backend", "use_backend",
     "reference",
 ]
 
@@ -264,91 +262,48 @@ def _residual_apply_fake(out, inp, cache) -> None:
 # -------------------------------------------------------------------------------- forecast_residual_
 
 
-def forecast_residual_(x: torch.Tensor, cache: torch.Tensor, diff: torch.Tensor, diff2: torch.Tensor | None = None,
-                       gate: torch.Tensor | None = None, a: float = 1.0, b: float = 0.0, *,
+def forecast_residual_(x: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, y2: torch.Tensor | None = None,
+                       gate: torch.Tensor | None = None, c0: float = 1.0, c1: float = 0.0, c2: float = 0.0, *,
                        backend: str | None = None) -> torch.Tensor:
-    """``x += gate[:, None, :] * (cache + a * diff + b * diff2)`` in one pass.
+    """``x += gate[:, None, :] * (c0 * y0 + c1 * y1 + c2 * y2)`` in one pass.
 
-    Reuses a cached branch output forecast from its stored differences (Newton extrapolation:
-    ``a``, ``b`` are the schedule's coefficients for the step); without ``diff2`` there is no ``b``
-    term, without ``gate`` the forecast is added as is. The sum is formed in float32 and ``x`` is
-    rounded once.
+    Reuses a branch by extrapolating its last stored outputs ``y0, y1, y2``: ``c0, c1, c2`` are the
+    Lagrange weights of the polynomial through them, evaluated at the current step (a forecast
+    schedule fixes them when it is compiled). Without ``y2`` there is no ``c2`` term, without
+    ``gate`` the forecast is added as is. The sum is formed in float32 and ``x`` is rounded once.
 
     Args:
         x: ``[B, N, C]``, updated in place (contiguous).
-        cache: ``[B, N, C]`` the branch output stored at its last computation.
-        diff, diff2: ``[B, N, C]`` its first and second differences between computations (``diff2`` optional).
+        y0, y1: ``[B, N, C]`` stored branch outputs.
+        y2: ``[B, N, C]`` a third stored output, or None.
         gate: ``[B, C]`` per-sample gate, or None.
-        a, b: finite coefficients of ``diff`` and ``diff2``.
+        c0, c1, c2: finite weights.
         backend: force a backend.
 
     Returns:
         ``x``.
     """
-    name = _backend.select(_dev(x), backend, _needs_grad(x, cache, diff, diff2, gate))
-    if name in _EXTENSION_BACKENDS and _direct() and type(a) is float and type(b) is float:
-        _extension_call(lambda: torch.ops.l2c.forecast_residual_.default(x, _c(cache), _c(diff), _c(diff2),
-                                                                         _c(gate), a, b),
-                        lambda: _checks.check_forecast_residual(x, cache, diff, diff2, gate, a, b))
+    name = _backend.select(_dev(x), backend, _needs_grad(x, y0, y1, y2, gate))
+    if (name in _EXTENSION_BACKENDS and _direct() and type(c0) is float and type(c1) is float
+            and type(c2) is float):
+        _extension_call(lambda: torch.ops.l2c.forecast_residual_.default(x, _c(y0), _c(y1), _c(y2), _c(gate),
+                                                                         c0, c1, c2),
+                        lambda: _checks.check_forecast_residual(x, y0, y1, y2, gate, c0, c1, c2))
         return x
-    cache, diff, diff2, gate, a, b = _checks.check_forecast_residual(x, cache, diff, diff2, gate, a, b)
+    y0, y1, y2, gate, c0, c1, c2 = _checks.check_forecast_residual(x, y0, y1, y2, gate, c0, c1, c2)
     if name == "torch":
-        reference.forecast_residual_(x, cache, diff, diff2, gate, a, b)
+        reference.forecast_residual_(x, y0, y1, y2, gate, c0, c1, c2)
     elif name == "triton":
         _triton()
-        torch.ops.l2c_triton.forecast_residual_(x, cache, diff, diff2, gate, a, b)
+        torch.ops.l2c_triton.forecast_residual_(x, y0, y1, y2, gate, c0, c1, c2)
     else:
-        torch.ops.l2c.forecast_residual_(x, cache, diff, diff2, gate, a, b)
+        torch.ops.l2c.forecast_residual_(x, y0, y1, y2, gate, c0, c1, c2)
     return x
 
 
 @_register_fake("forecast_residual_")
-def _forecast_residual_fake(x, cache, diff, diff2, gate, a, b) -> None:
-    _checks.check_forecast_residual(x, cache, diff, diff2, gate, a, b, memory=False)
-    return None
-
-
-# ----------------------------------------------------------------------------------- forecast_store_
-
-
-def forecast_store_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, cache: torch.Tensor,
-                    diff: torch.Tensor, diff2: torch.Tensor | None = None, *,
-                    backend: str | None = None) -> torch.Tensor:
-    """A computed branch output ``y`` and its forecast state, in one pass.
-
-    ``x += gate[:, None, :] * y`` (``x += y`` without gate); ``diff2 <- diff`` when given (the
-    previous difference, bit for bit); ``diff <- y - cache`` (``cache`` as stored at the branch's
-    previous computation, float32 subtraction); ``cache <- y``.
-
-    Args:
-        x: ``[B, N, C]``, updated in place (contiguous).
-        y: ``[B, N, C]`` branch output.
-        gate: ``[B, C]`` per-sample gate, or None.
-        cache, diff, diff2: ``[B, N, C]`` buffers updated in place (contiguous; ``diff2`` optional).
-        backend: force a backend.
-
-    Returns:
-        ``x``.
-    """
-    name = _backend.select(_dev(x), backend, _needs_grad(x, y, gate, cache, diff, diff2))
-    if name in _EXTENSION_BACKENDS and _direct():
-        _extension_call(lambda: torch.ops.l2c.forecast_store_.default(x, _c(y), _c(gate), cache, diff, diff2),
-                        lambda: _checks.check_forecast_store(x, y, gate, cache, diff, diff2))
-        return x
-    y, gate, cache, diff, diff2 = _checks.check_forecast_store(x, y, gate, cache, diff, diff2)
-    if name == "torch":
-        reference.forecast_store_(x, y, gate, cache, diff, diff2)
-    elif name == "triton":
-        _triton()
-        torch.ops.l2c_triton.forecast_store_(x, y, gate, cache, diff, diff2)
-    else:
-        torch.ops.l2c.forecast_store_(x, y, gate, cache, diff, diff2)
-    return x
-
-
-@_register_fake("forecast_store_")
-def _forecast_store_fake(x, y, gate, cache, diff, diff2) -> None:
-    _checks.check_forecast_store(x, y, gate, cache, diff, diff2, memory=False)
+def _forecast_residual_fake(x, y0, y1, y2, gate, c0, c1, c2) -> None:
+    _checks.check_forecast_residual(x, y0, y1, y2, gate, c0, c1, c2, memory=False)
     return None
 
 

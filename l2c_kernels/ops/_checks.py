@@ -177,42 +177,21 @@ def _coefficient(v, name: str, op: str) -> float:
     return float(v)
 
 
-def check_forecast_residual(x, cache, diff, diff2, gate, a, b, memory: bool = True):
+def check_forecast_residual(x, y0, y1, y2, gate, c0, c1, c2, memory: bool = True):
     op = "forecast_residual_"
     _activation(x, op, "x")
-    cache = _like(cache, "cache", x, "x", op, inplace=False)
-    diff = _like(diff, "diff", x, "x", op, inplace=False)
-    if diff2 is not None:
-        diff2 = _like(diff2, "diff2", x, "x", op, inplace=False)
+    y0 = _like(y0, "y0", x, "x", op, inplace=False)
+    y1 = _like(y1, "y1", x, "x", op, inplace=False)
+    if y2 is not None:
+        y2 = _like(y2, "y2", x, "x", op, inplace=False)
     if gate is not None:
         gate = _per_sample(gate, "gate", x, op)
-    a, b = _coefficient(a, "a", op), _coefficient(b, "b", op)
+    c0, c1, c2 = (_coefficient(c, name, op) for c, name in ((c0, "c0"), (c1, "c1"), (c2, "c2")))
     if memory and _checking_memory(x):
-        for t, name in ((cache, "cache"), (diff, "diff"), (diff2, "diff2"), (gate, "gate")):
+        for t, name in ((y0, "y0"), (y1, "y1"), (y2, "y2"), (gate, "gate")):
             if t is not None:
                 _disjoint(x, "x", t, name, op)
-    return cache, diff, diff2, gate, a, b
-
-
-def check_forecast_store(x, y, gate, cache, diff, diff2, memory: bool = True):
-    op = "forecast_store_"
-    _activation(x, op, "x")
-    y = _like(y, "y", x, "x", op, inplace=False)
-    if gate is not None:
-        gate = _per_sample(gate, "gate", x, op)
-    cache = _like(cache, "cache", x, "x", op, inplace=True)
-    diff = _like(diff, "diff", x, "x", op, inplace=True)
-    if diff2 is not None:
-        diff2 = _like(diff2, "diff2", x, "x", op, inplace=True)
-    if memory and _checking_memory(x):
-        named = [(x, "x"), (y, "y"), (cache, "cache"), (diff, "diff"), (diff2, "diff2"), (gate, "gate")]
-        for w, wname in ((x, "x"), (cache, "cache"), (diff, "diff"), (diff2, "diff2")):
-            if w is None:
-                continue
-            for t, name in named:
-                if t is not None and name != wname:
-                    _disjoint(w, wname, t, name, op)
-    return y, gate, cache, diff, diff2
+    return y0, y1, y2, gate, c0, c1, c2
 
 
 def check_adaln_modulate(x, shift, scale, eps):

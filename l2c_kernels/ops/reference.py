@@ -35,26 +35,16 @@ def cfg_mean_store_(x: torch.Tensor, y: torch.Tensor, cache: torch.Tensor) -> to
     return x
 
 
-def forecast_residual_(x: torch.Tensor, cache: torch.Tensor, diff: torch.Tensor, diff2: torch.Tensor | None,
-                       gate: torch.Tensor | None, a: float, b: float) -> torch.Tensor:
-    """``x += gate[:, None, :] * (cache + a * diff + b * diff2)`` (no gate: ``x += ...``; no ``diff2``: no ``b`` term)."""
-    v = cache.float() + a * diff.float()
-    if diff2 is not None:
-        v = v + b * diff2.float()
+def forecast_residual_(x: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, y2: torch.Tensor | None,
+                       gate: torch.Tensor | None, c0: float, c1: float, c2: float) -> torch.Tensor:
+    """``x += gate[:, None, :] * (c0 * y0 + c1 * y1 + c2 * y2)`` (no gate: ``x += ...``; no ``y2``: no ``c2`` term)."""
+    v = c0 * y0.float() + c1 * y1.float()
+    if y2 is not None:
+        v = v + c2 * y2.float()
     if gate is not None:
         v = v * gate.float().unsqueeze(1)
     x.copy_(x.float() + v)  # one rounding of x, as the fused kernels
     return x
-
-
-def forecast_store_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, cache: torch.Tensor,
-                    diff: torch.Tensor, diff2: torch.Tensor | None) -> torch.Tensor:
-    """``x += gate[:, None, :] * y``; ``diff2 <- diff`` (if given); ``diff <- y - cache``; ``cache <- y``."""
-    if diff2 is not None:
-        diff2.copy_(diff)
-    diff.copy_(y - cache)  # float32 arithmetic for low precision, rounded once
-    cache.copy_(y)
-    return gated_residual_(x, y, gate)
 
 
 def _records_grad(*tensors: torch.Tensor) -> bool:

@@ -191,8 +191,8 @@ class CachedTransformer(nn.Module):
                                         f"generation (start at step 0, or call reset())")
                 continue
             for i, c in enumerate(bp.compute):
-                if not c and ((b, i) not in caches.filled or (bp.coef[i] and ("diff", b, i) not in caches.filled)
-                              or (bp.coef2[i] and ("diff2", b, i) not in caches.filled)):
+                reads = bp.reads(i)
+                if not c and (not reads or any(caches.slot_key(b, i, j) not in caches.filled for j in reads)):
                     raise ScheduleError(
                         f"step {step} reuses {plan.branches[i]} of block {b} but that cache was not filled in this "
                         f"generation (start at step 0, or call reset())")
@@ -208,13 +208,10 @@ class CachedTransformer(nn.Module):
                     caches.half_dirty.add(("delta", b))
             for i, s in enumerate(bp.store):
                 if s:
-                    caches.filled.add((b, i))
+                    key = caches.slot_key(b, i, bp.slot[i])  # slots > 0 never at a collapsed step (forecast)
+                    caches.filled.add(key)
                     if collapsed and not (plan.attn2_cfg_mean and plan.branches[i] == "attn2"):
-                        caches.half_dirty.add((b, i))
-                if bp.store_diff[i]:  # never at a collapsed step (forecast schedules do not collapse)
-                    caches.filled.add(("diff", b, i))
-                if bp.store_diff2[i]:
-                    caches.filled.add(("diff2", b, i))
+                        caches.half_dirty.add(key)
 
     # ------------------------------------------------------------ CFG collapse
     _PER_SAMPLE_TEXT = ("encoder_hidden_states", "encoder_attention_mask")
@@ -300,19 +297,11 @@ class CachedTransformer(nn.Module):
                                      f"guidance halves, which needs an even batch; got batch {h.shape[0]}")
                 if bp.compute[i]:
                     y = ad.compute_branch(block, name, h, bctx, ctx)
-                    if bp.store_diff[i] and bp.store[i] and not cfg_mean and not collapsed:
-                        # forecast state: diff2 <- diff, diff <- y - cache, cache <- y, and h += gate * y, one pass
-                        ops.forecast_store_(h, y, gate, caches.branch_buffer(b, i), caches.diff_buffer(b, i),
-                                            caches.diff_buffer(b, i, 2) if bp.store_diff2[i] else None)
-                        continue
-                    if bp.store_diff2[i]:  # keep the previous difference aside
-                        caches.diff_buffer(b, i, 2).copy_(caches.diff_buffer(b, i))
-                    if bp.store_diff[i]:  # diff <- y - (the output stored at the branch's previous computation)
-                        ops.residual_delta_store_(caches.diff_buffer(b, i), y, caches.branch_buffer(b, i))
                     if cfg_mean and bp.store[i]:
                         ops.cfg_mean_store_(h, y, caches.branch_buffer(b, i, half=True))
                     else:
-                        ops.gated_residual_(h, y, gate, per_sample(caches.branch_buffer(b, i)) if bp.store[i] else None)
+                        ops.gated_residual_(h, y, gate,
+                                            per_sample(caches.slot_buffer(b, i, bp.slot[i])) if bp.store[i] else None)
                 elif cfg_mean:
                     cache = caches.branch_buffer(b, i, half=True)
                     if collapsed:
@@ -320,16 +309,15 @@ class CachedTransformer(nn.Module):
                     else:
                         ops.gated_residual_(h[:half], cache)
                         ops.gated_residual_(h[half:], cache)
-                elif bp.coef[i] or bp.coef2[i]:  # forecast: h += gate * (cache + a * diff + a2 * diff2), one pass
-                    a, a2 = float(bp.coef[i]), float(bp.coef2[i])
-                    cache = per_sample(caches.branch_buffer(b, i))
-                    if a:
-                        ops.forecast_residual_(h, cache, caches.diff_buffer(b, i),
-                                               caches.diff_buffer(b, i, 2) if a2 else None, gate, a, a2)
-                    else:
-                        ops.forecast_residual_(h, cache, caches.diff_buffer(b, i, 2), None, gate, a2, 0.0)
                 else:
-                    ops.gated_residual_(h, per_sample(caches.branch_buffer(b, i)), gate)
+                    reads, w = bp.reads(i), bp.weights[i]
+                    ys = [per_sample(caches.slot_buffer(b, i, j)) for j in reads]
+                    if len(reads) == 1 and w[reads[0]] == 1.0:
+                        ops.gated_residual_(h, ys[0], gate)
+                    else:  # forecast: h += gate * (sum of weighted last outputs), one pass
+                        c = [float(w[j]) for j in reads] + [0.0] * (3 - len(reads))
+                        ops.forecast_residual_(h, ys[0], ys[1] if len(ys) > 1 else ys[0],
+                                               ys[2] if len(ys) > 2 else None, gate, c[0], c[1], c[2])
             if bp.store_delta:
                 ops.residual_delta_store_(per_sample(caches.delta_buffer(b)), h, inp)
         return h

@@ -5,8 +5,8 @@ import torch
 
 
 class CacheSet:
-    """Branch caches ``[B, N, C]`` (``[B/2, N, C]`` for CFG-mean cross-attention), the differences of a
-    branch's last outputs (schedules with a forecast) and block residuals.
+    """Branch caches ``[B, N, C]`` (``[B/2, N, C]`` for CFG-mean cross-attention), with more slots per
+    branch for schedules with a forecast (its last outputs), and block residuals.
 
     Buffers are allocated on first use and live outside any CUDA graph, so graphs of different
     steps read what other steps wrote. ``filled`` records, on the host, which caches hold data
@@ -18,7 +18,7 @@ class CacheSet:
         self.dtype, self.device = like.dtype, like.device
         self.branch: dict[tuple[int, int], torch.Tensor] = {}
         self.delta: dict[int, torch.Tensor] = {}
-        self.diff: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.slots: dict[tuple[int, int, int], torch.Tensor] = {}
         self.filled: set = set()
         self.half_dirty: set = set()  # caches whose second half was written by a collapsed (half-batch) step
 
@@ -30,12 +30,19 @@ class CacheSet:
             self.branch[(block, branch)] = buf
         return buf
 
-    def diff_buffer(self, block: int, branch: int, order: int = 1) -> torch.Tensor:
-        """``order`` 1: the difference of the branch's last two outputs; 2: the one before it."""
-        buf = self.diff.get((block, branch, order))
+    def slot_buffer(self, block: int, branch: int, slot: int) -> torch.Tensor:
+        """Slot ``slot`` of a branch's ring of last outputs (slot 0 is :meth:`branch_buffer`)."""
+        if slot == 0:
+            return self.branch_buffer(block, branch)
+        buf = self.slots.get((block, branch, slot))
         if buf is None:
-            buf = self.diff[(block, branch, order)] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            buf = self.slots[(block, branch, slot)] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         return buf
+
+    @staticmethod
+    def slot_key(block: int, branch: int, slot: int) -> tuple:
+        """The ``filled`` key of a slot (slot 0 shares the plain branch cache's key)."""
+        return (block, branch) if slot == 0 else ("slot", block, branch, slot)
 
     def delta_buffer(self, block: int) -> torch.Tensor:
         buf = self.delta.get(block)
@@ -45,4 +52,4 @@ class CacheSet:
         return buf
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.branch.values(), *self.delta.values(), *self.diff.values()])
+        return sum(t.numel() * t.element_size() for t in [*self.branch.values(), *self.delta.values(), *self.slots.values()])

@@ -2,10 +2,10 @@
 
 Because the schedule is static, the runtime knows before sampling which cache writes are ever
 read: a branch output is stored only when a later step reuses it before recomputing it, and a
-block residual only when a later step reuses the whole block. With a forecast the
-extrapolation coefficients of every reuse are fixed here too, and the differences of the last
-outputs are stored only where a later reuse extrapolates with them. Steps with the same plan share
-one plan object (and, on GPU, one CUDA graph).
+block residual only when a later step reuses the whole block. With a forecast, a branch keeps its
+last ``order + 1`` outputs in a ring of buffers (the k-th computation of a generation writes slot
+``k % (order + 1)``), and every reuse is a weighted sum of slots whose Lagrange weights are fixed
+here. Steps with the same plan share one plan object (and, on GPU, one CUDA graph).
 """
 from __future__ import annotations
 
@@ -18,15 +18,17 @@ from ..schedule import BLOCK, COMPUTE, REUSE, Schedule
 class BlockPlan:
     reuse_block: bool            # skip the block, add its cached residual
     compute: tuple[bool, ...]    # per branch: compute (True) or reuse the cached raw output
-    store: tuple[bool, ...]      # per branch: write the raw output to the cache (only if computed)
+    store: tuple[bool, ...]      # per branch: write the raw output to its cache slot (only if computed)
     store_delta: bool            # write the block residual (out - in) to the block cache
-    # forecasts: per branch, the reuse coefficients (reused output = cache + coef * diff + coef2 * diff2;
-    # 0: not used) and what a computing step writes before storing its fresh output: diff2 <- diff
-    # (store_diff2, first), then diff <- fresh - cache (store_diff)
-    coef: tuple[float, ...] = ()
-    store_diff: tuple[bool, ...] = ()
-    coef2: tuple[float, ...] = ()
-    store_diff2: tuple[bool, ...] = ()
+    # per branch: the cache slot a computed output is written to (0 without a forecast), and for a
+    # reused branch the weight of each slot (reused output = sum_j weights[j] * slot j; a plain
+    # reuse is weight 1 on one slot)
+    slot: tuple[int, ...] = ()
+    weights: tuple[tuple[float, ...], ...] = ()
+
+    def reads(self, i: int) -> tuple[int, ...]:
+        """The slots a reuse of branch ``i`` reads."""
+        return tuple(j for j, w in enumerate(self.weights[i]) if w)
 
 
 @dataclass(frozen=True)
@@ -60,26 +62,29 @@ def compile_plans(schedule: Schedule) -> list[StepPlan]:
     def grid(v):
         return [[[v] * nbr for _ in range(nblocks)] for _ in range(nsteps)]
 
-    coef, coef2, store, store_diff, store_diff2 = grid(0.0), grid(0.0), grid(False), grid(False), grid(False)
     max_order = {"none": 0, "linear": 1, "quadratic": 2}[schedule.forecast]
+    nslots = max_order + 1
+    store, slot = grid(False), grid(0)
+    weights = grid((0.0,) * nslots)
     for b in range(nblocks):
         for i in range(nbr):
+            ring = 1 if i == cfg_mean_branch else nslots  # the CFG-mean cache is one half-batch buffer
             computed = [s for s in range(nsteps) if plan[s][b] != BLOCK and plan[s][b][i] == COMPUTE]
             for k, s0 in enumerate(computed):
+                slot[s0][b][i] = k % ring
                 end = computed[k + 1] if k + 1 < len(computed) else nsteps
                 reuses = [s for s in range(s0 + 1, end) if plan[s][b] != BLOCK and plan[s][b][i] == REUSE]
                 if not reuses:
                     continue
-                store[s0][b][i] = True
-                order = 0 if i == cfg_mean_branch else min(k, max_order)  # as many earlier outputs as exist
-                if order >= 1:  # diff = y0 - y1 formed at s0 from the output stored at s1
-                    s1 = computed[k - 1]
-                    store_diff[s0][b][i] = store[s1][b][i] = True
-                if order == 2:  # diff2 = y1 - y2: the diff formed at s1, kept aside at s0
-                    s2 = computed[k - 2]
-                    store_diff2[s0][b][i] = store_diff[s1][b][i] = store[s2][b][i] = True
+                order = min(k, ring - 1)  # as many earlier outputs as this generation has
+                nodes = computed[k - order:k + 1]
+                for n in nodes:
+                    store[n][b][i] = True
                 for s in reuses:
-                    coef[s][b][i], coef2[s][b][i] = _newton(s, computed[max(0, k - order):k + 1][::-1])
+                    w = [0.0] * nslots
+                    for kk, wn in zip(range(k - order, k + 1), _lagrange(s, nodes)):
+                        w[kk % ring] = wn
+                    weights[s][b][i] = tuple(w)
 
     interned: dict[tuple, StepPlan] = {}
     out = []
@@ -88,32 +93,28 @@ def compile_plans(schedule: Schedule) -> list[StepPlan]:
         for b in range(nblocks):
             e = plan[s][b]
             if e == BLOCK:
-                no, zero = (False,) * nbr, (0.0,) * nbr
-                blocks.append(BlockPlan(True, no, no, False, zero, no, zero, no))
+                no = (False,) * nbr
+                blocks.append(BlockPlan(True, no, no, False, (0,) * nbr, ((0.0,) * nslots,) * nbr))
                 continue
             compute = tuple(c == COMPUTE for c in e)
             blocks.append(BlockPlan(False, compute, tuple(store[s][b]), block_reused_next(s, b),
-                                    tuple(coef[s][b]), tuple(store_diff[s][b]),
-                                    tuple(coef2[s][b]), tuple(store_diff2[s][b])))
+                                    tuple(slot[s][b]), tuple(weights[s][b])))
         sp = StepPlan(tuple(blocks), tuple(schedule.branches), schedule.attn2_cache == "cfg_mean")
         out.append(interned.setdefault(sp.key, sp))
     return out
 
 
-def _newton(s: int, nodes: list[int]) -> tuple[float, float]:
-    """Coefficients ``(a, b)`` with ``p(s) = y0 + a (y0 - y1) + b (y1 - y2)``, ``p`` the polynomial through
-    the outputs at ``nodes = [s0, s1, s2]`` (latest first; one or two nodes: constant or linear)."""
-    if len(nodes) == 1:
-        return 0.0, 0.0
-    s0, s1 = nodes[0], nodes[1]
-    h0 = s0 - s1
-    a = (s - s0) / h0
-    if len(nodes) == 2:
-        return a, 0.0
-    s2 = nodes[2]
-    h1 = s1 - s2
-    w = (s - s0) * (s - s1) / (s0 - s2)  # times the second divided difference (d01 / h0 - d12 / h1)
-    return a + w / h0, -w / h1
+def _lagrange(s: int, nodes: list[int]) -> list[float]:
+    """Weights ``w`` with ``p(s) = sum_j w[j] * y(nodes[j])``, ``p`` the polynomial through the outputs at
+    ``nodes`` (one node: constant, two: linear, three: quadratic)."""
+    out = []
+    for j, sj in enumerate(nodes):
+        w = 1.0
+        for m, sm in enumerate(nodes):
+            if m != j:
+                w *= (s - sm) / (sj - sm)
+        out.append(w)
+    return out
 
 
 def collapsible_steps(schedule: Schedule) -> list[bool]:

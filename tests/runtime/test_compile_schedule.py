@@ -336,7 +336,7 @@ def test_forecast_random_schedules_match_hook_reference(name, forecast, data):
 
 
 def test_linear_forecast_differs_from_hold_and_extrapolates_exactly(model):
-    """C C R R: steps 2 and 3 add y1 + 1 * (y1 - y0) and y1 + 2 * (y1 - y0); plans carry those coefficients."""
+    """C C R R: steps 2 and 3 add 2 y1 - y0 and 3 y1 - 2 y0 (y0, y1 in cache slots 0 and 1); plans carry those weights."""
     br = l2c.adapters.adapter_for(model).branches(model)
     nb = len(model.transformer_blocks)
     ts = [981, 801, 601, 401]
@@ -344,10 +344,13 @@ def test_linear_forecast_differs_from_hold_and_extrapolates_exactly(model):
     hold = l2c.Schedule(timesteps=ts, plan=plan, branches=br, num_blocks=nb, model_class=type(model).__name__)
     lin = l2c.Schedule.from_dict(dict(hold.to_dict(), forecast="linear"))
     plans = compile_plans(lin)
-    assert plans[0].blocks[0].store == (True,) * len(br) and plans[0].blocks[0].store_diff == (False,) * len(br)
-    assert plans[1].blocks[0].store_diff == (True,) * len(br)
-    assert plans[2].blocks[0].coef == (1.0,) * len(br) and plans[3].blocks[0].coef == (2.0,) * len(br)
-    assert all(c == 0.0 for p in compile_plans(hold) for bp in p.blocks for c in bp.coef)
+    n = len(br)
+    assert plans[0].blocks[0].store == (True,) * n and plans[1].blocks[0].store == (True,) * n
+    assert plans[0].blocks[0].slot == (0,) * n and plans[1].blocks[0].slot == (1,) * n
+    assert plans[2].blocks[0].weights == ((-1.0, 2.0),) * n and plans[3].blocks[0].weights == ((-2.0, 3.0),) * n
+    hold_plans = compile_plans(hold)
+    assert all(bp.slot == (0,) * n for p in hold_plans for bp in p.blocks)
+    assert hold_plans[2].blocks[0].weights == ((1.0,),) * n and hold_plans[3].blocks[0].weights == ((1.0,),) * n
     inputs = inputs_for(model)
     got_lin = run_steps(l2c.compile_schedule(model, lin), lin, inputs)
     got_hold = run_steps(l2c.compile_schedule(model, hold), hold, inputs)
@@ -358,19 +361,18 @@ def test_linear_forecast_differs_from_hold_and_extrapolates_exactly(model):
 
 
 def test_linear_forecast_stores_only_what_is_read():
-    """y0 is kept only when the next computation forms a difference that a later reuse reads."""
+    """An output is stored only when a later reuse extrapolates from it; slots alternate per computation."""
     model = tiny_dit()
     nb = len(model.transformer_blocks)
-    rows = ["CC", "CC", "CC", "RR", "CC"]  # the difference is formed at step 2 from steps 1 and 2
+    rows = ["CC", "CC", "CC", "RR", "CC"]  # step 3 extrapolates from steps 1 and 2
     plan = [[r] * nb for r in rows]
     sched = l2c.Schedule(timesteps=[981, 801, 601, 401, 201], plan=plan, branches=["attn1", "ff"], num_blocks=nb,
                          model_class=type(model).__name__, forecast="linear")
     p = compile_plans(sched)
     assert [p[s].blocks[0].store for s in range(5)] == [(False, False), (True, True), (True, True),
                                                         (False, False), (False, False)]
-    assert [p[s].blocks[0].store_diff for s in range(5)] == [(False, False), (False, False), (True, True),
-                                                             (False, False), (False, False)]
-    assert p[3].blocks[0].coef == (1.0, 1.0)
+    assert [p[s].blocks[0].slot for s in (0, 1, 2, 4)] == [(0, 0), (1, 1), (0, 0), (1, 1)]
+    assert p[3].blocks[0].weights == ((2.0, -1.0),) * 2  # 2 y(step 2, slot 0) - y(step 1, slot 1)
 
 
 def test_forecast_field_validated_and_round_trips(tmp_path):
@@ -387,7 +389,7 @@ def test_forecast_field_validated_and_round_trips(tmp_path):
 
 
 def test_quadratic_forecast_coefficients_and_output(model):
-    """C C C R: step 3 adds the parabola through steps 0-2, 3 y2 - 3 y1 + y0 = y2 + 2 (y2 - y1) - (y1 - y0)."""
+    """C C C R R: steps 3 and 4 add the parabola through steps 0-2: y0 - 3 y1 + 3 y2 and 3 y0 - 8 y1 + 6 y2."""
     br = l2c.adapters.adapter_for(model).branches(model)
     nb = len(model.transformer_blocks)
     ts = [981, 801, 601, 401, 201]
@@ -395,10 +397,11 @@ def test_quadratic_forecast_coefficients_and_output(model):
     sched = l2c.Schedule(timesteps=ts, plan=plan, branches=br, num_blocks=nb, model_class=type(model).__name__,
                          forecast="quadratic")
     p = compile_plans(sched)
-    assert p[0].blocks[0].store == (True,) * len(br)
-    assert p[1].blocks[0].store_diff == (True,) * len(br) and p[2].blocks[0].store_diff2 == (True,) * len(br)
-    assert p[3].blocks[0].coef == (2.0,) * len(br) and p[3].blocks[0].coef2 == (-1.0,) * len(br)
-    assert p[4].blocks[0].coef == (5.0,) * len(br) and p[4].blocks[0].coef2 == (-3.0,) * len(br)  # 6y2 - 8y1 + 3y0
+    n = len(br)
+    assert [p[s].blocks[0].store for s in range(3)] == [(True,) * n] * 3
+    assert [p[s].blocks[0].slot for s in range(3)] == [(0,) * n, (1,) * n, (2,) * n]
+    assert p[3].blocks[0].weights == ((1.0, -3.0, 3.0),) * n
+    assert p[4].blocks[0].weights == ((3.0, -8.0, 6.0),) * n
     inputs = inputs_for(model)
     got = run_steps(l2c.compile_schedule(model, sched), sched, inputs)
     want = run_steps(HookReference(model, sched), sched, inputs)

@@ -47,23 +47,12 @@ cudaError_t residual_delta_store(void* cache, const void* out, const void* inp, 
 cudaError_t residual_apply(void* out, const void* inp, const void* cache, int64_t numel,
                            DType dtype, cudaStream_t stream);
 
-// x[b, n, c] += gate[b, c] * (cache + a * diff + b_coef * diff2)[b, n, c]
-// (no gate when gate == nullptr; no b_coef term when diff2 == nullptr). The sum is formed in
-// float32 and x rounded once. x, cache, diff, diff2: [B, N, C]; gate: [B, C]. x must not overlap
-// the inputs.
-cudaError_t forecast_residual(void* x, const void* cache, const void* diff, const void* diff2,
-                              const void* gate, float a, float b_coef, int64_t B, int64_t N,
+// x[b, n, c] += gate[b, c] * (c0 * y0 + c1 * y1 + c2 * y2)[b, n, c]
+// (no gate when gate == nullptr; no c2 term when y2 == nullptr). The sum is formed in float32 and
+// x rounded once. x, y0, y1, y2: [B, N, C]; gate: [B, C]. x must not overlap the inputs.
+cudaError_t forecast_residual(void* x, const void* y0, const void* y1, const void* y2,
+                              const void* gate, float c0, float c1, float c2, int64_t B, int64_t N,
                               int64_t C, DType dtype, cudaStream_t stream);
-
-// One pass over a computed branch output y:
-//   x += gate[:, None, :] * y   (x += y when gate == nullptr)
-//   diff2 = diff                (when diff2 != nullptr; the old diff, bit for bit)
-//   diff = y - cache            (the old cache)
-//   cache = y
-// x, y, cache, diff, diff2: [B, N, C]; gate: [B, C]. No two arguments overlap.
-cudaError_t forecast_store(void* x, const void* y, const void* gate, void* cache, void* diff,
-                           void* diff2, int64_t B, int64_t N, int64_t C, DType dtype,
-                           cudaStream_t stream);
 
 // out = LayerNorm(x) * (1 + scale[:, None, :]) + shift[:, None, :]
 // LayerNorm over C without affine: float32 mean and biased variance, rstd = 1/sqrt(var + eps).

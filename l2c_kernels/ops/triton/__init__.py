@@ -16,7 +16,6 @@ from .. import _backend
 from .adaln_modulate import adaln_modulate
 from .cfg_mean_store import cfg_mean_store_
 from .forecast_residual import forecast_residual_
-from .forecast_store import forecast_store_
 from .gated_residual import _gated_residual_kernel, gated_residual_
 from .residual_cache import residual_apply_, residual_delta_store_
 
@@ -25,4 +24,4 @@ INTERPRETED = not isinstance(_gated_residual_kernel, _JITFunction)
 _backend._facts["triton_interpreted"] = INTERPRETED
 
 __all__ = ["gated_residual_", "cfg_mean_store_", "residual_delta_store_", "residual_apply_", "forecast_residual_",
-           "forecast_store_", "adaln_modulate", "INTERPRETED"]
+           "adaln_modulate", "INTERPRETED"]

@@ -1,4 +1,4 @@
-"""``forecast_residual_``: ``x += gate[:, None, :] * (cache + a * diff + b * diff2)``, one pass.
+"""``forecast_residual_``: ``x += gate[:, None, :] * (c0 * y0 + c1 * y1 + c2 * y2)``, one pass.
 
 Kernel over a 2-D grid like ``gated_residual_``: axis 0 blocks of ``BLOCK_R`` rows of the
 ``[B*N, C]`` view, axis 1 blocks of ``BLOCK_C`` columns. The forecast is formed in float32 and
@@ -16,17 +16,17 @@ from ._tiles import NUM_WARPS, device_guard, row_tile
 
 
 @triton.jit
-def _forecast_residual_kernel(x_ptr, cache_ptr, diff_ptr, diff2_ptr, gate_ptr, a, b, n_rows, N, C,
-                              HAS_DIFF2: tl.constexpr, HAS_GATE: tl.constexpr,
+def _forecast_residual_kernel(x_ptr, y0_ptr, y1_ptr, y2_ptr, gate_ptr, c0, c1, c2, n_rows, N, C,
+                              HAS_Y2: tl.constexpr, HAS_GATE: tl.constexpr,
                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < n_rows)[:, None] & (cols < C)[None, :]
     offs = rows[:, None] * C + cols[None, :]
-    v = tl.load(cache_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v += a * tl.load(diff_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DIFF2:
-        v += b * tl.load(diff2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = c0 * tl.load(y0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v += c1 * tl.load(y1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Y2:
+        v += c2 * tl.load(y2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         g_offs = (rows // N)[:, None] * C + cols[None, :]
         v *= tl.load(gate_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
@@ -34,8 +34,8 @@ def _forecast_residual_kernel(x_ptr, cache_ptr, diff_ptr, diff2_ptr, gate_ptr, a
     tl.store(x_ptr + offs, x.to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def forecast_residual_(x: torch.Tensor, cache: torch.Tensor, diff: torch.Tensor, diff2: Optional[torch.Tensor],
-                       gate: Optional[torch.Tensor], a: float, b: float) -> None:
+def forecast_residual_(x: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, y2: Optional[torch.Tensor],
+                       gate: Optional[torch.Tensor], c0: float, c1: float, c2: float) -> None:
     """Launch on validated, contiguous arguments (see :func:`l2c_kernels.ops.forecast_residual_`)."""
     B, N, C = x.shape
     n_rows = B * N
@@ -45,17 +45,17 @@ def forecast_residual_(x: torch.Tensor, cache: torch.Tensor, diff: torch.Tensor,
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(C, block_c))
     with device_guard(x):
         _forecast_residual_kernel[grid](
-            x, cache, diff, diff2 if diff2 is not None else diff, gate if gate is not None else cache,
-            float(a), float(b), n_rows, N, C, HAS_DIFF2=diff2 is not None, HAS_GATE=gate is not None,
+            x, y0, y1, y2 if y2 is not None else y1, gate if gate is not None else y0,
+            float(c0), float(c1), float(c2), n_rows, N, C, HAS_Y2=y2 is not None, HAS_GATE=gate is not None,
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS)
 
 
 @torch.library.custom_op("l2c_triton::forecast_residual_", mutates_args=("x",))
-def _op(x: torch.Tensor, cache: torch.Tensor, diff: torch.Tensor, diff2: Optional[torch.Tensor],
-        gate: Optional[torch.Tensor], a: float, b: float) -> None:
-    forecast_residual_(x, cache, diff, diff2, gate, a, b)
+def _op(x: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, y2: Optional[torch.Tensor],
+        gate: Optional[torch.Tensor], c0: float, c1: float, c2: float) -> None:
+    forecast_residual_(x, y0, y1, y2, gate, c0, c1, c2)
 
 
 @_op.register_fake
-def _(x, cache, diff, diff2, gate, a, b) -> None:
+def _(x, y0, y1, y2, gate, c0, c1, c2) -> None:
     return None
