@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import platform
+import random
 import statistics
 import sys
 import time
@@ -157,8 +158,13 @@ def run_methods(bundle, entries: list[dict], *, steps: int, cfg: float, labels, 
         log(f"  {e['family']:<36s} {e['label']:<44s} removed {100 * row['flops_removed']:5.1f}%  "
             f"PSNR {row['psnr']:6.2f}  acc {row['accuracy'] if row['accuracy'] is None else round(row['accuracy'], 3)}")
     times = [[] for _ in entries]
+    order = list(range(len(entries)))
+    shuffle = random.Random(seed)
     for r in range(repeats + 1):
-        for i, e in enumerate(entries):
+        if r > 0:  # a new order each round: a slow stretch of the machine hits different methods each time
+            shuffle.shuffle(order)
+        for i in order:
+            e = entries[i]
             tr = e["transformer"]
             if hasattr(tr, "reset"):
                 tr.reset()
@@ -263,7 +269,8 @@ def markdown(result: dict) -> str:
              f"from the same noise; classifier accuracy on {m['accuracy_samples']} digits (seed {m['seed'] + 1}) for full "
              f"compute ({_fmt(full['accuracy'], '{:.3f}')}), the learned schedules and the best baseline and peer at "
              f"each target, on the {m['samples']} for the others. Speed: median of {m['repeats']} "
-             f"interleaved runs of {m['time_samples']} digits after a warm-up round; full compute "
+             f"interleaved runs of {m['time_samples']} digits after a warm-up round"
+             f"{' (methods in a new random order each round)' if m.get('round_order') == 'shuffled' else ''}; full compute "
              f"{full['seconds']:.2f} s per run = 1.00x.",
              "", "## At 1.5x and 2x measured speedup",
              "",
@@ -422,7 +429,7 @@ def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5,
             rows[i]["accuracy_samples"] = accuracy_samples
     meta = dict(benchmark="learned schedules vs baselines and peers", model=bundle.name, steps=steps,
                 scheduler=scheduler, cfg=cfg, samples=samples, accuracy_samples=accuracy_samples,
-                time_samples=time_samples, repeats=repeats, seed=seed,
+                time_samples=time_samples, repeats=repeats, round_order="shuffled", seed=seed,
                 budgets=list(budgets), tolerance=TOLERANCE, date=str(date.today()),
                 device=f"CPU ({torch.get_num_threads()} threads, {platform.machine()})",
                 wall_seconds=None, **_versions())
