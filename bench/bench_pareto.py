@@ -337,7 +337,8 @@ def plot(result: dict, path: Path) -> Path:
            if r["family"] != "full compute" and not math.isinf(r["psnr"])]
     m = result["meta"]
     return speed_quality(pts, path, title=f"{m['model']}, DDIM {m['steps']} steps, CFG {m['cfg']}: "
-                                          f"speed vs PSNR against full compute (CPU)")
+                                          f"speed vs PSNR against full compute (CPU)",
+                         highlight=LEARNED, targets=TARGETS)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -476,9 +477,17 @@ def main(argv=None):
     ap.add_argument("--learn-only", action="store_true",
                     help="learn (or load) the schedules, save them and stop; a later run without --relearn "
                          "measures them (learning needs no quiet machine, the timed rounds do)")
+    ap.add_argument("--replot", action="store_true",
+                    help="only rewrite the Markdown table and the plot from the saved JSON of --model/--steps")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args(argv)
+    if a.replot:
+        tag = Path(a.out) / f"pareto_{a.model}_{a.steps}"
+        res = json.loads(tag.with_suffix(".json").read_text())
+        tag.with_suffix(".md").write_text(markdown(res))
+        plot(res, tag.with_suffix(".png"))
+        return res
     torch.set_num_threads(a.threads)
     from l2c_kernels.models import load
 

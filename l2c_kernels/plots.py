@@ -70,16 +70,29 @@ def side_by_side(rows: dict, path, scale: int = 4) -> Path:
     return path
 
 
-def speed_quality(points: list[dict], path, title: str = "speed vs quality") -> Path:
-    """Scatter/line plot of measured speedup (x) against PSNR (y), one series per ``points[i]['family']``."""
+def speed_quality(points: list[dict], path, title: str = "speed vs quality", highlight: str | None = None,
+                  targets: tuple[float, ...] = ()) -> Path:
+    """Scatter/line plot of measured speedup (x) against PSNR (y), one series per ``points[i]['family']``.
+
+    Every family gets its own colour and marker; ``highlight`` (a family name) is drawn bold on top, and
+    ``targets`` (speedups) as dotted vertical lines.
+    """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     fams: dict = {}
     for p in points:
         fams.setdefault(p["family"], []).append(p)
-    for fam, pts in fams.items():
+    colors = plt.get_cmap("tab20").colors
+    markers = "os^vD<>pPhX*"
+    for k, (fam, pts) in enumerate(fams.items()):
         pts = sorted(pts, key=lambda p: p["speedup"])
-        ax.plot([p["speedup"] for p in pts], [min(p["psnr"], 60) for p in pts], marker="o", label=fam)
+        bold = fam == highlight
+        ax.plot([p["speedup"] for p in pts], [min(p["psnr"], 60) for p in pts], label=fam,
+                color="black" if bold else colors[(2 * k) % 20 + (k // 10) % 2],
+                marker="*" if bold else markers[k % len(markers)], markersize=11 if bold else 5,
+                linewidth=2.2 if bold else 1.0, zorder=3 if bold else 2)
+    for t in targets:
+        ax.axvline(t, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("measured speedup over full compute")
     ax.set_ylabel("PSNR vs full compute (dB, capped at 60)")
     ax.set_title(title, fontsize=10)
