@@ -389,13 +389,23 @@ def _versions() -> dict:
     return dict(torch=torch.__version__, diffusers=diffusers.__version__, cache_dit=cd)
 
 
+def result_tag(model: str, steps: int) -> str:
+    """File stem of one comparison's results under ``--out`` (``<tag>.json/.md/.png``, ``<tag>_schedules/``)."""
+    return f"pareto_{model}_{steps}"
+
+
+def guidance_scale(bundle, cfg: float | None) -> float:
+    """``cfg``, or the bundled model's recommended guidance scale when None."""
+    return bundle.recommended_cfg if cfg is None else float(cfg)
+
+
 def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5, 0.6), samples: int = 20,
         accuracy_samples: int = 100, time_samples: int = 10, repeats: int = 3, seed: int = 100,
         out: Path | None = None, relearn: bool = False, scheduler: str = "ddim", learn_kwargs: dict | None = None, curve_runs: int = 2, peer_settings=None,
         log=print) -> dict:
     """The whole comparison for one bundled model and step count; writes the result files when ``out`` is set."""
-    cfg = bundle.recommended_cfg if cfg is None else float(cfg)
-    tag = f"pareto_{bundle.name}_{steps}"
+    cfg = guidance_scale(bundle, cfg)
+    tag = result_tag(bundle.name, steps)
     sched_dir = None if out is None else Path(out) / f"{tag}_schedules"
     t0 = time.time()
     entries, unavailable = build_entries(bundle, steps, cfg, budgets, out_dir=sched_dir, relearn=relearn,
@@ -483,7 +493,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args(argv)
     if a.replot:
-        tag = Path(a.out) / f"pareto_{a.model}_{a.steps}"
+        tag = Path(a.out) / result_tag(a.model, a.steps)
         res = json.loads(tag.with_suffix(".json").read_text())
         tag.with_suffix(".md").write_text(markdown(res))
         plot(res, tag.with_suffix(".png"))
@@ -498,8 +508,8 @@ def main(argv=None):
     if a.refine:
         learn_kwargs["refine_evaluations"] = a.refine
     if a.learn_only:
-        cfg = bundle.recommended_cfg if a.cfg is None else float(a.cfg)
-        learned_schedules(bundle, a.steps, a.budgets, cfg, Path(a.out) / f"pareto_{bundle.name}_{a.steps}_schedules",
+        learned_schedules(bundle, a.steps, a.budgets, guidance_scale(bundle, a.cfg),
+                          Path(a.out) / f"{result_tag(bundle.name, a.steps)}_schedules",
                           a.relearn, log=lambda s: print(s, flush=True), **learn_kwargs)
         return None
     res = run(bundle, a.steps, cfg=a.cfg, budgets=a.budgets, samples=a.samples, accuracy_samples=a.accuracy_samples,

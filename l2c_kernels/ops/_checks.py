@@ -10,6 +10,8 @@ tensors have no storage), for meta tensors, and with ``memory=False`` (the ops' 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -172,7 +174,7 @@ def check_residual_apply(out, inp, cache, memory: bool = True):
 
 
 def _coefficient(v, name: str, op: str) -> float:
-    if isinstance(v, (bool, torch.Tensor)) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+    if isinstance(v, (bool, torch.Tensor)) or not isinstance(v, (int, float)) or not math.isfinite(v):
         _fail(op, f"'{name}' must be a finite float, got {v!r}")
     return float(v)
 
