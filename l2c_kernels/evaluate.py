@@ -4,8 +4,6 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
-
 
 def timed_sample(bundle, transformer, labels, steps, scheduler, cfg, seed, prompts=None):
     from .sampling import sample
@@ -51,7 +49,3 @@ def strip_images(result: dict) -> dict:
 
 def default_labels(n: int) -> list[int]:
     return [i % 10 for i in range(n)]
-
-
-def as_list(x) -> list:
-    return x.tolist() if isinstance(x, torch.Tensor) else list(x)

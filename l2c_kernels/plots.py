@@ -15,34 +15,50 @@ def _plt():
     return plt
 
 
-def schedule_heatmap(schedule, path, title: str | None = None) -> Path:
-    """One panel per branch: steps (x) by blocks (y); computed cells dark, reused light, whole-block reuse
-    hatched grey. Router scores, when the schedule carries them, are shown as the cell shade."""
-    plt = _plt()
+# one colour per decision, so the computed cells can be read off the picture (scores are not drawn)
+DECISIONS = (("computed", "#08306b"), ("reused", "#c6dbef"), ("forecast", "#fd8d3c"), ("block reused", "#969696"))
+
+
+def decision_grid(schedule):
+    """``[steps, blocks, branches]`` array of indices into :data:`DECISIONS`: 0 computed, 1 reused (last
+    output), 2 reused with a forecast (``schedule.forecast`` is not ``"none"``), 3 whole block reused."""
     import numpy as np
 
-    m = np.array(schedule.compute_mask(), dtype=float)  # [steps, blocks, branches]
-    scores = schedule.params.get("scores") if isinstance(schedule.params, dict) else None
-    blockreuse = np.array([[e == "B" for e in row] for row in schedule.plan])
+    reuse = 2 if schedule.forecast != "none" else 1
+    grid = np.empty((schedule.num_steps, schedule.num_blocks, len(schedule.branches)), dtype=np.int64)
+    for s, row in enumerate(schedule.plan):
+        for b, e in enumerate(row):
+            grid[s, b, :] = 3 if e == "B" else [0 if c == "C" else reuse for c in e]
+    return grid
+
+
+def schedule_heatmap(schedule, path, title: str | None = None) -> Path:
+    """One panel per branch: steps (x) by blocks (y), each cell coloured by the schedule's decision
+    (computed / reused / forecast / whole block reused, see :data:`DECISIONS`) with a legend."""
+    plt = _plt()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    grid = decision_grid(schedule)
+    cmap = ListedColormap([c for _, c in DECISIONS])
     nbr = len(schedule.branches)
-    fig, axes = plt.subplots(1, nbr, figsize=(3.2 * nbr + 1, 0.22 * schedule.num_blocks + 1.8), squeeze=False)
+    fig, axes = plt.subplots(1, nbr, figsize=(3.2 * nbr + 1, 0.22 * schedule.num_blocks + 2.2), squeeze=False)
     for i, br in enumerate(schedule.branches):
         ax = axes[0, i]
-        img = m[:, :, i].T
-        if scores is not None:
-            sc = np.array(scores)[:, :, i].T
-            img = np.where(img > 0, 0.55 + 0.45 * sc, 0.45 * sc)
-        ax.imshow(img, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-        ys, xs = np.nonzero(blockreuse.T)
-        ax.scatter(xs, ys, marker="s", s=12, c="grey")
-        ax.set_title(f"{br}: {100 * (1 - m[:, :, i].mean()):.0f}% reused")
+        ax.imshow(grid[:, :, i].T, aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(DECISIONS) - 0.5,
+                  interpolation="nearest")
+        ax.set_title(f"{br}: {100 * (grid[:, :, i] != 0).mean():.0f}% not computed")
         ax.set_xlabel("sampling step")
         if i == 0:
             ax.set_ylabel("block")
+    present = sorted(set(grid.ravel().tolist()) | {0, 1 if schedule.forecast == "none" else 2})
+    fig.legend(handles=[Patch(facecolor=DECISIONS[k][1], edgecolor="black", label=DECISIONS[k][0]) for k in present],
+               loc="lower center", ncol=len(present), fontsize=8, frameon=False)
     s = schedule.summary()
-    fig.suptitle(title or f"{s['method']} schedule: {100 * s['flops_removed_fraction']:.0f}% of branch FLOPs removed "
-                 f"(dark = computed)", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(title or f"{s['method']} schedule: {100 * s['flops_removed_fraction']:.0f}% of branch FLOPs removed"
+                 + (f", reused outputs forecast ({schedule.forecast})" if schedule.forecast != "none" else ""),
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
