@@ -87,9 +87,9 @@ BYTES = {
     # | torch (fp32): layer_norm 2, addcmul 2
     "adaln_modulate": {"fused": 2, "eager": 6, "torch": 4},
 }
-BYTES = {k: {**v, "kernel": v["fused"]} for k, v in BYTES.items()}
+BYTES = {k: {**v, "kernel": v["fused"], "triton": v["fused"]} for k, v in BYTES.items()}
 
-IMPLS = ("fused", "kernel", "eager", "torch")
+IMPLS = ("fused", "kernel", "triton", "eager", "torch")
 
 
 def make_inputs(B, N, C, dtype, device, seed=0):
@@ -123,43 +123,43 @@ def callables(case: str, t: dict) -> dict:
     gate_c, shift_c, scale_c = (t[k].contiguous() for k in ("gate", "shift", "scale"))
     if case == "gated_residual_ store":
         k = _kernel("gated_residual_")
-        fns = dict(fused=lambda: ops.gated_residual_(x, y, gate, cache),
+        fns = dict(fused=lambda b=None: ops.gated_residual_(x, y, gate, cache, backend=b),
                    kernel=k is not None and (lambda: k(x, y, gate_c, cache)),
                    eager=lambda: (cache.copy_(y), x.add_(gate.unsqueeze(1) * y)),
                    torch=lambda: reference.gated_residual_(x, y, gate, cache))
     elif case == "gated_residual_ reuse":
         k = _kernel("gated_residual_")
-        fns = dict(fused=lambda: ops.gated_residual_(x, cache, gate),
+        fns = dict(fused=lambda b=None: ops.gated_residual_(x, cache, gate, backend=b),
                    kernel=k is not None and (lambda: k(x, cache, gate_c, None)),
                    eager=lambda: x.add_(gate.unsqueeze(1) * cache),
                    torch=lambda: reference.gated_residual_(x, cache, gate))
     elif case == "cfg_mean_store_":
         k, half = _kernel("cfg_mean_store_"), t["half"]
-        fns = dict(fused=lambda: ops.cfg_mean_store_(x, y, half),
+        fns = dict(fused=lambda b=None: ops.cfg_mean_store_(x, y, half, backend=b),
                    kernel=k is not None and (lambda: k(x, y, half)),
                    eager=lambda: _eager_cfg(x, y, half),
                    torch=lambda: reference.cfg_mean_store_(x, y, half))
     elif case == "residual_delta_store_":
         k, inp = _kernel("residual_delta_store_"), t["inp"]
-        fns = dict(fused=lambda: ops.residual_delta_store_(cache, x, inp),
+        fns = dict(fused=lambda b=None: ops.residual_delta_store_(cache, x, inp, backend=b),
                    kernel=k is not None and (lambda: k(cache, x, inp)),
                    eager=lambda: cache.copy_(x - inp),
                    torch=lambda: reference.residual_delta_store_(cache, x, inp))
     elif case == "residual_apply_":
         k, inp, out = _kernel("residual_apply_"), t["inp"], t["out"]
-        fns = dict(fused=lambda: ops.residual_apply_(out, inp, cache),
+        fns = dict(fused=lambda b=None: ops.residual_apply_(out, inp, cache, backend=b),
                    kernel=k is not None and (lambda: k(out, inp, cache)),
                    eager=lambda: out.copy_(inp + cache),
                    torch=lambda: reference.residual_apply_(out, inp, cache))
     elif case == "forecast_residual_":
         k, y1, y2, c = _kernel("forecast_residual_"), t["y1"], t["y2"], (3.0, -3.0, 1.0)
-        fns = dict(fused=lambda: ops.forecast_residual_(x, cache, y1, y2, gate, *c),
+        fns = dict(fused=lambda b=None: ops.forecast_residual_(x, cache, y1, y2, gate, *c, backend=b),
                    kernel=k is not None and (lambda: k(x, cache, y1, y2, gate_c, *c)),
                    eager=lambda: x.add_(gate.unsqueeze(1) * (c[0] * cache + c[1] * y1 + c[2] * y2)),
                    torch=lambda: reference.forecast_residual_(x, cache, y1, y2, gate, *c))
     elif case == "adaln_modulate":
         k, shift, scale, C = _kernel("adaln_modulate"), t["shift"], t["scale"], x.shape[-1]
-        fns = dict(fused=lambda: ops.adaln_modulate(x, shift, scale, eps),
+        fns = dict(fused=lambda b=None: ops.adaln_modulate(x, shift, scale, eps, backend=b),
                    kernel=k is not None and (lambda: k(x, shift_c, scale_c, eps)),
                    eager=lambda: F.layer_norm(x, (C,), eps=eps) * (1 + scale[:, None]) + shift[:, None],
                    torch=lambda: reference.adaln_modulate(x, shift, scale, eps))
@@ -167,6 +167,9 @@ def callables(case: str, t: dict) -> dict:
         raise KeyError(case)
     if x.device.type != "cpu" and ops.default_backend(x.device) != "cuda":
         fns.pop("kernel", None)
+    if x.device.type == "cuda" and "triton" in ops.available_backends("cuda"):
+        fused = fns["fused"]
+        fns["triton"] = lambda: fused("triton")  # the Triton kernel compiled for the GPU, beside the CUDA one
     return {k: v for k, v in fns.items() if v}
 
 
@@ -249,6 +252,8 @@ def run(device: torch.device, dtypes: list[str], shapes: dict, cases: list[str],
                                      gb_per_s=round(BYTES[case][impl] * unit / tm["median_s"] / 1e9, 2))
                 row["copy_gb_per_s"] = round(copy_gbps, 2)
                 row["fused_fraction_of_copy_bw"] = round(row["fused"]["gb_per_s"] / copy_gbps, 3)
+                if "triton" in timed:
+                    row["triton_fraction_of_copy_bw"] = round(row["triton"]["gb_per_s"] / copy_gbps, 3)
                 row["eager_over_fused"] = round(timed["eager"]["median_s"] / fused, 3)
                 row["torch_over_fused"] = round(timed["torch"]["median_s"] / fused, 3)
                 if "kernel" in timed:
@@ -295,15 +300,17 @@ def markdown(result: dict) -> str:
         B, N, C = rows[0]["B"], rows[0]["N"], rows[0]["C"]
         lines += [f"## {shape}: B={B}, N={N}, C={C}", "",
                   "| op | dtype | fused us | kernel us | eager us | torch us | eager/fused | predicted | eager/kernel "
-                  "| torch/fused | fused GB/s | of copy BW |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| torch/fused | fused GB/s | of copy BW | triton GB/s | triton of copy BW |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             k = f"{r['kernel']['median_us']:.1f}" if "kernel" in r else "-"
             ek = f"{r['eager_over_kernel']:.2f}x" if "kernel" in r else "-"
             lines.append(f"| {r['op']} | {r['dtype']} | {r['fused']['median_us']:.1f} | {k} | {r['eager']['median_us']:.1f} | "
                          f"{r['torch']['median_us']:.1f} | **{r['eager_over_fused']:.2f}x** | {r['predicted_eager_over_fused']:.2f}x | "
                          f"{ek} | {r['torch_over_fused']:.2f}x | {r['fused']['gb_per_s']:.1f} | "
-                         f"{100 * r['fused_fraction_of_copy_bw']:.0f}% |")
+                         f"{100 * r['fused_fraction_of_copy_bw']:.0f}% | "
+                         + (f"{r['triton']['gb_per_s']:.1f} | {100 * r['triton_fraction_of_copy_bw']:.0f}% |"
+                            if "triton" in r else "- | - |"))
         lines.append("")
     return "\n".join(lines)
 
