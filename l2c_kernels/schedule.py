@@ -18,17 +18,31 @@ On disk a schedule is versioned, human-readable JSON::
 ``y1 + (s - s1) / (s1 - s0) * (y1 - y0)`` at step ``s`` (the last output while only one exists);
 ``"quadratic"`` the parabola through its last three computations (linear while only two exist).
 Both are fixed by the schedule before sampling, so either runs inside one CUDA graph per step plan.
+
+``"sampler"`` (optional; files without it load as before) records the sampler the schedule was made
+for: ``{"class": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "mu": 0.82, "config": {...}}``
+(:func:`sampler_info`). The rule for timesteps: a call's timestep picks the step whose timestep it
+is (within float rounding); any other timestep is an error naming the schedule's sampler and steps.
+To run a schedule with other timesteps, :meth:`Schedule.retimed` (or :meth:`Schedule.for_scheduler`)
+maps it **by step index** -- step ``k`` of the schedule runs at the ``k``-th new timestep -- and allows
+that only when the step count is the same and the new sampler differs at most in its timestep shift
+(:data:`SHIFT_KEYS`: ``shift``, Flux/SD3's resolution-dependent ``mu`` and its dynamic-shift settings,
+``flow_shift``): a flow-matching schedule learned at one resolution runs at another with the same step
+count. Another step count or another sampler (class or any other setting) raises
+:class:`ScheduleError` naming both samplers.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 FORMAT = "l2c-schedule"
 VERSION = 1
-KNOWN_BRANCHES = ("attn1", "attn2", "ff")
+KNOWN_BRANCHES = ("attn1", "attn2", "ff", "block")
+BLOCK_UNIT = "block"  # block-level schedules: branches ["block"], one letter per block (C compute, R reuse)
 FORECASTS = ("none", "linear", "quadratic")
 COMPUTE, REUSE, BLOCK = "C", "R", "B"
 
@@ -37,11 +51,19 @@ class ScheduleError(ValueError):
     """A schedule that is malformed or does not fit the model it is used with."""
 
 
-def _model_facts(model) -> tuple[str, int, list[str], dict]:
+def _model_facts(model, block_level: bool = False) -> tuple[str, int, list[str], dict]:
     from .adapters import adapter_for
 
-    ad = adapter_for(model)
-    return type(model).__name__, ad.num_blocks(model), ad.branches(model), ad.branch_flops(model)
+    ad = adapter_for(model, block_level=block_level)
+    inner = getattr(model, "original_model", model)
+    return type(inner).__name__, ad.num_blocks(inner), ad.branches(inner), ad.branch_flops(inner)
+
+
+def _unit_flops(model) -> list:
+    """Per-block cost estimate of a block-level model (see ``adapters.patterns.estimate_block_flops``)."""
+    from .adapters import adapter_for
+
+    return adapter_for(model, block_level=True).unit_flops(getattr(model, "original_model", model))
 
 
 @dataclass
@@ -58,25 +80,36 @@ class Schedule:
     branch_flops: dict = field(default_factory=dict)
     attn2_cache: str = "per_sample"  # or "cfg_mean" (T-GATE: cache the mean of the CFG halves)
     forecast: str = "none"           # or "linear" / "quadratic": extrapolate reused outputs (module docstring)
+    unit_flops: list = field(default_factory=list)  # block-level: FLOPs of each block (budget weights), or empty
+    sampler: dict = field(default_factory=dict)     # the sampler it was made for (sampler_info), or empty
 
     def __post_init__(self):
-        self.timesteps = [_as_number(t) for t in self.timesteps]
-        self.plan = [list(step) for step in self.plan]
-        self.branches = list(self.branches)
+        self.timesteps = [_as_number(t, f"timesteps[{i}]") for i, t in enumerate(_sequence(self.timesteps, "timesteps"))]
+        self.plan = [list(_sequence(step, f"plan[{s}]")) for s, step in enumerate(_sequence(self.plan, "plan"))]
+        self.branches = list(_sequence(self.branches, "branches"))
         self._check()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_mask(cls, model, timesteps: Sequence[int], mask, branches: Sequence[str] | None = None,
                   block_reuse=None, method: str = "manual", params: dict | None = None,
-                  attn2_cache: str = "per_sample", forecast: str = "none") -> "Schedule":
+                  attn2_cache: str = "per_sample", forecast: str = "none",
+                  unit_flops: Sequence[float] | None = None, sampler: dict | None = None) -> "Schedule":
         """Build from ``mask[step][block][branch]`` (True = compute) for ``model``.
 
         ``block_reuse[step][block]`` (optional, True = skip the whole block and re-add its cached
         residual) overrides the branch mask for that block and step.
+
+        Block level (``branches=["block"]``, the default for models without a branch adapter, e.g. Flux):
+        ``mask[step][block]`` may be one bool per block; ``unit_flops`` gives each block's cost (e.g. counted
+        by ``runtime.block_flops.measure_block_flops``), else it is estimated from the block's weights.
         """
-        model_class, nblocks, model_branches, flops = _model_facts(model)
+        block_level = branches is not None and list(branches) == [BLOCK_UNIT]
+        model_class, nblocks, model_branches, flops = _model_facts(model, block_level)
         branches = list(branches) if branches is not None else model_branches
+        if branches == [BLOCK_UNIT]:
+            mask = [[[v] if isinstance(v, bool) or not hasattr(v, "__len__") else v for v in row]
+                    for row in _to_nested(mask)]
         unknown = [b for b in branches if b not in model_branches]
         if unknown:
             raise ScheduleError(f"branches {unknown} do not exist in {model_class}; it has {model_branches}")
@@ -101,16 +134,22 @@ class Schedule:
             idx = {b: i for i, b in enumerate(branches)}
             plan = [[e if e == BLOCK else "".join(e[idx[b]] if b in idx else COMPUTE for b in model_branches)
                      for e in row] for row in plan]
+        if model_branches == [BLOCK_UNIT]:
+            unit_flops = [float(f) for f in (unit_flops if unit_flops is not None else _unit_flops(model))]
         return cls(timesteps=list(timesteps), plan=plan, branches=model_branches, num_blocks=nblocks,
                    model_class=model_class, method=method, params=dict(params or {}),
-                   branch_flops=flops, attn2_cache=attn2_cache, forecast=forecast)
+                   branch_flops=flops, attn2_cache=attn2_cache, forecast=forecast,
+                   unit_flops=list(unit_flops or []), sampler=dict(sampler or {}))
 
     @classmethod
-    def full(cls, model, timesteps: Sequence[int]) -> "Schedule":
-        """The schedule that computes everything (output equals the original model's)."""
-        _, nblocks, branches, _ = _model_facts(model)
-        mask = [[[True] * len(branches)] * nblocks for _ in timesteps]
-        return cls.from_mask(model, timesteps, mask, method="full")
+    def full(cls, model, timesteps: Sequence[int], branches: Sequence[str] | None = None,
+             sampler: dict | None = None) -> "Schedule":
+        """The schedule that computes everything (output equals the original model's); ``branches=["block"]``
+        makes a block-level one for a model that also has a branch adapter."""
+        block_level = branches is not None and list(branches) == [BLOCK_UNIT]
+        _, nblocks, model_branches, _ = _model_facts(model, block_level)
+        mask = [[[True] * len(model_branches)] * nblocks for _ in timesteps]
+        return cls.from_mask(model, timesteps, mask, branches=model_branches, method="full", sampler=sampler)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -129,10 +168,43 @@ class Schedule:
         for i in list(range(start, self.num_steps)) + list(range(0, start)):
             if same_timestep(self.timesteps[i], t):
                 return i
+        made_for = f" of {describe_sampler(self.sampler)}" if self.sampler else ""
         raise ScheduleError(
-            f"timestep {t} is not in this schedule. The schedule was made for {self.num_steps} steps with "
+            f"timestep {t} is not in this schedule. The schedule was made for {self.num_steps} steps{made_for} with "
             f"timesteps {self.timesteps}; make a schedule for the sampler's timesteps "
-            f"(e.g. the same num_inference_steps and scheduler)")
+            f"(e.g. the same num_inference_steps and scheduler), or, when only the sampler's shift differs "
+            f"(e.g. Flux or SD3 at another resolution), map it by step index with schedule.retimed(...) / "
+            f"schedule.for_scheduler(...)")
+
+    def retimed(self, timesteps: Sequence, sampler: dict | None = None) -> "Schedule":
+        """This schedule for other ``timesteps`` (made by ``sampler``, a :func:`sampler_info` dict), mapped
+        by step index: step ``k`` runs at ``timesteps[k]``. Allowed only for the same step count and a
+        sampler that differs at most in its shift (:data:`SHIFT_KEYS`); otherwise :class:`ScheduleError`
+        names both samplers. A schedule that records no sampler (older files) or a call without
+        ``sampler`` checks the step count only (the result then records no sampler)."""
+        new = [_as_number(t, f"timesteps[{i}]") for i, t in enumerate(_sequence(timesteps, "timesteps"))]
+        mine = describe_sampler(self.sampler) if self.sampler else "an unrecorded sampler"
+        theirs = describe_sampler(sampler) if sampler else "the new sampler"
+        if len(new) != self.num_steps:
+            raise ScheduleError(f"cannot map this schedule by step index: it was made for {self.num_steps} steps of "
+                                f"{mine}, but {theirs} has {len(new)} steps; make a schedule for that step count")
+        if self.sampler and sampler:
+            diff = sampler_differences(self.sampler, sampler)
+            if diff:
+                raise ScheduleError(f"cannot map this schedule by step index: it was made for {mine}, and {theirs} "
+                                    f"differs in {', '.join(diff)} (only {', '.join(SHIFT_KEYS)} may differ); "
+                                    f"make a schedule for that sampler")
+        params = dict(self.params)
+        if self.sampler or self.timesteps != new:
+            params["retimed_from"] = dict(timesteps=self.timesteps, **(dict(sampler=self.sampler) if self.sampler else {}))
+        d = self.to_dict()
+        d.update(timesteps=new, params=params, sampler=dict(sampler or {}))
+        return Schedule.from_dict(d)
+
+    def for_scheduler(self, scheduler, mu: float | None = None) -> "Schedule":
+        """:meth:`retimed` to a diffusers ``scheduler`` whose ``set_timesteps`` has been called (``mu``: the
+        dynamic shift it was given, e.g. by a Flux pipeline)."""
+        return self.retimed(list(scheduler.timesteps), sampler_info(scheduler, mu=mu))
 
     def removed_fraction(self) -> float:
         """Fraction of branch computations removed (each branch counts 1)."""
@@ -142,10 +214,14 @@ class Schedule:
 
     def flops_removed_fraction(self) -> float:
         """Fraction of branch FLOPs removed, weighting each branch by its FLOPs."""
+        m = self.compute_mask()
+        if self.unit_flops and len(self.unit_flops) == self.num_blocks:  # block level: each block's own cost
+            total = self.num_steps * sum(self.unit_flops)
+            done = sum(f for row in m for f, blk in zip(self.unit_flops, row) if all(blk))
+            return 1.0 - done / max(total, 1e-30)
         if not self.branch_flops:
             return self.removed_fraction()
         w = [float(self.branch_flops.get(b, 1.0)) for b in self.branches]
-        m = self.compute_mask()
         total = sum(sum(w) for row in m for _ in row)
         done = sum(sum(wi for wi, c in zip(w, blk) if c) for row in m for blk in row)
         return 1.0 - done / max(total, 1e-30)
@@ -183,10 +259,29 @@ class Schedule:
 
     # ------------------------------------------------------------------ validation
     def _check(self) -> None:
+        if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks < 1:
+            raise ScheduleError(f"num_blocks must be a positive integer, got {self.num_blocks!r}")
+        for name in ("model_class", "method"):
+            if not isinstance(getattr(self, name), str):
+                raise ScheduleError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.params, dict):
+            raise ScheduleError(f"params must be a JSON object, got {self.params!r}")
+        if not isinstance(self.branch_flops, dict) or not all(
+                _is_finite_number(v) and v >= 0 for v in self.branch_flops.values()):
+            raise ScheduleError(f"branch_flops must map branch names to finite numbers >= 0, got {self.branch_flops!r}")
         if not self.branches or any(b not in KNOWN_BRANCHES for b in self.branches):
             raise ScheduleError(f"branches must be a non-empty subset of {KNOWN_BRANCHES}, got {self.branches}")
+        if BLOCK_UNIT in self.branches and self.branches != [BLOCK_UNIT]:
+            raise ScheduleError(f"a block-level schedule has the one branch ['block']; got {self.branches}")
+        if self.unit_flops and (not isinstance(self.unit_flops, list) or len(self.unit_flops) != self.num_blocks
+                                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           and math.isfinite(v) and v >= 0 for v in self.unit_flops)):
+            raise ScheduleError(f"unit_flops must list one finite number >= 0 per block ({self.num_blocks}), "
+                                f"got {self.unit_flops!r}")
         if len(set(self.branches)) != len(self.branches):
             raise ScheduleError(f"duplicate branch names in {self.branches}")
+        if not isinstance(self.sampler, dict) or (self.sampler and not isinstance(self.sampler.get("class"), str)):
+            raise ScheduleError(f"sampler must be empty or a JSON object with a \"class\" name, got {self.sampler!r}")
         if self.attn2_cache not in ("per_sample", "cfg_mean"):
             raise ScheduleError(f"attn2_cache must be 'per_sample' or 'cfg_mean', got {self.attn2_cache!r}")
         if self.forecast not in FORECASTS:
@@ -224,7 +319,7 @@ class Schedule:
 
     def validate_for(self, model) -> None:
         """Raise :class:`ScheduleError` if this schedule was made for a different model layout."""
-        model_class, nblocks, branches, _ = _model_facts(model)
+        model_class, nblocks, branches, _ = _model_facts(model, self.branches == [BLOCK_UNIT])
         if nblocks != self.num_blocks:
             raise ScheduleError(f"schedule was made for {self.num_blocks} blocks ({self.model_class or 'unknown model'}) "
                                 f"but {model_class} has {nblocks}")
@@ -237,7 +332,9 @@ class Schedule:
     def to_dict(self) -> dict:
         return dict(format=FORMAT, version=VERSION, model_class=self.model_class, num_blocks=self.num_blocks,
                     branches=self.branches, attn2_cache=self.attn2_cache, forecast=self.forecast, method=self.method,
-                    params=self.params, branch_flops=self.branch_flops, timesteps=self.timesteps,
+                    params=self.params, branch_flops=self.branch_flops,
+                    **(dict(unit_flops=self.unit_flops) if self.unit_flops else {}),
+                    **(dict(sampler=self.sampler) if self.sampler else {}), timesteps=self.timesteps,
                     plan=self.plan)
 
     @classmethod
@@ -250,10 +347,11 @@ class Schedule:
         missing = [k for k in ("num_blocks", "branches", "timesteps", "plan") if k not in d]
         if missing:
             raise ScheduleError(f"schedule is missing fields {missing}")
-        return cls(timesteps=d["timesteps"], plan=d["plan"], branches=d["branches"], num_blocks=int(d["num_blocks"]),
+        return cls(timesteps=d["timesteps"], plan=d["plan"], branches=d["branches"], num_blocks=d["num_blocks"],
                    model_class=d.get("model_class", ""), method=d.get("method", "manual"),
                    params=d.get("params", {}), branch_flops=d.get("branch_flops", {}),
-                   attn2_cache=d.get("attn2_cache", "per_sample"), forecast=d.get("forecast", "none"))
+                   attn2_cache=d.get("attn2_cache", "per_sample"), forecast=d.get("forecast", "none"),
+                   unit_flops=d.get("unit_flops", []), sampler=d.get("sampler", {}))
 
     def to_json(self) -> str:
         """JSON with one field per line and one plan row (a step) per line."""
@@ -276,9 +374,72 @@ class Schedule:
         return cls.from_dict(d)
 
 
-def _as_number(t):
-    t = float(t.item() if hasattr(t, "item") else t)
-    return int(t) if t.is_integer() else t
+def _as_number(t, what: str = "timestep"):
+    """A timestep as ``int`` (whole numbers) or ``float``; anything else -- strings, booleans, NaN,
+    infinities -- raises :class:`ScheduleError` naming ``what``."""
+    v = t
+    if hasattr(t, "item") and not isinstance(t, (int, float)):
+        try:
+            v = t.item()
+        except (ValueError, RuntimeError):
+            raise ScheduleError(f"{what} must be one number, got {t!r}") from None
+    if not _is_finite_number(v):
+        raise ScheduleError(f"{what} = {t!r} is not a finite number")
+    v = float(v)
+    return int(v) if v.is_integer() else v
+
+
+def _is_finite_number(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _sequence(x, what: str) -> list:
+    """``x`` as a list: lists, tuples and tensors/arrays (``tolist``); anything else raises."""
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        x = x.tolist()
+    if not isinstance(x, (list, tuple)):
+        raise ScheduleError(f"{what} must be a list, got {x!r}")
+    return list(x)
+
+
+#: Sampler settings that only shift the timesteps: a schedule may be mapped by step index across them.
+SHIFT_KEYS = ("shift", "mu", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+              "max_image_seq_len", "flow_shift")
+
+
+def sampler_info(scheduler, mu: float | None = None) -> dict:
+    """What a schedule records about the diffusers ``scheduler`` it is made for: its class, its
+    ``shift`` (flow matching), the dynamic shift ``mu`` it was given (Flux / SD3 pipelines compute it
+    from the image size), and its JSON-safe scalar config."""
+    cfg = {k: v for k, v in dict(scheduler.config).items()
+           if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))}
+    info: dict = {"class": type(scheduler).__name__}
+    if "shift" in cfg:
+        info["shift"] = cfg["shift"]
+    if mu is not None:
+        info["mu"] = round(float(mu), 6)
+    info["config"] = cfg
+    return info
+
+
+def sampler_differences(a: dict, b: dict, ignore: Sequence[str] = SHIFT_KEYS) -> list[str]:
+    """Names of the settings in which samplers ``a`` and ``b`` (:func:`sampler_info` dicts) differ, other
+    than ``ignore``: ``"class"`` first, then config keys."""
+    out = ["class"] if a.get("class") != b.get("class") else []
+    ca, cb = a.get("config", {}), b.get("config", {})
+    out += sorted(k for k in set(ca) | set(cb) if k not in ignore and ca.get(k) != cb.get(k))
+    return out
+
+
+def describe_sampler(s: dict) -> str:
+    """``FlowMatchEulerDiscreteScheduler (shift 3.0, mu 0.82)`` for a :func:`sampler_info` dict."""
+    extra = [f"{k} {s[k]}" for k in ("shift", "mu") if k in s]
+    return str(s.get("class", "unknown sampler")) + (f" ({', '.join(extra)})" if extra else "")
 
 
 def same_timestep(a, b) -> bool:
