@@ -192,7 +192,8 @@ def measure_change_curves(obj, num_inference_steps: int = 20, *, scheduler: str 
                           prompts=None) -> list[list[list[float]]]:
     """Per-branch change curves for :func:`block_caching`, measured on full-compute sampling runs.
 
-    ``obj`` is a bundled model (or its name) or a DiT/PixArt pipeline. Returns
+    ``obj`` is anything :func:`~l2c_kernels.learn_schedule` takes (``cfg`` None: the model's default guidance
+    scale). Returns
     ``curves[step][block][branch]``: the mean relative L1 change ``mean|y_s - y_{s-1}| / mean|y_{s-1}|``
     of each branch's raw output from the previous step, averaged over ``num_runs`` runs of
     ``batch_size`` samples (step 0 is 0).
@@ -202,12 +203,6 @@ def measure_change_curves(obj, num_inference_steps: int = 20, *, scheduler: str 
     from .learn.conditioning import denoiser_for
     from .learn.soft_forward import SoftCaches, soft_forward
 
-    if isinstance(obj, str):
-        from .models import load as load_model
-
-        obj = load_model(obj)
-    if cfg is None:
-        cfg = float(getattr(obj, "recommended_cfg", 4.0))
     if num_runs < 1 or batch_size < 1:
         raise ValueError("num_runs and batch_size must be >= 1")
     acc = None
@@ -218,27 +213,23 @@ def measure_change_curves(obj, num_inference_steps: int = 20, *, scheduler: str 
         nb, nbr = ad.num_blocks(model), len(ad.branches(model))
         if acc is None:
             acc = [[[0.0] * nbr for _ in range(nb)] for _ in range(num_inference_steps)]
-        sched = den.make_scheduler()
-        sched.set_timesteps(num_inference_steps)
-        g = torch.Generator().manual_seed(seed + 1000 * r)
-        x = torch.randn((den.num_samples,) + tuple(den.latent_shape), generator=g).to(model.device, model.dtype)
-        x = x * sched.init_noise_sigma
         caches = SoftCaches(nb, nbr)
-        prev = None
+        prev: dict = {}
+
+        def call(s, args, model=model, caches=caches, prev=prev):
+            rec: list = []
+            out = soft_forward(model, args, None, caches, record=rec)
+            cur = {(b, i): y for b, i, y in rec}
+            if prev:
+                for (b, i), y in cur.items():
+                    p = prev[(b, i)]
+                    acc[s][b][i] += float((y - p).abs().mean() / p.abs().mean().clamp_min(1e-12)) / num_runs
+            prev.clear()
+            prev.update(cur)
+            return out
+
         with torch.no_grad():
-            for s, t in enumerate(sched.timesteps):
-                xin = sched.scale_model_input(den.batch(x), t)
-                tt = torch.full((xin.shape[0],), float(t), device=x.device)
-                rec: list = []
-                out = soft_forward(model, dict(den.cond_args, hidden_states=xin, timestep=tt), None, caches,
-                                   record=rec)
-                cur = {(b, i): y for b, i, y in rec}
-                if prev is not None:
-                    for (b, i), y in cur.items():
-                        p = prev[(b, i)]
-                        acc[s][b][i] += float((y - p).abs().mean() / p.abs().mean().clamp_min(1e-12)) / num_runs
-                prev = cur
-                x = sched.step(den.guided(out), t, x).prev_sample
+            den.run(call, num_inference_steps, den.noise(seed + 1000 * r))
     return acc
 
 

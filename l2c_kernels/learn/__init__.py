@@ -1,4 +1,13 @@
-"""Learning static cache schedules (L2C router) and the measurements baselines need."""
-from .router import RouterResult, learn_schedule, schedule_from_scores, train_router
+"""Learning static cache schedules (L2C router) and the measurements baselines need.
 
-__all__ = ["learn_schedule", "train_router", "schedule_from_scores", "RouterResult"]
+Entry point: :func:`learn_schedule` (a pipeline, a bundled model, or a transformer with its own
+conditioning). Supporting another pipeline: :func:`register_pipeline` (``conditioning.py``); another
+soft forward (e.g. block-level): :func:`register_soft_forward` (``soft_forward.py``).
+"""
+from .conditioning import Request, denoiser_for, register_pipeline
+from .denoiser import Denoiser
+from .router import RouterResult, learn_schedule, schedule_from_scores, train_router
+from .soft_forward import register_soft_forward
+
+__all__ = ["learn_schedule", "train_router", "schedule_from_scores", "RouterResult", "Denoiser", "denoiser_for",
+           "register_pipeline", "register_soft_forward", "Request"]

@@ -111,31 +111,32 @@ def _hook_cross_attention(model, record: dict):
 
 
 def _denoiser(obj, num_inference_steps, scheduler, prompts, labels, num_samples, cfg, seed):
-    from ..models import BundledModel
-    from ..models import load as load_model
     from .conditioning import denoiser_for
 
-    if isinstance(obj, str):
-        obj = load_model(obj)
-    if cfg is None:
-        cfg = obj.recommended_cfg if isinstance(obj, BundledModel) else 4.5
-    if cfg <= 1.0:
-        raise ValueError("T-GATE's gate is measured with classifier-free guidance on (cfg > 1)")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise ValueError(f"num_inference_steps must be an integer >= 2, got {num_inference_steps!r}")
-    return obj, denoiser_for(obj, num_samples, cfg, scheduler, seed=seed, labels=labels, prompts=prompts)
+    if isinstance(obj, str):
+        from .bundled import load_bundled
+
+        obj = load_bundled(obj)
+    if scheduler is None and type(obj).__name__ == "BundledModel":
+        scheduler = "dpm++"  # what the bundled models' T-GATE settings were measured with
+    den = denoiser_for(obj, num_samples, cfg, scheduler, seed=seed, labels=labels, prompts=prompts)
+    if den.cfg <= 1.0:
+        raise ValueError("T-GATE's gate is measured with classifier-free guidance on (cfg > 1)")
+    return obj, den
 
 
 @torch.no_grad()
-def measure_cross_attention_change(obj, num_inference_steps: int, scheduler: str = "dpm++", *, prompts=None,
+def measure_cross_attention_change(obj, num_inference_steps: int, scheduler=None, *, prompts=None,
                                    labels=None, num_samples: int = 8, cfg: float | None = None,
                                    seed: int = 0) -> tuple[list[float], list[list[float]], list[float]]:
     """Sample ``obj`` (bundled model, its name, or a PixArt pipeline) with full compute and classifier-free
     guidance and return ``(curve, per_block, timesteps)``: the step-to-step relative change of every
     block's cross-attention output (mean over blocks, and per block) and the sampler's timesteps.
 
-    ``scheduler`` names the sampler for bundled models (``ddim``, ``dpm++``, ``euler``); a pipeline uses
-    its own. ``prompts`` are the calibration captions (required for a pipeline; for a bundled model the
+    ``scheduler``: None (a pipeline's own sampler; DPM-Solver++ for a bundled model), a name (``ddim``,
+    ``dpm++``, ``euler``, ...) or a diffusers scheduler, refused when it does not fit the model. ``prompts`` are the calibration captions (required for a pipeline; for a bundled model the
     default is captions of ``num_samples`` digits drawn with ``seed``).
     """
     curve, per_block, timesteps, _ = _measure_change(obj, num_inference_steps, scheduler, prompts, labels,
@@ -144,11 +145,9 @@ def measure_cross_attention_change(obj, num_inference_steps: int, scheduler: str
 
 
 def _measure_change(obj, num_inference_steps, scheduler, prompts, labels, num_samples, cfg, seed):
-    from ..sampling import initial_noise
-
     obj, den = _denoiser(obj, num_inference_steps, scheduler, prompts, labels, num_samples, cfg, seed)
     model = den.transformer
-    noise = initial_noise(den.num_samples, den.latent_shape, seed)
+    noise = den.noise(seed)
     record: dict = {}
     per_block: list[list[float]] = []
     prev: dict = {}
@@ -175,7 +174,7 @@ def _measure_change(obj, num_inference_steps, scheduler, prompts, labels, num_sa
 
 
 @torch.no_grad()
-def auto_gate(obj, num_inference_steps: int, scheduler: str = "dpm++", *, prompts=None, labels=None,
+def auto_gate(obj, num_inference_steps: int, scheduler=None, *, prompts=None, labels=None,
               criterion: str = "output", tol: float | None = None, per_step_scaling: bool = True,
               min_gate: int = 1, num_samples: int = 8, cfg: float | None = None, seed: int = 0,
               full_curve: bool = False, sp_interval: int = 1, fi_interval: int = 1, warm_up: int = 0) -> GateResult:
@@ -226,26 +225,24 @@ def auto_gate(obj, num_inference_steps: int, scheduler: str = "dpm++", *, prompt
             if curve[g] >= eff_tol and not full_curve:
                 break
     gate = select_gate(curve, eff_tol, min_gate=min_gate)
-    from ..models import BundledModel
-
-    is_pipe = not isinstance(obj, (str, BundledModel))
     return GateResult(gate_step=gate, curve=curve, tol=eff_tol, timesteps=timesteps, per_block=per_block,
-                      scheduler=type(obj.scheduler).__name__ if is_pipe else scheduler,
+                      scheduler=type(den.make_scheduler()).__name__ if scheduler is None else
+                      scheduler if isinstance(scheduler, str) else type(scheduler).__name__,
                       prompts=list(prompts) if prompts is not None else [], criterion=criterion,
                       attn2_change=change)
 
 
-def auto_tgate(obj, num_inference_steps: int, scheduler: str = "dpm++", *, sp_interval: int = 3,
+def auto_tgate(obj, num_inference_steps: int, scheduler=None, *, sp_interval: int = 3,
                fi_interval: int = 1, warm_up: int = 2, **gate_kwargs):
     """A T-GATE :class:`~l2c_kernels.Schedule` for ``obj`` with the gate chosen by :func:`auto_gate`
     (``gate_kwargs``: ``prompts``, ``criterion``, ``tol``, ``min_gate``, ...; the ``"output"`` criterion
     measures with these self-attention intervals). The chosen gate and its curves are kept in the
     schedule's ``params["auto_gate"]``."""
-    from ..models import load as load_model
     from ..schedules import tgate
+    from .bundled import load_bundled
 
     if isinstance(obj, str):
-        obj = load_model(obj)
+        obj = load_bundled(obj)
     g = auto_gate(obj, num_inference_steps, scheduler, sp_interval=sp_interval, fi_interval=fi_interval,
                   warm_up=warm_up, **gate_kwargs)
     model = getattr(obj.transformer, "original_model", obj.transformer)

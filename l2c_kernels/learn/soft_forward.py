@@ -12,6 +12,12 @@ value ``c``), and a step mixing in a fresh output ``y`` with weight ``w`` update
 ``d <- w (y - a) / k + (1 - w) d``, ``a <- w y + (1 - w) a``, ``k <- 1 + (1 - w) k``. For ``w`` in
 {0, 1} this is exactly ``y1 + (s - s1) / (s1 - s0) (y1 - y0)`` of the runtime; in between it
 is differentiable in ``w``.
+
+:func:`soft_forward` dispatches on the model: a function registered with
+:func:`register_soft_forward` for a model class (e.g. a block-level soft forward for families
+whose unit is the whole block, ``soft_blocks.py``) is used before the branch-level path through
+the model's block adapter, which is the default. A registered function has the signature of
+:func:`soft_forward` and uses :class:`SoftCaches` the same way (one "branch" per unit it caches).
 """
 from __future__ import annotations
 
@@ -50,6 +56,42 @@ class SoftCaches:
         self.values[b][i] = mixed
         return mixed
 
+    def detach_(self) -> "SoftCaches":
+        """Cut the graph to earlier steps (step-wise training): values stay, gradients stop here."""
+        def d(v):
+            return v.detach() if isinstance(v, torch.Tensor) else v
+
+        self.values = [[d(v) for v in row] for row in self.values]
+        self.linear = [[None if st is None else tuple(d(e) for e in st) for st in row] for row in self.linear]
+        return self
+
+
+_SOFT_FORWARDS: dict = {}
+#: Modules (in this package) imported the first time a model class has no registered soft forward.
+PLUGIN_MODULES = ["soft_blocks"]
+_plugins_loaded = False
+
+
+def register_soft_forward(model_class_name: str, fn) -> None:
+    """Use ``fn(model, args, w, caches, record=None) -> output`` for models of class ``model_class_name``."""
+    _SOFT_FORWARDS[model_class_name] = fn
+
+
+def _registered(model):
+    global _plugins_loaded
+    name = type(getattr(model, "original_model", model)).__name__
+    if name not in _SOFT_FORWARDS and not _plugins_loaded:
+        import importlib
+
+        _plugins_loaded = True
+        for mod in PLUGIN_MODULES:
+            try:
+                importlib.import_module(f"{__package__}.{mod}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{__package__}.{mod}":
+                    raise
+    return _SOFT_FORWARDS.get(name)
+
 
 def soft_forward(model, args: dict, w: torch.Tensor | None, caches: SoftCaches,
                  record: list | None = None) -> torch.Tensor:
@@ -57,6 +99,15 @@ def soft_forward(model, args: dict, w: torch.Tensor | None, caches: SoftCaches,
 
     ``record``, if given, collects ``(block, branch, fresh_output)`` for change measurements.
     """
+    fn = _registered(model)
+    if fn is not None:
+        return fn(model, args, w, caches, record=record)
+    return branch_soft_forward(model, args, w, caches, record=record)
+
+
+def branch_soft_forward(model, args: dict, w: torch.Tensor | None, caches: SoftCaches,
+                        record: list | None = None) -> torch.Tensor:
+    """The branch-level soft forward through the model's block adapter."""
     from .. import ops
 
     ad = adapter_for(model)

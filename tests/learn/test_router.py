@@ -12,8 +12,11 @@ from l2c_kernels.models.configs import NOISE_SCHEDULE
 from tests.tiny_models import dit_inputs, pixart_inputs, rel_err, tiny_dit, tiny_pixart
 
 
+CFG = 1.5
+
+
 def tiny_bundle():
-    return BundledModel("dit-digits", tiny_dit(layers=2), None, dict(NOISE_SCHEDULE))
+    return BundledModel("dit-digits", tiny_dit(layers=2), None, dict(NOISE_SCHEDULE), info=dict(recommended_cfg=CFG))
 
 
 def test_soft_forward_with_full_weights_equals_model():
@@ -80,7 +83,7 @@ def test_threshold_selection_and_bad_arguments():
 
 
 def test_calibrated_pick_is_the_best_measured_hard_schedule_and_refinement_only_improves():
-    from l2c_kernels.learn.router import _calibration_error
+    from l2c_kernels.learn.candidates import _calibration_error
 
     bundle = tiny_bundle()
     kw = dict(budget=0.5, iterations=6, batch_size=2, progress=False, calibration_samples=2, hard_fraction=0.5,
@@ -102,7 +105,7 @@ def test_calibrated_pick_is_the_best_measured_hard_schedule_and_refinement_only_
 
 
 def test_structured_candidates_hit_the_budget_and_the_pick_is_no_worse_than_any_of_them():
-    from l2c_kernels.learn.router import _calibration_error, _structured_masks
+    from l2c_kernels.learn.candidates import _calibration_error, _structured_masks
 
     bundle = tiny_bundle()
     steps, budget = 7, 0.4
@@ -126,14 +129,12 @@ def test_structured_candidates_hit_the_budget_and_the_pick_is_no_worse_than_any_
 
 def _calibration_batch(bundle, timesteps, samples=2, seed=7919):
     """The router's calibration batch, rebuilt independently: denoiser, noise, full-compute result."""
+    from l2c_kernels.learn.candidates import _Calibration
     from l2c_kernels.learn.conditioning import denoiser_for
-    from l2c_kernels.learn.router import _Calibration, _rollout
 
-    cden = denoiser_for(bundle, samples, 1.5, "ddim", seed=seed)
-    cden._timesteps = timesteps
+    cden = denoiser_for(bundle, samples, CFG, "ddim", seed=seed)
     cx = torch.randn((samples,) + tuple(cden.latent_shape), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        ref, _ = _rollout(cden, cx, None, keep_path=False)
+    ref, _ = cden.sample_with(bundle.transformer, len(timesteps), cx)
     return _Calibration(cden, cx, ref, bundle.transformer, timesteps, ("none", "linear", "quadratic"))
 
 

@@ -1,0 +1,76 @@
+"""The bundled digits models as one more registered case (see ``conditioning.py``).
+
+They sample in pixel space: labels are digits 0-9 (null class from the config), captions come from
+the caption encoder bundled with ``pixart-digits``, the default sampler is the clipped DDIM of
+their noise schedule, and final samples are clamped to the pixel range [-1, 1]. Nothing here is
+used for other models.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .conditioning import Request, class_labels_for, register_pipeline
+from .denoiser import Denoiser
+from .schedulers import resolve_scheduler, scheduler_from_name
+
+DIGITS = 10
+
+
+def load_bundled(name: str):
+    from ..models import load
+
+    return load(name)
+
+
+def _digit_labels(req: Request, n: int, seed: int) -> list[int]:
+    if req.labels is None:
+        g = torch.Generator().manual_seed(int(seed))
+        return torch.randint(0, DIGITS, (n,), generator=g).tolist()
+    labels = [int(v) for v in req.labels]
+    bad = [v for v in labels if not 0 <= v < DIGITS]
+    if bad:
+        raise ValueError(f"labels must be digit classes 0-9, got {bad[:5]}")
+    return labels
+
+
+def bundled_denoiser(bundle, req: Request) -> Denoiser:
+    tr = bundle.transformer
+    cfg = float(req.guidance_scale if req.guidance_scale is not None else bundle.recommended_cfg)
+    base = scheduler_from_name("ddim", dict(bundle.scheduler_config))
+    factory = resolve_scheduler(base, req.scheduler or "ddim", bundle.name)
+    dev = tr.device
+    shape = (tr.config.in_channels, tr.config.sample_size, tr.config.sample_size)
+    if req.height is not None or req.width is not None:
+        side = int(tr.config.sample_size)
+        if (req.height or side, req.width or side) != (side, side):
+            raise ValueError(f"{bundle.name} samples {side}x{side} images; got height={req.height}, width={req.width}")
+    text_tokens = 0
+    if bundle.text_encoder is None:
+        labels = _digit_labels(req, req.num_samples, req.seed)
+        _, null = class_labels_for(tr, labels, len(labels), req.seed, bundle.name)
+        cond = torch.tensor(labels, device=dev)
+        args = dict(class_labels=torch.cat([torch.full_like(cond, null), cond]) if cfg > 1 else cond)
+        n, info = len(labels), dict(model=bundle.name, labels=labels)
+    else:
+        from ..models.text_encoder import caption_for
+
+        prompts = req.prompts
+        if prompts is None:
+            lab = _digit_labels(req, req.num_samples, req.seed)
+            prompts = [caption_for(v, i) for i, v in enumerate(lab)]
+        caps = ([""] * len(prompts) + list(prompts)) if cfg > 1 else list(prompts)
+        enc, mask = bundle.text_encoder.encode(caps, device=dev, dtype=tr.dtype)
+        args = dict(encoder_hidden_states=enc, encoder_attention_mask=mask,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+        text_tokens = int(enc.shape[1])
+        n, info = len(prompts), dict(model=bundle.name, prompts=list(prompts))
+    redraw = None
+    if req.labels is None and req.prompts is None:
+        redraw = lambda seed: bundled_denoiser(bundle, replace(req, seed=seed))  # noqa: E731
+    return Denoiser(tr, args, shape, factory, cfg, n, output_range=(-1.0, 1.0), text_tokens=text_tokens,
+                    patch_size=int(tr.config.patch_size), redraw=redraw, info=info)
+
+
+register_pipeline("BundledModel", bundled_denoiser)

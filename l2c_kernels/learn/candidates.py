@@ -1,0 +1,162 @@
+"""Measuring hard schedules on a calibration batch, and the candidate schedules the learner measures.
+
+A candidate is a mask ``[steps-1, blocks, branches]`` (1 = compute; step 0 always computes). It is
+run through ``compile_schedule`` -- the runtime the schedule will use -- on a fixed calibration
+batch (its own noise and conditions, full compute as the reference), once per forecast mode, and
+the best is kept. Candidates: the hard schedules the router visits, the "first ``f`` blocks always,
+the rest every ``k`` steps" family filled back to the budget by router score, and a local search of
+swaps guided by the gradient of the soft rollout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..schedule import Schedule
+from .denoiser import Denoiser
+from .rollouts import soft_rollout
+
+
+@dataclass
+class _Calibration:
+    """The batch hard schedules are measured on: its denoiser, noise and full-compute samples."""
+
+    den: Denoiser
+    noise: torch.Tensor
+    reference: torch.Tensor
+    model: torch.nn.Module
+    timesteps: list
+    forecasts: tuple
+
+
+@dataclass
+class _Best:
+    mask: torch.Tensor | None = None   # [steps-1, blocks, branches], 1 = compute
+    err: float = float("inf")
+    forecast: str = "none"
+
+
+def _calibration_error(calib: _Calibration, mask: torch.Tensor, forecast: str) -> float:
+    """Error of the final calibration samples when the hard ``mask`` (steps 1..) runs through
+    ``compile_schedule`` with ``forecast`` (the runtime the schedule will use), against full compute:
+    the mean over samples of ``10 log10(MSE)`` of each sample, in dB (lower is better; minus the mean
+    per-image PSNR, up to the constant ``10 log10(range^2)``).
+
+    Per sample, then averaged in the log domain: the MSE of the whole batch is dominated by its one or
+    two worst samples, and which schedule has them on a small calibration batch is luck; the mean log
+    error measures the typical image and ranks schedules the same way on other samples."""
+    from ..runtime import compile_schedule
+
+    model = calib.model
+    full = torch.cat([torch.ones_like(mask[:1]), mask]).bool().cpu()
+    fast = compile_schedule(model, Schedule.from_mask(model, calib.timesteps, full, forecast=forecast))
+    x, _ = calib.den.sample_with(fast, len(calib.timesteps), calib.noise)
+    per_sample = (x - calib.reference).pow(2).flatten(1).mean(1)
+    return (10.0 * torch.log10(per_sample.double().clamp_min(1e-20))).mean().item()
+
+
+def _consider(calib: _Calibration, mask: torch.Tensor, seen: dict, best: _Best) -> None:
+    """Measure ``mask`` on the calibration batch once per forecast mode (``seen`` remembers every
+    measurement) and keep it in ``best`` if it beats it."""
+    key = bytes(mask.to(torch.uint8).flatten().tolist())
+    for fc in calib.forecasts:
+        if (key, fc) in seen:
+            continue
+        err = seen[(key, fc)] = _calibration_error(calib, mask, fc)
+        if err < best.err:
+            best.mask, best.err, best.forecast = mask.clone(), err, fc
+
+
+def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor, budget: float,
+                      intervals=(2, 3, 4, 5), slack: float = 0.2) -> list:
+    """Masks ``[steps-1, blocks, branches]`` (1 = compute) of the "first ``f`` blocks always, the rest
+    every ``k`` steps" family that remove at least ``budget`` (and at most ``budget + slack``) of the
+    cost, each filled back to the budget (to one cell) with its highest-scored reused cells."""
+    from ..schedules import first_blocks
+
+    nb = scores.shape[1]
+    total = cost.sum()
+    out = []
+    for k in intervals:
+        for f in range(0, nb // 2 + 1):
+            m = torch.tensor(first_blocks(model, timesteps, keep_first=f, interval=k).compute_mask(),
+                             dtype=scores.dtype, device=scores.device)[1:]
+            removed = float(((1 - m) * cost).sum() / total)
+            if removed < budget - 1e-6 or removed > budget + slack:  # float32 sums: exact budgets within 1e-6
+                continue
+            flat_m, flat_c, flat_s = m.reshape(-1), cost.reshape(-1), scores.reshape(-1)
+            off = (flat_m < 0.5).nonzero().flatten()
+            for c in off[torch.argsort(flat_s[off], descending=True, stable=True)].tolist():
+                share = float(flat_c[c] / total)
+                if removed - share >= budget - 1e-6:
+                    flat_m[c] = 1.0
+                    removed -= share
+            out.append(flat_m.reshape(m.shape))
+    return out
+
+
+def _refine_mask(calib: _Calibration, mask: torch.Tensor, err: float, ones: torch.Tensor, evaluations: int,
+                 forecast: str = "none", soft_forecast: str = "none", per_round: int = 4) -> tuple:
+    """Local search on the measured calibration error of a hard mask ``[steps-1, blocks, branches]``
+    (1 = compute) run with ``forecast``; every move swaps a computed and a reused branch of the same
+    kind, proposed by the gradient of the soft rollout (``soft_forecast`` caches)."""
+    cden, cx, cref = calib.den, calib.noise, calib.reference
+    tried: set = set()
+    hist = []
+    used = 0
+    g = None
+    while used < evaluations:
+        if g is None:  # gradient of the measured error at the current mask
+            w = mask.clone().requires_grad_(True)
+            out, _ = soft_rollout(cden, cx, torch.cat([ones, w]), keep_path=False, forecast=soft_forecast)
+            (out - cref).pow(2).mean().backward()
+            g = w.grad.detach()
+        cands = []
+        for i in range(mask.shape[-1]):
+            on = (mask[..., i] > 0.5).nonzero().tolist()
+            off = (mask[..., i] < 0.5).nonzero().tolist()
+            if not on or not off:
+                continue
+            # first-order change of the error: reuse a computed cell (-g), compute a reused cell (+g)
+            on.sort(key=lambda c: -float(g[c[0], c[1], i]))
+            off.sort(key=lambda c: float(g[c[0], c[1], i]))
+            for a in on[:per_round]:
+                for b in off[:per_round]:
+                    gain = -float(g[a[0], a[1], i]) + float(g[b[0], b[1], i])
+                    key = (a[0], a[1], b[0], b[1], i)
+                    if key not in tried:
+                        cands.append((gain, key))
+        if not cands:
+            break
+        cands.sort()
+        improved = False
+        for gain, key in cands[:per_round]:
+            if used >= evaluations:
+                break
+            tried.add(key)
+            a0, a1, b0, b1, i = key
+            m2 = mask.clone()
+            m2[a0, a1, i], m2[b0, b1, i] = 0.0, 1.0
+            e2 = _calibration_error(calib, m2, forecast)
+            used += 1
+            hist.append(e2)
+            if e2 < err:
+                mask, err, improved, g = m2, e2, True, None
+                break
+        if not improved and len(cands) <= per_round:
+            break
+    return mask, err, hist
+
+
+def _budget_mask(scores: torch.Tensor, cost: torch.Tensor, budget: float) -> torch.Tensor:
+    """1 = compute: remove the lowest-scored cells until ``budget`` of the (cost-weighted) work is removed."""
+    flat_s, flat_c = scores.reshape(-1), cost.reshape(-1)
+    order = torch.argsort(flat_s, stable=True)
+    removed = torch.cumsum(flat_c[order], 0) / flat_c.sum()
+    # steps 1.. only: step 0 (always computed) is not in ``scores``; scale the budget accordingly
+    n_off = int(torch.searchsorted(removed, torch.tensor(budget, dtype=removed.dtype) - 1e-9).item()) + 1
+    mask = torch.ones_like(flat_s)
+    mask[order[:n_off]] = 0.0
+    return mask.reshape(scores.shape)
+
