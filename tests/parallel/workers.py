@@ -125,6 +125,18 @@ def emulated(spec: dict) -> torch.Tensor:
     return sample(ad, kind, sc, spec["steps"], batch=spec.get("batch", 4), seed=spec.get("seed", 0))
 
 
+def async_reference(spec: dict, ranges) -> torch.Tensor:
+    """The scenario sampled with the independent reference of asynchronous denoising
+    (``tests/parallel/async_reference.py``) on the plain model, cut into ``ranges``."""
+    from .async_reference import AsyncReference
+
+    model, kind, sc = build(spec)
+    base, _, _ = base_model(spec)
+    ref = AsyncReference(base, ranges, timesteps(sc, spec["steps"]), spec["warm_up"], spec.get("stride", 1),
+                         getattr(model, "schedule", None))
+    return sample(ref, kind, sc, spec["steps"], batch=spec.get("batch", 4), seed=spec.get("seed", 0))
+
+
 def pipeline_sample(transformer, spec: dict) -> torch.Tensor:
     """Images from an unmodified diffusers ``DiTPipeline`` whose transformer is ``transformer``."""
     from diffusers import DiTPipeline
