@@ -120,10 +120,12 @@ class Denoiser:
                 call.reset()
             fn = lambda s, args: call(**args).sample  # noqa: E731
         sched = self.scheduler(num_inference_steps)
-        x = noise.to(self.device, torch.float32) * sched.init_noise_sigma
+        # flow-matching schedulers have neither: their pipelines start from unit noise and feed latents as they are
+        x = noise.to(self.device, torch.float32) * getattr(sched, "init_noise_sigma", 1.0)
+        scale_input = getattr(sched, "scale_model_input", None) or (lambda sample, t: sample)
         path = []
         for s, t in enumerate(sched.timesteps):
-            inp = sched.scale_model_input(self.batch(x), t)
+            inp = scale_input(self.batch(x), t)
             out = fn(s, self.model_args(inp, t)).float()
             x = sched.step(self.guided(out), t, x, return_dict=False)[0]
             if after_step is not None:

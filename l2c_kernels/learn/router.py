@@ -53,16 +53,19 @@ class RouterResult:
     denoiser_info: dict = field(default_factory=dict)
 
 
-def _denoiser(obj, num_samples, cfg, scheduler, seed, labels, prompts, height, width, conditions, latent_shape):
+def _denoiser(obj, num_samples, cfg, scheduler, seed, labels, prompts, height, width, conditions, latent_shape,
+              max_sequence_length):
     return denoiser_for(obj, num_samples, cfg, scheduler, seed=seed, labels=labels, prompts=prompts, height=height,
-                        width=width, conditions=conditions, latent_shape=latent_shape)
+                        width=width, conditions=conditions, latent_shape=latent_shape,
+                        max_sequence_length=max_sequence_length)
 
 
 def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, scheduler=None,
                  cfg: float | None = None, guidance_scale: float | None = None, iterations: int = 60,
                  batch_size: int = 4, lr: float = 0.1, trajectory_weight: float = 0.5, init_logit: float = 3.0,
                  seed: int = 0, labels=None, prompts=None, height: int | None = None, width: int | None = None,
-                 conditions: dict | None = None, latent_shape=None, progress: bool = True, log_every: int = 5,
+                 conditions: dict | None = None, latent_shape=None, max_sequence_length: int | None = None,
+                 progress: bool = True, log_every: int = 5,
                  hard_fraction: float = 0.5, calibration_samples: int = 8, refine_evaluations: int = 0,
                  structured_candidates: bool = True, forecast: str = "auto", training: str = "stepwise",
                  teacher_pool: int | None = None) -> RouterResult:
@@ -104,7 +107,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     cfg = guidance_scale if guidance_scale is not None else cfg
     train_forecast = "none" if forecast == "none" else "linear"
     forecasts = ("none", "linear", "quadratic") if forecast == "auto" else (forecast,)
-    cond_kw = dict(height=height, width=width, conditions=conditions, latent_shape=latent_shape)
+    cond_kw = dict(height=height, width=width, conditions=conditions, latent_shape=latent_shape,
+                   max_sequence_length=max_sequence_length)
 
     torch.manual_seed(seed)
     den = _denoiser(obj, batch_size, cfg, scheduler, seed, labels, prompts, **cond_kw)
