@@ -24,3 +24,17 @@ PIXART_DIGITS = dict(
 )
 
 NULL_CLASS = 1000
+
+# flux-digits: a FluxTransformer2DModel on 2x2-packed pixels (1 channel -> 4 channels x 8x8 = 64 tokens, as
+# FluxPipeline packs latents), 2 double-stream (MMDiT) and 6 single-stream blocks, hidden 96 (3 heads of 32).
+# RoPE over (index, row, col) with 8 + 12 + 12 = 32 = head dim. Text: the caption encoder (64-d tokens) and its masked
+# mean as the pooled projection. No guidance embedding: classifier-free guidance (captions dropped in training).
+FLUX_DIGITS = dict(
+    patch_size=1, in_channels=4, out_channels=None, num_layers=2, num_single_layers=6, attention_head_dim=32,
+    num_attention_heads=3, joint_attention_dim=TEXT_ENCODER["dim"], pooled_projection_dim=TEXT_ENCODER["dim"],
+    guidance_embeds=False, axes_dims_rope=(8, 12, 12),
+)
+
+# rectified flow: x_t = (1 - t) x0 + t noise, the model predicts noise - x0; sampled with
+# FlowMatchEulerDiscreteScheduler, no resolution shift (16x16 pixels, 64 tokens).
+FLOW_MATCH_SCHEDULE = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)

@@ -10,7 +10,11 @@ import torch
 from . import configs
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MODEL_NAMES = ("dit-digits", "pixart-digits")
+MODEL_NAMES = ("dit-digits", "pixart-digits", "flux-digits")
+#: the script that trains each bundled model
+TRAIN_COMMANDS = {"dit-digits": "python python/train_digits.py --model dit-digits",
+                  "pixart-digits": "python python/train_digits.py --model pixart-digits",
+                  "flux-digits": "python python/train_flux_digits.py"}
 
 
 @dataclass
@@ -29,7 +33,13 @@ class BundledModel:
 
     @property
     def image_size(self) -> int:
-        return int(self.transformer.config.sample_size) * 1  # pixel space: latent size == image size
+        # pixel space: latent size == image size (flux-digits packs 2x2 pixels into a token; no sample_size)
+        return int(self.transformer.config.get("sample_size", None) or configs.IMAGE_SIZE)
+
+    @property
+    def is_flow_matching(self) -> bool:
+        """Rectified-flow model sampled with ``FlowMatchEulerDiscreteScheduler`` (``flux-digits``)."""
+        return self.name == "flux-digits"
 
     @property
     def recommended_cfg(self) -> float:
@@ -48,6 +58,10 @@ def build(name: str) -> BundledModel:
         from diffusers import DiTTransformer2DModel
 
         return BundledModel(name, DiTTransformer2DModel(**configs.DIT_DIGITS), None, dict(configs.NOISE_SCHEDULE))
+    if name == "flux-digits":
+        from .flux_digits import build_flux_digits
+
+        return build_flux_digits()
     from diffusers import PixArtTransformer2DModel
 
     from .text_encoder import DigitTextEncoder
@@ -56,7 +70,8 @@ def build(name: str) -> BundledModel:
                         DigitTextEncoder(**configs.TEXT_ENCODER), dict(configs.NOISE_SCHEDULE))
 
 
-def save_bundle(name: str, transformer, text_encoder, out_dir: Path, info: dict) -> None:
+def save_bundle(name: str, transformer, text_encoder, out_dir: Path, info: dict,
+                scheduler_config: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -70,7 +85,7 @@ def save_bundle(name: str, transformer, text_encoder, out_dir: Path, info: dict)
     tmp.replace(out_dir / f"{name}.safetensors")
     meta = dict(name=name, transformer_config=dict(transformer.config),
                 text_encoder_config=None if text_encoder is None else text_encoder.config,
-                scheduler_config=dict(configs.NOISE_SCHEDULE), training=info)
+                scheduler_config=dict(scheduler_config or configs.NOISE_SCHEDULE), training=info)
     old = out_dir / f"{name}.json"
     if old.exists():  # keep evaluation notes (recommended_cfg, accuracy) written after training
         prev = json.loads(old.read_text())
@@ -94,7 +109,7 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     wfile, mfile = wdir / f"{name}.safetensors", wdir / f"{name}.json"
     if not wfile.exists() or not mfile.exists():
         raise FileNotFoundError(f"weights for {name!r} not found in {wdir}; train them with "
-                                f"`python python/train_digits.py --model {name}`")
+                                f"`{TRAIN_COMMANDS[name]}`")
     meta = json.loads(mfile.read_text())
     bundle = build(name)
     state = load_file(str(wfile))

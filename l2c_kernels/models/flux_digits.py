@@ -1,0 +1,195 @@
+"""``flux-digits``: a diffusers ``FluxTransformer2DModel`` on the 16x16 digits, trained with rectified flow.
+
+Pixel space, one channel; pixels are packed 2x2 into 4-channel tokens (64 image tokens) and the RoPE
+ids are made exactly as ``FluxPipeline`` packs latents and makes ``img_ids`` / ``txt_ids`` (its own static
+methods are used). Captions go through the bundled caption encoder (8 tokens of 64 dims); its masked mean
+is the pooled projection. Guidance is classifier-free (captions were dropped 10% of the time in training);
+there is no distilled guidance embedding.
+
+    from l2c_kernels.models import load, flux_digits
+    bundle = load("flux-digits")
+    images = flux_digits.sample(bundle, labels=range(10), steps=28, cfg=None, seed=0)   # [10, 1, 16, 16]
+
+Sampling is Euler flow matching (``FlowMatchEulerDiscreteScheduler``) over FluxPipeline's sigmas
+``linspace(1, 1/steps, steps)``; the transformer gets ``timestep = t / 1000`` as in FluxPipeline.
+``sample(transformer=...)`` takes any module with the transformer's call signature (e.g. a compiled schedule).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import configs
+
+CHANNELS = 1  # pixel channels before packing
+
+
+def build_flux_digits():
+    """A freshly initialised flux-digits bundle (transformer + caption encoder), output layer zeroed."""
+    from diffusers import FluxTransformer2DModel
+
+    from .registry import BundledModel
+    from .text_encoder import DigitTextEncoder
+
+    tr = FluxTransformer2DModel(**configs.FLUX_DIGITS)
+    torch.nn.init.zeros_(tr.proj_out.weight)
+    torch.nn.init.zeros_(tr.proj_out.bias)
+    return BundledModel("flux-digits", tr, DigitTextEncoder(**configs.TEXT_ENCODER),
+                        dict(configs.FLOW_MATCH_SCHEDULE))
+
+
+def _flux():
+    from diffusers import FluxPipeline
+
+    return FluxPipeline
+
+
+def pack(images: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, H, W]`` pixels -> ``[B, H/2 * W/2, 4]`` tokens (``FluxPipeline._pack_latents``)."""
+    if images.dim() != 4 or images.shape[1] != CHANNELS or images.shape[2] % 2 or images.shape[3] % 2:
+        raise ValueError(f"flux-digits packs [B, {CHANNELS}, H, W] images with even H and W, got {tuple(images.shape)}")
+    b, c, h, w = images.shape
+    return _flux()._pack_latents(images, b, c, h, w)
+
+
+def unpack(tokens: torch.Tensor, size: int = configs.IMAGE_SIZE) -> torch.Tensor:
+    """``[B, 64, 4]`` tokens -> ``[B, 1, 16, 16]`` pixels (``FluxPipeline._unpack_latents``, VAE factor 1 x 2)."""
+    return _flux()._unpack_latents(tokens, size, size, 1)  # the identity "VAE": scale factor 1
+
+
+def image_ids(size: int = configs.IMAGE_SIZE, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[64, 3]`` RoPE ids (0, row, col) of the packed tokens, as ``FluxPipeline._prepare_latent_image_ids``."""
+    return _flux()._prepare_latent_image_ids(1, size // 2, size // 2, device, dtype)
+
+
+def text_ids(length: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[L, 3]`` zeros: FluxPipeline's ``txt_ids``."""
+    return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
+def caption_embeddings(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids -> (``encoder_hidden_states [B, L, 64]`` with padding zeroed, ``pooled_projections [B, 64]``,
+    the mean over the caption's tokens). Differentiable (training uses it)."""
+    h = text_encoder(ids, mask)
+    m = mask.to(h.dtype).unsqueeze(-1)
+    h = h * m
+    pooled = h.sum(1) / m.sum(1).clamp_min(1.0)
+    return h, pooled
+
+
+def conditions(bundle, prompts: list[str], cfg: float) -> dict:
+    """Transformer kwargs (besides ``hidden_states`` and ``timestep``) for ``prompts``; with ``cfg > 1`` the
+    batch is [empty captions; prompts] (unconditional half first)."""
+    tr, te = bundle.transformer, bundle.text_encoder
+    p = next(tr.parameters())
+    caps = ([""] * len(prompts) + list(prompts)) if cfg > 1 else list(prompts)
+    with torch.no_grad():
+        ids, mask = te.tokenizer(caps)
+        dev = next(te.parameters()).device
+        enc, pooled = caption_embeddings(te, ids.to(dev), mask.to(dev))
+    return dict(encoder_hidden_states=enc.to(p.device, p.dtype), pooled_projections=pooled.to(p.device, p.dtype),
+                txt_ids=text_ids(enc.shape[1], p.device, p.dtype), img_ids=image_ids(device=p.device, dtype=p.dtype))
+
+
+def make_scheduler(bundle_or_config):
+    """A fresh ``FlowMatchEulerDiscreteScheduler`` for the model's flow-matching config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = bundle_or_config if isinstance(bundle_or_config, dict) else bundle_or_config.scheduler_config
+    return FlowMatchEulerDiscreteScheduler.from_config(dict(cfg))
+
+
+def set_timesteps(scheduler, steps: int, device=None) -> None:
+    """FluxPipeline's sigmas: ``linspace(1, 1/steps, steps)`` (then shifted by the scheduler's config)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist(), device=device)
+
+
+def timesteps_for(bundle_or_config, steps: int) -> list[float]:
+    """The timesteps (0..1000 scale, call order) a ``steps``-step sampling run visits; the transformer
+    itself is called with these divided by 1000."""
+    sc = make_scheduler(bundle_or_config)
+    set_timesteps(sc, steps)
+    return [float(t) for t in sc.timesteps]
+
+
+def _prompts(labels, prompts) -> list[str]:
+    from .text_encoder import caption_for
+
+    if prompts is not None:
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of captions, not one string")
+        return [str(p) for p in prompts]
+    if labels is None:
+        raise ValueError("pass labels (digit classes 0-9) or prompts (captions)")
+    labels = [int(l) for l in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+    bad = [l for l in labels if not 0 <= l <= 9]
+    if bad:
+        raise ValueError(f"labels must be digit classes 0-9, got {bad[:5]}")
+    return [caption_for(l, i) for i, l in enumerate(labels)]
+
+
+@torch.no_grad()
+def sample(bundle, labels=None, prompts=None, steps: int = 28, cfg: float | None = None, seed: int = 0,
+           transformer: torch.nn.Module | None = None, batch_size: int | None = None, progress: bool = True,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample digits from flux-digits with Euler flow matching and classifier-free guidance.
+
+    ``labels``: digit classes (captions are made from them) or ``prompts``: captions. ``cfg``: guidance scale
+    (default: the model's recommended one; ``<= 1``: no guidance). The starting noise of sample ``i`` is
+    ``sampling.initial_noise(n, (1, 16, 16), seed)[i]`` in pixel layout, packed; chunking does not change
+    images. Returns ``[B, 1, 16, 16]`` float32 in [-1, 1].
+    """
+    from ..sampling import initial_noise
+    from .registry import load
+
+    if isinstance(bundle, str):
+        bundle = load(bundle)
+    if not getattr(bundle, "is_flow_matching", False):
+        raise ValueError(f"flux_digits.sample samples flux-digits, got {getattr(bundle, 'name', bundle)!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    prompts = _prompts(labels, prompts)
+    n = len(prompts)
+    if n == 0:
+        raise ValueError("nothing to sample: labels/prompts is empty")
+    cfg = bundle.recommended_cfg if cfg is None else float(cfg)
+    size = bundle.image_size
+    shape = (CHANNELS, size, size)
+    if noise is None:
+        noise = initial_noise(n, shape, seed)
+    elif tuple(noise.shape) != (n, *shape):
+        raise ValueError(f"noise must have shape {(n, *shape)}, got {tuple(noise.shape)}")
+    tr = transformer if transformer is not None else bundle.transformer
+    p = next(bundle.transformer.parameters())
+    bs = batch_size or n
+    chunks = list(range(0, n, bs))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps * len(chunks), desc="sampling flux-digits", unit="step", leave=False)
+    out = []
+    for start in chunks:
+        sl = slice(start, min(n, start + bs))
+        cond = conditions(bundle, prompts[sl], cfg)
+        sc = make_scheduler(bundle)
+        set_timesteps(sc, steps)
+        x = pack(noise[sl].to(p.device, torch.float32))
+        if hasattr(tr, "reset"):
+            tr.reset()
+        for t in sc.timesteps:
+            inp = torch.cat([x, x]) if cfg > 1 else x
+            ts = (t / 1000).to(p.device, p.dtype).reshape(1).expand(inp.shape[0])
+            v = tr(hidden_states=inp.to(p.dtype), timestep=ts, **cond).sample.float()
+            if cfg > 1:
+                vu, vc = v.chunk(2)
+                v = vu + cfg * (vc - vu)
+            x = sc.step(v, t, x).prev_sample
+            if bar is not None:
+                bar.update(1)
+        out.append(unpack(x, size).clamp(-1, 1).cpu())
+    if bar is not None:
+        bar.close()
+    return torch.cat(out)

@@ -1,0 +1,168 @@
+"""flux-digits: packing and RoPE ids as FluxPipeline makes them, Euler flow-matching sampling against a
+float64 reference loop, the training script's records, and (when shipped) the trained weights."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2c_kernels.models import build, flux_digits, load
+from l2c_kernels.models.registry import WEIGHTS_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def random_bundle():
+    """The flux-digits architecture with seeded random weights (output layer not zero, so samples move)."""
+    torch.manual_seed(0)
+    b = build("flux-digits")
+    with torch.no_grad():
+        b.transformer.proj_out.weight.normal_(0, 0.05)
+        b.transformer.proj_out.bias.normal_(0, 0.05)
+    b.transformer.eval().requires_grad_(False)
+    b.text_encoder.eval().requires_grad_(False)
+    return b
+
+
+def test_architecture_is_flux_with_double_and_single_stream_blocks(random_bundle):
+    from diffusers import FluxTransformer2DModel
+
+    tr = random_bundle.transformer
+    assert isinstance(tr, FluxTransformer2DModel)
+    assert len(tr.transformer_blocks) >= 2 and len(tr.single_transformer_blocks) >= 4
+    assert tr.config.in_channels == 4 and not tr.config.guidance_embeds
+    assert sum(tr.config.axes_dims_rope) == tr.config.attention_head_dim
+    assert random_bundle.image_size == 16 and random_bundle.is_flow_matching
+
+
+def test_pack_puts_each_2x2_block_in_one_token_with_its_row_col_rope_id():
+    img = torch.arange(2 * 256, dtype=torch.float32).view(2, 1, 16, 16)
+    tok = flux_digits.pack(img)
+    ids = flux_digits.image_ids()
+    assert tok.shape == (2, 64, 4) and ids.shape == (64, 3)
+    for y in range(16):
+        for x in range(16):
+            k, c = (y // 2) * 8 + x // 2, (y % 2) * 2 + x % 2
+            assert tok[1, k, c] == img[1, 0, y, x]
+            assert ids[k].tolist() == [0.0, y // 2, x // 2]
+    assert torch.equal(flux_digits.unpack(tok), img)
+    assert torch.equal(flux_digits.text_ids(8), torch.zeros(8, 3))
+
+
+def test_pooled_projection_is_the_mean_over_caption_tokens(random_bundle):
+    te = random_bundle.text_encoder
+    ids, mask = te.tokenizer(["the digit three", ""])
+    enc, pooled = flux_digits.caption_embeddings(te, ids, mask)
+    full = te(ids, mask)
+    n = int(mask[0].sum())
+    torch.testing.assert_close(pooled[0], full[0, :n].mean(0))
+    torch.testing.assert_close(pooled[1], full[1, 0])  # empty caption: <bos> only
+    assert torch.all(enc[0, n:] == 0) and torch.all(enc[1, 1:] == 0)
+
+
+def _reference_sample(bundle, captions, noise, steps, cfg):
+    """Euler flow matching written out in float64: sigmas linspace(1, 1/N, N) then 0 (shift 1), the transformer
+    called with t = sigma, v = v_u + cfg (v_c - v_u), x <- x + (sigma_next - sigma) v."""
+    tr = copy.deepcopy(bundle.transformer).double()
+    te = copy.deepcopy(bundle.text_encoder).double()
+    ids, mask = te.tokenizer([""] * len(captions) + list(captions))
+    enc, pooled = flux_digits.caption_embeddings(te, ids, mask)
+    x = flux_digits.pack(noise.double())
+    sig = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).tolist() + [0.0]
+    for s, s_next in zip(sig[:-1], sig[1:]):
+        v = tr(hidden_states=torch.cat([x, x]), encoder_hidden_states=enc, pooled_projections=pooled,
+               timestep=torch.full((2 * len(captions),), s, dtype=torch.float64),
+               img_ids=flux_digits.image_ids(dtype=torch.float64),
+               txt_ids=flux_digits.text_ids(enc.shape[1], dtype=torch.float64)).sample
+        vu, vc = v.chunk(2)
+        x = x + (s_next - s) * (vu + cfg * (vc - vu))
+    return flux_digits.unpack(x).clamp(-1, 1)
+
+
+def test_sample_matches_a_float64_euler_flow_matching_loop(random_bundle):
+    from l2c_kernels.sampling import initial_noise
+
+    labels, steps, cfg = [3, 7, 0], 4, 2.5
+    got = flux_digits.sample(random_bundle, labels=labels, steps=steps, cfg=cfg, seed=5, progress=False)
+    caps = flux_digits._prompts(labels, None)
+    with torch.no_grad():
+        ref = _reference_sample(random_bundle, caps, initial_noise(3, (1, 16, 16), 5), steps, cfg)
+    assert got.shape == (3, 1, 16, 16) and got.dtype == torch.float32
+    # float32 vs float64 through 8 blocks and 4 steps: relative rounding ~1e-7 per op, grown by the depth,
+    # the CFG factor and the step count; 1e-4 is far above that and far below any sampler difference
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-4)
+    assert (got - initial_noise(3, (1, 16, 16), 5).clamp(-1, 1)).abs().max() > 0.1  # the model moved the noise
+    # chunking does not change images; the same seed gives the same images
+    again = flux_digits.sample(random_bundle, labels=labels, steps=steps, cfg=cfg, seed=5, batch_size=2,
+                               progress=False)
+    torch.testing.assert_close(again, got, rtol=0, atol=1e-6)
+
+
+def test_timesteps_are_flux_pipeline_sigmas_times_1000(random_bundle):
+    assert flux_digits.timesteps_for(random_bundle, 4) == pytest.approx([1000.0, 750.0, 500.0, 250.0])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(labels=[3, 10]), "labels must be digit classes"),
+    (dict(prompts="the digit three"), "list of captions"),
+    (dict(labels=[1], steps=0), "positive integer"),
+    (dict(labels=[1], noise=torch.zeros(1, 4, 16, 16)), "noise must have shape"),
+    (dict(), "pass labels"),
+])
+def test_bad_input_is_named(random_bundle, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        flux_digits.sample(random_bundle, progress=False, **kwargs)
+
+
+def test_sample_refuses_other_models():
+    with pytest.raises(ValueError, match="samples flux-digits"):
+        flux_digits.sample(build("dit-digits"), labels=[1], progress=False)
+
+
+def test_pack_rejects_odd_or_multichannel_images():
+    with pytest.raises(ValueError, match="even H and W"):
+        flux_digits.pack(torch.zeros(1, 1, 15, 16))
+    with pytest.raises(ValueError, match="packs"):
+        flux_digits.pack(torch.zeros(1, 3, 16, 16))
+
+
+def test_training_script_writes_loadable_weights_with_its_record(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_flux_digits", ROOT / "python" / "train_flux_digits.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--steps", "3", "--batch", "4", "--warmup", "1", "--threads", "1", "--log-every", "1",
+              "--checkpoint-every", "2", "--out", str(tmp_path)])
+    b = load("flux-digits", weights_dir=tmp_path)
+    info = b.info
+    assert info["final"] is True and info["steps_done"] == 3 and len(info["loss_log"]) == 3
+    assert info["command"].startswith("python python/train_flux_digits.py --steps 3")
+    assert b.scheduler_config["shift"] == 1.0 and "prediction_type" not in b.scheduler_config
+    # zero-initialised output layer: the first step predicts v = 0, so its loss is E[(noise - x0)^2] > 1
+    assert info["loss_log"][0][1] > 1.0
+    assert not b.transformer.training and not any(p.requires_grad for p in b.transformer.parameters())
+
+
+def _shipped():
+    if not (WEIGHTS_DIR / "flux-digits.safetensors").exists():
+        pytest.skip("flux-digits weights not present")
+    b = load("flux-digits")
+    if not b.info.get("final"):
+        pytest.skip("flux-digits weights are a training checkpoint")
+    return b
+
+
+def test_shipped_weights_load_deterministically_and_draw_readable_digits():
+    from l2c_kernels import metrics
+
+    b = _shipped()
+    assert "rectified flow" in b.info["objective"] and b.info["guidance"].startswith("classifier-free")
+    labels = list(range(10)) * 2
+    imgs = flux_digits.sample(b, labels=labels, steps=20, seed=0, progress=False)
+    again = flux_digits.sample(load("flux-digits"), labels=labels, steps=20, seed=0, progress=False)
+    torch.testing.assert_close(imgs, again, rtol=0, atol=0)
+    # 1000-sample accuracy is in bench/results/eval_flux-digits.md; 20 samples at 20 steps must mostly read
+    assert float((metrics.predict_digits(imgs) == torch.tensor(labels)).float().mean()) >= 0.8
