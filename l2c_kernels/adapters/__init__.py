@@ -4,8 +4,10 @@ from __future__ import annotations
 from .ada_norm_single import AdaNormSingleAdapter
 from .ada_norm_zero import AdaNormZeroAdapter
 from .base import BlockAdapter, StepContext, StepInputs
+from .block_level import BLOCK_BRANCH, BlockLevelAdapter
 
-ADAPTERS: list[BlockAdapter] = [AdaNormZeroAdapter(), AdaNormSingleAdapter()]
+# branch adapters first; the block-level adapter (pattern table) serves every other family it knows
+ADAPTERS: list[BlockAdapter] = [AdaNormZeroAdapter(), AdaNormSingleAdapter(), BlockLevelAdapter()]
 
 
 def register_adapter(adapter: BlockAdapter) -> None:
@@ -13,13 +15,21 @@ def register_adapter(adapter: BlockAdapter) -> None:
     ADAPTERS.insert(0, adapter)
 
 
-def adapter_for(model) -> BlockAdapter:
+def adapter_for(model, block_level: bool = False) -> BlockAdapter:
+    """The adapter that drives ``model``: its branch adapter if one matches (and ``block_level`` is False),
+    else the block-level adapter when its family is in the block pattern table."""
     inner = getattr(model, "original_model", model)  # a compiled module reports its original
     for ad in ADAPTERS:
+        if block_level and not isinstance(ad, BlockLevelAdapter):
+            continue
         if ad.matches(inner):
+            if isinstance(ad, BlockLevelAdapter):
+                ad.pattern(inner)  # refuses, naming the reason, a model whose blocks do not fit
             return ad
-    supported = sorted({c for ad in ADAPTERS for c in ad.model_classes})
-    raise TypeError(f"{type(inner).__name__} is not supported; supported transformers: {', '.join(supported)}")
+    from .patterns import pattern_for
+
+    pattern_for(inner)  # raises with the reason (refused family, or not in the table)
+    raise TypeError(f"{type(inner).__name__} is not supported")
 
 
-__all__ = ["BlockAdapter", "StepContext", "StepInputs", "adapter_for", "register_adapter", "ADAPTERS"]
+__all__ = ["BLOCK_BRANCH", "BlockLevelAdapter", "BlockAdapter", "StepContext", "StepInputs", "adapter_for", "register_adapter", "ADAPTERS"]

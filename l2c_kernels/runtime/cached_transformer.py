@@ -361,7 +361,15 @@ def compile_schedule(model: nn.Module, schedule: Schedule, *, cuda_graphs: bool 
     schedule (CFG-mean cross-attention cache), steps at which both guidance halves must compute the
     same output run on one half (``cfg_collapse=False`` turns that off).
     """
-    if isinstance(model, CachedTransformer):
-        model = model.original_model
+    model = getattr(model, "original_model", model)
+    from ..adapters import BlockLevelAdapter
+
+    if schedule.branches == ["block"] or isinstance(adapter_for(model), BlockLevelAdapter):
+        # block level: families without a branch adapter (Flux, SD3, Wan, ...), or a ["block"] schedule
+        from .block_runtime import compile_blocks
+
+        if torch_compile:
+            raise NotImplementedError("torch_compile is not available for block-level schedules yet")
+        return compile_blocks(model, schedule)
     return CachedTransformer(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
                              cfg_collapse=cfg_collapse)

@@ -1,0 +1,46 @@
+"""Each block's FLOPs, counted on a real call with :class:`torch.utils.flop_counter.FlopCounterMode`.
+
+Block-level budgets weigh a block by what it costs: in Flux a double-stream block and a single-stream
+block differ, and both depend on the real number of text and image tokens. The count covers what
+FlopCounterMode counts (matrix products, convolutions, attention), not elementwise work.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..adapters.patterns import find_blocks
+
+
+def measure_block_flops(model, *args, **kwargs) -> list[float]:
+    """FLOPs of every cached block of ``model`` (forward order) for the call ``model(*args, **kwargs)``.
+
+    Pass the result as ``unit_flops`` to :meth:`Schedule.from_mask` for budgets by counted FLOPs.
+    """
+    model = getattr(model, "original_model", model)
+    refs = find_blocks(model)
+    counts = [0.0] * len(refs)
+    active: dict[int, FlopCounterMode] = {}
+    handles = []
+    for ref in refs:
+        def pre(mod, args, i=ref.index):
+            fc = FlopCounterMode(display=False)
+            fc.__enter__()
+            active[i] = fc
+
+        def post(mod, args, out, i=ref.index):
+            fc = active.pop(i)
+            fc.__exit__(None, None, None)
+            counts[i] += float(fc.get_total_flops())
+
+        handles.append(ref.module.register_forward_pre_hook(pre))
+        handles.append(ref.module.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for fc in active.values():
+            fc.__exit__(None, None, None)
+    return counts

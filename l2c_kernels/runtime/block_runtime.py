@@ -1,0 +1,281 @@
+"""The drop-in module for block-level schedules: any family in the block pattern table (Flux, SD3, Wan, ...).
+
+No code of the family is rewritten and the user's model is not modified: the module keeps a *shadow*
+of the model -- a shallow copy of the top module whose block lists are replaced by wrappers around
+the same block objects (parameters, buffers and every other submodule shared). The family's own
+forward runs on the shadow; each wrapper either calls its block (storing the block's residual
+``out - in`` per stream when a later step reads it, :func:`ops.residual_delta_store_`) or returns
+its inputs plus the cached residual (:func:`ops.residual_apply_`, or :func:`ops.forecast_residual_`
+for a forecast schedule). Every call checks that the forward ran each block once, in order, and the
+first call of each block checks the pattern (see :mod:`l2c_kernels.adapters.patterns`).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from torch import nn
+
+from ..adapters.patterns import BlockPatternError, BlockRef, FamilyPattern, find_blocks, pattern_for
+from ..schedule import BLOCK_UNIT, Schedule, ScheduleError, next_step_index, same_timestep
+from .block_cache import BlockAction, BlockCaches, apply_residuals, block_actions, store_residuals
+
+
+class _RunState:
+    """What the wrappers of one compiled model share during a call."""
+
+    def __init__(self, fam: FamilyPattern, refs: list[BlockRef]):
+        self.fam, self.refs = fam, refs
+        self.actions: tuple[BlockAction, ...] = ()
+        self.caches: BlockCaches | None = None
+        self.step = 0
+        self.next_block = 0
+        self.checked: set[int] = set()       # blocks whose pattern was checked on a real call
+        self.clone_inputs: set[int] = set()  # blocks found to modify their inputs in place
+
+
+class _BlockWrapper(nn.Module):
+    """Stands in for one block in the shadow's block list."""
+
+    def __init__(self, ref: BlockRef, state: _RunState):
+        super().__init__()
+        self.block = ref.module
+        object.__setattr__(self, "_ref", ref)
+        object.__setattr__(self, "_state", state)
+        object.__setattr__(self, "_sig", inspect.signature(ref.module.forward))
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, *args, **kwargs):
+        st, ref = self._state, self._ref
+        if ref.index != st.next_block:
+            exp = st.refs[st.next_block] if st.next_block < len(st.refs) else None
+            raise BlockPatternError(
+                f"{st.fam.model_class}'s forward ran {ref.list_name}[{ref.list_index}] when "
+                f"{f'{exp.list_name}[{exp.list_index}]' if exp else 'no further block'} was expected; the pattern "
+                f"table says the blocks of {list(st.fam.block_lists)} run once each, in order")
+        st.next_block += 1
+        try:
+            bound = self._sig.bind(*args, **kwargs).arguments
+        except TypeError as e:
+            raise BlockPatternError(f"{type(self.block).__name__} was called with arguments its forward does not "
+                                    f"take: {e}") from None
+        names = ref.pattern.returns
+        ins = [bound.get(n) for n in names]
+        for n, x in zip(names, ins):
+            if x is not None and not isinstance(x, torch.Tensor):
+                raise BlockPatternError(f"{type(self.block).__name__} argument {n!r} is a {type(x).__name__}, "
+                                        f"not a tensor: the block pattern does not fit")
+        action = st.actions[ref.index]
+        if not action.compute:
+            outs = apply_residuals(st.caches, ref.index, action, ins, st.step)
+            return outs[0] if ref.pattern.single_output else tuple(outs)
+        probe = ref.index not in st.checked
+        saved = [x.clone() if x is not None else None for x in ins] if (
+            probe or ref.index in st.clone_inputs) else ins
+        out = self.block(*args, **kwargs)
+        outs = self._outputs(out, ins)
+        if probe:
+            self._check(saved, ins, outs)
+        if action.store:
+            store_residuals(st.caches, ref.index, action.slot, outs, saved)
+        return out
+
+    def _outputs(self, out, ins) -> list:
+        ref, cls = self._ref, type(self.block).__name__
+        names = ref.pattern.returns
+        if ref.pattern.single_output:
+            if not isinstance(out, torch.Tensor):
+                raise BlockPatternError(f"{cls} returned {type(out).__name__}; the pattern says it returns "
+                                        f"{names[0]} alone")
+            return [out]
+        if not isinstance(out, (tuple, list)) or len(out) != len(names):
+            got = f"{type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
+            raise BlockPatternError(f"{cls} returned a {got}; the pattern says it returns ({', '.join(names)})")
+        return list(out)
+
+    def _check(self, saved, ins, outs) -> None:
+        """First call of this block: stream types, shapes and order; inputs left unmodified."""
+        st, ref, cls = self._state, self._ref, type(self.block).__name__
+        names = ref.pattern.returns
+        for k, (n, x, o) in enumerate(zip(names, saved, outs)):
+            if o is None:
+                continue
+            if not isinstance(o, torch.Tensor):
+                raise BlockPatternError(f"{cls} output {k} ({n}) is a {type(o).__name__}, not a tensor")
+            if x is None:
+                raise BlockPatternError(f"{cls} returns {n} but was called without it: no input to take a "
+                                        f"residual from")
+            if o.shape != x.shape:
+                other = [m for m, y in zip(names, saved) if y is not None and m != n and y.shape == o.shape]
+                hint = (f"; it has the shape of {other[0]}: the block returns its streams in another order than "
+                        f"the pattern's ({', '.join(names)})") if other else ""
+                raise BlockPatternError(f"{cls} output {k} should be {n} of shape {list(x.shape)} but has shape "
+                                        f"{list(o.shape)}{hint}")
+        for x, y in zip(saved, ins):
+            if x is not None and not torch.equal(x, y):
+                st.clone_inputs.add(ref.index)  # the block writes its inputs in place: keep a copy when storing
+        st.checked.add(ref.index)
+
+
+class BlockCachedTransformer(nn.Module):
+    """A diffusers transformer that follows a block-level static schedule (``branches == ["block"]``).
+
+    Same forward signature and output type as the wrapped model, which is neither modified nor copied
+    (weights shared). The step is found from the timestep argument (mapped to the sampler's timestep
+    for families whose pipelines pass ``t / 1000`` and the like); a new generation starts when the
+    schedule's first timestep comes again. Several calls with one timestep (a pipeline that runs the
+    conditional and unconditional passes separately, e.g. Wan) are passes of one step, each with its
+    own caches. On a GPU the timestep is not read (no host sync): each call advances
+    ``passes_per_step`` calls per step; ``set_step`` / ``reset`` control the step explicitly.
+    """
+
+    def __init__(self, model: nn.Module, schedule: Schedule, *, passes_per_step: int = 1):
+        super().__init__()
+        fam = pattern_for(model)
+        if schedule.attn2_cache == "cfg_mean" or "attn2" in schedule.branches:
+            why = ("it uses joint attention over text and image tokens: there is no cross-attention to cache"
+                   if fam.joint_attention else "its cross-attention is not cached separately at block level")
+            raise ScheduleError(f"T-GATE (and branch-level attn2) schedules cannot run on {fam.model_class}: {why}. "
+                                f"Use a block-level schedule (branches ['block']).")
+        if schedule.branches != [BLOCK_UNIT]:
+            raise ScheduleError(f"{fam.model_class} runs block-level schedules (branches ['block']); this schedule "
+                                f"has branches {schedule.branches}")
+        schedule.validate_for(model)
+        refs = find_blocks(model, fam)
+        self.original_model = model  # registered: .to()/.half() reach the shared weights
+        self.schedule, self.pattern = schedule, fam
+        self.passes_per_step = int(passes_per_step)
+        self._actions = block_actions(schedule)
+        self._state = _RunState(fam, refs)
+        object.__setattr__(self, "_shadow", self._make_shadow(model, fam, refs, self._state))
+        self._model_sig = inspect.signature(type(model).forward)
+        self._caches: list[BlockCaches] = []
+        self._step: int | None = None
+        self._pass = 0
+        self._forced_step: int | None = None
+
+    @staticmethod
+    def _make_shadow(model, fam, refs, state) -> nn.Module:
+        shadow = copy.copy(model)
+        mods = dict(model._modules)
+        for name in fam.block_lists:
+            mods[name] = nn.ModuleList([_BlockWrapper(r, state) for r in refs if r.list_name == name])
+        object.__setattr__(shadow, "_modules", mods)
+        return shadow
+
+    # ------------------------------------------------------------ pipeline-facing attributes
+    @property
+    def config(self):
+        return self.original_model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.original_model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.original_model.parameters()).device
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["original_model"], name)
+
+    # ------------------------------------------------------------ step control
+    @property
+    def current_step(self) -> int | None:
+        """Index of the step run last (None before the first call or after ``reset``)."""
+        return self._step
+
+    @property
+    def current_pass(self) -> int:
+        """Which call of the current step ran last (0 for the first)."""
+        return self._pass
+
+    def set_step(self, step: int) -> None:
+        """Make the next call run step ``step`` of the schedule, whatever timestep it gets (the same step
+        again is its next pass)."""
+        if not 0 <= step < self.schedule.num_steps:
+            raise ValueError(f"step {step} out of range: the schedule has {self.schedule.num_steps} steps")
+        self._forced_step = step
+
+    def reset(self) -> None:
+        """Forget the current generation: the next call must be step 0 (which fills the caches)."""
+        self._step, self._pass, self._forced_step = None, 0, None
+        for c in self._caches:
+            c.clear()
+
+    def release(self) -> None:
+        """Free the cache buffers (they are allocated again on the next call)."""
+        self._caches.clear()
+        self.reset()
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes() for c in self._caches)
+
+    def distinct_plans(self) -> int:
+        return len(set(self._actions))
+
+    def _timestep(self, args, kwargs):
+        try:
+            bound = self._model_sig.bind(self.original_model, *args, **kwargs).arguments
+        except TypeError as e:
+            raise TypeError(f"{self.pattern.model_class}.forward: {e}") from None
+        return bound.get(self.pattern.timestep_arg)
+
+    def _resolve(self, args, kwargs) -> tuple[int, int]:
+        cur = self._step
+        if self._forced_step is not None:
+            s, self._forced_step = self._forced_step, None
+            return s, (self._pass + 1 if s == cur else 0)
+        t = self._timestep(args, kwargs)
+        if t is None:
+            raise ValueError(f"the transformer was called without {self.pattern.timestep_arg!r}; pass it or call "
+                             f"set_step()")
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":  # no host sync: count calls
+            if cur is None:
+                return 0, 0
+            if self._pass + 1 < self.passes_per_step:
+                return cur, self._pass + 1
+            return (cur + 1) % self.schedule.num_steps, 0
+        v = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+        ts = self.pattern.sampler_timestep(self.original_model, v)
+        if cur is not None and same_timestep(self.schedule.timesteps[cur], ts):
+            return cur, self._pass + 1
+        s = next_step_index(self.schedule.timesteps, ts, cur)
+        if s is None:
+            s = self.schedule.step_index(ts, after=cur)  # raises naming both step lists if unknown
+        return s, 0
+
+    # ------------------------------------------------------------ forward
+    def forward(self, *args, **kwargs):
+        step, p = self._resolve(args, kwargs)
+        while len(self._caches) <= p:
+            self._caches.append(BlockCaches())
+        caches = self._caches[p]
+        if step == 0:
+            caches.clear()
+        st = self._state
+        st.actions, st.caches, st.step, st.next_block = self._actions[step], caches, step, 0
+        with torch.no_grad():
+            out = self._shadow(*args, **kwargs)
+        if st.next_block != len(st.refs):
+            missed = st.refs[st.next_block]
+            raise BlockPatternError(f"{self.pattern.model_class}'s forward did not run {missed.list_name}"
+                                    f"[{missed.list_index}] (ran {st.next_block} of {len(st.refs)} blocks); the "
+                                    f"pattern table says every block of {list(self.pattern.block_lists)} runs")
+        self._step, self._pass = step, p
+        return out
+
+
+def compile_blocks(model: nn.Module, schedule: Schedule, **kwargs) -> BlockCachedTransformer:
+    """:class:`BlockCachedTransformer` for ``model`` (or a compiled module's original) and ``schedule``."""
+    model = getattr(model, "original_model", model)
+    return BlockCachedTransformer(model, schedule, **kwargs)

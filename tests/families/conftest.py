@@ -1,0 +1,44 @@
+"""Shared helpers for the per-family tests: models built once per session, a few-step flow sampler."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from tests.family_configs import FAMILIES
+
+TIMESTEPS = [1000, 800, 600, 400, 200]  # sampler timesteps of a 5-step flow-matching generation
+
+
+@functools.lru_cache(maxsize=None)
+def built(name: str):
+    return FAMILIES[name].build(seed=0)
+
+
+def generate(call, family, timesteps=TIMESTEPS, batch=2, seed=0):
+    """A whole generation with Euler flow steps: each step's latents come from the previous step's output,
+    as a sampler gives them. ``call(step, kwargs)`` runs the transformer; returns every step's output."""
+    x = family.latents(batch, seed)
+    cond = family.inputs(batch, seed)
+    outs = []
+    for k, t in enumerate(timesteps):
+        out = call(k, family.call_kwargs(x, t, cond))[0]
+        outs.append(out)
+        nxt = timesteps[k + 1] if k + 1 < len(timesteps) else 0
+        x = x + (nxt - t) / 1000.0 * out[:, :x.shape[1]] if out.shape[1] != x.shape[1] and out.ndim == x.ndim \
+            else x + (nxt - t) / 1000.0 * out
+    return outs
+
+
+def max_err(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is faster than several, and fair to a shared CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
