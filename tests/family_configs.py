@@ -181,3 +181,200 @@ _add(Family("wan2.1-t2v", "WanTransformer3DModel", "Wan-AI/Wan2.1-T2V-1.3B-Diffu
             _shrink(WAN_T2V_13B, num_layers=2, num_attention_heads=2, text_dim=64, ffn_dim=512),
             "30 -> 2 blocks, 12 -> 2 heads of 128, UMT5 width 4096 -> 64, ffn 8960 -> 512",
             _image(16, 8, frames=2), _text(6, 64), returns={"blocks": H}))
+
+
+def _inputs(**makers):
+    """kwargs from ``name -> (lambda g, batch: value)``, drawn from one seeded generator in order."""
+    def inputs(batch, seed):
+        g = _g(seed + 100)
+        return {k: f(g, batch) for k, f in makers.items()}
+    return inputs
+
+
+def _ids(side, axes=3, txt=0):
+    """Flux-style position ids of a side x side image (axes 1, 2 = row, column), or ``txt`` zero rows."""
+    if txt:
+        return torch.zeros(txt, axes)
+    ids = torch.zeros(side, side, axes)
+    ids[..., axes - 2] = torch.arange(side)[:, None]
+    ids[..., axes - 1] = torch.arange(side)[None, :]
+    return ids.reshape(-1, axes)
+
+
+def _per_mille(t):
+    return t / 1000.0
+
+
+# ------------------------------------------------------------------ Flux.2 (MMDiT + single-stream, 4-axis RoPE)
+_add(Family("flux2-dev", "Flux2Transformer2DModel", "black-forest-labs/FLUX.2-dev",
+            dict(patch_size=1, in_channels=128, out_channels=None, num_layers=1, num_single_layers=2,
+                 attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64, timestep_guidance_channels=256,
+                 mlp_ratio=3.0, axes_dims_rope=[32, 32, 32, 32], rope_theta=2000, eps=1e-6, guidance_embeds=True),
+            "8/48 -> 1/2 blocks, 48 -> 2 heads of 128 (4-axis RoPE 32/32/32/32 kept), text width 15360 -> 64",
+            _tokens(128, 16),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    img_ids=lambda g, b: _ids(4, 4), txt_ids=lambda g, b: _ids(0, 4, txt=6),
+                    guidance=lambda g, b: torch.full((b,), 4.0)),
+            returns={"transformer_blocks": EH, "single_transformer_blocks": H}, to_model_t=_per_mille))
+
+# ------------------------------------------------------------------ Qwen-Image (MMDiT, 60 double-stream blocks)
+_add(Family("qwen-image", "QwenImageTransformer2DModel", "Qwen/Qwen-Image",
+            dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=128,
+                 num_attention_heads=2, joint_attention_dim=64, guidance_embeds=False, axes_dims_rope=[16, 56, 56]),
+            "60 -> 2 blocks, 24 -> 2 heads of 128 (RoPE 16/56/56 kept), Qwen2.5-VL width 3584 -> 64",
+            _tokens(64, 16),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    encoder_hidden_states_mask=lambda g, b: torch.ones(b, 6, dtype=torch.long),
+                    img_shapes=lambda g, b: [[(1, 4, 4)]] * b),
+            returns={"transformer_blocks": EH}, to_model_t=_per_mille))
+
+# ------------------------------------------------------------------ Chroma (Flux-shaped, pruned modulation)
+_add(Family("chroma", "ChromaTransformer2DModel", "lodestones/Chroma1-HD",
+            dict(patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=2,
+                 attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=[16, 56, 56],
+                 approximator_num_channels=64, approximator_hidden_dim=128, approximator_layers=5),
+            "19/38 -> 1/2 blocks, 24 -> 2 heads of 128, T5 width 4096 -> 64, approximator width 5120 -> 128",
+            _tokens(64, 16),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    img_ids=lambda g, b: _ids(4), txt_ids=lambda g, b: _ids(0, txt=6)),
+            returns={"transformer_blocks": EH, "single_transformer_blocks": H}, to_model_t=_per_mille))
+
+# ------------------------------------------------------------------ AuraFlow (MMDiT + single DiT)
+_add(Family("auraflow", "AuraFlowTransformer2DModel", "fal/AuraFlow-v0.3",
+            dict(sample_size=64, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=2,
+                 attention_head_dim=256, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=512,
+                 out_channels=4, pos_embed_max_size=9216),
+            "4/32 -> 1/2 blocks, 12 -> 2 heads of 256, Pile-T5 width 2048 -> 64",
+            _image(4, 8), _text(6, 64),
+            returns={"joint_transformer_blocks": EH, "single_transformer_blocks": H}, to_model_t=_per_mille))
+
+# ------------------------------------------------------------------ HunyuanVideo (MMDiT video: double + single)
+_add(Family("hunyuan-video", "HunyuanVideoTransformer3DModel", "hunyuanvideo-community/HunyuanVideo",
+            dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=128, num_layers=1,
+                 num_single_layers=2, num_refiner_layers=1, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+                 qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=64, pooled_projection_dim=768,
+                 rope_theta=256.0, rope_axes_dim=[16, 56, 56]),
+            "20/40 -> 1/2 blocks, 2 -> 1 refiner layer, 24 -> 2 heads of 128 (RoPE 16/56/56 kept), Llama width 4096 -> 64",
+            _image(16, 8, frames=2),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    encoder_attention_mask=lambda g, b: torch.ones(b, 6),
+                    pooled_projections=lambda g, b: _rand(g, b, 768),
+                    guidance=lambda g, b: torch.full((b,), 6000.0)),
+            returns={"transformer_blocks": HE, "single_transformer_blocks": HE}))
+
+# ------------------------------------------------------------------ CogVideoX-2b (expert-adaLN joint blocks)
+_add(Family("cogvideox-2b", "CogVideoXTransformer3DModel", "THUDM/CogVideoX-2b",
+            dict(num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16, flip_sin_to_cos=True,
+                 freq_shift=0, time_embed_dim=512, text_embed_dim=64, num_layers=2, sample_width=8, sample_height=8,
+                 sample_frames=5, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=6,
+                 activation_fn="gelu-approximate", timestep_activation_fn="silu", norm_elementwise_affine=True,
+                 norm_eps=1e-5, spatial_interpolation_scale=1.875, temporal_interpolation_scale=1.0,
+                 use_rotary_positional_embeddings=False, use_learned_positional_embeddings=False),
+            "30 -> 2 blocks, 30 -> 2 heads of 64, T5 width 4096 -> 64, sample 49x60x90 -> 5x8x8, 226 -> 6 text tokens",
+            lambda batch, seed: _rand(_g(seed), batch, 2, 16, 8, 8), _text(6, 64),
+            returns={"transformer_blocks": HE}))
+
+# ------------------------------------------------------------------ CogView3-Plus / CogView4 (joint blocks)
+_add(Family("cogview3plus", "CogView3PlusTransformer2DModel", "THUDM/CogView3-Plus-3B",
+            dict(patch_size=2, in_channels=16, num_layers=2, attention_head_dim=40, num_attention_heads=2,
+                 out_channels=16, text_embed_dim=64, time_embed_dim=512, condition_dim=256, pos_embed_max_size=128,
+                 sample_size=128),
+            "30 -> 2 blocks, 64 -> 2 heads of 40, T5 width 4096 -> 64",
+            _image(16, 8),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    original_size=lambda g, b: torch.tensor([[64.0, 64.0]] * b),
+                    target_size=lambda g, b: torch.tensor([[64.0, 64.0]] * b),
+                    crop_coords=lambda g, b: torch.zeros(b, 2)),
+            returns={"transformer_blocks": HE}))
+_add(Family("cogview4", "CogView4Transformer2DModel", "THUDM/CogView4-6B",
+            dict(patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=128,
+                 num_attention_heads=2, text_embed_dim=64, time_embed_dim=512, condition_dim=256,
+                 pos_embed_max_size=128, sample_size=128, rope_axes_dim=[256, 256]),
+            "28 -> 2 blocks, 32 -> 2 heads of 128, GLM width 4096 -> 64",
+            _image(16, 8),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    original_size=lambda g, b: torch.tensor([[64.0, 64.0]] * b),
+                    target_size=lambda g, b: torch.tensor([[64.0, 64.0]] * b),
+                    crop_coords=lambda g, b: torch.zeros(b, 2)),
+            returns={"transformer_blocks": HE}))
+
+# ------------------------------------------------------------------ Mochi-1 (asymmetric joint blocks)
+_add(Family("mochi", "MochiTransformer3DModel", "genmo/mochi-1-preview",
+            dict(patch_size=2, num_attention_heads=2, attention_head_dim=128, num_layers=2, pooled_projection_dim=1536,
+                 in_channels=12, out_channels=None, qk_norm="rms_norm", text_embed_dim=64, time_embed_dim=256,
+                 activation_fn="swiglu", max_sequence_length=256),
+            "48 -> 2 blocks (the last keeps context_pre_only), 24 -> 2 heads of 128, T5 width 4096 -> 64",
+            _image(12, 8, frames=2),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    encoder_attention_mask=lambda g, b: torch.ones(b, 6)),
+            returns={"transformer_blocks": HE}))
+
+# ------------------------------------------------------------------ LTX-Video (cross-attention DiT, packed tokens)
+_add(Family("ltx-video", "LTXVideoTransformer3DModel", "Lightricks/LTX-Video",
+            dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                 attention_head_dim=64, cross_attention_dim=128, num_layers=2, activation_fn="gelu-approximate",
+                 qk_norm="rms_norm_across_heads", norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=64,
+                 attention_bias=True, attention_out_bias=True),
+            "28 -> 2 blocks, 32 -> 2 heads of 64 (cross-attention width follows), T5 width 4096 -> 64",
+            _tokens(128, 2 * 4 * 4),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    encoder_attention_mask=lambda g, b: torch.ones(b, 6),
+                    num_frames=lambda g, b: 2, height=lambda g, b: 4, width=lambda g, b: 4),
+            returns={"transformer_blocks": H}))
+
+# ------------------------------------------------------------------ Sana (linear-attention DiT + cross-attention)
+_add(Family("sana-1600m", "SanaTransformer2DModel", "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+            dict(in_channels=32, out_channels=32, num_attention_heads=7, attention_head_dim=32, num_layers=2,
+                 num_cross_attention_heads=2, cross_attention_head_dim=112, cross_attention_dim=224,
+                 caption_channels=64, mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=32, patch_size=1,
+                 norm_elementwise_affine=False, norm_eps=1e-6),
+            "20 -> 2 blocks, 70 -> 7 heads of 32 and 20 -> 2 cross-attention heads of 112 (widths 2240 -> 224), "
+            "Gemma width 2304 -> 64",
+            _image(32, 8),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    encoder_attention_mask=lambda g, b: torch.ones(b, 6)),
+            returns={"transformer_blocks": H}))
+
+# ------------------------------------------------------------------ Lumina-Image 2.0 (joint sequence, GQA)
+_add(Family("lumina2", "Lumina2Transformer2DModel", "Alpha-VLLM/Lumina-Image-2.0",
+            dict(sample_size=128, patch_size=2, in_channels=16, out_channels=None, hidden_size=288, num_layers=2,
+                 num_refiner_layers=1, num_attention_heads=3, num_kv_heads=1, multiple_of=256,
+                 ffn_dim_multiplier=None, norm_eps=1e-5, scaling_factor=1.0, axes_dim_rope=[32, 32, 32],
+                 axes_lens=[300, 512, 512], cap_feat_dim=64),
+            "26 -> 2 layers, 2 -> 1 refiner layers, 24/8 -> 3/1 heads of 96 (hidden 2304 -> 288; RoPE 32/32/32 and "
+            "the 3:1 grouped-query ratio kept), Gemma width 2304 -> 64",
+            _image(16, 8),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    encoder_attention_mask=lambda g, b: torch.ones(b, 6, dtype=torch.bool)),
+            returns={"layers": H}, to_model_t=lambda t: 1.0 - t / 1000.0))
+
+# ------------------------------------------------------------------ Allegro (video DiT + cross-attention)
+_add(Family("allegro", "AllegroTransformer3DModel", "rhymes-ai/Allegro",
+            dict(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=96, in_channels=4,
+                 out_channels=4, num_layers=2, cross_attention_dim=192, attention_bias=True, sample_height=90,
+                 sample_width=160, sample_frames=22, activation_fn="gelu-approximate", norm_elementwise_affine=False,
+                 norm_eps=1e-6, caption_channels=64, interpolation_scale_h=2.0, interpolation_scale_w=2.0,
+                 interpolation_scale_t=2.2),
+            "32 -> 2 blocks, 24 -> 2 heads of 96 (cross-attention width follows), T5 width 4096 -> 64",
+            _image(4, 8, frames=2),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    encoder_attention_mask=lambda g, b: torch.ones(b, 6)),
+            returns={"transformer_blocks": H}))
+
+# ------------------------------------------------------------------ DiT and PixArt at block level too
+_add(Family("dit-xl-2", "DiTTransformer2DModel", "facebook/DiT-XL-2-256",
+            dict(num_attention_heads=2, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=2,
+                 sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero"),
+            "28 -> 2 blocks, 16 -> 2 heads of 72, sample 32 -> 8",
+            _image(4, 8), _inputs(class_labels=lambda g, b: torch.randint(0, 1000, (b,), generator=g)),
+            returns={"transformer_blocks": H}))
+_add(Family("pixart-sigma", "PixArtTransformer2DModel", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+            dict(num_attention_heads=2, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=2,
+                 cross_attention_dim=144, caption_channels=64, sample_size=8, patch_size=2, norm_type="ada_norm_single",
+                 use_additional_conditions=False, interpolation_scale=2),
+            "28 -> 2 blocks, 16 -> 2 heads of 72 (cross-attention width follows), T5 width 4096 -> 64, sample 128 -> 8",
+            _image(4, 8),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    encoder_attention_mask=lambda g, b: torch.ones(b, 6),
+                    added_cond_kwargs=lambda g, b: {"resolution": None, "aspect_ratio": None}),
+            returns={"transformer_blocks": H}))

@@ -53,8 +53,9 @@ class FamilyPattern:
     note: str = ""
 
     def sampler_timestep(self, model, value: float) -> float:
-        """The sampler timestep for the value the pipeline passes to the transformer."""
-        return TIMESTEP_MAPS[self.timestep_map](model, value)
+        """The sampler timestep for the value the pipeline passes to the transformer (to 7 significant digits:
+        the pipelines divide in float32, e.g. Flux's 555 / 1000 comes back as 555.0000071)."""
+        return float(f"{TIMESTEP_MAPS[self.timestep_map](model, value):.7g}")
 
 
 TIMESTEP_MAPS: dict[str, Callable] = {

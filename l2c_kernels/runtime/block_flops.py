@@ -2,14 +2,23 @@
 
 Block-level budgets weigh a block by what it costs: in Flux a double-stream block and a single-stream
 block differ, and both depend on the real number of text and image tokens. The count covers what
-FlopCounterMode counts (matrix products, convolutions, attention), not elementwise work.
+FlopCounterMode counts (matrix products, convolutions, attention -- including PyTorch's CPU attention
+kernel, which FlopCounterMode leaves out by itself), not elementwise work.
 """
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..adapters.patterns import find_blocks
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """aten._scaled_dot_product_flash_attention_for_cpu: QK^T and PV, 2 x B x H x L x S x (E + Ev)."""
+    return sdpa_flop_count(query, key, value)  # (shapes: FlopCounterMode passes shapes)
+
+
+_CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
 def measure_block_flops(model, *args, **kwargs) -> list[float]:
@@ -24,7 +33,7 @@ def measure_block_flops(model, *args, **kwargs) -> list[float]:
     handles = []
     for ref in refs:
         def pre(mod, args, i=ref.index):
-            fc = FlopCounterMode(display=False)
+            fc = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
             fc.__enter__()
             active[i] = fc
 
