@@ -177,7 +177,7 @@ def flux_pipeline_denoiser(pipe, req: Request) -> PipelineDenoiser:
         args["guidance"] = torch.full([len(prompts)], g, device=dev, dtype=torch.float32)
     den = PipelineDenoiser(tr, args, shape, _scheduler(pipe, req, name), 1.0, len(prompts),
                            text_tokens=int(pe.shape[1]), patch_size=1, tokens=tokens, timestep_rule=_flux_rule,
-                           model_timestep=lambda t: t.to(dtype) / 1000,
+                           model_timestep=lambda t: t.to(tr.dtype) / 1000,   # as the pipeline: t in the latents' dtype
                            info=dict(height=h, width=w, guidance_scale=g if tr.config.guidance_embeds else None))
     return _finish(den, pipe, req)
 
