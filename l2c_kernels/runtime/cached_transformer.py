@@ -1,52 +1,86 @@
-"""The drop-in module returned by :func:`compile_schedule`."""
+"""The drop-in module returned by :func:`compile_schedule`.
+
+Per call the host does one table lookup: the step (from a call counter, see below), then the step's
+:class:`~l2c_kernels.runtime.plan.StepEntry` (its plan, whether CFG collapse may apply, which earlier
+steps it depends on) and, per cache set, every block's buffers (:meth:`CacheSet.calls`). Nothing is
+read from the device on that path unless the tensors are on the host anyway or ``timestep_check="strict"``.
+
+Which step a call is. The step comes from a call counter: step 0, then 1, 2, ... in call order; after
+the schedule's last step the next call is step 0 again. A new generation is detected (1) when the
+counter wraps, (2) when the timestep -- read only where that costs no device sync: a Python number or
+a CPU tensor (``timestep_check="host"``, the default), or always (``"strict"``) -- is the schedule's
+first timestep, (3) by ``reset()`` / ``set_step(0)``, and (4) with ``l2c.enable(pipe, ...)``, at every
+``pipe.scheduler.set_timesteps`` call, i.e. at the start of every pipeline call. A timestep read on the
+host that is not the expected one moves to its step (or raises, naming both step lists); on a GPU in
+the default mode a sampler that skips or repeats calls without (3) or (4) is not noticed.
+"""
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
 
-from .. import ops
 from ..adapters import adapter_for
-from ..schedule import Schedule, ScheduleError, next_step_index
-from .caches import CacheSet
-from .cuda_graphs import GraphCache, signature
-from .plan import StepPlan, collapsible_steps, compile_plans
+from ..adapters.base import BlockAdapter, StepInputs
+from ..schedule import BLOCK, REUSE, Schedule, ScheduleError, same_timestep
+from .caches import CacheSet, block_kind
+from .cuda_graphs import CudaBackend, CudaGraphError, EmulatedBackend, GraphCache
+from .plan import StepEntry, StepPlan, collapsible_steps, compile_plans, step_table
+from .step_work import run_block
+
+TIMESTEP_CHECKS = ("host", "strict", "off")
+_PER_SAMPLE_TEXT = ("encoder_hidden_states", "encoder_attention_mask")
 
 
 class CachedTransformer(nn.Module):
     """A diffusers transformer that follows a static cache schedule.
 
-    Same forward signature and output type as the wrapped model; the model itself is not
-    modified and its weights are shared. The step is found from the timestep passed in (a new
-    generation starts when the schedule's first timestep comes again); ``set_step`` / ``reset``
-    control it explicitly.
+    Same forward signature and output type as the wrapped model; the model itself is not modified and
+    its weights are shared. See the module docstring for how calls map to steps; ``set_step`` /
+    ``reset`` control it explicitly.
     """
 
     def __init__(self, model: nn.Module, schedule: Schedule, *, cuda_graphs: bool | str = "auto",
-                 torch_compile: bool | dict = False, cfg_collapse: bool = True, max_signatures: int = 4):
+                 torch_compile: bool | dict = False, cfg_collapse: bool | str = True,
+                 timestep_check: str = "host", max_signatures: int = 4):
         super().__init__()
+        if cuda_graphs not in (True, False, "auto", "emulate"):
+            raise ValueError(f"cuda_graphs must be True, False, 'auto' or 'emulate', got {cuda_graphs!r}")
+        if cfg_collapse not in (True, False, "assume"):
+            raise ValueError(f"cfg_collapse must be True, False or 'assume', got {cfg_collapse!r}")
+        if timestep_check not in TIMESTEP_CHECKS:
+            raise ValueError(f"timestep_check must be one of {TIMESTEP_CHECKS}, got {timestep_check!r}")
         self.adapter = adapter_for(model)
         schedule.validate_for(model)
         self.original_model = model  # registered: .to()/.half() reach the shared weights
         self.schedule = schedule
         self.plans: list[StepPlan] = compile_plans(schedule)
         self.collapsible = collapsible_steps(schedule) if cfg_collapse else [False] * schedule.num_steps
-        self._diverged = False  # halves differed at a collapsible step of this generation
-        self.collapsed_calls = 0
-        self.cuda_graphs = cuda_graphs
+        self.steps: tuple[StepEntry, ...] = step_table(schedule, self.plans, self.collapsible)
+        self.cfg_collapse, self.timestep_check, self.cuda_graphs = cfg_collapse, timestep_check, cuda_graphs
         self.max_signatures = max_signatures
-        self._graphs = GraphCache()
+        self._blocks = list(self.adapter.blocks(model))
+        self._cfg_mean = schedule.attn2_cache == "cfg_mean" and "attn2" in schedule.branches
+        self._graphs = GraphCache(EmulatedBackend() if cuda_graphs == "emulate" else CudaBackend())
         self._caches: dict[tuple, CacheSet] = {}
-        self._gen_sig: tuple | None = None
-        self._step: int | None = None
-        self._forced_step: int | None = None
-        self._run = self._run_plan
+        self._bind_info = self._forward_parameters(model)
+        self._step_flops = _step_flops(schedule)
+        self._compiled = bool(torch_compile)
+        self._block_fn = run_block
         if torch_compile:
             opts = dict(fullgraph=True, dynamic=False)
             if isinstance(torch_compile, dict):
                 opts.update(torch_compile)
-            self._run = torch.compile(self._run_plan, **opts)
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
-                                                        4 * len(set(map(id, self.plans))))
+            self._block_fn = torch.compile(run_block, **opts)
+            kinds = {block_kind(p, b, c, True) for p in self.plans for b in range(len(p.blocks)) for c in (False, True)}
+            cfg = torch._dynamo.config
+            cfg.cache_size_limit = max(cfg.cache_size_limit, 2 * len(kinds) + 8)
+        self._kinds_run: set = set()
+        self.collapsed_calls = 0
+        self.step_counts = [0] * schedule.num_steps
+        self.generations = 0
+        self.reset()
 
     # ------------------------------------------------------------ pipeline-facing attributes
     @property
@@ -80,12 +114,11 @@ class CachedTransformer(nn.Module):
         self._forced_step = step
 
     def reset(self) -> None:
-        """Forget the current generation: the next call must be step 0 (which fills the caches)."""
-        self._step, self._forced_step, self._gen_sig = None, None, None
-        self._diverged = False
-        for c in self._caches.values():
-            c.filled.clear()
-            c.half_dirty.clear()
+        """Forget the current generation: the next call is step 0 (which fills the caches)."""
+        self._step, self._forced_step, self._gen_key = None, None, None
+        self._ran: set = set()
+        self._diverged = False       # halves differed at a collapsible step of this generation
+        self._half_pending: set = set()  # caches whose second half a collapsed step wrote
 
     def release(self) -> None:
         """Free CUDA graphs and cache buffers (they are rebuilt on the next call)."""
@@ -99,228 +132,257 @@ class CachedTransformer(nn.Module):
     def distinct_plans(self) -> int:
         return len({p.key for p in self.plans})
 
+    def compiled_variants(self) -> int:
+        """Distinct block kinds run so far on the ``torch.compile`` path: one compiled graph each."""
+        return len(self._kinds_run)
+
     def cache_bytes(self) -> int:
         return sum(c.nbytes() for c in self._caches.values())
 
-    def _resolve_step(self, timestep) -> int:
+    def summary(self) -> dict:
+        """What ran: steps and generations, branch FLOPs removed over the steps run, plans used, CUDA graphs."""
+        n = sum(self.step_counts)
+        total = sum(c * f[0] for c, f in zip(self.step_counts, self._step_flops))
+        removed = sum(c * f[1] for c, f in zip(self.step_counts, self._step_flops))
+        used = {self.plans[s].key for s, c in enumerate(self.step_counts) if c}
+        return dict(steps_run=n, generations=self.generations, schedule_steps=self.schedule.num_steps,
+                    branch_flops_removed=round(removed / total, 4) if total else 0.0,
+                    schedule_flops_removed=round(self.schedule.flops_removed_fraction(), 4),
+                    plans_used=len(used), distinct_plans=self.distinct_plans(), collapsed_calls=self.collapsed_calls,
+                    cuda_graphs=self.num_graphs(), graph_backend=self._graphs.backend.name if self.num_graphs() else None,
+                    compiled_variants=self.compiled_variants() if self._compiled else None,
+                    timestep_check=self.timestep_check, cache_bytes=self.cache_bytes())
+
+    # ------------------------------------------------------------ binding (once per call, no inspect)
+    def _forward_parameters(self, model):
+        if type(self.adapter).bind is not BlockAdapter.bind:
+            return None
+        params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            return None
+        names = tuple(p.name for p in params)
+        defaults = {p.name: (None if p.default is p.empty else p.default) for p in params}
+        return names, frozenset(names), defaults
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[dict, bool]:
+        info = self._bind_info
+        if info is not None and len(args) <= len(info[0]):
+            names, known, defaults = info
+            if args:
+                pos = dict(zip(names, args))
+                if not pos.keys() & kwargs.keys():
+                    kwargs = {**pos, **kwargs}
+                else:
+                    info = None
+            if info is not None and kwargs.keys() <= known:
+                a = dict(defaults)
+                a.update(kwargs)
+                rd = a.pop("return_dict", True)
+                return a, True if rd is None else bool(rd)
+        inputs = self.adapter.bind(self.original_model, args, kwargs)  # raises the usual TypeError
+        return inputs.args, inputs.return_dict
+
+    # ------------------------------------------------------------ which step
+    def _host_timestep(self, t) -> float | None:
+        """The call's timestep if reading it costs no device sync (or ``timestep_check="strict"``), else None."""
+        if t is None or self.timestep_check == "off":
+            return None
+        if not isinstance(t, torch.Tensor):
+            return float(t)
+        if (self.timestep_check == "host" and t.device.type != "cpu") or not t.numel():
+            return None
+        return float(t.reshape(-1)[0].item())
+
+    def _resolve_step(self, timestep, check: bool = True) -> int:
+        nsteps = self.schedule.num_steps
+        nxt = 0 if self._step is None or self._step + 1 >= nsteps else self._step + 1
         if self._forced_step is not None:
             s, self._forced_step = self._forced_step, None
-            return s
-        if timestep is None:
-            raise ValueError("the transformer was called without a timestep; pass one or call set_step()")
-        if isinstance(timestep, torch.Tensor):
-            t = timestep.reshape(-1)[0].item() if timestep.numel() else None
         else:
-            t = float(timestep)
-        s = next_step_index(self.schedule.timesteps, t, self._step)
-        if s is not None:
-            return s
-        return self.schedule.step_index(t, after=self._step)  # raises with both step lists if unknown
-
-    # ------------------------------------------------------------ forward
-    def forward(self, *args, **kwargs):
-        inputs = self.adapter.bind(self.original_model, args, kwargs)
-        step = self._resolve_step(self.adapter.timestep_tensor(inputs))
-        plan = self.plans[step]
-        x = self.adapter.hidden_input(inputs)
-        sig = signature(inputs.args)
-        if step == 0:
-            self._gen_sig = sig
-            self._diverged = False
-            caches = self._cache_set(sig, x)
-            caches.filled.clear()
-            caches.half_dirty.clear()
-        else:
-            if self._gen_sig is None:
-                self._gen_sig = sig
-            elif sig != self._gen_sig:
-                raise ValueError(
-                    f"input shapes changed in the middle of a generation (step {step}); caches hold data for "
-                    f"the previous shapes. Start a new generation at step 0 or call reset().")
-            caches = self._cache_set(sig, x)
-        self._check_filled(step, plan, caches)
-        collapse = self._can_collapse(step, inputs.args)
-        args = self._half_args(inputs.args) if collapse else inputs.args
-        with torch.no_grad():
-            if not collapse:
-                self._sync_halves(caches)
-            if self._use_graphs(x):
-                out = self._graphs.run((plan.key, id(caches), collapse), args,
-                                       lambda a: self._run(plan, a, caches, collapse))
+            t = self._host_timestep(timestep)
+            if t is None:
+                if timestep is None and self.timestep_check != "off":
+                    raise ValueError("the transformer was called without a timestep; pass one or call set_step()")
+                s = nxt
+            elif same_timestep(self.schedule.timesteps[nxt], t):
+                s = nxt
+            elif same_timestep(self.schedule.timesteps[0], t):
+                s = 0
             else:
-                out = self._run(plan, args, caches, collapse)
-            if collapse:
-                out = torch.cat([out, out])
-                self.collapsed_calls += 1
-        self._mark_filled(plan, caches, collapse)
-        self._step = step
-        if not inputs.return_dict:
-            return (out,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+                s = self.schedule.step_index(t, after=self._step)  # raises with both step lists if unknown
+        if s == 0:
+            self._ran.clear()
+            self._diverged = False
+            self._half_pending.clear()
+        elif s != nxt and check:
+            missing = sorted(self.steps[s].needs - self._ran)
+            if missing:
+                raise ScheduleError(f"step {s} reuses caches that were not filled in this generation (steps {missing} "
+                                    f"did not run); start at step 0, or call reset()")
+        return s
 
-        return Transformer2DModelOutput(sample=out)
-
-    def _use_graphs(self, x: torch.Tensor) -> bool:
-        if self.cuda_graphs is False or self._graphs.disabled or x.device.type != "cuda":
-            return False
-        return not torch.compiler.is_compiling()
-
-    def _cache_set(self, sig: tuple, x: torch.Tensor) -> CacheSet:
-        caches = self._caches.get(sig)
+    def _caches_for(self, x: torch.Tensor, step: int) -> CacheSet:
+        key = (x.shape, x.dtype, x.device)
+        if step == 0 or self._gen_key is None:
+            self._gen_key = key
+        elif key != self._gen_key:
+            raise ValueError(f"input shapes changed in the middle of a generation (step {step}); caches hold data for "
+                             f"the previous shapes. Start a new generation at step 0 or call reset().")
+        caches = self._caches.get(key)
         if caches is None:
+            if self._cfg_mean and x.shape[0] % 2:
+                raise ValueError(f"this schedule caches cross-attention as the mean of the two classifier-free "
+                                 f"guidance halves, which needs an even batch; got batch {x.shape[0]}")
             while len(self._caches) >= self.max_signatures:  # drop the oldest shapes and their graphs
-                old = next(iter(self._caches))
-                del self._caches[old]
+                del self._caches[next(iter(self._caches))]
                 self._graphs.release()
-            caches = self._caches[sig] = CacheSet(self._hidden_like(x))
+            caches = self._caches[key] = CacheSet(self._hidden_like(x))
         return caches
 
     def _hidden_like(self, x: torch.Tensor) -> torch.Tensor:
-        """A meta tensor with the residual stream's shape ``[B, N, C]`` for input ``x``."""
+        """A tensor with the residual stream's shape ``[B, N, C]`` for input ``x``."""
         cfg = self.original_model.config
         p = cfg.patch_size
         n = (x.shape[-2] // p) * (x.shape[-1] // p)
         c = cfg.num_attention_heads * cfg.attention_head_dim
         return torch.empty((x.shape[0], n, c), dtype=self.dtype, device=x.device)
 
-    def _check_filled(self, step: int, plan: StepPlan, caches: CacheSet) -> None:
-        for b, bp in enumerate(plan.blocks):
-            if bp.reuse_block:
-                if ("delta", b) not in caches.filled:
-                    raise ScheduleError(f"step {step} reuses block {b} but its residual cache was not filled in this "
-                                        f"generation (start at step 0, or call reset())")
-                continue
-            for i, c in enumerate(bp.compute):
-                reads = bp.reads(i)
-                if not c and (not reads or any(caches.slot_key(b, i, j) not in caches.filled for j in reads)):
-                    raise ScheduleError(
-                        f"step {step} reuses {plan.branches[i]} of block {b} but that cache was not filled in this "
-                        f"generation (start at step 0, or call reset())")
+    # ------------------------------------------------------------ forward
+    def forward(self, *args, **kwargs):
+        a, return_dict = self._bind(args, kwargs)
+        x = a["hidden_states"]
+        entry = self.steps[self._resolve_step(a.get("timestep"))]
+        caches = self._caches_for(x, entry.index)
+        collapse = self._collapse(entry, a)
+        run_args = _half_args(a) if collapse else a
+        with torch.no_grad():
+            if self._half_pending and not collapse:
+                self._sync_halves(caches)
+            if self._use_graphs(x):
+                if entry.index == 0 and (self.cuda_graphs != "auto" or caches.generations > 0):
+                    self._capture_all(a, caches, only_new=True)
+                out = self._graphs.run(self._graph_key(entry, caches, collapse), run_args,
+                                       lambda r: self._run_plan(entry, r, caches, collapse))
+            else:
+                out = self._run_plan(entry, run_args, caches, collapse)
+            if collapse:
+                out = torch.cat([out, out])
+                self.collapsed_calls += 1
+                self._half_pending.update(entry.half_writes)
+        self._end(entry.index, caches)
+        if not return_dict:
+            return (out,)
+        return _output(out)
 
-    @staticmethod
-    def _mark_filled(plan: StepPlan, caches: CacheSet, collapsed: bool = False, blocks: range | None = None) -> None:
-        """Record what ``plan`` stored (in ``blocks``, default all) as filled for this generation."""
-        for b in range(len(plan.blocks)) if blocks is None else blocks:
-            bp = plan.blocks[b]
-            if bp.store_delta:
-                caches.filled.add(("delta", b))
-                if collapsed:
-                    caches.half_dirty.add(("delta", b))
-            for i, s in enumerate(bp.store):
-                if s:
-                    key = caches.slot_key(b, i, bp.slot[i])  # slots > 0 never at a collapsed step (forecast)
-                    caches.filled.add(key)
-                    if collapsed and not (plan.attn2_cfg_mean and plan.branches[i] == "attn2"):
-                        caches.half_dirty.add(key)
+    def _end(self, step: int, caches: CacheSet) -> None:
+        self._step = step
+        self._ran.add(step)
+        self.step_counts[step] += 1
+        if step == self.schedule.num_steps - 1:
+            caches.generations += 1
+            self.generations += 1
+
+    def _run_plan(self, entry: StepEntry, args: dict, caches: CacheSet, collapsed: bool = False) -> torch.Tensor:
+        """One transformer call following ``entry``'s plan (eager, captured, or with compiled blocks).
+
+        ``collapsed``: the call carries one CFG half; per-sample caches are used through their second half.
+        """
+        ad, model = self.adapter, self.original_model
+        inputs = StepInputs(args=args)
+        h, ctx = ad.prepare(model, inputs)
+        calls = caches.calls(entry.index, entry.plan, collapsed, self._compiled)
+        h = h.contiguous()
+        fn = self._block_fn
+        if self._compiled:
+            ctx.values.pop("temb", None)  # a host-side per-timestep cache keyed by block identity: not traced
+            self._kinds_run.update((c.kind, h.shape) for c in calls)
+        for block, c in zip(self._blocks, calls):
+            h = fn(ad, block, h, ctx, c.kind, c.bufs, c.weights, c.wtensors, c.delta)
+        return ad.finish(model, h, ctx, inputs)
 
     # ------------------------------------------------------------ CFG collapse
-    _PER_SAMPLE_TEXT = ("encoder_hidden_states", "encoder_attention_mask")
-
-    def _can_collapse(self, step: int, args: dict) -> bool:
-        """Static: the schedule makes both CFG halves compute the same thing at this step. Run time: the
-        halves carry the same latents, timestep and other per-sample inputs (exact comparison)."""
-        if not self.collapsible[step] or self._diverged or torch.compiler.is_compiling():
+    def _collapse(self, entry: StepEntry, args: dict) -> bool:
+        """Run this call on one CFG half? Static: the schedule makes both halves compute the same thing at
+        this step. Run time: the halves carry the same latents, timestep and other per-sample inputs --
+        compared exactly where that costs no device sync (host tensors, or ``timestep_check="strict"``),
+        taken as given with ``cfg_collapse="assume"``, and otherwise not collapsed."""
+        if not entry.collapsible or self._diverged:
             return False
         x = args["hidden_states"]
         if x.shape[0] % 2:
             return False
+        if self.cfg_collapse == "assume":
+            return True
+        if self.timestep_check == "off" or (self.timestep_check == "host" and x.device.type != "cpu"):
+            return False
+        b = x.shape[0]
         for k, v in args.items():
-            if k in self._PER_SAMPLE_TEXT:
+            if k in _PER_SAMPLE_TEXT:
                 continue
             for t in (v.values() if isinstance(v, dict) else [v]):
-                if isinstance(t, torch.Tensor) and t.ndim >= 1 and t.shape[0] == x.shape[0]:
-                    h = t.shape[0] // 2
-                    if not torch.equal(t[:h], t[h:]):
-                        self._diverged = True
-                        return False
+                if isinstance(t, torch.Tensor) and t.ndim >= 1 and t.shape[0] == b and not torch.equal(t[:b // 2],
+                                                                                                   t[b // 2:]):
+                    self._diverged = True
+                    return False
         return True
 
-    @staticmethod
-    def _half_args(args: dict) -> dict:
-        """The second (conditional) half of every per-sample tensor argument."""
-        b = args["hidden_states"].shape[0]
+    def _collapse_possible(self, x: torch.Tensor) -> bool:
+        if self.cfg_collapse is False or x.shape[0] % 2:
+            return False
+        return self.cfg_collapse == "assume" or self.timestep_check == "strict" or (
+            self.timestep_check == "host" and x.device.type == "cpu")
 
-        def half(v):
-            if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == b:
-                return v[b // 2:]
-            if isinstance(v, dict):
-                return {k: half(t) for k, t in v.items()}
-            return v
-
-        return {k: half(v) for k, v in args.items()}
-
-    @staticmethod
-    def _sync_halves(caches: CacheSet) -> None:
+    def _sync_halves(self, caches: CacheSet) -> None:
         """Before a full-batch step, copy what collapsed steps wrote (second half) to the first half."""
-        for slot in caches.half_dirty:
-            buf = caches.delta[slot[1]] if slot[0] == "delta" else caches.branch[slot]
+        for key in self._half_pending:
+            buf = caches.buffer_for(key)
             h = buf.shape[0] // 2
             buf[:h].copy_(buf[h:])
-        caches.half_dirty.clear()
+        self._half_pending.clear()
 
-    def _run_plan(self, plan: StepPlan, args: dict, caches: CacheSet, collapsed: bool = False) -> torch.Tensor:
-        """One transformer call following ``plan`` (eager, captured, or traced by torch.compile).
+    # ------------------------------------------------------------ CUDA graphs
+    @staticmethod
+    def _graph_key(entry: StepEntry, caches: CacheSet, collapse: bool) -> tuple:
+        return (entry.plan.key, id(caches), collapse)
 
-        ``collapsed``: the call carries one CFG half; per-sample caches are used through their second half.
-        """
-        from ..adapters.base import StepInputs
+    def _use_graphs(self, x: torch.Tensor) -> bool:
+        if self.cuda_graphs is False or torch.compiler.is_compiling():
+            return False
+        return self.cuda_graphs == "emulate" or x.device.type == "cuda"
 
-        ad, model = self.adapter, self.original_model
-        inputs = StepInputs(args=args)
-        h, ctx = ad.prepare(model, inputs)
-        h = self._run_blocks(plan, h.contiguous(), ctx, caches, 0, ad.num_blocks(model), collapsed)
-        return ad.finish(model, h, ctx, inputs)
+    def capture(self, *args, **kwargs) -> int:
+        """Capture the CUDA graph of every step plan for inputs shaped like these (a call's arguments), before
+        the first image; returns the number of graphs. Raises :class:`CudaGraphError` if a capture fails.
+        The caches hold no data afterwards: the next call is step 0."""
+        a, _ = self._bind(args, kwargs)
+        x = a["hidden_states"]
+        if not self._use_graphs(x):
+            raise ValueError("capture() needs cuda_graphs enabled and inputs on a CUDA device "
+                             "(cuda_graphs='emulate' replays on the CPU for tests)")
+        self.reset()
+        caches = self._caches_for(x, 0)
+        self._capture_all(a, caches, only_new=False)
+        self.reset()
+        return self.num_graphs()
 
-    def _run_blocks(self, plan: StepPlan, h: torch.Tensor, ctx, caches: CacheSet, start: int, end: int,
-                    collapsed: bool = False) -> torch.Tensor:
-        """Blocks ``start..end-1`` of ``plan`` on residual stream ``h`` (updated in place and returned)."""
-        ad, model = self.adapter, self.original_model
-        half = h.shape[0] // 2
-
-        def per_sample(buf):
-            return buf[buf.shape[0] // 2:] if collapsed else buf
-
-        blocks = ad.blocks(model)
-        for b in range(start, end):
-            block, bp = blocks[b], plan.blocks[b]
-            if bp.reuse_block:
-                ops.gated_residual_(h, per_sample(caches.delta_buffer(b)))
-                continue
-            inp = h.clone() if bp.store_delta else None
-            # a block that computes no branch needs only its gates
-            bctx = ad.block_context(block, ctx) if any(bp.compute) else ad.block_gates(block, ctx)
-            for i, name in enumerate(plan.branches):
-                gate = ad.branch_gate(name, bctx)
-                cfg_mean = plan.attn2_cfg_mean and name == "attn2"
-                if cfg_mean and h.shape[0] % 2 and not collapsed:
-                    raise ValueError(f"this schedule caches cross-attention as the mean of the two classifier-free "
-                                     f"guidance halves, which needs an even batch; got batch {h.shape[0]}")
-                if bp.compute[i]:
-                    y = ad.compute_branch(block, name, h, bctx, ctx)
-                    if cfg_mean and bp.store[i]:
-                        ops.cfg_mean_store_(h, y, caches.branch_buffer(b, i, half=True))
-                    else:
-                        ops.gated_residual_(h, y, gate,
-                                            per_sample(caches.slot_buffer(b, i, bp.slot[i])) if bp.store[i] else None)
-                elif cfg_mean:
-                    cache = caches.branch_buffer(b, i, half=True)
-                    if collapsed:
-                        ops.gated_residual_(h, cache)
-                    else:
-                        ops.gated_residual_(h[:half], cache)
-                        ops.gated_residual_(h[half:], cache)
-                else:
-                    reads, w = bp.reads(i), bp.weights[i]
-                    ys = [per_sample(caches.slot_buffer(b, i, j)) for j in reads]
-                    if len(reads) == 1 and w[reads[0]] == 1.0:
-                        ops.gated_residual_(h, ys[0], gate)
-                    else:  # forecast: h += gate * (sum of weighted last outputs), one pass
-                        c = [float(w[j]) for j in reads] + [0.0] * (3 - len(reads))
-                        ops.forecast_residual_(h, ys[0], ys[1] if len(ys) > 1 else ys[0],
-                                               ys[2] if len(ys) > 2 else None, gate, c[0], c[1], c[2])
-            if bp.store_delta:
-                ops.residual_delta_store_(per_sample(caches.delta_buffer(b)), h, inp)
-        return h
+    def _capture_all(self, args: dict, caches: CacheSet, only_new: bool) -> None:
+        if not isinstance(self._graphs, GraphCache) or (
+                only_new and self._graphs.captured(self._graph_key(self.steps[0], caches, False), args)):
+            return
+        x = args["hidden_states"]
+        todo, seen = [], set()
+        for e in self.steps:
+            for coll in ((False, True) if e.collapsible and self._collapse_possible(x) else (False,)):
+                if (e.plan.key, coll) not in seen:
+                    seen.add((e.plan.key, coll))
+                    todo.append((e, coll))
+                    caches.calls(e.index, e.plan, coll, self._compiled)  # allocate every buffer before capture
+        state = caches.all_buffers()
+        half = _half_args(args)
+        with torch.no_grad():
+            for e, coll in todo:
+                self._graphs.capture(self._graph_key(e, caches, coll), half if coll else args,
+                                     lambda a, e=e, coll=coll: self._run_plan(e, a, caches, coll), state)
 
     # ------------------------------------------------------------ pieces for pipeline/data parallel wrappers
     def begin_step(self, args: dict, step: int | None = None) -> tuple[int, CacheSet]:
@@ -328,38 +390,86 @@ class CachedTransformer(nn.Module):
         ``forward`` does; for wrappers that run the blocks in pieces (e.g. on several devices)."""
         if step is not None:
             self.set_step(step)
-        s = self._resolve_step(args.get("timestep"))
-        x = args["hidden_states"]
-        sig = signature(args)
-        if s == 0 or self._gen_sig is None:
-            self._gen_sig = sig
-        caches = self._cache_set(sig, x)
-        if s == 0:
-            caches.filled.clear()
-        return s, caches
+        s = self._resolve_step(args.get("timestep"), check=False)
+        return s, self._caches_for(args["hidden_states"], s)
 
     def run_blocks(self, step: int, h: torch.Tensor, ctx, caches: CacheSet, start: int, end: int) -> torch.Tensor:
         """Run blocks ``start..end-1`` of step ``step``'s plan on ``h`` (in place), eagerly, with the fused ops."""
-        plan = self.plans[step]
+        calls = caches.calls(step, self.plans[step], False, False)
+        h = h.contiguous()
         with torch.no_grad():
-            h = self._run_blocks(plan, h.contiguous(), ctx, caches, start, end)
-        self._mark_filled(plan, caches, blocks=range(start, end))
+            for b in range(start, end):
+                c = calls[b]
+                h = run_block(self.adapter, self._blocks[b], h, ctx, c.kind, c.bufs, c.weights, c.wtensors, c.delta)
         return h
 
     def end_step(self, step: int) -> None:
         self._step = step
+        self._ran.add(step)
+        self.step_counts[step] += 1
+
+
+def _half_args(args: dict) -> dict:
+    """The second (conditional) half of every per-sample tensor argument."""
+    b = args["hidden_states"].shape[0]
+
+    def half(v):
+        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == b:
+            return v[b // 2:]
+        if isinstance(v, dict):
+            return {k: half(t) for k, t in v.items()}
+        return v
+
+    return {k: half(v) for k, v in args.items()}
+
+
+_OUTPUT = []
+
+
+def _output(sample: torch.Tensor):
+    if not _OUTPUT:
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        _OUTPUT.append(Transformer2DModelOutput)
+    return _OUTPUT[0](sample=sample)
+
+
+def _step_flops(schedule: Schedule) -> list[tuple[float, float]]:
+    """Per step: (branch FLOPs of full compute, branch FLOPs the step removes), one sample."""
+    f = [float(schedule.branch_flops.get(b, 1.0)) for b in schedule.branches]
+    full = sum(f) * schedule.num_blocks
+    out = []
+    for row in schedule.plan:
+        removed = sum(sum(f) if e == BLOCK else sum(fi for fi, c in zip(f, e) if c == REUSE) for e in row)
+        out.append((full, removed))
+    return out
 
 
 def compile_schedule(model: nn.Module, schedule: Schedule, *, cuda_graphs: bool | str = "auto",
-                     torch_compile: bool | dict = False, cfg_collapse: bool = True) -> CachedTransformer:
+                     torch_compile: bool | dict = False, cfg_collapse: bool | str = True,
+                     timestep_check: str = "host") -> CachedTransformer:
     """Turn ``model`` (a supported diffusers transformer) and a static ``schedule`` into a drop-in module.
 
     ``pipe.transformer = compile_schedule(pipe.transformer, schedule)`` makes the pipeline skip the
-    scheduled work. On CUDA each distinct step plan is captured once in a CUDA graph
-    (``cuda_graphs=False`` turns that off); ``torch_compile=True`` (or a dict of
-    ``torch.compile`` options) compiles each step plan with ``fullgraph=True``. With a T-GATE-style
-    schedule (CFG-mean cross-attention cache), steps at which both guidance halves must compute the
-    same output run on one half (``cfg_collapse=False`` turns that off).
+    scheduled work (``l2c.enable(pipe, schedule)`` does the same and more, see ``runtime.enable``).
+
+    - ``cuda_graphs``: on CUDA, every distinct step plan is captured in a CUDA graph ahead of the steps
+      that replay it: ``"auto"`` (default) at the start of the second generation for an input shape (a
+      module used for a single generation, e.g. to measure a candidate schedule, never captures), ``True``
+      at the first call, or explicitly with ``module.capture(**example_inputs)`` before the first image.
+      ``False``: never. ``"emulate"``: the same bookkeeping replayed on the CPU (tests). A capture
+      failure raises :class:`~l2c_kernels.runtime.cuda_graphs.CudaGraphError`.
+    - ``torch_compile=True`` (or a dict of ``torch.compile`` options) compiles one block's work per kind
+      of block plan (``fullgraph=True``): the number of graphs does not grow with the number of distinct
+      step plans.
+    - ``cfg_collapse``: with a T-GATE-style schedule (CFG-mean cross-attention cache), steps at which both
+      guidance halves must compute the same output run on one half when the halves' inputs are equal:
+      compared where that costs no device sync (CPU tensors, or ``timestep_check="strict"``); on a GPU,
+      ``"assume"`` takes it as given (pipelines that batch CFG as ``torch.cat([latents] * 2)``).
+      ``False`` turns it off.
+    - ``timestep_check``: ``"host"`` reads the timestep only from Python numbers and CPU tensors (no device
+      sync), ``"strict"`` always (a sync per step on a GPU: for debugging), ``"off"`` never (the call
+      counter alone decides the step).
     """
     model = getattr(model, "original_model", model)
     from ..adapters import BlockLevelAdapter
@@ -372,4 +482,4 @@ def compile_schedule(model: nn.Module, schedule: Schedule, *, cuda_graphs: bool 
             raise NotImplementedError("torch_compile is not available for block-level schedules yet")
         return compile_blocks(model, schedule)
     return CachedTransformer(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
-                             cfg_collapse=cfg_collapse)
+                             cfg_collapse=cfg_collapse, timestep_check=timestep_check)

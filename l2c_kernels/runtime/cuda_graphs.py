@@ -1,16 +1,30 @@
-"""CUDA graphs for static step plans: one graph per (plan, input signature).
+"""CUDA graphs for static step plans, captured ahead of the steps that replay them.
 
-Inputs are copied into static buffers owned per signature, every graph shares one memory
-pool, caches live outside the graphs, and the first run of each plan runs eagerly (doing the
-real work and the warm-up) before the graph is captured. A capture failure disables graphs
-for the module with a single warning and everything keeps running eagerly.
+One graph per (step plan, CFG collapse, input signature); all graphs of a module share one memory
+pool and one set of static input buffers per signature. Caches live outside the graphs, so a graph
+reads what another step's graph wrote. A replay copies into the static buffers only the inputs that
+changed: an input that is the same tensor object as the one copied last time, with the same version
+counter (nothing wrote to it in place), is not copied again -- the text embeddings and class labels a
+pipeline passes unchanged at every step. That rule is host-only (no device sync).
+
+Capture is explicit (:meth:`GraphCache.capture`, called by ``CachedTransformer.capture`` or at the
+start of a signature's second generation); a capture failure raises :class:`CudaGraphError` instead
+of falling back to eager in silence.
+
+``EmulatedBackend`` replays on the CPU with the same bookkeeping: capture runs the function once to
+learn its output but leaves every cache as it was (a real capture executes nothing), and a replay
+runs the function on the *static* buffers only, so an input the bookkeeping forgot to copy shows up
+as a wrong result in tests without a GPU.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import torch
+
+
+class CudaGraphError(RuntimeError):
+    """A step plan could not be captured in a CUDA graph."""
 
 
 def _flatten(obj: Any, out: list) -> Any:
@@ -42,73 +56,168 @@ def signature(args: dict) -> tuple:
     return (repr(spec), tuple((tuple(t.shape), t.dtype, str(t.device)) for t in tensors))
 
 
-class GraphCache:
+def _split(args: dict) -> tuple[Any, tuple, list]:
+    """(structure with tensors replaced by indices, signature, the tensors) of a call's arguments."""
+    tensors: list = []
+    spec = _flatten(args, tensors)
+    return spec, (repr(spec), tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)), tensors
+
+
+# ---------------------------------------------------------------------------------------------- backends
+class CudaBackend:
+    name = "cuda"
+
     def __init__(self):
+        self.stream = None
+
+    def new_pool(self):
+        return torch.cuda.graph_pool_handle()
+
+    def warm_up(self, fn: Callable, args: dict, runs: int) -> None:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            for _ in range(runs):
+                fn(args)
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def capture(self, fn: Callable, args: dict, pool, state: list) -> tuple[Any, torch.Tensor]:
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+                out = fn(args)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return graph, out
+
+    @staticmethod
+    def replay(graph, out: torch.Tensor) -> None:
+        graph.replay()
+
+
+class _EmulatedGraph:
+    def __init__(self, fn: Callable, args: dict):
+        self.fn, self.args = fn, args  # the static buffers: all a replay may read
+
+
+class EmulatedBackend:
+    """CPU stand-in for :class:`CudaBackend` with the same bookkeeping (see the module docstring)."""
+
+    name = "emulated"
+
+    def __init__(self):
+        self.replays = 0
+        self.captured_runs = 0
+
+    def new_pool(self):
+        return object()
+
+    def warm_up(self, fn: Callable, args: dict, runs: int) -> None:
+        for _ in range(runs):
+            fn(args)
+
+    def capture(self, fn: Callable, args: dict, pool, state: list) -> tuple[Any, torch.Tensor]:
+        saved = [t.clone() for t in state]
+        out = fn(args)
+        self.captured_runs += 1
+        for t, s in zip(state, saved):  # a capture records work; it does not do it
+            t.copy_(s)
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        return _EmulatedGraph(fn, args), out
+
+    def replay(self, graph: _EmulatedGraph, out: torch.Tensor) -> None:
+        self.replays += 1
+        out.copy_(graph.fn(graph.args))
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+class _StaticInputs:
+    """Static copies of one signature's inputs, and which source tensor each copy holds."""
+
+    def __init__(self, spec: Any, tensors: list):
+        self.spec = spec
+        self.static = [t.clone() for t in tensors]
+        self.args = _rebuild(spec, self.static)
+        self.sources = [(t, t._version) for t in tensors]  # strong refs: identity stays meaningful
+
+    def load(self, tensors: list) -> int:
+        """Copy the inputs that changed since the last load; return how many were copied."""
+        copied = 0
+        for i, (src, dst) in enumerate(zip(tensors, self.static)):
+            last, version = self.sources[i]
+            if src is last and src._version == version:
+                continue
+            dst.copy_(src, non_blocking=True)
+            self.sources[i] = (src, src._version)
+            copied += 1
+        return copied
+
+
+class GraphCache:
+    """Captured step graphs of one module; ``backend`` is :class:`CudaBackend` or :class:`EmulatedBackend`."""
+
+    def __init__(self, backend=None):
+        self.backend = backend
         self.pool = None
         self.graphs: dict[tuple, tuple] = {}
-        self.static_inputs: dict[tuple, tuple] = {}
-        self.disabled = False
+        self.inputs: dict[tuple, _StaticInputs] = {}
         self.captures = 0
-        self.stream = None
+        self.input_copies = 0
+        self.error: str | None = None
 
     def num_graphs(self) -> int:
         return len(self.graphs)
 
     def release(self) -> None:
         self.graphs.clear()
-        self.static_inputs.clear()
+        self.inputs.clear()
         self.pool = None
 
-    def run(self, plan_key: tuple, args: dict, fn: Callable[[dict], torch.Tensor]) -> torch.Tensor:
-        """Run ``fn(args)`` for this plan through a CUDA graph (capturing it on first use)."""
-        sig = signature(args)
-        key = (plan_key, sig)
-        entry = self.graphs.get(key)
-        if entry is not None:
-            graph, static_out = entry
-            self._load(sig, args)
-            graph.replay()
-            return static_out.clone()
-        # first time: the real run, on the capture stream so it is also the warm-up; then capture
-        if self.stream is None:
-            self.stream = torch.cuda.Stream()
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            out = fn(args)
-        torch.cuda.current_stream().wait_stream(self.stream)
-        if not self.disabled:
-            try:
-                self._capture(key, sig, args, fn)
-            except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
-                self.disabled = True
-                self.release()
-                warnings.warn(f"l2c_kernels: CUDA graph capture failed ({type(e).__name__}: {e}); "
-                              f"running this module eagerly from now on", RuntimeWarning, stacklevel=3)
-        return out
+    def _static(self, args: dict) -> tuple[tuple, _StaticInputs, list]:
+        spec, sig, tensors = _split(args)
+        st = self.inputs.get(sig)
+        if st is None:
+            st = self.inputs[sig] = _StaticInputs(spec, tensors)
+            self.input_copies += len(tensors)
+        return sig, st, tensors
 
-    def _load(self, sig: tuple, args: dict) -> dict:
-        tensors: list = []
-        spec = _flatten(args, tensors)
-        static = self.static_inputs.get(sig)
-        if static is None:
-            static_tensors = [t.clone() for t in tensors]
-            self.static_inputs[sig] = (spec, static_tensors)
-        else:
-            static_tensors = static[1]
-            for dst, src in zip(static_tensors, tensors):
-                dst.copy_(src, non_blocking=True)
-        return _rebuild(spec, static_tensors)
+    def captured(self, key: tuple, args: dict) -> bool:
+        return (key, _split(args)[1]) in self.graphs
 
-    def _capture(self, key, sig, args, fn) -> None:
-        static_args = self._load(sig, args)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        stream = self.stream
-        stream.wait_stream(torch.cuda.current_stream())
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                static_out = fn(static_args)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graphs[key] = (graph, static_out)
+    def capture(self, key: tuple, args: dict, fn: Callable[[dict], torch.Tensor], state: list,
+                warm_up_runs: int = 1) -> None:
+        """Warm ``fn`` up on the static copies of ``args`` and capture it under ``key``; raises
+        :class:`CudaGraphError` on failure. ``state``: the cache buffers (an emulated capture restores them)."""
+        sig, st, tensors = self._static(args)
+        self.input_copies += st.load(tensors)
+        if (key, sig) in self.graphs:
+            return
+        try:
+            if self.pool is None:
+                self.pool = self.backend.new_pool()
+            self.backend.warm_up(fn, st.args, warm_up_runs)
+            graph, out = self.backend.capture(fn, st.args, self.pool, state)
+        except Exception as e:  # noqa: BLE001 - reported, with the plan, to the caller
+            self.error = f"{type(e).__name__}: {e}"
+            raise CudaGraphError(f"CUDA graph capture failed for a step plan ({self.error}). Pass cuda_graphs=False "
+                                 f"to run this module eagerly.") from e
+        self.graphs[(key, sig)] = (graph, out)
         self.captures += 1
+
+    def run(self, key: tuple, args: dict, fn: Callable[[dict], torch.Tensor]) -> torch.Tensor:
+        """Replay ``key``'s graph for ``args`` if it was captured, else run ``fn(args)`` eagerly."""
+        out = self.replay(key, args)
+        return fn(args) if out is None else out
+
+    def replay(self, key: tuple, args: dict) -> torch.Tensor | None:
+        """The output of ``key``'s graph for ``args`` (a fresh tensor), or None if it was not captured."""
+        _, sig, tensors = _split(args)
+        entry = self.graphs.get((key, sig))
+        if entry is None:
+            return None
+        self.input_copies += self.inputs[sig].load(tensors)
+        graph, out = entry
+        self.backend.replay(graph, out)
+        return out.clone()

@@ -151,3 +151,56 @@ def collapsible_steps(schedule: Schedule) -> list[bool]:
                     written_ident[(b, i)] = ident
         out.append(ident)
     return out
+
+
+def cache_reads_writes(plan: StepPlan) -> tuple[frozenset, frozenset]:
+    """The cache keys step ``plan`` reads and writes: ``(block, branch)`` for slot 0 of a branch (and the
+    CFG-mean cache), ``("slot", block, branch, k)`` for ring slot ``k > 0``, ``("delta", block)`` for a block
+    residual (the keys of :meth:`CacheSet.slot_key`)."""
+    from .caches import CacheSet
+
+    reads, writes = set(), set()
+    for b, bp in enumerate(plan.blocks):
+        if bp.reuse_block:
+            reads.add(("delta", b))
+            continue
+        if bp.store_delta:
+            writes.add(("delta", b))
+        for i, name in enumerate(plan.branches):
+            cfg_mean = plan.attn2_cfg_mean and name == "attn2"
+            if bp.compute[i]:
+                if bp.store[i]:
+                    writes.add(CacheSet.slot_key(b, i, 0 if cfg_mean else bp.slot[i]))
+            elif cfg_mean:
+                reads.add(CacheSet.slot_key(b, i, 0))
+            else:
+                reads.update(CacheSet.slot_key(b, i, j) for j in bp.reads(i))
+    return frozenset(reads), frozenset(writes)
+
+
+@dataclass(frozen=True)
+class StepEntry:
+    """Everything the runtime needs at one step, derived once from the schedule (the per-step lookup)."""
+
+    index: int
+    plan: StepPlan
+    collapsible: bool                 # both CFG halves compute the same output (given identical inputs)
+    needs: frozenset                  # earlier steps whose cache writes this step reads
+    half_writes: tuple                # per-sample caches written (second half only when collapsed)
+
+
+def step_table(schedule: Schedule, plans: list[StepPlan], collapsible: list[bool]) -> tuple[StepEntry, ...]:
+    """One :class:`StepEntry` per step. ``needs`` lets a run that jumps between steps (``set_step``) be
+    checked; a generation run in order from step 0 is correct by construction (the schedule validator
+    rejects every reuse of a cache that no earlier step fills), so in-order steps check nothing."""
+    last_writer: dict = {}
+    out = []
+    for s, plan in enumerate(plans):
+        reads, writes = cache_reads_writes(plan)
+        needs = frozenset(last_writer[k] for k in reads if k in last_writer)
+        cfg_mean_keys = {k for k in writes if plan.attn2_cfg_mean and len(k) == 2 and k[0] != "delta"
+                         and plan.branches[k[1]] == "attn2"}
+        out.append(StepEntry(s, plan, collapsible[s], needs, tuple(sorted(writes - cfg_mean_keys, key=repr))))
+        for k in writes:
+            last_writer[k] = s
+    return tuple(out)

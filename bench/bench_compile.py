@@ -1,0 +1,223 @@
+"""First-generation and steady-state time per generation under torch.compile, and per-step host overhead.
+
+For each bundled model, DDIM, CFG batch of ``2 * len(labels)``: the original transformer eager and under
+``torch.compile``; ``compile_schedule`` eager and with ``torch_compile=True`` at 0% (full schedule), 50%
+(FORA every 2nd step) and a learned schedule; cache-dit DBCache with the transformer under ``torch.compile``
+(graph breaks and graphs counted by dynamo). "first" is the first generation in a fresh dynamo state
+(compilation included); "steady" the median of the next ``--steady`` generations. Inductor's on-disk caches
+are off (``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``) so every compiled row pays its compilation.
+
+Host overhead: a 2-block DiT from a tiny config (16 tokens, batch 1, one thread), where a call is almost
+all host work: median per call of the original model and of the cached module (eager).
+
+    nice -n 10 python bench/bench_compile.py                       # writes bench/results/compile_cpu.{json,md}
+    nice -n 10 python bench/bench_compile.py --models dit-digits --steps 20 --steady 1   # quicker
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+import l2c_kernels as l2c  # noqa: E402
+from l2c_kernels import models, sampling, schedules  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+sys.path.insert(0, str(ROOT))
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def _dynamo_counts() -> dict:
+    from torch._dynamo.utils import counters
+
+    return dict(graph_breaks=sum(counters["graph_break"].values()),
+                unique_graphs=int(counters["stats"]["unique_graphs"]))
+
+
+def time_generations(bundle, tr, steps: int, labels, cfg: float, steady: int, reset=None) -> dict:
+    def gen():
+        if reset is not None:
+            reset()
+        t0 = time.perf_counter()
+        sampling.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, transformer=tr, progress=False)
+        return time.perf_counter() - t0
+
+    first = gen()
+    rest = [gen() for _ in range(steady)]
+    return dict(first_s=round(first, 3), steady_s=round(statistics.median(rest), 3), steady_runs=[round(t, 3) for t in rest])
+
+
+def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | None) -> list[dict]:
+    bundle = models.load(name)
+    tr = bundle.transformer
+    cfg = bundle.recommended_cfg
+    ts = sampling.timesteps_for(bundle, steps, "ddim")
+    scheds = {"0%": schedules.full(tr, ts),
+              "50% (FORA 2)": schedules.uniform(tr, ts, 2)}
+    if learned_path is not None and learned_path.exists():
+        learned = l2c.Schedule.load(learned_path)
+        if len(learned.timesteps) == steps:
+            scheds[f"learned {100 * learned.flops_removed_fraction():.0f}% ({learned.forecast} forecast)"] = learned
+    rows = []
+
+    def add(row):
+        row.update(model=name)
+        rows.append(row)
+        log(f"  {row['label']}: first {row['first_s']:.1f} s, steady {row['steady_s']:.2f} s" +
+            (f", graphs {row.get('graphs')}" if row.get("graphs") is not None else ""))
+
+    log(f"{name}: DDIM {steps}, batch {2 * len(labels)} (CFG), {torch.get_num_threads()} thread(s)")
+    add(dict(label="original, eager", kind="original", compiled=False,
+             **time_generations(bundle, tr, steps, labels, cfg, steady)))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled_orig = torch.compile(tr)
+    r = time_generations(bundle, compiled_orig, steps, labels, cfg, steady)
+    add(dict(label="original, torch.compile", kind="original", compiled=True, graphs=_dynamo_counts()["unique_graphs"],
+             graph_breaks=_dynamo_counts()["graph_breaks"], **r))
+    for tag, s in scheds.items():
+        fast = l2c.compile_schedule(tr, s, cuda_graphs=False)
+        add(dict(label=f"cached {tag}, eager", kind="cached", compiled=False, flops_removed=round(s.flops_removed_fraction(), 3),
+                 distinct_plans=fast.distinct_plans(), **time_generations(bundle, fast, steps, labels, cfg, steady)))
+    for tag, s in scheds.items():
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        fast = l2c.compile_schedule(tr, s, cuda_graphs=False, torch_compile=True)
+        r = time_generations(bundle, fast, steps, labels, cfg, steady)
+        c = _dynamo_counts()
+        add(dict(label=f"cached {tag}, torch.compile", kind="cached", compiled=True,
+                 flops_removed=round(s.flops_removed_fraction(), 3), distinct_plans=fast.distinct_plans(),
+                 graphs=c["unique_graphs"], graph_breaks=c["graph_breaks"], compiled_variants=fast.compiled_variants(), **r))
+    try:
+        from peers import PeerSetting, make_peer
+
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        setting = PeerSetting("dbcache", dict(Fn=2, Bn=0, threshold=0.2, warmup=max(1, steps // 10)))
+        peer = make_peer(tr, setting, steps)
+        peer.inner.compile()
+        r = time_generations(bundle, peer, steps, labels, cfg, steady, reset=peer.reset)
+        c = _dynamo_counts()
+        add(dict(label=f"cache-dit {setting.label}, torch.compile", kind="dbcache", compiled=True,
+                 flops_removed=round(peer.flops_removed_fraction(), 3), graphs=c["unique_graphs"],
+                 graph_breaks=c["graph_breaks"], **r))
+    except Exception as e:  # noqa: BLE001 - recorded in the results
+        rows.append(dict(model=name, label="cache-dit DBCache, torch.compile", kind="dbcache", error=f"{type(e).__name__}: {e}"))
+        log(f"  DBCache failed: {e}")
+    return rows
+
+
+def host_overhead(calls: int = 300) -> dict:
+    """Median time per call of a 2-block DiT (16 tokens, batch 1): original vs cached module (eager)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
+                              sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval().requires_grad_(False)
+    ts = list(range(999, 0, -20))[:50]
+    x = torch.randn(1, 4, 8, 8)
+    lab = torch.tensor([3])
+    tts = [torch.tensor([t]) for t in ts]
+    runners = {"original": m,
+               "cached, full schedule": l2c.compile_schedule(m, l2c.Schedule.full(m, ts), cuda_graphs=False),
+               "cached, 50% (FORA 2)": l2c.compile_schedule(m, schedules.uniform(m, ts, 2), cuda_graphs=False),
+               "cached, full schedule, timestep_check='off'": l2c.compile_schedule(
+                   m, l2c.Schedule.full(m, ts), cuda_graphs=False, timestep_check="off")}
+    out = {}
+    with torch.no_grad():
+        per = {k: [] for k in runners}
+        for rnd in range(calls // len(ts) + 2):
+            for k, r in runners.items():
+                t0 = time.perf_counter()
+                for t in tts:
+                    r(x, timestep=t, class_labels=lab)
+                if rnd >= 2:
+                    per[k].append((time.perf_counter() - t0) / len(ts))
+        for k, v in per.items():
+            out[k] = round(1e6 * statistics.median(v), 1)
+    base = out["original"]
+    return dict(model="DiTTransformer2DModel, 2 blocks, hidden 16, 16 tokens, batch 1", us_per_call=out,
+                ratio_to_original={k: round(v / base, 3) for k, v in out.items()})
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"# torch.compile and host overhead, CPU ({m['date']})", "",
+             f"{m['device']}; torch {m['torch']}; {m['threads']} thread(s); DDIM {m['steps']}, CFG batch {m['batch']}, "
+             f"fp32. First = first generation in a fresh dynamo state (compilation included, inductor disk caches "
+             f"off); steady = median of {m['steady']} more. {m['note']}", ""]
+    for name in m["models"]:
+        rows = [r for r in res["rows"] if r["model"] == name]
+        ref = next((r for r in rows if r["label"] == "original, torch.compile" and "first_s" in r), None)
+        lines += [f"## {name}", "", "| run | first gen (s) | steady gen (s) | steady vs compiled original | first vs "
+                  "compiled original | FLOPs removed | graphs | graph breaks |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['label']} | failed: {r['error']} |  |  |  |  |  |  |")
+                continue
+            sp = f"{ref['steady_s'] / r['steady_s']:.2f}x" if ref else ""
+            fr = f"{r['first_s'] / ref['first_s']:.2f}x" if ref else ""
+            lines.append(f"| {r['label']} | {r['first_s']:.1f} | {r['steady_s']:.2f} | {sp} | {fr} | "
+                         f"{r.get('flops_removed', 0):.0%} | {r.get('graphs', '')} | {r.get('graph_breaks', '')} |")
+        lines.append("")
+    h = res.get("host_overhead")
+    if h:
+        lines += ["## Per-step host overhead", "", h["model"] + " (a call is almost all host work):", "",
+                  "| module | us per call | vs original |", "|---|---|---|"]
+        for k, v in h["us_per_call"].items():
+            lines.append(f"| {k} | {v} | {h['ratio_to_original'][k]:.2f}x |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["dit-digits", "pixart-digits"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--labels", type=int, nargs="+", default=[3, 7])
+    p.add_argument("--steady", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip-host", action="store_true")
+    p.add_argument("--note", default="")
+    p.add_argument("--out", default=str(RESULTS / "compile_cpu"))
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from l2c_kernels._machine import cpu_name
+
+    res = dict(meta=dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device=f"CPU ({cpu_name()})",
+                         torch=torch.__version__,
+                         threads=a.threads, steps=a.steps, batch=2 * len(a.labels), steady=a.steady, models=a.models,
+                         note=a.note), rows=[])
+    out = Path(a.out)
+
+    def save():
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        out.with_suffix(".md").write_text(markdown(res))
+
+    if not a.skip_host:
+        res["host_overhead"] = host_overhead()
+        log(json.dumps(res["host_overhead"], indent=1))
+        save()
+    for name in a.models:
+        learned = RESULTS / f"pareto_{name}_{a.steps}_schedules" / "learned_50.l2c.json"
+        res["rows"] += model_rows(name, a.steps, a.labels, a.steady, learned)
+        save()
+    log(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
