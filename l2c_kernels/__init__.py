@@ -5,7 +5,7 @@
     pipe.transformer = l2c.compile_schedule(pipe.transformer, sched)
 """
 from .learn import learn_schedule
-from .runtime import CachedTransformer, compile_schedule
+from .runtime import CachedTransformer, compile_schedule, disable, enable, summary
 from .schedule import Schedule, ScheduleError
 
 __version__ = "0.1.0"
@@ -18,4 +18,4 @@ def build_info() -> dict:
     return _info()
 
 
-__all__ = ["learn_schedule", "Schedule", "ScheduleError", "compile_schedule", "CachedTransformer", "build_info", "__version__"]
+__all__ = ["learn_schedule", "Schedule", "ScheduleError", "compile_schedule", "CachedTransformer", "enable", "disable", "summary", "build_info", "__version__"]
