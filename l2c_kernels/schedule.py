@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -266,6 +267,10 @@ class Schedule:
                 raise ScheduleError(f"{name} must be a string, got {getattr(self, name)!r}")
         if not isinstance(self.params, dict):
             raise ScheduleError(f"params must be a JSON object, got {self.params!r}")
+        try:
+            json.dumps(self.params)
+        except (TypeError, ValueError) as e:
+            raise ScheduleError(f"params must be JSON-serialisable (it is saved with the schedule): {e}") from None
         if not isinstance(self.branch_flops, dict) or not all(
                 _is_finite_number(v) and v >= 0 for v in self.branch_flops.values()):
             raise ScheduleError(f"branch_flops must map branch names to finite numbers >= 0, got {self.branch_flops!r}")
@@ -273,9 +278,9 @@ class Schedule:
             raise ScheduleError(f"branches must be a non-empty subset of {KNOWN_BRANCHES}, got {self.branches}")
         if BLOCK_UNIT in self.branches and self.branches != [BLOCK_UNIT]:
             raise ScheduleError(f"a block-level schedule has the one branch ['block']; got {self.branches}")
-        if self.unit_flops and (not isinstance(self.unit_flops, list) or len(self.unit_flops) != self.num_blocks
-                                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                           and math.isfinite(v) and v >= 0 for v in self.unit_flops)):
+        if not isinstance(self.unit_flops, list) or (self.unit_flops and (
+                len(self.unit_flops) != self.num_blocks
+                or not all(_is_finite_number(v) and v >= 0 for v in self.unit_flops))):
             raise ScheduleError(f"unit_flops must list one finite number >= 0 per block ({self.num_blocks}), "
                                 f"got {self.unit_flops!r}")
         if len(set(self.branches)) != len(self.branches):
@@ -341,7 +346,7 @@ class Schedule:
     def from_dict(cls, d: Any) -> "Schedule":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ScheduleError(f"not an l2c schedule (expected \"format\": \"{FORMAT}\")")
-        if d.get("version") != VERSION:
+        if d.get("version") != VERSION or isinstance(d.get("version"), bool):
             raise ScheduleError(f"schedule file version {d.get('version')!r} is not supported; "
                                 f"this l2c_kernels reads version {VERSION}")
         missing = [k for k in ("num_blocks", "branches", "timesteps", "plan") if k not in d]
@@ -362,7 +367,16 @@ class Schedule:
         return "{\n" + ",\n".join(fields) + ',\n "plan": [\n  ' + rows + "\n ]\n}\n"
 
     def save(self, path) -> None:
-        Path(path).write_text(self.to_json())
+        """Write the JSON next to ``path`` and move it into place, so that a failed write leaves no
+        half-written schedule (an existing file stays as it was)."""
+        path = Path(path)
+        text = self.to_json()
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path) -> "Schedule":
@@ -385,6 +399,8 @@ def _as_number(t, what: str = "timestep"):
             raise ScheduleError(f"{what} must be one number, got {t!r}") from None
     if not _is_finite_number(v):
         raise ScheduleError(f"{what} = {t!r} is not a finite number")
+    if isinstance(v, int):
+        return int(v)
     v = float(v)
     return int(v) if v.is_integer() else v
 

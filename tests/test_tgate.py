@@ -13,6 +13,7 @@ from l2c_kernels.models.pipelines import IdentityVAE, PipelineTextEncoder, Pipel
 from l2c_kernels.models.text_encoder import DigitTextEncoder
 from l2c_kernels.runtime.cuda_graphs import signature
 from l2c_kernels.runtime.plan import collapsible_steps
+from tests.hook_pipeline import HookTransformer
 from tests.tiny_models import _randomize, cfg_batch, pixart_inputs, rel_err, tiny_pixart
 
 STEPS = 6
@@ -265,9 +266,17 @@ def test_pixart_pipelines_unchanged_get_the_collapse(kind):
     pipe.transformer = on_module = l2c.compile_schedule(model, sched)
     on = run_pipe(pipe)
     assert on_module.collapsed_calls == STEPS - 3
-    assert rel_err(on, off) < 1e-5 and 0 < rel_err(on, ref) < 1.0
+    assert rel_err(on, off) < 1e-5
     again = run_pipe(pipe)  # a second generation restarts the schedule
     assert rel_err(again, on) < 1e-6 and on_module.collapsed_calls == 2 * (STEPS - 3)
+    # the same schedule on the unmodified model by hooks (CFG-mean cross-attention cache): equal up to the fp32
+    # rounding of the fused residual adds (measured relative error 3.5e-7, the all-compute module vs the
+    # original 3.5e-7 too; bound 5e-6), while the gate itself moves the latents by 9.8e-5 (this tiny model's
+    # cross-attention is weak), so a wrong cache fails
+    pipe.transformer = HookTransformer(model, sched)
+    hooked = run_pipe(pipe)
+    assert rel_err(on, hooked) < 5e-6
+    assert rel_err(on, ref) > 5e-5
     pipe.transformer = l2c.compile_schedule(model, l2c.Schedule.full(model, ts))
     assert rel_err(run_pipe(pipe), ref) < 1e-5
 

@@ -1,4 +1,11 @@
-"""Compiled transformers dropped into unmodified diffusers pipelines (tiny configs, nothing downloaded)."""
+"""Compiled transformers dropped into unmodified diffusers pipelines (tiny configs, nothing downloaded).
+
+Tolerances: the compiled module runs the model's own fp32 arithmetic except that residual adds are fused
+(``x + gate * y`` in one pass, rounded once instead of twice), so it differs from the original model, and
+a cached schedule from the hook reference of the same schedule, by rounding only: measured relative
+errors 4.9e-7 (all-compute) and 5.3e-7 (cached) on the images after 4 sampler steps and the VAE. The
+bound 5e-6 leaves 10x for other CPUs' kernels, while the caching itself changes the images by 5e-2.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,9 +13,11 @@ import torch
 import l2c_kernels as l2c
 from l2c_kernels.models.pipelines import PipelineTextEncoder, PipelineTokenizer
 from l2c_kernels.models.text_encoder import DigitTextEncoder
+from tests.hook_pipeline import HookTransformer
 from tests.tiny_models import rel_err, tiny_dit, tiny_pixart
 
 STEPS = 4
+ROUNDING = 5e-6  # relative error of a correct implementation (module docstring)
 
 
 def tiny_vae():
@@ -39,14 +48,18 @@ def test_dit_pipeline_runs_unchanged_with_compiled_transformer():
     ref = run()
     pipe.transformer = l2c.compile_schedule(model, l2c.Schedule.full(model, ts))
     full = run()
-    assert rel_err(torch.tensor(full), torch.tensor(ref)) < 1e-4
+    assert rel_err(torch.tensor(full), torch.tensor(ref)) < ROUNDING
     assert pipe.transformer.current_step == STEPS - 1
     mask = [[[True, True]] * 3] + [[[s % 2 == 0, True]] * 3 for s in range(1, STEPS)]
-    pipe.transformer = l2c.compile_schedule(model, l2c.Schedule.from_mask(model, ts, mask))
+    sched = l2c.Schedule.from_mask(model, ts, mask)
+    pipe.transformer = l2c.compile_schedule(model, sched)
     cached = run()
-    assert cached.shape == ref.shape and 0 < rel_err(torch.tensor(cached), torch.tensor(ref)) < 0.5
     again = run()  # a second generation restarts the schedule and gives the same images
     assert (again == cached).all()
+    pipe.transformer = HookTransformer(model, sched)  # the same schedule on the unmodified model, by hooks
+    hooked = run()
+    assert cached.shape == ref.shape and rel_err(torch.tensor(cached), torch.tensor(hooked)) < ROUNDING
+    assert rel_err(torch.tensor(cached), torch.tensor(ref)) > 1e-2  # the reuse did change the images
 
 
 def test_pixart_pipeline_runs_unchanged_with_compiled_transformer():
@@ -66,9 +79,15 @@ def test_pixart_pipeline_runs_unchanged_with_compiled_transformer():
 
     ref = run()
     pipe.transformer = l2c.compile_schedule(model, l2c.Schedule.full(model, ts))
-    assert rel_err(torch.tensor(run()), torch.tensor(ref)) < 1e-4
+    assert rel_err(torch.tensor(run()), torch.tensor(ref)) < ROUNDING
     from l2c_kernels.schedules import tgate
 
-    pipe.transformer = l2c.compile_schedule(model, tgate(model, ts, gate_step=2, sp_interval=1, fi_interval=1))
+    sched = tgate(model, ts, gate_step=2, sp_interval=1, fi_interval=1)
+    pipe.transformer = l2c.compile_schedule(model, sched)
     cached = run()
-    assert cached.shape == ref.shape and rel_err(torch.tensor(cached), torch.tensor(ref)) > 0
+    pipe.transformer = HookTransformer(model, sched)  # CFG-mean cross-attention cache, by hooks
+    hooked = run()
+    assert cached.shape == ref.shape and rel_err(torch.tensor(cached), torch.tensor(hooked)) < ROUNDING
+    # the gate did change the images (measured 2.9e-5: this tiny model's cross-attention is weak and the VAE
+    # shrinks differences; tests/test_tgate.py checks T-GATE against the hook reference on the latents)
+    assert rel_err(torch.tensor(cached), torch.tensor(ref)) > 1e-5
