@@ -102,6 +102,20 @@ def test_sample_matches_a_float64_euler_flow_matching_loop(random_bundle):
     torch.testing.assert_close(again, got, rtol=0, atol=1e-6)
 
 
+def test_unchanged_flux_pipeline_reproduces_sample(random_bundle):
+    from l2c_kernels.sampling import initial_noise
+
+    pipe = flux_digits.flux_pipeline(random_bundle)
+    pipe.set_progress_bar_config(disable=True)
+    caps, noise = ["the digit three", "a 7"], initial_noise(2, (1, 16, 16), 9)
+    with torch.no_grad():
+        out = pipe(caps, negative_prompt=[""] * 2, true_cfg_scale=3.0, height=16, width=16, num_inference_steps=3,
+                   max_sequence_length=8, latents=flux_digits.pack(noise), output_type="pt").images
+    ref = flux_digits.sample(random_bundle, prompts=caps, steps=3, cfg=3.0, noise=noise, progress=False)
+    # the pipeline runs the two CFG halves as separate batches: float32 matmul rounding only (~1e-6)
+    torch.testing.assert_close(out * 2 - 1, ref, rtol=0, atol=1e-5)
+
+
 def test_timesteps_are_flux_pipeline_sigmas_times_1000(random_bundle):
     assert flux_digits.timesteps_for(random_bundle, 4) == pytest.approx([1000.0, 750.0, 500.0, 250.0])
 

@@ -193,3 +193,68 @@ def sample(bundle, labels=None, prompts=None, steps: int = 28, cfg: float | None
     if bar is not None:
         bar.close()
     return torch.cat(out)
+
+
+class _PooledCaptionEncoder(torch.nn.Module):
+    """The caption encoder in the place of FluxPipeline's CLIP text model: ``.pooler_output`` is the masked mean."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **_):
+        from types import SimpleNamespace
+
+        mask = (input_ids != 0).long() if attention_mask is None else attention_mask
+        hidden, pooled = caption_embeddings(self.encoder, input_ids, mask)
+        return SimpleNamespace(pooler_output=pooled, last_hidden_state=hidden)
+
+
+class _TokenCaptionEncoder(_PooledCaptionEncoder):
+    """The caption encoder in the place of FluxPipeline's T5: ``[0]`` is the token states (padding zeroed)."""
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **_):
+        return (super().forward(input_ids, attention_mask).last_hidden_state,)
+
+
+def _pipeline_tokenizer(tokenizer):
+    from .pipelines import PipelineTokenizer
+
+    class FluxPipelineTokenizer(PipelineTokenizer):
+        """The caption tokenizer with what FluxPipeline's textual-inversion check reads as well."""
+
+        added_tokens_encoder: dict = {}
+
+        def tokenize(self, text: str) -> list[str]:
+            return str(text).lower().split()
+
+    return FluxPipelineTokenizer(tokenizer)
+
+
+def flux_pipeline(bundle):
+    """An unmodified diffusers ``FluxPipeline`` around flux-digits: the caption encoder stands in for CLIP
+    (pooled) and T5 (tokens), an identity "VAE" for the autoencoder (pixel space).
+
+    Call it with ``height=16, width=16, max_sequence_length=8``; classifier-free guidance is FluxPipeline's
+    "true CFG": ``negative_prompt="", true_cfg_scale=cfg`` (there is no guidance embedding, so
+    ``guidance_scale`` does nothing). ``latents=flux_digits.pack(noise)`` reproduces :func:`sample`."""
+    from diffusers import FluxPipeline
+
+    from .pipelines import IdentityVAE
+
+    if not getattr(bundle, "is_flow_matching", False):
+        raise ValueError(f"flux_pipeline wraps flux-digits, got {getattr(bundle, 'name', bundle)!r}")
+    vae = IdentityVAE(CHANNELS).to(bundle.transformer.device)
+    vae.register_to_config(shift_factor=0.0, block_out_channels=[CHANNELS], latent_channels=CHANNELS)  # factor 1
+    tok = _pipeline_tokenizer(bundle.text_encoder.tokenizer)
+    return FluxPipeline(scheduler=make_scheduler(bundle), vae=vae, tokenizer=tok, tokenizer_2=tok,
+                        text_encoder=_PooledCaptionEncoder(bundle.text_encoder),
+                        text_encoder_2=_TokenCaptionEncoder(bundle.text_encoder), transformer=bundle.transformer)
