@@ -247,6 +247,7 @@ class AsyncDenoiser(nn.Module):
         t0 = time.perf_counter()
         inputs = self.adapter.bind(self._inner[0], args, kwargs)
         a = inputs.args
+        self._check_input(a.get("hidden_states"))
         t = _timestep_value(a.get("timestep"))
         step = self._resolve_step(t)
         if step == 0:
@@ -266,14 +267,26 @@ class AsyncDenoiser(nn.Module):
 
         return Transformer2DModelOutput(sample=out)
 
+    def _check_input(self, x) -> None:
+        """The latents must match the weights' dtype and device (a rank would otherwise fail inside a block
+        or send tensors its peers cannot read)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"AsyncDenoiser: hidden_states must be a tensor, got {type(x).__name__}")
+        if x.dtype != self.dtype or x.device != self.device:
+            raise ValueError(f"AsyncDenoiser: hidden_states is {x.dtype} on {x.device} but the model's weights are "
+                             f"{self.dtype} on {self.device}; cast the latents (or the model) to match")
+
     # ------------------------------------------------------------------ the three kinds of call
     def _start_generation(self, a: dict, t) -> None:
         for r in self._runners.values():
             r.reset()
         self._stale, self._pending, self._first_t, self._last_t = None, {}, t, None
         self._generation += 1
+        x = a["hidden_states"]
+        if not bool(torch.isfinite(x).all()):  # once per generation; ranks would otherwise report NaN sums as a mismatch
+            raise ValueError(f"AsyncDenoiser: the latents of step 0 contain NaN or infinite values "
+                             f"({int((~torch.isfinite(x)).sum())} of {x.numel()})")
         if self.comm is not None:
-            x = a["hidden_states"]
             self.comm.check_agreement(
                 dict(ndim=x.ndim, **{f"dim{i}": d for i, d in enumerate(x.shape)}, dtype=crc(str(x.dtype)),
                      first_timestep=float(t), num_steps=self.num_steps or -1, latent_sum=float(x.double().sum())),
@@ -394,7 +407,7 @@ class AsyncDenoiser(nn.Module):
 
     def _config_fields(self, inner, balance) -> dict:
         params = list(inner.parameters())
-        fingerprint = float(sum(p.detach().double().sum() for p in params)) if params else 0.0
+        fingerprint = weights_fingerprint(params)
         sched = getattr(self.transformer, "schedule", None)
         return dict(version=_VERSION, num_components=self.num_components, stride=self.stride,
                     warm_up=self.warm_up, num_steps=self.num_steps or -1,
@@ -454,6 +467,21 @@ class AsyncDenoiser(nn.Module):
 
 
 # ---------------------------------------------------------------------- small helpers
+def weights_fingerprint(params, chunk: int = 1 << 20) -> float:
+    """``sum_k sum_i p_k[i] * w_ki`` in float64 with weights in [0.5, 1.5) that depend on the position
+    (golden-ratio sequence), so that permuted or swapped weights change it as well as changed values
+    (a plain sum would miss the first). Computed in chunks where the weights live."""
+    total = torch.zeros((), dtype=torch.float64)
+    for k, p in enumerate(params):
+        flat = p.detach().reshape(-1)
+        for start in range(0, flat.numel(), chunk):
+            part = flat[start:start + chunk].double()
+            pos = torch.arange(start, start + part.numel(), dtype=torch.float64, device=part.device)
+            w = torch.frac(pos * 0.6180339887498949 + k * 0.41421356237309515) + 0.5
+            total += (part * w).sum().cpu()
+    return float(total)
+
+
 def _device_of(model) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")

@@ -214,3 +214,26 @@ def test_stride_two_checks_the_timestep_it_computed_ahead():
         ad(**dict(a, timestep=torch.full((2,), t)))
     with pytest.raises(parallel.AsyncDiffError, match="computed ahead"):
         ad(**dict(a, timestep=torch.full((2,), ts[3] + 7)))
+
+
+def test_weights_fingerprint_sees_swapped_weights():
+    """Ranks compare a fingerprint of their weights at start-up: a position-weighted float64 sum, so two
+    swapped weights (same values, same plain sum) differ, while the same weights in another dtype (which
+    the dtype field reports) or another copy agree."""
+    import copy
+
+    from l2c_kernels.parallel.async_denoiser import weights_fingerprint
+
+    m = tiny_dit(layers=2)
+    base = weights_fingerprint(list(m.parameters()))
+    assert weights_fingerprint(list(copy.deepcopy(m).parameters())) == base
+    assert weights_fingerprint(list(copy.deepcopy(m).double().parameters())) == base
+    swapped = copy.deepcopy(m)
+    w = swapped.transformer_blocks[1].ff.net[2].weight
+    with torch.no_grad():
+        w.view(-1)[:2] = w.view(-1)[:2].flip(0).clone()
+    assert float(sum(p.double().sum() for p in swapped.parameters())) == pytest.approx(
+        float(sum(p.double().sum() for p in m.parameters())), abs=1e-12)
+    assert weights_fingerprint(list(swapped.parameters())) != base
+    # chunking does not change the value beyond float64 summation order
+    assert weights_fingerprint(list(m.parameters()), chunk=7) == pytest.approx(base, rel=1e-12)
