@@ -119,8 +119,9 @@ def soft_block_forward(model, args: dict, w: torch.Tensor | None, caches: SoftCa
     model = getattr(model, "original_model", model)
     state = _SoftState(w, caches, record)
     shadow, nblocks = _shadow(model, state)
-    if w is not None and tuple(w.shape[:1]) != (nblocks,):
-        raise ValueError(f"w has {w.shape[0]} rows; {type(model).__name__} has {nblocks} blocks")
+    if w is not None and (w.dim() != 2 or w.shape[0] != nblocks or w.shape[1] != 1):
+        raise ValueError(f"w has shape {list(w.shape)}; the block-level soft forward of {type(model).__name__} "
+                         f"takes one weight per block, [{nblocks}, 1]")
     out = shadow(**args)
     if state.next_block != nblocks:
         raise RuntimeError(f"{type(model).__name__}'s forward ran {state.next_block} of its {nblocks} blocks")

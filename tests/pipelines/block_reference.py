@@ -5,7 +5,9 @@ the block lists (forward order) and the streams each block returns (in return or
 where the mask reuses block ``b``, the hook replaces the block's output by ``in + (out - in)`` of the
 last step that computed it, per stream and per pass (a pipeline that calls the transformer twice per
 step, Wan with CFG, has a cache per call of the step). The block is still computed there (wasted
-work, but nothing of it reaches the output).
+work, but nothing of it reaches the output). With ``forecast="linear"`` / ``"quadratic"`` the reused
+residual is the Lagrange extrapolation, in step indices, through the last two / three computed
+residuals (lower order while fewer exist), as ``Schedule.forecast`` defines it.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def blocks_of(model) -> list:
 
 
 @contextmanager
-def hook_reuse(model, mask, passes: int = 1):
+def hook_reuse(model, mask, passes: int = 1, forecast: str = "none"):
     """Run ``model`` as if ``mask[step][block]`` (True = compute) were applied by block-residual reuse.
 
     Steps are counted from the calls: call ``c`` of a generation is step ``c // passes``, pass
@@ -49,9 +51,13 @@ def hook_reuse(model, mask, passes: int = 1):
         outs = [output] if len(streams) == 1 else list(output)
         if mask[step][b]:
             for k, (x, o) in enumerate(zip(ins, outs)):
-                cache[(p, b, k)] = None if o is None else (o - x).clone()
+                hist = cache.setdefault((p, b, k), [])
+                if step == 0:   # a new generation
+                    hist.clear()
+                hist.append((step, None if o is None else (o - x).double()))
             return None
-        new = [None if cache[(p, b, k)] is None else x + cache[(p, b, k)] for k, x in enumerate(ins)]
+        new = [None if cache[(p, b, k)][-1][1] is None
+               else x + extrapolate(cache[(p, b, k)], step, forecast).to(x.dtype) for k, x in enumerate(ins)]
         return new[0] if len(streams) == 1 else tuple(new)
 
     handles.append(model.register_forward_pre_hook(on_call, with_kwargs=True))
@@ -64,3 +70,17 @@ def hook_reuse(model, mask, passes: int = 1):
     finally:
         for h in handles:
             h.remove()
+
+
+def extrapolate(history, step: int, forecast: str) -> torch.Tensor:
+    """The residual at ``step`` from ``history`` = [(computed step, residual), ...] (float64)."""
+    order = {"none": 0, "linear": 1, "quadratic": 2}[forecast]
+    pts = history[-(order + 1):]
+    out = torch.zeros_like(pts[-1][1])
+    for i, (si, yi) in enumerate(pts):   # Lagrange basis through the last order + 1 computations
+        li = 1.0
+        for j, (sj, _) in enumerate(pts):
+            if j != i:
+                li *= (step - sj) / (si - sj)
+        out = out + li * yi
+    return out

@@ -59,7 +59,8 @@ def test_dispatch_and_refusals(dens):
         plain = den.transformer(**args).sample
     # x + (out - x) rounds once per block and stream: a few float32 ulps of the activations
     assert float((direct - plain).abs().max()) <= 1e-6 * float(plain.abs().max())
-    with pytest.raises(ValueError, match=f"w has 2 rows; FluxTransformer2DModel has {nb} blocks"):
+    with pytest.raises(ValueError, match=rf"w has shape \[2, 1\]; the block-level soft forward of "
+                                         rf"FluxTransformer2DModel takes one weight per block, \[{nb}, 1\]"):
         soft_block_forward(den.transformer, args, torch.ones(2, 1), SoftCaches(nb, 1))
 
 
