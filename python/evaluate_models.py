@@ -2,15 +2,22 @@
 
     python python/evaluate_models.py --model dit-digits --per-class 100 --steps 50 --cfg 4
     python python/evaluate_models.py --model pixart-digits --per-class 100 --steps 50 --cfg 4
+    python python/evaluate_models.py --model flux-digits --per-class 100 --steps 28 --cfg-sweep 1.5,2.5,4,6
 
 Writes bench/results/samples_<model>.png (a 10x10 grid: one row per digit), and
 bench/results/eval_<model>.json/.md (accuracy per class and overall, the time to sample 16 images
 with 50 steps, device, versions, date); records the accuracy in the model's JSON beside its weights.
+
+flux-digits is sampled with Euler flow matching (``flow-euler``, FlowMatchEulerDiscreteScheduler over
+FluxPipeline's sigmas); the other models with the DDPM-family samplers. ``--cfg-sweep`` first measures the
+accuracy at each guidance scale on ``--sweep-per-class`` digits per class, records the best (the smallest
+on a tie) as the model's ``recommended_cfg`` and evaluates the 1000 digits there.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import date
@@ -23,27 +30,67 @@ sys.path.insert(0, str(ROOT))
 
 from l2c_kernels import metrics, sampling  # noqa: E402
 from l2c_kernels._machine import cpu_name  # noqa: E402
-from l2c_kernels.models import load  # noqa: E402
+from l2c_kernels.models import flux_digits, load  # noqa: E402
 from l2c_kernels.models.registry import WEIGHTS_DIR  # noqa: E402
+
+
+FLOW_EULER = "flow-euler"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, choices=["dit-digits", "pixart-digits"])
+    ap.add_argument("--model", required=True, choices=["dit-digits", "pixart-digits", "flux-digits"])
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--scheduler", default="ddim", choices=sampling.SCHEDULERS)
-    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--scheduler", default=None, choices=sampling.SCHEDULERS + (FLOW_EULER,),
+                    help="default: ddim, or flow-euler for flux-digits (the only sampler it takes)")
+    ap.add_argument("--cfg", type=float, default=None,
+                    help="default: 4, or the model's recommended scale for flux-digits")
+    ap.add_argument("--cfg-sweep", type=str, default=None, help="comma-separated guidance scales to choose from")
+    ap.add_argument("--sweep-per-class", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--timing-repeats", type=int, default=3, help="runs of the 16-image timing (median)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR,
+                    help="where the weights are read and the evaluation recorded")
     args = ap.parse_args(argv)
 
-    bundle = load(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = load(args.model, weights_dir=args.weights_dir)
+    flow = args.model == "flux-digits"
+    if args.scheduler is None:
+        args.scheduler = FLOW_EULER if flow else "ddim"
+    if flow != (args.scheduler == FLOW_EULER):
+        ap.error(f"{args.model} is sampled with {FLOW_EULER if flow else 'ddim, dpm++ or euler'}, not {args.scheduler}")
+
+    def draw(labels, steps, cfg, seed, progress=True, batch_size=None):
+        if flow:
+            return flux_digits.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=seed,
+                                      batch_size=batch_size, progress=progress)
+        return sampling.sample(bundle, labels=labels, steps=steps, scheduler=args.scheduler, cfg=cfg, seed=seed,
+                               batch_size=batch_size, progress=progress)
+
+    sweep = None
+    if args.cfg_sweep:
+        sweep = {}
+        few = [d for d in range(10) for _ in range(args.sweep_per_class)]
+        for c in sorted(float(v) for v in args.cfg_sweep.split(",")):
+            im = draw(few, args.steps, c, args.seed + 1, batch_size=args.batch_size)
+            sweep[c] = float((metrics.predict_digits(im) == torch.tensor(few)).float().mean())
+            print(f"cfg {c}: accuracy {sweep[c]:.3f} on {len(few)}", flush=True)
+        args.cfg = max(sweep, key=lambda c: (sweep[c], -c))
+        meta_file = args.weights_dir / f"{args.model}.json"
+        meta = json.loads(meta_file.read_text())
+        meta["recommended_cfg"] = args.cfg
+        meta_file.write_text(json.dumps(meta, indent=1, default=str))
+    if args.cfg is None:
+        args.cfg = bundle.recommended_cfg if flow else 4.0
     labels = [d for d in range(10) for _ in range(args.per_class)]
     t0 = time.perf_counter()
-    imgs = sampling.sample(bundle, labels=labels, steps=args.steps, scheduler=args.scheduler, cfg=args.cfg,
-                           seed=args.seed, batch_size=args.batch_size)
+    imgs = draw(labels, args.steps, args.cfg, args.seed, batch_size=args.batch_size)
     total_s = time.perf_counter() - t0
     pred = metrics.predict_digits(imgs)
     lab = torch.tensor(labels)
@@ -55,18 +102,21 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     sampling.save_grid(grid, args.out / f"samples_{args.model}.png", nrow=10)
 
-    # the time to sample 16 images with 50 steps (median of 3)
+    # the time to sample 16 images with 50 steps (median of --timing-repeats)
     times = []
-    for r in range(3):
+    for r in range(max(1, args.timing_repeats)):
         t1 = time.perf_counter()
-        sampling.sample(bundle, labels=[i % 10 for i in range(16)], steps=50, scheduler=args.scheduler, cfg=args.cfg,
-                        seed=100 + r, progress=False)
+        draw([i % 10 for i in range(16)], 50, args.cfg, 100 + r, progress=False)
         times.append(time.perf_counter() - t1)
     times.sort()
     res = dict(model=args.model, accuracy=acc, per_class=per_class, samples=len(labels), steps=args.steps,
                scheduler=args.scheduler, cfg=args.cfg, seed=args.seed, sample_all_seconds=round(total_s, 1),
-               sample16_50steps_seconds=round(times[1], 2), device=cpu_name(), threads=torch.get_num_threads(),
+               sample16_50steps_seconds=round(times[len(times) // 2], 2), device=cpu_name(),
+               threads=torch.get_num_threads(),
                torch=torch.__version__, dtype="float32", image_shape=list(imgs.shape[1:]), date=str(date.today()),
+               seconds_per_image=round(total_s / len(labels), 4), load_average=round(os.getloadavg()[0], 1),
+               cfg_sweep=None if sweep is None else {str(c): a for c, a in sweep.items()},
+               sweep_per_class=args.sweep_per_class if sweep else None,
                command="python python/evaluate_models.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     (args.out / f"eval_{args.model}.json").write_text(json.dumps(res, indent=1))
     md = [f"# {args.model}: generated digits read by the bundled classifier", "",
@@ -76,12 +126,17 @@ def main(argv=None):
           "| digit | " + " | ".join(map(str, range(10))) + " | all |",
           "|---" * 12 + "|",
           "| accuracy | " + " | ".join(f"{per_class[d]:.2f}" for d in range(10)) + f" | **{acc:.3f}** |", "",
-          f"Sampling 16 images with 50 steps: {res['sample16_50steps_seconds']} s (median of 3).",
+          *([f"Guidance chosen on {10 * args.sweep_per_class} other samples (seed {args.seed + 1}): "
+             + ", ".join(f"CFG {c:g}: {a:.3f}" for c, a in sweep.items()) + f" -> CFG {args.cfg:g} recommended.", ""]
+            if sweep else []),
+          f"Sampling 16 images with 50 steps: {res['sample16_50steps_seconds']} s (median of {len(times)}); all "
+          f"{len(labels)} at {args.steps} steps (batches of {args.batch_size}): {res['seconds_per_image']} s per image "
+          f"(load average {res['load_average']} on the machine at the end).",
           f"Grid: `samples_{args.model}.png` (row d = digit d)."]
     (args.out / f"eval_{args.model}.md").write_text("\n".join(md) + "\n")
-    meta_file = WEIGHTS_DIR / f"{args.model}.json"
+    meta_file = args.weights_dir / f"{args.model}.json"
     meta = json.loads(meta_file.read_text())
-    meta["evaluation"] = {k: res[k] for k in ("accuracy", "samples", "steps", "scheduler", "cfg",
+    meta["evaluation"] = {k: res[k] for k in ("accuracy", "samples", "steps", "scheduler", "cfg", "cfg_sweep",
                                              "sample16_50steps_seconds", "date")}
     meta_file.write_text(json.dumps(meta, indent=1, default=str))
     print(json.dumps({k: v for k, v in res.items() if k != "per_class"}, indent=1))
