@@ -32,17 +32,17 @@ def soft_run(den, w_all, forecast="none", noise=None):
                    den.noise(0) if noise is None else noise).sample
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
-def test_hard_weights_give_the_compiled_schedule(dens, fam):
+@pytest.mark.parametrize("fam,forecast", [("sd3", "none"), ("flux", "none"), ("wan", "none"), ("flux", "linear")])
+def test_hard_weights_give_the_compiled_schedule(dens, fam, forecast):
     den = dens[fam]
     model = den.transformer
     ts = den.timesteps(STEPS)
-    sched = schedules.uniform(model, ts, interval=2)
+    sched = schedules.uniform(model, ts, interval=2, forecast=forecast)
     w = torch.tensor([[[1.0 if e == "C" else 0.0] for e in row] for row in sched.plan])
     with torch.no_grad():
         full = den.run(model, STEPS, den.noise(0)).sample
-        ones = soft_run(den, torch.ones_like(w))
-        soft = soft_run(den, w)
+        ones = soft_run(den, torch.ones_like(w), forecast)
+        soft = soft_run(den, w, forecast)
         compiled = den.run(l2c.compile_schedule(model, sched), STEPS, den.noise(0)).sample
     scale = float(full.abs().max())
     assert float((ones - full).abs().max()) <= 1e-5 * scale      # all computed: the model itself

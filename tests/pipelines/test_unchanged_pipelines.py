@@ -102,3 +102,25 @@ def test_tgate_schedule_is_refused_for_joint_attention(pipes):
     ts, _ = schedule_facts(pipes["sd3"], "sd3")
     with pytest.raises((l2c.ScheduleError, TypeError, ValueError), match="cross-attention"):
         l2c.compile_schedule(model, schedules.tgate(model, ts, gate_step=2))
+
+
+@pytest.mark.parametrize("forecast", ["linear", "quadratic"])
+def test_forecast_block_schedule_equals_the_hook_reference(pipes, forecast):
+    pipe = pipes["flux"]
+    model = pipe.transformer
+    steps = 6                                            # computed at 0, 2, 4: step 5 has three to extrapolate from
+    ts, _ = pipeline_timesteps(pipe, steps, height=CALL_KW["flux"]["height"], width=CALL_KW["flux"]["width"])
+    sched = schedules.uniform(model, ts, interval=2, forecast=forecast)
+    mask = [[e == "C" for e in row] for row in sched.plan]
+    with hook_reuse(model, mask):
+        plain = run_pipeline(pipe, "flux", steps=steps)
+    with hook_reuse(model, mask, forecast=forecast):
+        ref = run_pipeline(pipe, "flux", steps=steps)
+    try:
+        pipe.transformer = l2c.compile_schedule(model, sched)
+        out = run_pipeline(pipe, "flux", steps=steps)
+    finally:
+        pipe.transformer = model
+    scale = float(ref.abs().max())
+    assert max_err(plain, ref) > 1e-3 * scale           # the forecast changes the result ...
+    assert max_err(out, ref) <= 1e-5 * scale            # ... as the reference extrapolates
