@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 FORMAT = "l2c-schedule"
 VERSION = 1
-KNOWN_BRANCHES = ("attn1", "attn2", "ff", "block")
+KNOWN_BRANCHES = ("attn1", "attn2", "ff", "ff_context", "block")  # ff_context: SD3/Flux text-stream MLP
 BLOCK_UNIT = "block"  # block-level schedules: branches ["block"], one letter per block (C compute, R reuse)
 FORECASTS = ("none", "linear", "quadratic")
 COMPUTE, REUSE, BLOCK = "C", "R", "B"
@@ -52,12 +52,20 @@ class ScheduleError(ValueError):
     """A schedule that is malformed or does not fit the model it is used with."""
 
 
-def _model_facts(model, block_level: bool = False) -> tuple[str, int, list[str], dict]:
+def _model_facts(model, block_level: bool = False, branch_level: bool = False) -> tuple[str, int, list[str], dict]:
     from .adapters import adapter_for
 
-    ad = adapter_for(model, block_level=block_level)
+    ad = adapter_for(model, block_level=block_level, branch_level=branch_level)
     inner = getattr(model, "original_model", model)
     return type(inner).__name__, ad.num_blocks(inner), ad.branches(inner), ad.branch_flops(inner)
+
+
+def _branch_adapter(model, branch_level: bool):
+    """The opt-in branch adapter (SD3 / Flux units) a branch-level schedule of ``model`` uses, else None."""
+    from .adapters import OPT_IN_BRANCH_ADAPTERS
+
+    inner = getattr(model, "original_model", model)
+    return next((ad for ad in OPT_IN_BRANCH_ADAPTERS if branch_level and ad.matches(inner)), None)
 
 
 def _unit_flops(model) -> list:
@@ -82,6 +90,7 @@ class Schedule:
     attn2_cache: str = "per_sample"  # or "cfg_mean" (T-GATE: cache the mean of the CFG halves)
     forecast: str = "none"           # or "linear" / "quadratic": extrapolate reused outputs (module docstring)
     unit_flops: list = field(default_factory=list)  # block-level: FLOPs of each block (budget weights), or empty
+    unit_branch_flops: list = field(default_factory=list)  # [block][branch] FLOPs (0: branch not in that block), or empty
     sampler: dict = field(default_factory=dict)     # the sampler it was made for (sampler_info), or empty
 
     def __post_init__(self):
@@ -95,7 +104,8 @@ class Schedule:
     def from_mask(cls, model, timesteps: Sequence[int], mask, branches: Sequence[str] | None = None,
                   block_reuse=None, method: str = "manual", params: dict | None = None,
                   attn2_cache: str = "per_sample", forecast: str = "none",
-                  unit_flops: Sequence[float] | None = None, sampler: dict | None = None) -> "Schedule":
+                  unit_flops: Sequence[float] | None = None, sampler: dict | None = None,
+                  unit_branch_flops: Sequence[Sequence[float]] | None = None) -> "Schedule":
         """Build from ``mask[step][block][branch]`` (True = compute) for ``model``.
 
         ``block_reuse[step][block]`` (optional, True = skip the whole block and re-add its cached
@@ -104,9 +114,15 @@ class Schedule:
         Block level (``branches=["block"]``, the default for models without a branch adapter, e.g. Flux):
         ``mask[step][block]`` may be one bool per block; ``unit_flops`` gives each block's cost (e.g. counted
         by ``runtime.block_flops.measure_block_flops``), else it is estimated from the block's weights.
+
+        Branch level on SD3 / Flux (opt-in: name the branches, see ``adapters.mmdit_branches``): the branches
+        are the union over the block kinds; one a block does not have is written ``C``; ``unit_branch_flops``
+        (``[block][branch]``, e.g. from ``runtime.branch_wrappers.measure_branch_flops``) weighs each unit,
+        else it is estimated for the family's default token counts.
         """
         block_level = branches is not None and list(branches) == [BLOCK_UNIT]
-        model_class, nblocks, model_branches, flops = _model_facts(model, block_level)
+        branch_level = branches is not None and not block_level
+        model_class, nblocks, model_branches, flops = _model_facts(model, block_level, branch_level)
         branches = list(branches) if branches is not None else model_branches
         if branches == [BLOCK_UNIT]:
             mask = [[[v] if isinstance(v, bool) or not hasattr(v, "__len__") else v for v in row]
@@ -137,10 +153,18 @@ class Schedule:
                      for e in row] for row in plan]
         if model_branches == [BLOCK_UNIT]:
             unit_flops = [float(f) for f in (unit_flops if unit_flops is not None else _unit_flops(model))]
+        ad = _branch_adapter(model, branch_level)
+        if hasattr(ad, "applicable"):  # branches a block does not have are written C (not applicable)
+            app = ad.applicable(getattr(model, "original_model", model))
+            plan = [[e if e == BLOCK else "".join(c if ok else COMPUTE for c, ok in zip(e, app[b]))
+                     for b, e in enumerate(row)] for row in plan]
+            if unit_branch_flops is None:
+                unit_branch_flops = ad.unit_branch_flops(getattr(model, "original_model", model))
+        ubf = [[float(v) for v in r] for r in unit_branch_flops] if unit_branch_flops is not None else []
         return cls(timesteps=list(timesteps), plan=plan, branches=model_branches, num_blocks=nblocks,
                    model_class=model_class, method=method, params=dict(params or {}),
                    branch_flops=flops, attn2_cache=attn2_cache, forecast=forecast,
-                   unit_flops=list(unit_flops or []), sampler=dict(sampler or {}))
+                   unit_flops=list(unit_flops or []), sampler=dict(sampler or {}), unit_branch_flops=ubf)
 
     @classmethod
     def full(cls, model, timesteps: Sequence[int], branches: Sequence[str] | None = None,
@@ -148,7 +172,7 @@ class Schedule:
         """The schedule that computes everything (output equals the original model's); ``branches=["block"]``
         makes a block-level one for a model that also has a branch adapter."""
         block_level = branches is not None and list(branches) == [BLOCK_UNIT]
-        _, nblocks, model_branches, _ = _model_facts(model, block_level)
+        _, nblocks, model_branches, _ = _model_facts(model, block_level, branches is not None and not block_level)
         mask = [[[True] * len(model_branches)] * nblocks for _ in timesteps]
         return cls.from_mask(model, timesteps, mask, branches=model_branches, method="full", sampler=sampler)
 
@@ -216,6 +240,10 @@ class Schedule:
     def flops_removed_fraction(self) -> float:
         """Fraction of branch FLOPs removed, weighting each branch by its FLOPs."""
         m = self.compute_mask()
+        if self.unit_branch_flops:  # branch level with per-block costs (SD3 / Flux units)
+            total = self.num_steps * sum(sum(r) for r in self.unit_branch_flops)
+            done = sum(f for row in m for fr, blk in zip(self.unit_branch_flops, row) for f, c in zip(fr, blk) if c)
+            return 1.0 - done / max(total, 1e-30)
         if self.unit_flops and len(self.unit_flops) == self.num_blocks:  # block level: each block's own cost
             total = self.num_steps * sum(self.unit_flops)
             done = sum(f for row in m for f, blk in zip(self.unit_flops, row) if all(blk))
@@ -283,6 +311,12 @@ class Schedule:
                 or not all(_is_finite_number(v) and v >= 0 for v in self.unit_flops))):
             raise ScheduleError(f"unit_flops must list one finite number >= 0 per block ({self.num_blocks}), "
                                 f"got {self.unit_flops!r}")
+        if not isinstance(self.unit_branch_flops, list) or (self.unit_branch_flops and (
+                len(self.unit_branch_flops) != self.num_blocks
+                or not all(isinstance(r, list) and len(r) == len(self.branches)
+                           and all(_is_finite_number(v) and v >= 0 for v in r) for r in self.unit_branch_flops))):
+            raise ScheduleError(f"unit_branch_flops must list, per block ({self.num_blocks}), one finite number >= 0 "
+                                f"per branch {self.branches}; got {self.unit_branch_flops!r}")
         if len(set(self.branches)) != len(self.branches):
             raise ScheduleError(f"duplicate branch names in {self.branches}")
         if not isinstance(self.sampler, dict) or (self.sampler and not isinstance(self.sampler.get("class"), str)):
@@ -324,7 +358,8 @@ class Schedule:
 
     def validate_for(self, model) -> None:
         """Raise :class:`ScheduleError` if this schedule was made for a different model layout."""
-        model_class, nblocks, branches, _ = _model_facts(model, self.branches == [BLOCK_UNIT])
+        model_class, nblocks, branches, _ = _model_facts(model, self.branches == [BLOCK_UNIT],
+                                                         self.branches != [BLOCK_UNIT])
         if nblocks != self.num_blocks:
             raise ScheduleError(f"schedule was made for {self.num_blocks} blocks ({self.model_class or 'unknown model'}) "
                                 f"but {model_class} has {nblocks}")
@@ -339,6 +374,7 @@ class Schedule:
                     branches=self.branches, attn2_cache=self.attn2_cache, forecast=self.forecast, method=self.method,
                     params=self.params, branch_flops=self.branch_flops,
                     **(dict(unit_flops=self.unit_flops) if self.unit_flops else {}),
+                    **(dict(unit_branch_flops=self.unit_branch_flops) if self.unit_branch_flops else {}),
                     **(dict(sampler=self.sampler) if self.sampler else {}), timesteps=self.timesteps,
                     plan=self.plan)
 
@@ -356,7 +392,8 @@ class Schedule:
                    model_class=d.get("model_class", ""), method=d.get("method", "manual"),
                    params=d.get("params", {}), branch_flops=d.get("branch_flops", {}),
                    attn2_cache=d.get("attn2_cache", "per_sample"), forecast=d.get("forecast", "none"),
-                   unit_flops=d.get("unit_flops", []), sampler=d.get("sampler", {}))
+                   unit_flops=d.get("unit_flops", []), sampler=d.get("sampler", {}),
+                   unit_branch_flops=d.get("unit_branch_flops", []))
 
     def to_json(self) -> str:
         """JSON with one field per line and one plan row (a step) per line."""

@@ -17,6 +17,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..adapters.mmdit_branches import is_two_stream
 from ..adapters.patterns import BlockPatternError, BlockRef, FamilyPattern, find_blocks, pattern_for
 from ..schedule import BLOCK_UNIT, Schedule, ScheduleError, next_step_index, same_timestep
 from .block_cache import BlockAction, BlockCaches, apply_residuals, block_actions, store_residuals
@@ -52,6 +53,10 @@ class _BlockWrapper(nn.Module):
             return getattr(self._modules["block"], name)
 
     def forward(self, *args, **kwargs):
+        return self._run(self._enter(args, kwargs), args, kwargs)
+
+    def _enter(self, args, kwargs) -> dict:
+        """Check that the forward runs this block next (in order, once) and bind its arguments."""
         st, ref = self._state, self._ref
         if ref.index != st.next_block:
             exp = st.refs[st.next_block] if st.next_block < len(st.refs) else None
@@ -61,10 +66,13 @@ class _BlockWrapper(nn.Module):
                 f"table says the blocks of {list(st.fam.block_lists)} run once each, in order")
         st.next_block += 1
         try:
-            bound = self._sig.bind(*args, **kwargs).arguments
+            return self._sig.bind(*args, **kwargs).arguments
         except TypeError as e:
             raise BlockPatternError(f"{type(self.block).__name__} was called with arguments its forward does not "
                                     f"take: {e}") from None
+
+    def _run(self, bound, args, kwargs):
+        st, ref = self._state, self._ref
         names = ref.pattern.returns
         ins = [bound.get(n) for n in names]
         for n, x in zip(names, ins):
@@ -138,20 +146,13 @@ class BlockCachedTransformer(nn.Module):
     def __init__(self, model: nn.Module, schedule: Schedule, *, passes_per_step: int = 1):
         super().__init__()
         fam = pattern_for(model)
-        if schedule.attn2_cache == "cfg_mean" or "attn2" in schedule.branches:
-            why = ("it uses joint attention over text and image tokens: there is no cross-attention to cache"
-                   if fam.joint_attention else "its cross-attention is not cached separately at block level")
-            raise ScheduleError(f"T-GATE (and branch-level attn2) schedules cannot run on {fam.model_class}: {why}. "
-                                f"Use a block-level schedule (branches ['block']).")
-        if schedule.branches != [BLOCK_UNIT]:
-            raise ScheduleError(f"{fam.model_class} runs block-level schedules (branches ['block']); this schedule "
-                                f"has branches {schedule.branches}")
+        self._check_schedule(fam, schedule)
         schedule.validate_for(model)
         refs = find_blocks(model, fam)
         self.original_model = model  # registered: .to()/.half() reach the shared weights
         self.schedule, self.pattern = schedule, fam
         self.passes_per_step = int(passes_per_step)
-        self._actions = block_actions(schedule)
+        self._actions = self._make_actions(schedule)
         self._state = _RunState(fam, refs)
         object.__setattr__(self, "_shadow", self._make_shadow(model, fam, refs, self._state))
         self._model_sig = inspect.signature(type(model).forward)
@@ -160,12 +161,30 @@ class BlockCachedTransformer(nn.Module):
         self._pass = 0
         self._forced_step: int | None = None
 
+    # ------------------------------------------------------------ what a subclass (branch level) changes
     @staticmethod
-    def _make_shadow(model, fam, refs, state) -> nn.Module:
+    def _check_schedule(fam: FamilyPattern, schedule: Schedule) -> None:
+        if schedule.attn2_cache == "cfg_mean" or "attn2" in schedule.branches:
+            why = ("it uses joint attention over text and image tokens: there is no cross-attention to cache"
+                   if fam.joint_attention else "its cross-attention is not cached separately at block level")
+            raise ScheduleError(f"T-GATE (and branch-level attn2) schedules cannot run on {fam.model_class}: {why}. "
+                                f"Use a block-level schedule (branches ['block']).")
+        if schedule.branches != [BLOCK_UNIT]:
+            raise ScheduleError(f"{fam.model_class} runs block-level schedules (branches ['block']); this schedule "
+                                f"has branches {schedule.branches}")
+
+    @staticmethod
+    def _make_actions(schedule: Schedule) -> list:
+        return block_actions(schedule)
+
+    def _wrapper(self, ref: BlockRef, state: _RunState) -> nn.Module:
+        return _BlockWrapper(ref, state)
+
+    def _make_shadow(self, model, fam, refs, state) -> nn.Module:
         shadow = copy.copy(model)
         mods = dict(model._modules)
         for name in fam.block_lists:
-            mods[name] = nn.ModuleList([_BlockWrapper(r, state) for r in refs if r.list_name == name])
+            mods[name] = nn.ModuleList([self._wrapper(r, state) for r in refs if r.list_name == name])
         object.__setattr__(shadow, "_modules", mods)
         return shadow
 
@@ -278,4 +297,8 @@ class BlockCachedTransformer(nn.Module):
 def compile_blocks(model: nn.Module, schedule: Schedule, **kwargs) -> BlockCachedTransformer:
     """:class:`BlockCachedTransformer` for ``model`` (or a compiled module's original) and ``schedule``."""
     model = getattr(model, "original_model", model)
+    if schedule.branches != [BLOCK_UNIT] and is_two_stream(model):  # SD3 / Flux at branch level
+        from .branch_wrappers import BranchCachedTransformer
+
+        return BranchCachedTransformer(model, schedule, **kwargs)
     return BlockCachedTransformer(model, schedule, **kwargs)
