@@ -378,3 +378,39 @@ _add(Family("pixart-sigma", "PixArtTransformer2DModel", "PixArt-alpha/PixArt-Sig
                     encoder_attention_mask=lambda g, b: torch.ones(b, 6),
                     added_cond_kwargs=lambda g, b: {"resolution": None, "aspect_ratio": None}),
             returns={"transformer_blocks": H}))
+
+# ------------------------------------------------------------------ more Flux-shaped and Wan-shaped families
+_add(Family("skyreels-v2", "SkyReelsV2Transformer3DModel", "Skywork/SkyReels-V2-T2V-1.3B-540P-Diffusers",
+            dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
+                 text_dim=64, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
+                 rope_max_seq_len=1024),
+            "30 -> 2 blocks, 12 -> 2 heads of 128, UMT5 width 4096 -> 64, ffn 8960 -> 512",
+            _image(16, 8, frames=2), _text(6, 64), returns={"blocks": H}))
+_add(Family("ovis-image", "OvisImageTransformer2DModel", "AIDC-AI/Ovis-Image-7B (diffusers' defaults for the class)",
+            dict(patch_size=1, in_channels=64, out_channels=64, num_layers=1, num_single_layers=2,
+                 attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=[16, 56, 56]),
+            "6/27 -> 1/2 blocks, 24 -> 2 heads of 128 (RoPE 16/56/56 kept), text width 2048 -> 64",
+            _tokens(64, 16),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    img_ids=lambda g, b: _ids(4), txt_ids=lambda g, b: _ids(0, txt=6)),
+            returns={"transformer_blocks": EH, "single_transformer_blocks": EH}, to_model_t=_per_mille))
+_add(Family("longcat-image", "LongCatImageTransformer2DModel",
+            "meituan-longcat/LongCat-Image (diffusers' defaults for the class)",
+            dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
+                 num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=[16, 56, 56]),
+            "19/38 -> 1/2 blocks, 24 -> 2 heads of 128, text width 3584 -> 64",
+            _tokens(64, 16),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    img_ids=lambda g, b: _ids(4), txt_ids=lambda g, b: _ids(0, txt=6)),
+            returns={"transformer_blocks": EH, "single_transformer_blocks": EH}, to_model_t=_per_mille))
+_add(Family("hunyuan-image-2.1", "HunyuanImageTransformer2DModel",
+            "hunyuanvideo-community/HunyuanImage-2.1-Diffusers (diffusers' defaults for the class)",
+            dict(in_channels=64, out_channels=64, num_attention_heads=2, attention_head_dim=128, num_layers=1,
+                 num_single_layers=2, num_refiner_layers=1, mlp_ratio=4.0, patch_size=[1, 1], qk_norm="rms_norm",
+                 guidance_embeds=False, text_embed_dim=64, rope_theta=256.0, rope_axes_dim=[64, 64]),
+            "20/40 -> 1/2 blocks, 2 -> 1 refiner layer, 28 -> 2 heads of 128 (RoPE 64/64 kept), text width 3584 -> 64",
+            _image(64, 4),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    encoder_attention_mask=lambda g, b: torch.ones(b, 6)),
+            returns={"transformer_blocks": HE, "single_transformer_blocks": HE}))
