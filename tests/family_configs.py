@@ -414,3 +414,12 @@ _add(Family("hunyuan-image-2.1", "HunyuanImageTransformer2DModel",
             _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
                     encoder_attention_mask=lambda g, b: torch.ones(b, 6)),
             returns={"transformer_blocks": HE, "single_transformer_blocks": HE}))
+_add(Family("bria-3.2", "BriaTransformer2DModel", "briaai/BRIA-3.2 (diffusers' defaults for the class)",
+            dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
+                 num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=None, guidance_embeds=False,
+                 axes_dims_rope=[16, 56, 56], rope_theta=10000, time_theta=10000),
+            "19/38 -> 1/2 blocks, 24 -> 2 heads of 128, T5 width 4096 -> 64",
+            _tokens(64, 16),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    img_ids=lambda g, b: _ids(4), txt_ids=lambda g, b: _ids(0, txt=6)),
+            returns={"transformer_blocks": EH, "single_transformer_blocks": EH}))

@@ -84,7 +84,7 @@ PATTERNS: dict[str, FamilyPattern] = {p.model_class: p for p in [
     _family("ChromaTransformer2DModel", ["transformer_blocks", "single_transformer_blocks"],
             {"ChromaTransformerBlock": ENC_HID, "ChromaSingleTransformerBlock": HID}, True, timestep_map="per_mille"),
     _family("BriaTransformer2DModel", ["transformer_blocks", "single_transformer_blocks"],
-            {"BriaTransformerBlock": ENC_HID, "BriaSingleTransformerBlock": ENC_HID}, True, timestep_map="per_mille"),
+            {"BriaTransformerBlock": ENC_HID, "BriaSingleTransformerBlock": ENC_HID}, True),
     _family("OvisImageTransformer2DModel", ["transformer_blocks", "single_transformer_blocks"],
             {"OvisImageTransformerBlock": ENC_HID, "OvisImageSingleTransformerBlock": ENC_HID}, True,
             timestep_map="per_mille"),
@@ -133,6 +133,10 @@ REFUSED: dict[str, str] = {
     "Kandinsky5Transformer3DModel": "the visual blocks take the text blocks' final output, not a carried stream",
     "LTX2VideoTransformer3DModel": "blocks return video and audio streams with per-stream modulation arguments "
                                    "not covered by the pattern table yet",
+    "HunyuanDiT2DModel": "long skip connections: later blocks take an earlier block's output as a second input, "
+                         "which a replayed residual of hidden_states alone does not represent",
+    "LatteTransformer3DModel": "spatial and temporal blocks from two lists alternate in the forward",
+    "ZImageTransformer2DModel": "it takes lists of per-sample token sequences of different lengths, not batched tensors",
 }
 
 
