@@ -125,7 +125,7 @@ def test_tgate_refused_for_joint_attention():
 
 def test_branch_schedule_of_another_model_refused_and_dit_runs_at_either_level():
     flux, dit = built("flux-dev"), built("dit-xl-2")
-    with pytest.raises(l2c.ScheduleError, match="branches"):
+    with pytest.raises(l2c.ScheduleError, match="made for .*DiTTransformer2DModel"):
         l2c.compile_schedule(flux, l2c.Schedule.full(dit, TIMESTEPS))
     assert type(l2c.compile_schedule(dit, l2c.Schedule.full(dit, TIMESTEPS))).__name__ == "CachedTransformer"
     assert type(l2c.compile_schedule(dit, l2c.Schedule.full(dit, TIMESTEPS, branches=["block"]))).__name__ \
@@ -213,3 +213,16 @@ def test_model_untouched_and_weights_shared():
     assert fast.original_model is flux and fast.config is flux.config
     assert fast._shadow.transformer_blocks[0].block is flux.transformer_blocks[0]
     assert fast._shadow.x_embedder is flux.x_embedder
+
+
+def test_to_dtype_reaches_the_shared_weights():
+    """.to() on the compiled module converts the original's weights, which the shadow shares."""
+    fam = FAMILIES["sd3-medium"]
+    model = fam.build(seed=3)
+    fast = l2c.compile_schedule(model, l2c.Schedule.full(model, TIMESTEPS))
+    fast.to(torch.float64)
+    assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float64
+    assert fast._shadow.pos_embed.proj.weight.dtype == torch.float64
+    kw = fam.call_kwargs(fam.latents(1, 0).double(), TIMESTEPS[0],
+                         {k: v.double() for k, v in fam.inputs(1, 0).items()})
+    assert torch.equal(fast(**kw)[0], model(**kw)[0])
