@@ -111,9 +111,14 @@ def summary(pipe_or_module) -> dict:
     ``compile_schedule`` module) has run: steps run, generations, branch FLOPs removed over the steps run,
     plans used, CFG-collapsed calls, CUDA graphs."""
     mod = getattr(pipe_or_module, "transformer", pipe_or_module)
-    if not hasattr(mod, "summary") or not hasattr(mod, "original_model"):
+    if not hasattr(mod, "original_model") or not hasattr(mod, "schedule"):
         raise ValueError(f"no l2c cached transformer here ({type(mod).__name__}); call l2c.enable(pipe, schedule) first")
-    out = dict(mod.summary())
+    if hasattr(mod, "summary"):
+        out = dict(mod.summary())
+    else:  # a runtime without run-time counters: what its schedule says
+        out = dict(schedule_steps=mod.schedule.num_steps, current_step=mod.current_step,
+                   schedule_flops_removed=round(mod.schedule.flops_removed_fraction(), 4),
+                   distinct_plans=mod.distinct_plans() if hasattr(mod, "distinct_plans") else None)
     st = getattr(mod, "_l2c_enabled", None)
     if isinstance(st, _Enabled):
         out["enabled_on"] = type(st.pipe).__name__
