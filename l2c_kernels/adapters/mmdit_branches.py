@@ -96,7 +96,8 @@ def _attention_macs(attn, q_tokens: int, kv_tokens: int) -> int:
 
 def estimate_branch_flops(model, image_tokens: int | None = None, text_tokens: int | None = None) -> list[list[float]]:
     """FLOPs (2 x multiply-accumulates of linear layers and attention) of every unit of every block for one
-    sample with ``image_tokens`` image and ``text_tokens`` text tokens; 0 where a unit does not apply.
+    sample with ``image_tokens`` image and ``text_tokens`` text tokens; 0 where a unit does not apply. (In
+    SD3's last block the text stream's modulation feeds only the attention: it counts as ``attn1``'s.)
 
     Defaults: SD3 -- the config's ``sample_size / patch_size`` squared image tokens and 333 text tokens;
     Flux -- 4096 image tokens (1024 x 1024) and 512 text tokens. The adaLN modulation and the norms
@@ -131,6 +132,8 @@ def estimate_branch_flops(model, image_tokens: int | None = None, text_tokens: i
             if getattr(a, "to_add_out", None) is not None:
                 txt += _linear_macs(a.to_add_out)
             macs["attn1"] = ti * img + tt * txt + _attention_macs(a, ti + tt, ti + tt)
+            if getattr(blk, "context_pre_only", False):
+                macs["attn1"] += _linear_macs(blk.norm1_context)  # its modulation feeds only the attention
             if "attn2" in have:
                 macs["attn2"] = ti * _linear_macs(blk.attn2) + _attention_macs(blk.attn2, ti, ti)
             macs["ff"] = ti * _linear_macs(blk.ff)
