@@ -2,8 +2,14 @@
 
     l2c demo                      learn a schedule for the bundled DiT, compile it, compare with full compute
     l2c learn --model dit-digits --steps 20 --budget 0.4 -o dit.l2c.json
+    l2c learn --pipeline ./my-dit --labels 207 360 387 --steps 50 --budget 0.4 --device cuda --dtype bf16
+    l2c learn --pipeline ./pixart-sigma --prompts prompts.txt --height 1024 --width 768 --guidance-scale 4.5
     l2c show dit.l2c.json         summary and a heatmap PNG
     l2c bench dit.l2c.json        measured speedup and PSNR of a schedule on its bundled model
+    l2c bench dit.l2c.json --pipeline ./my-dit --labels 207 360      ... or on a diffusers pipeline
+
+--pipeline takes a local folder written by a diffusers pipeline's save_pretrained(); it is loaded
+offline (nothing is downloaded).
 """
 from __future__ import annotations
 
@@ -27,6 +33,38 @@ def _threads(n):
 
     if n:
         torch.set_num_threads(n)
+
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+          "float16": "float16"}
+
+
+def load_pipeline(path, device: str = "cpu", dtype: str = "fp32"):
+    """A diffusers pipeline from a local ``save_pretrained`` folder, offline, on ``device`` in ``dtype``."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json); write one with "
+                                "pipe.save_pretrained(folder)")
+    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True,
+                                             torch_dtype=getattr(torch, DTYPES[dtype]))
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _conditions(a) -> dict:
+    """labels / prompts / size / guidance from the command line (None where not given)."""
+    prompts = None
+    if a.prompts:
+        text = Path(a.prompts).read_text().splitlines()
+        prompts = [t.strip() for t in text if t.strip()]
+        if not prompts:
+            raise ValueError(f"{a.prompts}: no prompts (one per line)")
+    g = a.guidance_scale if a.guidance_scale is not None else a.cfg
+    return dict(labels=a.labels, prompts=prompts, height=a.height, width=a.width, guidance_scale=g)
 
 
 def cmd_demo(a) -> int:
@@ -78,15 +116,28 @@ def cmd_demo(a) -> int:
 
 def cmd_learn(a) -> int:
     from .learn import learn_schedule
-    from .models import load
     from .plots import schedule_heatmap
 
     _threads(a.threads)
-    bundle = load(a.model)
-    cfg = a.cfg if a.cfg is not None else bundle.recommended_cfg
-    sched = learn_schedule(bundle, num_inference_steps=a.steps, budget=a.budget, scheduler=a.scheduler, cfg=cfg,
-                           iterations=a.iterations, batch_size=a.batch, seed=a.seed, forecast=a.forecast)
-    sched.params["model"] = a.model
+    if a.pipeline:
+        target = load_pipeline(a.pipeline, a.device, a.dtype)
+        kw = _conditions(a)
+        scheduler = a.scheduler
+    else:
+        import torch
+
+        from .models import load
+
+        target = load(a.model or "dit-digits", device=a.device, dtype=getattr(torch, DTYPES[a.dtype]))
+        cfg = a.guidance_scale if a.guidance_scale is not None else a.cfg
+        kw = dict(labels=a.labels, guidance_scale=cfg if cfg is not None else target.recommended_cfg)
+        scheduler = a.scheduler or "ddim"
+    sched = learn_schedule(target, num_inference_steps=a.steps, budget=a.budget, scheduler=scheduler,
+                           iterations=a.iterations, batch_size=a.batch, seed=a.seed, forecast=a.forecast, **kw)
+    if a.pipeline:
+        sched.params["pipeline"] = str(a.pipeline)
+    else:
+        sched.params["model"] = a.model or "dit-digits"
     sched.save(a.output)
     print(sched.format_summary())
     png = Path(a.output).with_suffix(".png")
@@ -109,15 +160,18 @@ def cmd_show(a) -> int:
 
 def cmd_bench(a) -> int:
     from . import compile_schedule
-    from .evaluate import compare, default_labels, strip_images
     from .schedule import Schedule
 
     _threads(a.threads)
     sched = Schedule.load(a.schedule)
+    if a.pipeline:
+        return _bench_pipeline(a, sched)
+    from .evaluate import compare, default_labels, strip_images
+
     name = a.model or sched.params.get("model") or ("pixart-digits" if "attn2" in sched.branches else "dit-digits")
     bundle = _model_for_schedule(sched, name)
     steps = len(sched.timesteps)
-    scheduler = a.scheduler or sched.params.get("scheduler", "ddim")
+    scheduler = a.scheduler or sched.params.get("scheduler") or "ddim"
     cfg = a.cfg if a.cfg is not None else sched.params.get("cfg", bundle.recommended_cfg)
     fast = compile_schedule(bundle.transformer, sched)
     res = compare(bundle, {"full": bundle.transformer, "cached": fast}, default_labels(a.samples), steps, scheduler,
@@ -128,7 +182,62 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _bench_pipeline(a, sched) -> int:
+    """Full compute and the schedule on the pipeline's transformer, same noise, through the library's loop:
+    median seconds per generation, speedup, PSNR of the final latents (peak = the reference's range)."""
+    import statistics
+
+    import torch
+
+    from . import compile_schedule
+    from .learn import denoiser_for
+
+    pipe = load_pipeline(a.pipeline, a.device, a.dtype)
+    model = getattr(pipe.transformer, "original_model", pipe.transformer)
+    sched.validate_for(model)
+    kw = _conditions(a)
+    if kw["guidance_scale"] is None:
+        kw["guidance_scale"] = sched.params.get("guidance_scale")
+    steps = len(sched.timesteps)
+    scheduler = a.scheduler or sched.params.get("scheduler")
+    den = denoiser_for(pipe, a.samples, kw["guidance_scale"], scheduler, seed=a.seed, labels=kw["labels"],
+                       prompts=kw["prompts"], height=kw["height"], width=kw["width"])
+    ts = den.timesteps(steps)
+    from .schedule import same_timestep
+
+    if not all(same_timestep(x, y) for x, y in zip(ts, sched.timesteps)):
+        raise ValueError(f"the schedule was learned for timesteps {sched.timesteps}; this pipeline and size sample "
+                         f"at {ts}: learn it with the same scheduler, steps and size")
+    fast = compile_schedule(model, sched)
+    noise = den.noise(a.seed)
+    times = {"full": [], "cached": []}
+    out = {}
+    for r in range(a.repeats + 1):   # the first round warms up and gives the samples
+        for name, tr in (("full", model), ("cached", fast)):
+            t0 = time.perf_counter()
+            x, _ = den.sample_with(tr, steps, noise)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            if r == 0:
+                out[name] = x.float()
+            else:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ref = out["full"]
+    mse = float((out["cached"] - ref).pow(2).mean())
+    peak = float(ref.max() - ref.min())
+    psnr = float("inf") if mse == 0 else 10 * __import__("math").log10(peak ** 2 / mse)
+    print(json.dumps(dict(pipeline=str(a.pipeline), steps=steps, guidance_scale=den.cfg, samples=den.num_samples,
+                          device=str(den.device), dtype=str(den.dtype).replace("torch.", ""),
+                          flops_removed=round(sched.flops_removed_fraction(), 4),
+                          full_seconds=round(med["full"], 4), cached_seconds=round(med["cached"], 4),
+                          speedup=round(med["full"] / med["cached"], 3), psnr_latents_db=round(psnr, 2)), indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .learn.schedulers import SCHEDULER_NAMES
+
     p = argparse.ArgumentParser(prog="l2c", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -158,12 +267,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="l2c-demo", help="output folder")
     d.set_defaults(func=cmd_demo)
 
-    lp = sub.add_parser("learn", help="learn a schedule for a bundled model and save it as JSON",
+    def target(sp):
+        sp.add_argument("--pipeline", default=None, metavar="DIR",
+                        help="a local diffusers pipeline folder (save_pretrained), loaded offline, instead of a "
+                             "bundled model")
+        sp.add_argument("--labels", type=int, nargs="+", default=None, help="class labels (DiT pipelines)")
+        sp.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one per line (PixArt pipelines)")
+        sp.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+        sp.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+        sp.add_argument("--guidance-scale", type=float, default=None,
+                        help="guidance scale (default: the pipeline's, or the bundled model's recommended)")
+        sp.add_argument("--device", default="cpu", help="where the model runs and learns (cpu, cuda, cuda:1, ...)")
+        sp.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype (the router is fp32)")
+
+    lp = sub.add_parser("learn", help="learn a schedule for a bundled model or a diffusers pipeline and save it",
                         description="Train the L2C router along the sampler's trajectory and rank its scores to a "
                                     "FLOPs budget.")
-    common(lp, forecast=True)
+    common(lp, model=False, forecast=True)
+    lp.add_argument("--model", default=None, help="bundled model (default dit-digits) when no --pipeline is given")
+    target(lp)
     lp.add_argument("--steps", type=int, default=20)
-    lp.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm++", "euler"])
+    lp.add_argument("--scheduler", default=None, choices=list(SCHEDULER_NAMES),
+                    help="sampler (default: the pipeline's own; ddim for bundled models)")
     lp.add_argument("--budget", type=float, default=0.4, help="fraction of branch FLOPs to remove, in (0, 1)")
     lp.add_argument("--iterations", type=int, default=60)
     lp.add_argument("--batch", type=int, default=4, help="images per training trajectory")
@@ -182,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("schedule")
     common(bp, model=False)
     bp.add_argument("--model", default=None, help="bundled model (default: from the schedule)")
-    bp.add_argument("--scheduler", default=None)
+    target(bp)
+    bp.add_argument("--scheduler", default=None, choices=list(SCHEDULER_NAMES),
+                    help="sampler (default: the one the schedule was learned with)")
     bp.add_argument("--samples", type=int, default=16)
     bp.add_argument("--repeats", type=int, default=3)
     bp.set_defaults(func=cmd_bench)
@@ -205,7 +332,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ScheduleError, FileNotFoundError) as e:
+    except (ScheduleError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"l2c: error: {e}", file=sys.stderr)
         return 2
 

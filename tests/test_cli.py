@@ -48,3 +48,32 @@ def test_help_explains_every_command(capsys):
         assert "usage: l2c " + cmd in capsys.readouterr().out
     with pytest.raises(SystemExit):
         p.parse_args(["learn", "--forecast", "cubic"])
+
+
+def test_learn_and_bench_on_a_saved_pipeline(tmp_path, capsys):
+    """``l2c learn --pipeline DIR``: a DiT-XL/2-shaped pipeline written with save_pretrained, loaded offline."""
+    from tests.learn.pipeline_models import dit_xl_shaped_pipeline
+
+    pipe = dit_xl_shaped_pipeline()
+    folder = tmp_path / "dit"
+    pipe.save_pretrained(folder)
+    out = tmp_path / "dit.l2c.json"
+    rc = main(["learn", "--pipeline", str(folder), "--labels", "207", "360", "--steps", "3", "--budget", "0.4",
+               "--iterations", "2", "--batch", "2", "--guidance-scale", "3.0", "-o", str(out)])
+    assert rc == 0 and out.exists()
+    sched = l2c.Schedule.load(out)
+    sched.validate_for(pipe.transformer)
+    assert sched.params["pipeline"] == str(folder) and sched.params["guidance_scale"] == 3.0
+    assert sched.flops_removed_fraction() >= 0.4 - 1e-9
+    capsys.readouterr()
+    assert main(["bench", str(out), "--pipeline", str(folder), "--labels", "207", "360", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == 3 and report["guidance_scale"] == 3.0 and report["samples"] == 2
+    assert report["speedup"] > 0 and report["flops_removed"] == round(sched.flops_removed_fraction(), 4)
+    # input that does not fit the pipeline is named
+    assert main(["learn", "--pipeline", str(folder), "--labels", "1000", "--steps", "3"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["learn", "--pipeline", str(folder), "--labels", "1", "--height", "18", "--steps", "3"]) == 2
+    assert "height=18" in capsys.readouterr().err
+    assert main(["learn", "--pipeline", str(tmp_path / "missing"), "--steps", "3"]) == 2
+    assert "model_index.json" in capsys.readouterr().err

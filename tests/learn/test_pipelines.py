@@ -150,3 +150,15 @@ def test_errors_name_the_problem(dit_pipe, pixart_pipe):
         l2c.learn_schedule(dit_pipe.transformer, STEPS, 0.4, **FAST)
     with pytest.raises(TypeError, match="supported for"):
         l2c.learn_schedule(object(), STEPS, 0.4, **FAST)
+
+
+def test_learns_where_the_model_is_in_its_dtype_with_a_float32_router():
+    from l2c_kernels.learn import train_router
+
+    pipe = dit_xl_shaped_pipeline(layers=1).to(torch.bfloat16)
+    res = train_router(pipe, STEPS, budget=0.5, labels=[207, 3], guidance_scale=2.0, **FAST)
+    assert res.scores.dtype == torch.float32 and res.mask is not None
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in pipe.transformer.parameters())
+    sched = l2c.Schedule.from_mask(pipe.transformer, res.timesteps, res.mask, forecast=res.forecast)
+    sched.validate_for(pipe.transformer)
+    assert res.calibration_error is not None and res.calibration_error == res.calibration_error  # not NaN

@@ -165,3 +165,39 @@ def test_soft_linear_forecast_with_hard_weights_is_the_runtime_schedule(make):
     assert w.grad is not None and torch.all(w.grad != 0)
     with pytest.raises(ValueError, match="forecast"):
         SoftCaches(2, nbr, forecast="cubic")
+
+
+def test_stepwise_training_is_the_trajectory_objective_with_the_graph_cut_between_steps():
+    """Same loss value; the last step's logits get the same gradient (nothing after it to cut); earlier steps
+    see only their own step's effect, so their gradients differ; the logits are the only thing that learns."""
+    from l2c_kernels.learn.conditioning import denoiser_for
+    from l2c_kernels.learn.rollouts import soft_rollout
+    from l2c_kernels.learn.router import _stepwise_iteration
+
+    bundle = tiny_bundle()
+    steps, tw = 4, 0.5
+    den = denoiser_for(bundle, 2, CFG, "ddim", seed=0)
+    den._timesteps = den.timesteps(steps)
+    x = den.noise(1)
+    with torch.no_grad():
+        _, tpath = soft_rollout(den, x, None, keep_path=True)
+    scale = tpath[-1].pow(2).mean()
+    cost = torch.full((steps - 1, 2, 2), 1.0 / 12)
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(steps - 1, 2, 2, generator=g)
+    # whole trajectory in one graph
+    la = init.clone().requires_grad_(True)
+    w = torch.sigmoid(la)
+    student, spath = soft_rollout(den, x, torch.cat([torch.ones(1, 2, 2), w]), keep_path=True, forecast="linear")
+    final = (student - tpath[-1]).pow(2).mean() / scale
+    traj = torch.stack([(a - b).pow(2).mean() for a, b in zip(spath, tpath)]).mean() / scale
+    (final + tw * traj).backward()
+    # step-wise (soft phase with lam = 0: the error terms only)
+    lb = init.clone().requires_grad_(True)
+    final_b, loss_b, _ = _stepwise_iteration(den, x, tpath, lb, None, cost, torch.tensor(0.0), False, scale, tw,
+                                             "linear")
+    assert final_b == pytest.approx(final.item(), rel=1e-5)
+    assert loss_b == pytest.approx((final + tw * traj).item(), rel=1e-5)
+    torch.testing.assert_close(lb.grad[-1], la.grad[-1], rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(lb.grad[:-1], la.grad[:-1], rtol=1e-3, atol=1e-9)
+    assert all(p.grad is None for p in bundle.transformer.parameters())
