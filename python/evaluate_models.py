@@ -16,6 +16,7 @@ on a tie) as the model's ``recommended_cfg`` and evaluates the 1000 digits there
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -37,6 +38,23 @@ from l2c_kernels.models.registry import WEIGHTS_DIR  # noqa: E402
 FLOW_EULER = "flow-euler"
 
 
+@functools.lru_cache(maxsize=2)
+def _bundle(model: str, weights_dir: str):
+    return load(model, weights_dir=Path(weights_dir))
+
+
+def _draw(model, weights_dir, scheduler, labels, steps, cfg, noise, batch_size=None, progress=True, threads=None):
+    """Sample ``labels`` from ``noise`` (one row per label) with the model's sampler; runs in workers too."""
+    if threads:
+        torch.set_num_threads(threads)
+    bundle = _bundle(model, str(weights_dir))
+    if scheduler == FLOW_EULER:
+        return flux_digits.sample(bundle, labels=labels, steps=steps, cfg=cfg, noise=noise, batch_size=batch_size,
+                                  progress=progress)
+    return sampling.sample(bundle, labels=labels, steps=steps, scheduler=scheduler, cfg=cfg, noise=noise,
+                           batch_size=batch_size, progress=progress)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, choices=["dit-digits", "pixart-digits", "flux-digits"])
@@ -51,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes sampling slices of the digits (each sample's noise is fixed by seed and index)")
     ap.add_argument("--timing-repeats", type=int, default=3, help="runs of the 16-image timing (median)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR,
@@ -59,7 +79,7 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    bundle = load(args.model, weights_dir=args.weights_dir)
+    bundle = _bundle(args.model, str(args.weights_dir))
     flow = args.model == "flux-digits"
     if args.scheduler is None:
         args.scheduler = FLOW_EULER if flow else "ddim"
@@ -67,11 +87,18 @@ def main(argv=None):
         ap.error(f"{args.model} is sampled with {FLOW_EULER if flow else 'ddim, dpm++ or euler'}, not {args.scheduler}")
 
     def draw(labels, steps, cfg, seed, progress=True, batch_size=None):
-        if flow:
-            return flux_digits.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=seed,
-                                      batch_size=batch_size, progress=progress)
-        return sampling.sample(bundle, labels=labels, steps=steps, scheduler=args.scheduler, cfg=cfg, seed=seed,
-                               batch_size=batch_size, progress=progress)
+        noise = sampling.initial_noise(len(labels), (1, bundle.image_size, bundle.image_size), seed)
+        common = (args.model, str(args.weights_dir), args.scheduler)
+        if args.workers <= 1 or len(labels) < 2 * args.workers:
+            return _draw(*common, labels, steps, cfg, noise, batch_size, progress)
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        cuts = [round(i * len(labels) / args.workers) for i in range(args.workers + 1)]
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+            parts = [pool.submit(_draw, *common, labels[a:b], steps, cfg, noise[a:b], batch_size, False,
+                                 args.threads or 1) for a, b in zip(cuts[:-1], cuts[1:])]
+            return torch.cat([f.result() for f in parts])
 
     sweep = None
     if args.cfg_sweep:
