@@ -22,7 +22,8 @@ Both are fixed by the schedule before sampling, so either runs inside one CUDA g
 ``"sampler"`` (optional; files without it load as before) records the sampler the schedule was made
 for: ``{"class": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "mu": 0.82, "config": {...}}``
 (:func:`sampler_info`). The rule for timesteps: a call's timestep picks the step whose timestep it
-is (within float rounding); any other timestep is an error naming the schedule's sampler and steps.
+is (within float rounding, or the one step within bfloat16 rounding of it: :meth:`Schedule.step_index`);
+any other timestep is an error naming the schedule's sampler and steps.
 To run a schedule with other timesteps, :meth:`Schedule.retimed` (or :meth:`Schedule.for_scheduler`)
 maps it **by step index** -- step ``k`` of the schedule runs at the ``k``-th new timestep -- and allows
 that only when the step count is the same and the new sampler differs at most in its timestep shift
@@ -187,12 +188,17 @@ class Schedule:
                 for row in self.plan]
 
     def step_index(self, timestep: int, after: int | None = None) -> int:
-        """Index of ``timestep`` in call order (the first occurrence after step ``after`` if given)."""
+        """Index of ``timestep`` in call order (the first occurrence after step ``after`` if given). A timestep
+        that matches none within float rounding is the step whose timestep is within :data:`LOW_PRECISION_REL`
+        of it, if exactly one is (rounded to bfloat16 by the pipeline); otherwise :class:`ScheduleError`."""
         t = _as_number(timestep)
         start = 0 if after is None else after + 1
         for i in list(range(start, self.num_steps)) + list(range(0, start)):
             if same_timestep(self.timesteps[i], t):
                 return i
+        near = [i for i, ti in enumerate(self.timesteps) if abs(float(ti) - float(t)) <= LOW_PRECISION_REL * abs(float(ti))]
+        if len(near) == 1:  # a timestep rounded to bfloat16 / float16 by the pipeline (Flux: t / 1000 in bf16)
+            return near[0]
         made_for = f" of {describe_sampler(self.sampler)}" if self.sampler else ""
         raise ScheduleError(
             f"timestep {t} is not in this schedule. The schedule was made for {self.num_steps} steps{made_for} with "
@@ -493,6 +499,11 @@ def describe_sampler(s: dict) -> str:
     """``FlowMatchEulerDiscreteScheduler (shift 3.0, mu 0.82)`` for a :func:`sampler_info` dict."""
     extra = [f"{k} {s[k]}" for k in ("shift", "mu") if k in s]
     return str(s.get("class", "unknown sampler")) + (f" ({', '.join(extra)})" if extra else "")
+
+
+#: How far a timestep passed in bfloat16 may be from the sampler's: rounded to 8 significant bits twice
+#: (Flux pipelines pass ``t / 1000`` in the latents' dtype and the model multiplies by 1000 again).
+LOW_PRECISION_REL = 2.0 ** -7
 
 
 def same_timestep(a, b) -> bool:

@@ -138,3 +138,28 @@ def test_flow_timesteps_are_fractional_and_match_within_rounding(model):
     # what a pipeline passes: the timestep as a float32 tensor (Flux divides by 1000 and the model multiplies back)
     passed = [float(torch.tensor(t, dtype=torch.float32) / 1000 * 1000) for t in ts]
     assert [s.step_index(t) for t in passed] == list(range(STEPS))
+
+
+def test_timesteps_rounded_to_bfloat16_find_their_step(model):
+    sch, mu = flux_timesteps(16, steps=8)
+    ts = [float(t) for t in sch.timesteps]
+    s = fora_steps(model, ts)
+    # a bf16 Flux pipeline passes (t in bf16) / 1000 in bf16; the model multiplies by 1000 again
+    passed = [float((torch.tensor(t).to(torch.bfloat16) / 1000).float() * 1000) for t in ts]
+    assert any(abs(p - t) > 1 for p, t in zip(passed, ts))           # off by whole timesteps ...
+    assert [s.step_index(p) for p in passed] == list(range(8))       # ... and still the right steps
+
+
+def test_low_precision_match_refuses_ambiguity_and_strangers(model):
+    ts = list(range(999, 979, -1))                                    # 20 DDIM-like steps one apart
+    s = fora_steps(model, ts)
+    assert s.step_index(990) == 9
+    with pytest.raises(ScheduleError, match="timestep 990.5 is not in this schedule"):
+        s.step_index(990.5)                                           # several steps within bf16 rounding
+    with pytest.raises(ScheduleError, match="timestep 500 is not in this schedule"):
+        s.step_index(500)
+
+
+def fora_steps(model, ts):
+    mask = [[[s % 2 == 0, True]] * 2 for s in range(len(ts))]
+    return Schedule.from_mask(model, ts, mask)

@@ -124,3 +124,16 @@ def test_forecast_block_schedule_equals_the_hook_reference(pipes, forecast):
     scale = float(ref.abs().max())
     assert max_err(plain, ref) > 1e-3 * scale           # the forecast changes the result ...
     assert max_err(out, ref) <= 1e-5 * scale            # ... as the reference extrapolates
+
+
+def test_bfloat16_flux_pipeline_finds_its_steps():
+    """FluxPipeline passes t / 1000 in the latents' dtype: in bf16 the model sees rounded timesteps."""
+    pipe = BUILDERS["flux"]().to(torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    model = pipe.transformer
+    ref = run_pipeline(pipe, "flux", steps=STEPS)
+    ts, sampler = schedule_facts(pipe, "flux")
+    pipe.transformer = l2c.compile_schedule(model, l2c.Schedule.full(model, ts, sampler=sampler))
+    out = run_pipeline(pipe, "flux", steps=STEPS)
+    assert pipe.transformer.current_step == STEPS - 1
+    assert torch.equal(out, ref)          # all computed: the same bf16 arithmetic as the pipeline's own
