@@ -3,8 +3,9 @@
 For each bundled model, DDIM, CFG batch of ``2 * len(labels)``: the original transformer eager and under
 ``torch.compile``; ``compile_schedule`` eager and with ``torch_compile=True`` at 0% (full schedule), 50%
 (FORA every 2nd step) and a learned schedule; cache-dit DBCache with the transformer under ``torch.compile``
-(graph breaks and graphs counted by dynamo). "first" is the first generation in a fresh dynamo state
-(compilation included); "steady" the median of the next ``--steady`` generations. Inductor's on-disk caches
+(graph breaks and graphs counted by dynamo). "first" is each runner's first generation (compilation
+included; every compiled runner has its own dynamo cache); "steady" the median of ``--steady`` later rounds in
+which every runner samples once, in a random order per round. Inductor's on-disk caches
 are off (``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``) so every compiled row pays its compilation.
 
 Host overhead: a 2-block DiT from a tiny config (16 tokens, batch 1, one thread), where a call is almost
@@ -48,76 +49,87 @@ def _dynamo_counts() -> dict:
                 unique_graphs=int(counters["stats"]["unique_graphs"]))
 
 
-def time_generations(bundle, tr, steps: int, labels, cfg: float, steady: int, reset=None) -> dict:
-    def gen():
-        if reset is not None:
-            reset()
-        t0 = time.perf_counter()
-        sampling.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, transformer=tr, progress=False)
-        return time.perf_counter() - t0
-
-    first = gen()
-    rest = [gen() for _ in range(steady)]
-    return dict(first_s=round(first, 3), steady_s=round(statistics.median(rest), 3), steady_runs=[round(t, 3) for t in rest])
+def _generation(bundle, tr, steps: int, labels, cfg: float, reset=None) -> float:
+    if reset is not None:
+        reset()
+    t0 = time.perf_counter()
+    sampling.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, transformer=tr, progress=False)
+    return time.perf_counter() - t0
 
 
 def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | None) -> list[dict]:
+    """First generations one after another (each compiled runner in its own dynamo cache), then ``steady``
+    rounds in which every runner samples once, in a new random order each round (a slow stretch of a shared
+    machine then hits different runners); steady = the median of a runner's rounds."""
+    import random
+
     bundle = models.load(name)
     tr = bundle.transformer
     cfg = bundle.recommended_cfg
     ts = sampling.timesteps_for(bundle, steps, "ddim")
-    scheds = {"0%": schedules.full(tr, ts),
-              "50% (FORA 2)": schedules.uniform(tr, ts, 2)}
+    scheds = {"0%": schedules.full(tr, ts), "50% (FORA 2)": schedules.uniform(tr, ts, 2)}
     if learned_path is not None and learned_path.exists():
         learned = l2c.Schedule.load(learned_path)
         if len(learned.timesteps) == steps:
             scheds[f"learned {100 * learned.flops_removed_fraction():.0f}% ({learned.forecast} forecast)"] = learned
-    rows = []
-
-    def add(row):
-        row.update(model=name)
-        rows.append(row)
-        log(f"  {row['label']}: first {row['first_s']:.1f} s, steady {row['steady_s']:.2f} s" +
-            (f", graphs {row.get('graphs')}" if row.get("graphs") is not None else ""))
-
     log(f"{name}: DDIM {steps}, batch {2 * len(labels)} (CFG), {torch.get_num_threads()} thread(s)")
-    add(dict(label="original, eager", kind="original", compiled=False,
-             **time_generations(bundle, tr, steps, labels, cfg, steady)))
+    runners = []  # (row, transformer, reset)
+
+    def first(row, runner, reset=None, counts=False):
+        if counts:
+            torch._dynamo.utils.counters.clear()
+        row.update(model=name, first_s=round(_generation(bundle, runner, steps, labels, cfg, reset), 3))
+        if counts:
+            c = _dynamo_counts()
+            row.update(graphs=c["unique_graphs"], graph_breaks=c["graph_breaks"])
+        if hasattr(runner, "compiled_variants") and row["compiled"]:
+            row["compiled_variants"] = runner.compiled_variants()
+        log(f"  {row['label']}: first {row['first_s']:.1f} s" + (f", graphs {row.get('graphs')}, breaks "
+                                                                  f"{row.get('graph_breaks')}" if counts else ""))
+        runners.append((row, runner, reset))
+
     torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled_orig = torch.compile(tr)
-    r = time_generations(bundle, compiled_orig, steps, labels, cfg, steady)
-    add(dict(label="original, torch.compile", kind="original", compiled=True, graphs=_dynamo_counts()["unique_graphs"],
-             graph_breaks=_dynamo_counts()["graph_breaks"], **r))
+    first(dict(label="original, eager", kind="original", compiled=False), tr)
+    first(dict(label="original, torch.compile", kind="original", compiled=True), torch.compile(tr), counts=True)
     for tag, s in scheds.items():
         fast = l2c.compile_schedule(tr, s, cuda_graphs=False)
-        add(dict(label=f"cached {tag}, eager", kind="cached", compiled=False, flops_removed=round(s.flops_removed_fraction(), 3),
-                 distinct_plans=fast.distinct_plans(), **time_generations(bundle, fast, steps, labels, cfg, steady)))
+        first(dict(label=f"cached {tag}, eager", kind="cached", compiled=False, flops_removed=round(
+            s.flops_removed_fraction(), 3), distinct_plans=fast.distinct_plans()), fast)
     for tag, s in scheds.items():
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
         fast = l2c.compile_schedule(tr, s, cuda_graphs=False, torch_compile=True)
-        r = time_generations(bundle, fast, steps, labels, cfg, steady)
-        c = _dynamo_counts()
-        add(dict(label=f"cached {tag}, torch.compile", kind="cached", compiled=True,
-                 flops_removed=round(s.flops_removed_fraction(), 3), distinct_plans=fast.distinct_plans(),
-                 graphs=c["unique_graphs"], graph_breaks=c["graph_breaks"], compiled_variants=fast.compiled_variants(), **r))
-    try:
+        first(dict(label=f"cached {tag}, torch.compile", kind="cached", compiled=True, flops_removed=round(
+            s.flops_removed_fraction(), 3), distinct_plans=fast.distinct_plans()), fast, counts=True)
+    rng = random.Random(0)
+    times = {id(r): [] for r, _, _ in runners}
+    for rnd in range(steady):
+        order = list(runners)
+        rng.shuffle(order)
+        for row, runner, reset in order:
+            times[id(row)].append(_generation(bundle, runner, steps, labels, cfg, reset))
+        log(f"  steady round {rnd + 1}/{steady} done")
+    rows = []
+    for row, _, _ in runners:
+        row.update(steady_s=round(statistics.median(times[id(row)]), 3), steady_runs=[round(t, 3) for t in times[id(row)]])
+        rows.append(row)
+    try:  # last: cache-dit's hooks patch the model's forward; its compiled code must not mix with the rows above
         from peers import PeerSetting, make_peer
 
         torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
         setting = PeerSetting("dbcache", dict(Fn=2, Bn=0, threshold=0.2, warmup=max(1, steps // 10)))
         peer = make_peer(tr, setting, steps)
         peer.inner.compile()
-        r = time_generations(bundle, peer, steps, labels, cfg, steady, reset=peer.reset)
-        c = _dynamo_counts()
-        add(dict(label=f"cache-dit {setting.label}, torch.compile", kind="dbcache", compiled=True,
-                 flops_removed=round(peer.flops_removed_fraction(), 3), graphs=c["unique_graphs"],
-                 graph_breaks=c["graph_breaks"], **r))
+        row = dict(label=f"cache-dit {setting.label}, torch.compile", kind="dbcache", compiled=True)
+        runners.clear()
+        first(row, peer, reset=peer.reset, counts=True)
+        runs = [_generation(bundle, peer, steps, labels, cfg, peer.reset) for _ in range(steady)]
+        row.update(steady_s=round(statistics.median(runs), 3), steady_runs=[round(t, 3) for t in runs],
+                   flops_removed=round(peer.flops_removed_fraction(), 3), steady_note="timed after the other rows")
+        rows.append(row)
     except Exception as e:  # noqa: BLE001 - recorded in the results
         rows.append(dict(model=name, label="cache-dit DBCache, torch.compile", kind="dbcache", error=f"{type(e).__name__}: {e}"))
         log(f"  DBCache failed: {e}")
+    for r in rows:
+        log(f"  {r['label']}: first {r.get('first_s')} s, steady {r.get('steady_s')} s")
     return rows
 
 
@@ -159,7 +171,7 @@ def markdown(res: dict) -> str:
     lines = [f"# torch.compile and host overhead, CPU ({m['date']})", "",
              f"{m['device']}; torch {m['torch']}; {m['threads']} thread(s); DDIM {m['steps']}, CFG batch {m['batch']}, "
              f"fp32. First = first generation in a fresh dynamo state (compilation included, inductor disk caches "
-             f"off); steady = median of {m['steady']} more. {m['note']}", ""]
+             f"off); steady = median of {m['steady']} interleaved rounds (random order per round). {m['note']}", ""]
     for name in m["models"]:
         rows = [r for r in res["rows"] if r["model"] == name]
         ref = next((r for r in rows if r["label"] == "original, torch.compile" and "first_s" in r), None)

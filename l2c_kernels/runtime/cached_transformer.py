@@ -17,6 +17,7 @@ the default mode a sampler that skips or repeats calls without (3) or (4) is not
 from __future__ import annotations
 
 import inspect
+import types
 
 import torch
 from torch import nn
@@ -72,7 +73,10 @@ class CachedTransformer(nn.Module):
             opts = dict(fullgraph=True, dynamic=False)
             if isinstance(torch_compile, dict):
                 opts.update(torch_compile)
-            self._block_fn = torch.compile(run_block, **opts)
+            # a code object of its own: this module's compiled kinds (dynamo caches them per code object) are
+            # neither shared with nor evicted by another module's
+            own = types.FunctionType(run_block.__code__.replace(), run_block.__globals__, run_block.__name__)
+            self._block_fn = torch.compile(own, **opts)
             kinds = {block_kind(p, b, c, True) for p in self.plans for b in range(len(p.blocks)) for c in (False, True)}
             cfg = torch._dynamo.config
             cfg.cache_size_limit = max(cfg.cache_size_limit, 2 * len(kinds) + 8)
