@@ -49,6 +49,10 @@ class AsyncReference(torch.nn.Module):
     def dtype(self):
         return self.model.dtype
 
+    @property
+    def device(self):
+        return self.model.device
+
     def _call(self, step: int, inputs: dict, replace: dict) -> tuple[torch.Tensor, list]:
         """One model call; ``replace[n]`` (component n >= 1) replaces component n's input. Returns the
         output and the residual stream arriving at every component boundary (before replacement)."""

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from l2c_kernels.metrics import predict_digits
-from l2c_kernels.parallel import Split
 
 from . import workers
 from .helpers import psnr, raise_failures, run_ranks
@@ -20,12 +19,15 @@ DIT = dict(model="dit-digits", batch=4)
 PIX = dict(model="tiny-pixart", layers=6, batch=2)
 
 # Lower bounds on the PSNR (dB, images in [-1, 1]) of the asynchronous output against the
-# single-process output: the trained dit-digits, 20 DDIM steps, 3 exact warm-up steps. Measured:
-# 29.2 (2 components), 25.5 (2 components on a DeepCache schedule), 21.6 (3 components),
-# 19.1 (2 components, stride 2); images from another seed score about 12.5 dB. Staler inputs
-# (more components, stride 2) drift further, but the digits stay the same.
-ASYNC_PSNR_DB = {(2, "async-dit"): 26.0, (2, "cached-async"): 22.0, (3, "async-dit"): 18.0,
-                 (3, "stride2-async"): 16.0}
+# single-process output: the trained dit-digits, 20 DDIM steps, 3 exact warm-up steps. The exact
+# check is the comparison with the independent reference (tests/parallel/async_reference.py); these
+# floors state how far the asynchronous images drift. With a fixed (uniform) split the output is
+# deterministic up to fp32 rounding, so the floor is the measured value minus 0.5 dB: 29.24 (2
+# components), 21.59 (3 components), 19.12 (2 components, stride 2). The DeepCache run measures its
+# split, which moves with the machine's load: every cut from 4+8 to 8+4 blocks measured 24.30-25.92
+# (25.68 at 6+6), floor 23.8. Images from another seed score 12.55 dB.
+ASYNC_PSNR_DB = {(2, "async-dit"): 28.7, (2, "cached-async"): 23.8, (3, "async-dit"): 21.1,
+                 (3, "stride2-async"): 18.6}
 
 TWO = {
     "exact-dit": dict(DIT, N=2, warm_up=6, steps=6, balance="measure"),
@@ -39,6 +41,10 @@ TWO = {
     "mismatch-steps": dict(DIT, N=2, warm_up=3, steps=6, pass_timesteps=True, per_rank={1: {"steps": 8}}),
     "mismatch-steps-at-sampling": dict(DIT, N=2, warm_up=3, steps=6, per_rank={1: {"steps": 8}}),
     "different-seeds": dict(DIT, N=2, warm_up=3, steps=6, per_rank={1: {"seed": 1}}),
+    "mismatch-weights": dict(DIT, N=2, warm_up=3, steps=6, per_rank={1: {"perturb_weights": True}}),
+    "mismatch-dtype": dict(DIT, N=2, warm_up=3, steps=6, per_rank={1: {"dtype": "float64"}}),
+    "mismatch-schedule": dict(DIT, N=2, warm_up=3, steps=6, schedule=("uniform", 2),
+                              per_rank={1: {"schedule": ("uniform", 3)}}),
 }
 
 THREE = {
@@ -51,14 +57,14 @@ THREE = {
 
 @pytest.fixture(scope="module")
 def two():
-    res = run_ranks(workers.session_worker, 2, TWO, deadline_s=240)
+    res = run_ranks(workers.session_worker, 2, TWO, deadline_s=480)
     raise_failures(res)
     return {r: v["value"] for r, v in res.items()}
 
 
 @pytest.fixture(scope="module")
 def three():
-    res = run_ranks(workers.session_worker, 3, THREE, deadline_s=240)
+    res = run_ranks(workers.session_worker, 3, THREE, deadline_s=480)
     raise_failures(res)
     return {r: v["value"] for r, v in res.items()}
 
@@ -107,17 +113,21 @@ def test_asynchronous_steps_close_to_single_process(request, world, name):
     # still the same digits: the bundled classifier reads them as it reads the single-process images
     assert torch.equal(predict_digits(images[0]), predict_digits(ref))
     assert not torch.equal(images[0], ref)  # the asynchronous steps did run
-    # the processes computed exactly what the one-process emulation of the same schedule (and split) computes
-    split = results[0][name]["describe"]["split"]
-    same_split = dict(spec, balance=Split([tuple(r) for r in split["ranges"]], split["block_costs"], "given"))
-    torch.testing.assert_close(images[0], workers.emulated(same_split), rtol=0, atol=1e-6)
+    # the processes computed what the independent reference of asynchronous denoising computes on the same
+    # split (tests/parallel/async_reference.py): the same fp32 ops for the plain model (atol 1e-6, a few ulps);
+    # over a cache schedule the fused residual ops round differently from the hooked model (measured 7e-6
+    # on the tiny model in test_single_process; bound 5e-5)
+    ranges = [tuple(r) for r in results[0][name]["describe"]["split"]["ranges"]]
+    atol = 5e-5 if spec.get("schedule") else 1e-6
+    torch.testing.assert_close(images[0], workers.async_reference(spec, ranges), rtol=0, atol=atol)
 
 
 def test_inside_an_unchanged_dit_pipeline(two):
     images = _images(two, "pipeline")
     _all_ranks_agree(images)
     spec = TWO["pipeline"]
-    torch.testing.assert_close(images[0], workers.pipeline_reference(spec, emulate=True), rtol=0, atol=1e-6)
+    ranges = [tuple(r) for r in two[0]["pipeline"]["describe"]["split"]["ranges"]]
+    torch.testing.assert_close(images[0], workers.pipeline_reference(spec, async_ranges=ranges), rtol=0, atol=1e-6)
     assert psnr(images[0] * 2 - 1, workers.pipeline_reference(spec) * 2 - 1) > 20
 
 
@@ -148,13 +158,15 @@ def test_measured_split_is_the_same_on_every_rank(two):
 
 # ------------------------------------------------------------------ start-up agreement
 @pytest.mark.parametrize("name,field", [("mismatch-warm-up", "warm_up"), ("mismatch-N", "num_components"),
-                                        ("mismatch-steps", "num_steps")])
+                                        ("mismatch-steps", "num_steps"), ("mismatch-weights", "weights_checksum"),
+                                        ("mismatch-dtype", "dtype"), ("mismatch-schedule", "cache_schedule")])
 def test_config_mismatch_detected_at_start_up(two, name, field):
     for r, v in two.items():
         got = v[name]
+        # ConfigMismatchError comes only from the start-up agreement (a timeout raises AsyncDiffError), so the
+        # type alone shows the mismatch was found at start-up, without timing the run on a loaded machine
         assert got["raised"] == "ConfigMismatchError", f"rank {r}: {got}"
         assert field in got["message"]
-        assert got["after_s"] < 10
 
 
 @pytest.mark.parametrize("name,words", [("mismatch-steps-at-sampling", "first_timestep"),

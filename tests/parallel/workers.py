@@ -45,6 +45,16 @@ def build(spec: dict):
     """(transformer, kind, scheduler_config) for a scenario: the plain model, or a fresh
     ``compile_schedule`` module around it when the scenario names a cache schedule."""
     model, kind, sc = base_model(spec)
+    if spec.get("perturb_weights") or spec.get("dtype"):  # a rank started with other weights or another dtype
+        import copy
+
+        model = copy.deepcopy(model)
+        if spec.get("perturb_weights"):  # two weights swapped: same values, same sum, another model
+            with torch.no_grad():
+                w = next(p for p in model.parameters() if p.numel() > 1 and p.reshape(-1)[0] != p.reshape(-1)[1])
+                w.view(-1)[:2] = w.view(-1)[:2].flip(0).clone()
+        if spec.get("dtype"):
+            model = model.to(getattr(torch, spec["dtype"]))
     if spec.get("schedule"):
         import l2c_kernels as l2c
         from l2c_kernels import schedules
@@ -151,10 +161,15 @@ def pipeline_sample(transformer, spec: dict) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def pipeline_reference(spec: dict, emulate: bool = False) -> torch.Tensor:
+def pipeline_reference(spec: dict, async_ranges=None) -> torch.Tensor:
+    """The pipeline's images with the plain model, or (``async_ranges``) with the independent reference
+    of asynchronous denoising on that split."""
     model, _, sc = build(spec)
-    if emulate:
-        model = denoiser(model, dict(spec, emulate=True), sc)
+    if async_ranges is not None:
+        from .async_reference import AsyncReference
+
+        model = AsyncReference(model, async_ranges, timesteps(sc, spec["steps"]), spec["warm_up"],
+                               spec.get("stride", 1))
     return pipeline_sample(model, spec)
 
 
