@@ -22,7 +22,7 @@ Both are fixed by the schedule before sampling, so either runs inside one CUDA g
 ``"sampler"`` (optional; files without it load as before) records the sampler the schedule was made
 for: ``{"class": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "mu": 0.82, "config": {...}}``
 (:func:`sampler_info`). The rule for timesteps: a call's timestep picks the step whose timestep it
-is (within float rounding, or the one step within bfloat16 rounding of it: :meth:`Schedule.step_index`);
+is (within float rounding, or the one step it is a bfloat16 / float16 rounding of: :meth:`Schedule.step_index`);
 any other timestep is an error naming the schedule's sampler and steps.
 To run a schedule with other timesteps, :meth:`Schedule.retimed` (or :meth:`Schedule.for_scheduler`)
 maps it **by step index** -- step ``k`` of the schedule runs at the ``k``-th new timestep -- and allows
@@ -34,6 +34,7 @@ count. Another step count or another sampler (class or any other setting) raises
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -189,14 +190,16 @@ class Schedule:
 
     def step_index(self, timestep: int, after: int | None = None) -> int:
         """Index of ``timestep`` in call order (the first occurrence after step ``after`` if given). A timestep
-        that matches none within float rounding is the step whose timestep is within :data:`LOW_PRECISION_REL`
-        of it, if exactly one is (rounded to bfloat16 by the pipeline); otherwise :class:`ScheduleError`."""
+        that matches none within float rounding is the step it is a low-precision image of, if exactly one
+        (:func:`_low_precision_images`: the pipeline passed it in bfloat16 / float16); otherwise
+        :class:`ScheduleError`."""
         t = _as_number(timestep)
         start = 0 if after is None else after + 1
         for i in list(range(start, self.num_steps)) + list(range(0, start)):
             if same_timestep(self.timesteps[i], t):
                 return i
-        near = [i for i, ti in enumerate(self.timesteps) if abs(float(ti) - float(t)) <= LOW_PRECISION_REL * abs(float(ti))]
+        near = [i for i, images in enumerate(_low_precision_images(tuple(self.timesteps)))
+                if any(same_timestep(v, t) for v in images)]
         if len(near) == 1:  # a timestep rounded to bfloat16 / float16 by the pipeline (Flux: t / 1000 in bf16)
             return near[0]
         made_for = f" of {describe_sampler(self.sampler)}" if self.sampler else ""
@@ -501,9 +504,21 @@ def describe_sampler(s: dict) -> str:
     return str(s.get("class", "unknown sampler")) + (f" ({', '.join(extra)})" if extra else "")
 
 
-#: How far a timestep passed in bfloat16 may be from the sampler's: rounded to 8 significant bits twice
-#: (Flux pipelines pass ``t / 1000`` in the latents' dtype and the model multiplies by 1000 again).
-LOW_PRECISION_REL = 2.0 ** -7
+@functools.lru_cache(maxsize=64)
+def _low_precision_images(timesteps: tuple) -> list[tuple[float, ...]]:
+    """Per timestep, the values a pipeline running in bfloat16 / float16 hands the model for it, as the
+    model's sampler timestep: ``t`` rounded to the dtype, and ``t / 1000`` computed in the dtype times
+    1000 (Flux-style pipelines pass ``t.to(latents.dtype) / 1000``)."""
+    import torch
+
+    out = []
+    for t in timesteps:
+        vals = []
+        for dt in (torch.bfloat16, torch.float16):
+            a = torch.tensor(float(t), dtype=torch.float32).to(dt)
+            vals += [float(a), float(a / 1000) * 1000.0]
+        out.append(tuple(vals))
+    return out
 
 
 def same_timestep(a, b) -> bool:

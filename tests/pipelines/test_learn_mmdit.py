@@ -20,7 +20,7 @@ def test_learned_block_schedule_runs_in_the_unchanged_pipeline(fam, tmp_path):
     model = pipe.transformer
     sched = l2c.learn_schedule(pipe, num_inference_steps=STEPS, budget=0.4, prompts=PROMPTS, height=kw["height"],
                                width=kw["width"], guidance_scale=kw["guidance_scale"], iterations=4, batch_size=2,
-                               max_sequence_length=kw["max_sequence_length"], progress=False)
+                               max_sequence_length=kw["max_sequence_length"], calibration_samples=2, progress=False)
     assert sched.method == "learned" and sched.branches == ["block"]
     assert sched.model_class == type(model).__name__ and len(sched.unit_flops) == sched.num_blocks
     assert all(e == "C" for e in sched.plan[0])                     # the first step fills every cache

@@ -151,13 +151,21 @@ def test_timesteps_rounded_to_bfloat16_find_their_step(model):
 
 
 def test_low_precision_match_refuses_ambiguity_and_strangers(model):
-    ts = list(range(999, 979, -1))                                    # 20 DDIM-like steps one apart
-    s = fora_steps(model, ts)
-    assert s.step_index(990) == 9
-    with pytest.raises(ScheduleError, match="timestep 990.5 is not in this schedule"):
-        s.step_index(990.5)                                           # several steps within bf16 rounding
+    s = fora_steps(model, [981.3, 900.2])
+    assert s.step_index(980) == 0                                     # bf16(981.3) = 980 (spacing 4 there)
+    s = fora_steps(model, [981.3, 981.7])
+    with pytest.raises(ScheduleError, match="timestep 980 is not in this schedule"):
+        s.step_index(980)                                             # the bf16 image of both steps
     with pytest.raises(ScheduleError, match="timestep 500 is not in this schedule"):
         s.step_index(500)
+
+
+def test_a_nearby_timestep_that_is_no_rounding_is_refused(model):
+    sch, mu = flux_timesteps(16, steps=8)
+    ts = [float(t) for t in sch.timesteps]
+    s = fora_steps(model, ts)
+    with pytest.raises(ScheduleError, match="is not in this schedule"):
+        s.step_index(ts[2] * 1.001)    # 0.1% away, closer than bf16 rounding, but not what a pipeline passes
 
 
 def fora_steps(model, ts):
