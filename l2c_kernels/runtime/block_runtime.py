@@ -264,7 +264,8 @@ class BlockCachedTransformer(nn.Module):
             if self._pass + 1 < self.passes_per_step:
                 return cur, self._pass + 1
             return (cur + 1) % self.schedule.num_steps, 0
-        v = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+        # the largest entry: Wan 2.2's per-token timesteps hold 0 for the clean conditioning frames
+        v = float(t.max()) if isinstance(t, torch.Tensor) and t.numel() else float(t)
         ts = self.pattern.sampler_timestep(self.original_model, v)
         if cur is not None and same_timestep(self.schedule.timesteps[cur], ts):
             return cur, self._pass + 1

@@ -213,6 +213,23 @@ def test_model_untouched_and_weights_shared():
     assert fast.original_model is flux and fast.config is flux.config
     assert fast._shadow.transformer_blocks[0].block is flux.transformer_blocks[0]
     assert fast._shadow.x_embedder is flux.x_embedder
+    f = FAMILIES["flux-schnell"]
+    kw = f.call_kwargs(f.latents(1, 0), TIMESTEPS[0], f.inputs(1, 0))
+    del kw["return_dict"]
+    out, ref = fast(**kw), flux(**kw)
+    assert type(out) is type(ref) and torch.equal(out.sample, ref.sample)  # same output type as the original
+
+
+def test_per_token_timesteps_use_their_largest_entry():
+    """Wan 2.2 passes a [B, tokens] timestep whose conditioning-frame entries are 0; the step is the largest."""
+    fam, wan = FAMILIES["wan2.1-t2v"], built("wan2.1-t2v")
+    fast = l2c.compile_schedule(wan, l2c.Schedule.full(wan, TIMESTEPS))
+    x, cond = fam.latents(1, 0), fam.inputs(1, 0)
+    for k, t in enumerate(TIMESTEPS[:2]):
+        ts = torch.full((1, 8), float(t))
+        ts[:, :2] = 0
+        assert fast._resolve((), dict(cond, hidden_states=x, timestep=ts)) == (k, 0)
+        fast._step, fast._pass = k, 0  # as a finished call of step k leaves it
 
 
 def test_to_dtype_reaches_the_shared_weights():
