@@ -243,3 +243,19 @@ def test_to_dtype_reaches_the_shared_weights():
     kw = fam.call_kwargs(fam.latents(1, 0).double(), TIMESTEPS[0],
                          {k: v.double() for k, v in fam.inputs(1, 0).items()})
     assert torch.equal(fast(**kw)[0], model(**kw)[0])
+
+
+def test_device_timesteps_are_counted_not_read():
+    """A timestep on an accelerator is not read (no host sync): calls are counted, passes_per_step per step,
+    wrapping to step 0 after the last step. (A meta tensor stands for a device tensor here.)"""
+    from l2c_kernels.runtime.block_runtime import compile_blocks
+
+    wan = built("wan2.1-t2v")
+    fast = compile_blocks(wan, l2c.Schedule.full(wan, TIMESTEPS[:2]), passes_per_step=2)
+    dev_t = dict(hidden_states=None, encoder_hidden_states=None, timestep=torch.empty(1, device="meta"))
+    seen = []
+    for _ in range(5):
+        s, p = fast._resolve((), dev_t)
+        seen.append((s, p))
+        fast._step, fast._pass = s, p
+    assert seen == [(0, 0), (0, 1), (1, 0), (1, 1), (0, 0)]
