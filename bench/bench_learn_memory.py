@@ -127,26 +127,46 @@ def main():
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "STEPS", "MODE"))
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
     ap.add_argument("--small-steps", type=int, nargs="+", default=[10, 20])
+    ap.add_argument("--plan", nargs="+", default=None, metavar="MODEL:STEPS:MODE",
+                    help="measure only these (default: both modes at --steps on dit-digits, --small-steps on dit-half)")
+    ap.add_argument("--rows", default=None, help="JSON file of rows measured earlier, kept in the result")
+    ap.add_argument("--jobs", type=int, default=1, help="measurements run at the same time (separate processes)")
+    ap.add_argument("--report-only", action="store_true", help="write the result files from --rows, measure nothing")
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker[0], int(a.worker[1]), a.worker[2])))
         return
     import torch
 
-    rows = []
-    plan = [("dit-digits", s, m) for m in ("trajectory", "stepwise") for s in a.steps]
-    plan += [("dit-half", s, m) for m in ("trajectory", "stepwise") for s in a.small_steps]
-    for model, steps, mode in plan:
-        r = measure(model, steps, mode)
-        print(r, flush=True)
-        rows.append(r)
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = json.loads(Path(a.rows).read_text()) if a.rows else []
+    if a.report_only:
+        plan = []
+    elif a.plan:
+        plan = [(m, int(s), mode) for m, s, mode in (p.split(":") for p in a.plan)]
+    else:
+        plan = [("dit-digits", s, m) for m in ("trajectory", "stepwise") for s in a.steps]
+        plan += [("dit-half", s, m) for m in ("trajectory", "stepwise") for s in a.small_steps]
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:
+        for r in ex.map(lambda p: measure(*p), plan):
+            print(r, flush=True)
+            rows.append(r)
     fits = model_fit(rows)
     alpha = max(f["alpha"] for f in fits.values())
     ext = extrapolate(alpha)
-    res = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device="cpu (2 cores, shared)",
+    checks = []   # the fit's prediction of every measured trajectory peak (base of the same process + graph)
+    for r in rows:
+        if r["mode"] == "trajectory":
+            nb, width, heads, side, patch = SIZES[r["model"]]
+            graph_mb = nb * alpha * 4 * 8 * (side // patch) ** 2 * width * r["steps"] / 2 ** 20
+            checks.append(dict(model=r["model"], steps=r["steps"], measured_growth_mb=round(r["peak_mb"] - r["base_mb"]),
+                               predicted_graph_mb=round(graph_mb)))
+    res = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               device=f"cpu (2 cores, shared; {a.jobs} measurements at a time, each its own process)",
                torch=torch.__version__, dtype="float32 (measured); bf16 (extrapolated)",
                setting="train_router(budget=0.5, iterations=1, batch_size=4, cfg=1.5, hard_fraction=0, "
-                       "forecast='auto' (linear soft caches))", rows=rows, fits=fits, alpha_used=alpha, extrapolation=ext)
+                       "forecast='auto' (linear soft caches))", rows=rows, fits=fits, alpha_used=alpha, fit_checks=checks, extrapolation=ext)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "learn_memory.json").write_text(json.dumps(res, indent=1))
     (RESULTS / "learn_memory.md").write_text(markdown(res))
@@ -158,25 +178,29 @@ def markdown(res) -> str:
     lines = [f"# Peak memory of learning a schedule ({res['date']})", "",
              f"{res['device']}, torch {res['torch']}, {res['dtype']}. Setting: `{res['setting']}`; model batch 8 "
              "(CFG). Peak RSS of a fresh process; base = RSS after loading the model.", "",
-             "| model | steps | trajectory peak (MB) | step-wise peak (MB) | base (MB) | step-wise / trajectory |",
-             "|---|---|---|---|---|---|"]
+             "| model | steps | training | peak (MB) | base (MB) | peak - base (MB) | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["mode"], r["steps"])):
+        lines.append(f"| {r['model']} | {r['steps']} | {r['mode']} | {r['peak_mb']:.0f} | {r['base_mb']:.0f} | "
+                     f"{r['peak_mb'] - r['base_mb']:.0f} | {r['seconds']:.0f} |")
+    lines.append("")
     for model in SIZES:
-        for s in sorted({r["steps"] for r in rows if r["model"] == model}):
-            t = next((r for r in rows if r["model"] == model and r["steps"] == s and r["mode"] == "trajectory"), None)
-            w = next((r for r in rows if r["model"] == model and r["steps"] == s and r["mode"] == "stepwise"), None)
-            if t and w:
-                lines.append(f"| {model} | {s} | {t['peak_mb']:.0f} | {w['peak_mb']:.0f} | {w['base_mb']:.0f} | "
-                             f"{w['peak_mb'] / t['peak_mb']:.2f} |")
-    for mode in ("trajectory", "stepwise"):
-        ms = sorted((r for r in rows if r["model"] == "dit-digits" and r["mode"] == mode), key=lambda r: r["steps"])
-        if len(ms) >= 2:
-            lines.append(f"\n{mode}: peak at {ms[-1]['steps']} steps / peak at {ms[0]['steps']} steps = "
-                         f"{ms[-1]['peak_mb'] / ms[0]['peak_mb']:.2f}")
+        for mode in ("trajectory", "stepwise"):
+            ms = sorted((r for r in rows if r["model"] == model and r["mode"] == mode), key=lambda r: r["steps"])
+            if len(ms) >= 2:
+                lines.append(f"- {model}, {mode}: peak at {ms[-1]['steps']} steps / peak at {ms[0]['steps']} steps = "
+                             f"{ms[-1]['peak_mb'] / ms[0]['peak_mb']:.2f}")
     lines += ["", "## Memory model", "",
               "| model | trajectory growth (MB/step) | bytes per block per step | alpha (fp32 values per residual element "
               "per block) |", "|---|---|---|---|"]
     for m, f in res["fits"].items():
         lines.append(f"| {m} | {f['mb_per_step']} | {f['bytes_per_block_per_step']:,} | {f['alpha']} |")
+    if res.get("fit_checks"):
+        lines += ["", "Check of the fit on every trajectory run (growth over the process's base = the graph):", "",
+                  "| model | steps | measured peak - base (MB) | alpha x blocks x elements x 4 B x steps (MB) |",
+                  "|---|---|---|---|"]
+        for c in res["fit_checks"]:
+            lines.append(f"| {c['model']} | {c['steps']} | {c['measured_growth_mb']} | {c['predicted_graph_mb']} |")
     lines += ["", f"Extrapolated with alpha = {res['alpha_used']} (the larger of the two), bf16, attention "
               "probabilities not kept (flash attention), text encoder not resident:", "",
               "| target | trajectory (GB) | step-wise (GB) | one step's graph | carried caches | weights |",

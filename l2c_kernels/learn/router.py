@@ -327,14 +327,14 @@ def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, l
     """
     if not 0.0 < budget < 1.0:
         raise ValueError(f"budget is the fraction of branch FLOPs to remove and must be in (0, 1), got {budget}")
-    res = train_router(obj, num_inference_steps, budget=budget, scheduler=scheduler, cfg=cfg,
-                       guidance_scale=guidance_scale, iterations=iterations, batch_size=batch_size, seed=seed,
-                       progress=progress, labels=labels, prompts=prompts, height=height, width=width,
-                       conditions=conditions, latent_shape=latent_shape, **train_kwargs)
     if isinstance(obj, str):
         from .bundled import load_bundled
 
         obj = load_bundled(obj)
+    res = train_router(obj, num_inference_steps, budget=budget, scheduler=scheduler, cfg=cfg,
+                       guidance_scale=guidance_scale, iterations=iterations, batch_size=batch_size, seed=seed,
+                       progress=progress, labels=labels, prompts=prompts, height=height, width=width,
+                       conditions=conditions, latent_shape=latent_shape, **train_kwargs)
     model = obj if isinstance(obj, torch.nn.Module) else getattr(obj.transformer, "original_model", obj.transformer)
     sched_name = scheduler if isinstance(scheduler, str) or scheduler is None else type(scheduler).__name__
     params = dict(num_inference_steps=num_inference_steps, scheduler=sched_name, iterations=iterations,
