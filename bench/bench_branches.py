@@ -1,0 +1,179 @@
+"""Per-step latency of compile_schedule at branch level on a Flux-shaped model, and the cost of splitting a
+Flux single block's ``proj_out`` into its attention and MLP column blocks.
+
+The model is the one of ``bench/bench_blocks.py`` (Flux.1-dev structure: 4 double + 8 single blocks, 3 heads
+of 128 = hidden 384, RoPE 16/56/56, guidance embedding, 64 image + 32 text tokens, batch 1, fp32, random
+weights). Unit FLOPs are counted on a real call (``measure_branch_flops``). Schedules:
+
+- ``uniform 50%``: every other step reuses every unit (FORA at branch level);
+- ``spread r``: every unit is reused at its own phase, ``(step + block + branch) mod k`` (so each step
+  mixes computed and reused attention / MLP units): about 25 / 50 / 75% of the unit FLOPs.
+
+Measured speedup (original ms/step over compiled) is put next to ``1 / (1 - unit FLOPs removed)``. All runners
+are interleaved step by step in a rotating order; ms/step = mean over steps of each step's median.
+
+The split: ``proj_out(cat(a, m))`` (one product, diffusers) vs ``a W_a^T + (m W_m^T + b)`` (two products, what
+the runtime runs when a half is stored for later reuse), at this model's size and at Flux.1's width
+(3072 / 12288) with 64 tokens.
+
+    nice -n 10 python bench/bench_branches.py   # writes bench/results/compile_schedule_cpu_flux_branches.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import l2c_kernels as l2c  # noqa: E402
+from l2c_kernels.adapters.mmdit_branches import branch_names  # noqa: E402
+from l2c_kernels.runtime.branch_wrappers import measure_branch_flops  # noqa: E402
+
+FLUX_SHAPED = dict(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128,
+                   num_attention_heads=3, joint_attention_dim=1024, pooled_projection_dim=768, guidance_embeds=True,
+                   axes_dims_rope=[16, 56, 56])
+PATTERNS = {0.25: (4, {3}), 0.5: (2, {1}), 0.75: (4, {1, 2, 3})}
+
+
+def uniform(model, timesteps, r, ubf, names):
+    k, drop = PATTERNS[r]
+    mask = [[[not (i > 0 and i % k in drop)] * len(names)] * len(ubf) for i in range(len(timesteps))]
+    return l2c.Schedule.from_mask(model, timesteps, mask, branches=names, unit_branch_flops=ubf,
+                                  method=f"uniform-{int(100 * r)}")
+
+
+def spread(model, timesteps, r, ubf, names):
+    k, drop = PATTERNS[r]
+    mask = [[[not (i > 0 and (i + b + j) % k in drop) for j in range(len(names))] for b in range(len(ubf))]
+            for i in range(len(timesteps))]
+    return l2c.Schedule.from_mask(model, timesteps, mask, branches=names, unit_branch_flops=ubf,
+                                  method=f"spread-{int(100 * r)}")
+
+
+def median_ms(fn, repeats):
+    fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(out)
+
+
+def split_cost(tokens, dim, mlp, repeats):
+    g = torch.Generator().manual_seed(0)
+    a, m = torch.randn(1, tokens, dim, generator=g), torch.randn(1, tokens, mlp, generator=g)
+    w, b = torch.randn(dim, dim + mlp, generator=g) / (dim + mlp) ** 0.5, torch.zeros(dim)
+    fused = median_ms(lambda: F.linear(torch.cat([a, m], dim=2), w, b), repeats)
+    split = median_ms(lambda: F.linear(a, w[:, :dim]) + F.linear(m, w[:, dim:], b), repeats)
+    attn_only = median_ms(lambda: F.linear(a, w[:, :dim]), repeats)
+    mlp_only = median_ms(lambda: F.linear(m, w[:, dim:], b), repeats)
+    return dict(tokens=tokens, dim=dim, mlp_hidden=mlp, fused_ms=round(fused, 3), split_ms=round(split, 3),
+                split_over_fused=round(split / fused, 3), attention_half_ms=round(attn_only, 3),
+                mlp_half_ms=round(mlp_only, 3))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**FLUX_SHAPED).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    img_side, txt = 8, 32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, img_side * img_side, 64, generator=g)
+    ids = torch.zeros(img_side, img_side, 3)
+    ids[..., 1] = torch.arange(img_side)[:, None]
+    ids[..., 2] = torch.arange(img_side)[None, :]
+    cond = dict(encoder_hidden_states=torch.randn(1, txt, 1024, generator=g),
+                pooled_projections=torch.randn(1, 768, generator=g), img_ids=ids.reshape(-1, 3),
+                txt_ids=torch.zeros(txt, 3), guidance=torch.full((1,), 3.5), return_dict=False)
+    timesteps = [int(round(1000 - i * 950 / (args.steps - 1))) for i in range(args.steps)]
+
+    def call(fn, t):
+        return fn(hidden_states=x, timestep=torch.full((1,), t / 1000.0), **cond)
+
+    names = branch_names(model)
+    ubf = measure_branch_flops(model, hidden_states=x, timestep=torch.full((1,), 1.0), **cond)
+    scheds = {"0%": l2c.Schedule.full(model, timesteps, branches=names)}
+    scheds["0%"].unit_branch_flops = ubf
+    scheds["uniform 50%"] = uniform(model, timesteps, 0.5, ubf, names)
+    for r in PATTERNS:
+        scheds[f"spread {int(100 * r)}%"] = spread(model, timesteps, r, ubf, names)
+    runners = {"original": model, **{f"compiled {k}": l2c.compile_schedule(model, s) for k, s in scheds.items()}}
+    order = list(runners)
+    step_times = {k: [[] for _ in timesteps] for k in runners}
+    with torch.no_grad():
+        for fn in runners.values():  # warm-up
+            for t in timesteps:
+                call(fn, t)
+        for r in range(args.repeats):
+            for i, t in enumerate(timesteps):
+                k = (r * len(timesteps) + i) % len(order)
+                for name in order[k:] + order[:k]:
+                    t0 = time.perf_counter()
+                    call(runners[name], t)
+                    step_times[name][i].append(time.perf_counter() - t0)
+    med = {k: sum(statistics.median(v) for v in per) / len(timesteps) for k, per in step_times.items()}
+    rows = []
+    for k, s in scheds.items():
+        name = f"compiled {k}"
+        speed = med["original"] / med[name]
+        f = s.flops_removed_fraction()
+        ideal = 1.0 / (1.0 - f)
+        rows.append(dict(schedule=name, unit_flops_removed=round(f, 4), step_ms=round(1e3 * med[name], 3),
+                         speedup_vs_original=round(speed, 3), ideal_speedup=round(ideal, 3),
+                         measured_over_ideal=round(speed / ideal, 3)))
+    splits = [split_cost(96, 384, 1536, 20), split_cost(64, 3072, 12288, 3)]
+    result = dict(benchmark="compile_schedule branch level (SD3 / Flux units), per-step latency",
+                  date=str(date.today()), device=f"CPU ({args.threads} threads)", torch=torch.__version__,
+                  dtype="fp32", batch=1, steps=args.steps, repeats=args.repeats,
+                  model="FluxTransformer2DModel, Flux.1-dev structure", config=FLUX_SHAPED,
+                  image_tokens=img_side * img_side, text_tokens=txt, branches=names, unit_branch_flops=ubf,
+                  backend=l2c.build_info(), original_step_ms=round(1e3 * med["original"], 3), rows=rows,
+                  proj_out_split=splits)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compile_schedule_cpu_flux_branches.json").write_text(json.dumps(result, indent=1) + "\n")
+    d, s = ubf[0], ubf[-1]
+    md = [f"# compile_schedule at branch level vs original, Flux-shaped model (4 double + 8 single blocks, hidden 384, "
+          f"64 image + 32 text tokens), batch 1, fp32",
+          f"CPU ({args.threads} threads), torch {torch.__version__}, {date.today()}; {args.repeats} generations of "
+          f"{args.steps} steps, every step of every runner interleaved; ms/step = mean over steps of each step's median.",
+          "", f"original: {result['original_step_ms']} ms/step", "",
+          f"Unit FLOPs counted on a real call (MFLOP): double block attn1 {d[0] / 1e6:.1f}, ff {d[1] / 1e6:.1f}, "
+          f"ff_context {d[2] / 1e6:.1f}; single block attn1 {s[0] / 1e6:.1f}, ff {s[1] / 1e6:.1f}. "
+          f"ideal = 1 / (1 - unit FLOPs removed) (everything outside the units counted as free).", "",
+          "| schedule | unit FLOPs removed | ms/step | speedup | ideal | measured/ideal |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['schedule']} | {100 * r['unit_flops_removed']:.1f}% | {r['step_ms']} | "
+                  f"{r['speedup_vs_original']:.2f}x | {r['ideal_speedup']:.2f}x | {r['measured_over_ideal']:.2f} |")
+    md += ["", "Flux single block `proj_out`: one product on `cat(a, m)` vs the two column blocks (ms, median):", "",
+           "| tokens | dim | mlp | fused | split | split/fused | attention half | MLP half |", "|---|---|---|---|---|---|---|---|"]
+    for sp in splits:
+        md.append(f"| {sp['tokens']} | {sp['dim']} | {sp['mlp_hidden']} | {sp['fused_ms']} | {sp['split_ms']} | "
+                  f"{sp['split_over_fused']} | {sp['attention_half_ms']} | {sp['mlp_half_ms']} |")
+    (out / "compile_schedule_cpu_flux_branches.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
