@@ -97,9 +97,12 @@ def model_fit(rows) -> dict:
     fits = {}
     for model, (nb, width, heads, side, patch) in SIZES.items():
         tr = [r for r in rows if r["model"] == model and r["mode"] == "trajectory"]
-        if len(tr) < 2:
+        if not tr:
             continue
-        _, slope_mb = fit_line([r["steps"] for r in tr], [r["peak_mb"] for r in tr])
+        if len(tr) >= 2:
+            _, slope_mb = fit_line([r["steps"] for r in tr], [r["peak_mb"] for r in tr])
+        else:   # one run: its growth over the process's base, per step
+            slope_mb = (tr[0]["peak_mb"] - tr[0]["base_mb"]) / tr[0]["steps"]
         elems = 8 * (side // patch) ** 2 * width   # model batch 8 (batch 4 + CFG) x tokens x width
         per_block = slope_mb * 2 ** 20 / nb
         fits[model] = dict(mb_per_step=round(slope_mb, 2), bytes_per_block_per_step=round(per_block),
@@ -163,7 +166,8 @@ def main():
             checks.append(dict(model=r["model"], steps=r["steps"], measured_growth_mb=round(r["peak_mb"] - r["base_mb"]),
                                predicted_graph_mb=round(graph_mb)))
     res = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               device=f"cpu (2 cores, shared; {a.jobs} measurements at a time, each its own process)",
+               device="cpu (2 cores shared with other jobs, load average 13-17; every measurement its own process, "
+                      "several at a time)",
                torch=torch.__version__, dtype="float32 (measured); bf16 (extrapolated)",
                setting="train_router(budget=0.5, iterations=1, batch_size=4, cfg=1.5, hard_fraction=0, "
                        "forecast='auto' (linear soft caches))", rows=rows, fits=fits, alpha_used=alpha, fit_checks=checks, extrapolation=ext)
