@@ -57,7 +57,7 @@ def _generation(bundle, tr, steps: int, labels, cfg: float, reset=None) -> float
     return time.perf_counter() - t0
 
 
-def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | None) -> list[dict]:
+def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | None, save=None) -> list[dict]:
     """First generations one after another (each compiled runner in its own dynamo cache), then ``steady``
     rounds in which every runner samples once, in a new random order each round (a slow stretch of a shared
     machine then hits different runners); steady = the median of a runner's rounds."""
@@ -106,11 +106,14 @@ def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | 
         rng.shuffle(order)
         for row, runner, reset in order:
             times[id(row)].append(_generation(bundle, runner, steps, labels, cfg, reset))
-        log(f"  steady round {rnd + 1}/{steady} done")
+        log(f"  steady round {rnd + 1}/{steady}: " + ", ".join(f"{r['label']} {times[id(r)][-1]:.1f} s"
+                                                            for r, _, _ in runners))
     rows = []
     for row, _, _ in runners:
         row.update(steady_s=round(statistics.median(times[id(row)]), 3), steady_runs=[round(t, 3) for t in times[id(row)]])
         rows.append(row)
+    if save is not None:
+        save(rows)
     try:  # last: cache-dit's hooks patch the model's forward; its compiled code must not mix with the rows above
         from peers import PeerSetting, make_peer
 
@@ -226,7 +229,13 @@ def main(argv=None):
         save()
     for name in a.models:
         learned = RESULTS / f"pareto_{name}_{a.steps}_schedules" / "learned_50.l2c.json"
-        res["rows"] += model_rows(name, a.steps, a.labels, a.steady, learned)
+        done = list(res["rows"])
+
+        def partial(rows, done=done):
+            res["rows"] = done + rows
+            save()
+
+        res["rows"] = done + model_rows(name, a.steps, a.labels, a.steady, learned, save=partial)
         save()
     log(markdown(res))
 
