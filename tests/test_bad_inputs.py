@@ -11,14 +11,6 @@ from tests.tiny_models import dit_inputs, tiny_dit
 
 TS = [981, 781, 581]
 
-# The compiled module has no input validation of its own yet: a float64 or bfloat16 input fails inside
-# the patch embedding with PyTorch's "Input type (double) and bias type (float) should be the same" (the
-# same as the plain diffusers model), and NaN latents give NaN images without a word. The check belongs
-# in runtime/cached_transformer.py (not this test file's to change); these tests say what is expected
-# and turn into failures (strict xfail) once it is there, so that the marks get removed.
-RUNTIME_CHECK_MISSING = pytest.mark.xfail(strict=True, reason="compile_schedule's module does not check its inputs "
-                                                              "(runtime/cached_transformer.py)")
-
 
 def compiled():
     m = tiny_dit(layers=2)
@@ -26,28 +18,19 @@ def compiled():
     return l2c.compile_schedule(m, l2c.Schedule.from_mask(m, TS, mask), cuda_graphs=False)
 
 
-@RUNTIME_CHECK_MISSING
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_compiled_module_names_an_input_dtype_other_than_the_weights(dtype):
     with pytest.raises(ValueError, match=f"hidden_states.*{str(dtype).split('.')[1]}.*float32"):
         compiled()(**dit_inputs(dtype=dtype))
 
 
-@RUNTIME_CHECK_MISSING
 def test_compiled_module_names_nan_latents():
     x = dit_inputs()
     x["hidden_states"][0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        compiled()(**x)
-
-
-def test_compiled_module_today_fails_on_another_dtype_as_diffusers_does():
-    """What users see until the check above exists: the plain model's own error, not a kernel crash."""
     fast = compiled()
-    with pytest.raises(RuntimeError, match="Input type .*double.* and bias type .*float"):
-        fast(**dit_inputs(dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="Input type .*double.* and bias type .*float"):
-        fast.original_model(**dit_inputs(dtype=torch.float64))
+    with pytest.raises(ValueError, match="NaN"):
+        fast(**x)
+    assert fast.current_step is None  # refused before the step was counted
 
 
 def asyncdiff():

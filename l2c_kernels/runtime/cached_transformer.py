@@ -255,6 +255,7 @@ class CachedTransformer(nn.Module):
     def forward(self, *args, **kwargs):
         a, return_dict = self._bind(args, kwargs)
         x = a["hidden_states"]
+        self._check_latents(x)
         entry = self.steps[self._resolve_step(a.get("timestep"))]
         caches = self._caches_for(x, entry.index)
         collapse = self._collapse(entry, a)
@@ -277,6 +278,22 @@ class CachedTransformer(nn.Module):
         if not return_dict:
             return (out,)
         return _output(out)
+
+    def _check_latents(self, x) -> None:
+        """The latents fit the weights (dtype and device: metadata, free) and are finite (a read of the data:
+        done where it costs no device sync -- CPU tensors -- or with ``timestep_check="strict"``)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"hidden_states must be a tensor, got {type(x).__name__}")
+        w = next(self.original_model.parameters())
+        if x.dtype != w.dtype:
+            raise ValueError(f"hidden_states are {str(x.dtype).removeprefix('torch.')} but the model's weights are "
+                             f"{str(w.dtype).removeprefix('torch.')}: cast the latents (or the model) so they match")
+        if x.device != w.device:
+            raise ValueError(f"hidden_states are on {x.device} but the model's weights are on {w.device}")
+        if self.timestep_check == "strict" or (self.timestep_check == "host" and x.device.type == "cpu"):
+            if not bool(torch.isfinite(x).all()):
+                bad = "NaN" if bool(torch.isnan(x).any()) else "infinite values"
+                raise ValueError(f"hidden_states contain {bad}: the sampler diverged or the inputs are corrupt")
 
     def _end(self, step: int, caches: CacheSet) -> None:
         self._step = step
