@@ -143,7 +143,10 @@ def main(argv=None):
                          speedup_vs_original=round(speed, 3), ideal_speedup=round(ideal, 3),
                          measured_over_ideal=round(speed / ideal, 3)))
     splits = [split_cost(96, 384, 1536, 20), split_cost(64, 3072, 12288, 3)]
+    import os
+
     result = dict(benchmark="compile_schedule branch level (SD3 / Flux units), per-step latency",
+                  load_average_at_end=[round(v, 2) for v in os.getloadavg()],
                   date=str(date.today()), device=f"CPU ({args.threads} threads)", torch=torch.__version__,
                   dtype="fp32", batch=1, steps=args.steps, repeats=args.repeats,
                   model="FluxTransformer2DModel, Flux.1-dev structure", config=FLUX_SHAPED,
@@ -157,7 +160,8 @@ def main(argv=None):
     md = [f"# compile_schedule at branch level vs original, Flux-shaped model (4 double + 8 single blocks, hidden 384, "
           f"64 image + 32 text tokens), batch 1, fp32",
           f"CPU ({args.threads} threads), torch {torch.__version__}, {date.today()}; {args.repeats} generations of "
-          f"{args.steps} steps, every step of every runner interleaved; ms/step = mean over steps of each step's median.",
+          f"{args.steps} steps, every step of every runner interleaved; ms/step = mean over steps of each step's median. "
+          f"Load average at the end: {result['load_average_at_end']} (valid only on an otherwise idle machine).",
           "", f"original: {result['original_step_ms']} ms/step", "",
           f"Unit FLOPs counted on a real call (MFLOP): double block attn1 {d[0] / 1e6:.1f}, ff {d[1] / 1e6:.1f}, "
           f"ff_context {d[2] / 1e6:.1f}; single block attn1 {s[0] / 1e6:.1f}, ff {s[1] / 1e6:.1f}. "
