@@ -330,6 +330,11 @@ def main(argv=None) -> int:
     if model is not None and model not in MODEL_NAMES:
         print(f"l2c: error: unknown model {model!r}; bundled models are {', '.join(MODEL_NAMES)}", file=sys.stderr)
         return 2
+    if model == "flux-digits" and args.func is not cmd_show:
+        print("l2c: error: flux-digits is bundled for sampling (l2c_kernels.sampling.sample) and evaluation; "
+              "`l2c demo/learn/bench --model flux-digits` are not available yet: the learner does not apply "
+              "classifier-free guidance to FluxPipeline-style models", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (ScheduleError, FileNotFoundError, ValueError, TypeError) as e:

@@ -76,6 +76,14 @@ def sample(bundle, labels=None, prompts=None, steps: int = 50, scheduler: str = 
         raise TypeError(f"sample() takes a bundled model or its name, got {type(bundle).__name__}; "
                         "for a diffusers pipeline call the pipeline itself")
     _check_steps(steps)
+    if bundle.is_flow_matching:  # flux-digits: Euler flow matching, as FluxPipeline samples it
+        if scheduler not in ("ddim", "flow-euler"):  # "ddim" is only this function's default
+            raise ValueError(f"{bundle.name} is a flow-matching model sampled with Euler flow matching; "
+                             f"scheduler {scheduler!r} does not apply to it")
+        from .models import flux_digits
+
+        return flux_digits.sample(bundle, labels=labels, prompts=prompts, steps=steps, cfg=cfg, seed=seed,
+                                  transformer=transformer, batch_size=batch_size, progress=progress, noise=noise)
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if prompts is not None and not bundle.is_text_conditional:

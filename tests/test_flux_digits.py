@@ -189,3 +189,18 @@ def test_shipped_weights_load_deterministically_and_keep_their_recorded_accuracy
     # deviations below it (variance floored at 0.05 so a recorded 1.0 still allows a miss), far above chance (0.1)
     p = ev["accuracy"]
     assert acc >= p - 3 * math.sqrt(max(p * (1 - p), 0.05) / len(labels)) and acc >= 0.5, (acc, p)
+
+
+def test_library_sample_routes_flux_digits_to_flow_matching_and_cli_refuses_learning_it(capsys):
+    from l2c_kernels import sampling
+    from l2c_kernels.cli import main
+    from l2c_kernels.models import flux_digits, load
+
+    bundle = load("flux-digits")
+    a = sampling.sample(bundle, labels=[3, 7], steps=3, cfg=2.0, seed=5, progress=False)
+    b = flux_digits.sample(bundle, labels=[3, 7], steps=3, cfg=2.0, seed=5, progress=False)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="flow-matching"):
+        sampling.sample(bundle, labels=[3], steps=3, scheduler="dpm++", progress=False)
+    assert main(["learn", "--model", "flux-digits"]) == 2
+    assert "not available yet" in capsys.readouterr().err

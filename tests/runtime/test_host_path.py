@@ -76,8 +76,10 @@ def test_host_mode_reads_only_timesteps_and_cpu_halves(monkeypatch):
     mod = l2c.compile_schedule(m, s)
     counter = SyncCounter(monkeypatch)
     run_steps(mod, s, inputs)
-    assert {fn for _, fn in counter.calls} <= {"_host_timestep", "_collapse"}
+    # host mode on CPU tensors: the timestep, the CFG halves and the latents' finiteness are read (free there)
+    assert {fn for _, fn in counter.calls} <= {"_host_timestep", "_collapse", "_check_latents"}
     assert sum(fn == "_host_timestep" for _, fn in counter.calls) == len(TS)  # one read per step
+    assert sum(fn == "_check_latents" for _, fn in counter.calls) == len(TS)  # one finiteness check per call
 
 
 def test_counter_mode_follows_calls_and_wraps_to_a_new_generation():
