@@ -20,6 +20,7 @@ from torch import nn
 from ..adapters.mmdit_branches import is_two_stream
 from ..adapters.patterns import BlockPatternError, BlockRef, FamilyPattern, find_blocks, pattern_for
 from ..schedule import BLOCK_UNIT, Schedule, ScheduleError, next_step_index, same_timestep
+from .drop_in import DropInModule
 from .block_cache import BlockAction, BlockCaches, apply_residuals, block_actions, store_residuals
 
 
@@ -131,7 +132,7 @@ class _BlockWrapper(nn.Module):
         st.checked.add(ref.index)
 
 
-class BlockCachedTransformer(nn.Module):
+class BlockCachedTransformer(DropInModule):
     """A diffusers transformer that follows a block-level static schedule (``branches == ["block"]``).
 
     Same forward signature and output type as the wrapped model, which is neither modified nor copied
@@ -188,31 +189,7 @@ class BlockCachedTransformer(nn.Module):
         object.__setattr__(shadow, "_modules", mods)
         return shadow
 
-    # ------------------------------------------------------------ pipeline-facing attributes
-    @property
-    def config(self):
-        return self.original_model.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.original_model.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.original_model.parameters()).device
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["original_model"], name)
-
-    # ------------------------------------------------------------ step control
-    @property
-    def current_step(self) -> int | None:
-        """Index of the step run last (None before the first call or after ``reset``)."""
-        return self._step
-
+    # ------------------------------------------------------------ step control (pipeline-facing attributes: DropInModule)
     @property
     def current_pass(self) -> int:
         """Which call of the current step ran last (0 for the first)."""

@@ -25,6 +25,7 @@ from torch import nn
 from ..adapters import adapter_for
 from ..adapters.base import BlockAdapter, StepInputs
 from ..schedule import BLOCK, REUSE, Schedule, ScheduleError, same_timestep
+from .drop_in import DropInModule
 from .caches import CacheSet, block_kind
 from .cuda_graphs import CudaBackend, CudaGraphError, EmulatedBackend, GraphCache
 from .plan import StepEntry, StepPlan, collapsible_steps, compile_plans, step_table
@@ -34,7 +35,7 @@ TIMESTEP_CHECKS = ("host", "strict", "off")
 _PER_SAMPLE_TEXT = ("encoder_hidden_states", "encoder_attention_mask")
 
 
-class CachedTransformer(nn.Module):
+class CachedTransformer(DropInModule):
     """A diffusers transformer that follows a static cache schedule.
 
     Same forward signature and output type as the wrapped model; the model itself is not modified and
@@ -86,31 +87,7 @@ class CachedTransformer(nn.Module):
         self.generations = 0
         self.reset()
 
-    # ------------------------------------------------------------ pipeline-facing attributes
-    @property
-    def config(self):
-        return self.original_model.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.original_model.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.original_model.parameters()).device
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["original_model"], name)
-
-    # ------------------------------------------------------------ step control
-    @property
-    def current_step(self) -> int | None:
-        """Index of the step run last (None before the first call or after ``reset``)."""
-        return self._step
-
+    # ------------------------------------------------------------ step control (pipeline-facing attributes: DropInModule)
     def set_step(self, step: int) -> None:
         """Make the next call run step ``step`` of the schedule, whatever timestep it gets."""
         if not 0 <= step < self.schedule.num_steps:
