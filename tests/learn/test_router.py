@@ -83,8 +83,6 @@ def test_threshold_selection_and_bad_arguments():
 
 
 def test_calibrated_pick_is_the_best_measured_hard_schedule_and_refinement_only_improves():
-    from l2c_kernels.learn.candidates import _calibration_error
-
     bundle = tiny_bundle()
     kw = dict(budget=0.5, iterations=6, batch_size=2, progress=False, calibration_samples=2, hard_fraction=0.5,
               structured_candidates=False)
@@ -93,7 +91,7 @@ def test_calibrated_pick_is_the_best_measured_hard_schedule_and_refinement_only_
     assert bool(res.mask[0].all()), "the first step must compute everything"
     assert 1 <= res.candidates <= 4  # 3 hard iterations + the final ranking, duplicates measured once
     # the returned error is the mask's real error on the calibration batch, measured independently
-    err = _calibration_error(_calibration_batch(bundle, res.timesteps), res.mask[1:].float(), res.forecast)
+    err = _independent_error(bundle, res.timesteps, res.mask, res.forecast)
     assert err == pytest.approx(res.calibration_error, rel=1e-5)
     # the schedule learn_schedule returns is that mask, at the requested budget, with its forecast mode
     s = l2c.learn.learn_schedule(bundle, 5, **kw)
@@ -105,7 +103,7 @@ def test_calibrated_pick_is_the_best_measured_hard_schedule_and_refinement_only_
 
 
 def test_structured_candidates_hit_the_budget_and_the_pick_is_no_worse_than_any_of_them():
-    from l2c_kernels.learn.candidates import _calibration_error, _structured_masks
+    from l2c_kernels.learn.candidates import _structured_masks
 
     bundle = tiny_bundle()
     steps, budget = 7, 0.4
@@ -118,24 +116,34 @@ def test_structured_candidates_hit_the_budget_and_the_pick_is_no_worse_than_any_
     largest = float(cost.max() / cost.sum())
     cands = _structured_masks(model, res.timesteps, res.scores[1:], cost, hard_budget)
     assert cands, "some structured masks remove at least the budget"
-    calib = _calibration_batch(bundle, res.timesteps)
     for m in cands + [res.mask[1:].float()]:
         removed = float(((1 - m) * cost).sum() / cost.sum())
         assert hard_budget - 1e-6 <= removed < hard_budget + largest + 1e-6
     for m in cands:  # the returned mask and forecast mode are the best measured ones
         for fc in ("none", "linear", "quadratic"):
-            assert _calibration_error(calib, m, fc) >= res.calibration_error - 1e-6
+            full_m = torch.cat([torch.ones_like(m[:1]), m]).bool()
+            assert _independent_error(bundle, res.timesteps, full_m, fc) >= res.calibration_error - 1e-6
 
 
-def _calibration_batch(bundle, timesteps, samples=2, seed=7919):
-    """The router's calibration batch, rebuilt independently: denoiser, noise, full-compute result."""
-    from l2c_kernels.learn.candidates import _Calibration
-    from l2c_kernels.learn.conditioning import denoiser_for
+def _independent_error(bundle, timesteps, mask, forecast, samples=2, seed=7919):
+    """The calibration error of ``mask`` ([steps, blocks, branches], True = compute) measured with the public
+    API only: the router's calibration batch is ``samples`` digits drawn with seed ``seed`` (its seed 0 + 7919)
+    and noise from the same seed; the schedule is built with ``Schedule.from_mask``, sampled with
+    ``sampling.sample`` against full compute, and scored as the mean over samples of 10 log10(MSE)."""
+    from l2c_kernels import sampling
 
-    cden = denoiser_for(bundle, samples, CFG, "ddim", seed=seed)
-    cx = torch.randn((samples,) + tuple(cden.latent_shape), generator=torch.Generator().manual_seed(seed))
-    ref, _ = cden.sample_with(bundle.transformer, len(timesteps), cx)
-    return _Calibration(cden, cx, ref, bundle.transformer, timesteps, ("none", "linear", "quadratic"))
+    model = bundle.transformer
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (samples,), generator=g).tolist()
+    cfg = model.config
+    noise = torch.randn((samples, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                        generator=torch.Generator().manual_seed(seed))
+    kw = dict(labels=labels, steps=len(timesteps), cfg=CFG, noise=noise, progress=False)
+    full = sampling.sample(bundle, **kw)
+    fast = l2c.compile_schedule(model, l2c.Schedule.from_mask(model, timesteps, mask.bool(), forecast=forecast))
+    x = sampling.sample(bundle, transformer=fast, **kw)
+    per_sample = (x.double() - full.double()).pow(2).flatten(1).mean(1)
+    return float((10.0 * torch.log10(per_sample.clamp_min(1e-20))).mean())
 
 
 @pytest.mark.parametrize("make", [tiny_dit, tiny_pixart])
