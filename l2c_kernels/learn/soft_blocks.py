@@ -28,13 +28,11 @@ a block with two streams uses a second entry of its row, so detaching the caches
 """
 from __future__ import annotations
 
-import copy
-import inspect
-
 import torch
 from torch import nn
 
-from ..adapters.patterns import HIDDEN, PATTERNS, BlockRef, find_blocks, pattern_for
+from ..adapters.patterns import HIDDEN, PATTERNS, find_blocks, pattern_for
+from ..runtime.block_runtime import BlockStandIn, shadow_with
 from .soft_forward import SoftCaches, register_soft_forward
 
 
@@ -46,21 +44,8 @@ class _SoftState:
         self.next_block = 0
 
 
-class _SoftBlock(nn.Module):
+class _SoftBlock(BlockStandIn):
     """Stands in for one block in the shadow's block list: computes it and mixes each stream's residual."""
-
-    def __init__(self, ref: BlockRef, state: _SoftState):
-        super().__init__()
-        self.block = ref.module
-        object.__setattr__(self, "_ref", ref)
-        object.__setattr__(self, "_state", state)
-        object.__setattr__(self, "_sig", inspect.signature(ref.module.forward))
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["block"], name)
 
     def forward(self, *args, **kwargs):
         st, ref = self._state, self._ref
@@ -103,12 +88,7 @@ def _ensure_streams(caches: SoftCaches, block: int, n: int) -> None:
 def _shadow(model: nn.Module, state: _SoftState) -> nn.Module:
     fam = pattern_for(model)
     refs = find_blocks(model, fam)
-    shadow = copy.copy(model)
-    mods = dict(model._modules)
-    for name in fam.block_lists:
-        mods[name] = nn.ModuleList([_SoftBlock(r, state) for r in refs if r.list_name == name])
-    object.__setattr__(shadow, "_modules", mods)
-    return shadow, len(refs)
+    return shadow_with(model, fam, refs, lambda r: _SoftBlock(r, state)), len(refs)
 
 
 def soft_block_forward(model, args: dict, w: torch.Tensor | None, caches: SoftCaches,

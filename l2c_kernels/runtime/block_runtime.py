@@ -37,10 +37,11 @@ class _RunState:
         self.clone_inputs: set[int] = set()  # blocks found to modify their inputs in place
 
 
-class _BlockWrapper(nn.Module):
-    """Stands in for one block in the shadow's block list."""
+class BlockStandIn(nn.Module):
+    """Stands in for one block in a shadow's block list (the runtime's and the learner's soft one): holds the
+    block (its attributes read through), its :class:`BlockRef`, the state its shadow shares and its signature."""
 
-    def __init__(self, ref: BlockRef, state: _RunState):
+    def __init__(self, ref: BlockRef, state):
         super().__init__()
         self.block = ref.module
         object.__setattr__(self, "_ref", ref)
@@ -52,6 +53,21 @@ class _BlockWrapper(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["block"], name)
+
+
+def shadow_with(model: nn.Module, fam: FamilyPattern, refs: list[BlockRef], stand_in) -> nn.Module:
+    """A shallow copy of ``model`` whose block lists hold ``stand_in(ref)`` for each block (everything else,
+    parameters included, shared; ``model`` itself untouched)."""
+    shadow = copy.copy(model)
+    mods = dict(model._modules)
+    for name in fam.block_lists:
+        mods[name] = nn.ModuleList([stand_in(r) for r in refs if r.list_name == name])
+    object.__setattr__(shadow, "_modules", mods)
+    return shadow
+
+
+class _BlockWrapper(BlockStandIn):
+    """Stands in for one block in the runtime's shadow: computes it or re-adds its cached residual."""
 
     def forward(self, *args, **kwargs):
         return self._run(self._enter(args, kwargs), args, kwargs)
@@ -182,12 +198,7 @@ class BlockCachedTransformer(DropInModule):
         return _BlockWrapper(ref, state)
 
     def _make_shadow(self, model, fam, refs, state) -> nn.Module:
-        shadow = copy.copy(model)
-        mods = dict(model._modules)
-        for name in fam.block_lists:
-            mods[name] = nn.ModuleList([self._wrapper(r, state) for r in refs if r.list_name == name])
-        object.__setattr__(shadow, "_modules", mods)
-        return shadow
+        return shadow_with(model, fam, refs, lambda r: self._wrapper(r, state))
 
     # ------------------------------------------------------------ step control (pipeline-facing attributes: DropInModule)
     @property
