@@ -16,7 +16,8 @@ is differentiable in ``w``.
 :func:`soft_forward` dispatches on the model: a function registered with
 :func:`register_soft_forward` for a model class (e.g. a block-level soft forward for families
 whose unit is the whole block, ``soft_blocks.py``) is used before the branch-level path through
-the model's block adapter, which is the default. A registered function has the signature of
+the model's block adapter, which is the default; :class:`SoftCaches` made with ``branches=`` naming SD3 / Flux
+units select those families' branch level (``soft_branches.py``). A registered function has the signature of
 :func:`soft_forward` and uses :class:`SoftCaches` the same way (one "branch" per unit it caches).
 """
 from __future__ import annotations
@@ -29,10 +30,14 @@ from ..adapters import StepInputs, adapter_for
 class SoftCaches:
     """Per (block, branch) cached outputs carried along one sampling trajectory."""
 
-    def __init__(self, num_blocks: int, num_branches: int, forecast: str = "none"):
+    def __init__(self, num_blocks: int, num_branches: int, forecast: str = "none", branches: list | None = None):
+        """``branches``: the units the router decides when they are not the model's default level (SD3 / Flux
+        branch level: e.g. ``["attn1", "ff", "ff_context"]``; :func:`soft_forward` then runs the branch-level
+        soft forward of ``soft_branches.py``); None for the default level."""
         if forecast not in ("none", "linear"):
             raise ValueError(f"forecast must be 'none' or 'linear', got {forecast!r}")
         self.forecast = forecast
+        self.branches = None if branches is None else list(branches)
         self.values: list[list[torch.Tensor | None]] = [[None] * num_branches for _ in range(num_blocks)]
         # linear forecast state per (block, branch): (anchor, slope, age) or None before the first output
         self.linear: list[list[tuple | None]] = [[None] * num_branches for _ in range(num_blocks)]
@@ -98,7 +103,15 @@ def soft_forward(model, args: dict, w: torch.Tensor | None, caches: SoftCaches,
     """One transformer call; ``w[block, branch]`` in [0, 1] is the weight of the fresh output.
 
     ``record``, if given, collects ``(block, branch, fresh_output)`` for change measurements.
+    Caches made with ``branches=`` that name SD3 / Flux units run the branch level of those families.
     """
+    if caches.branches is not None and caches.branches != ["block"]:
+        from ..adapters.mmdit_branches import is_two_stream
+
+        if is_two_stream(model):
+            from .soft_branches import soft_branch_forward
+
+            return soft_branch_forward(model, args, w, caches, record=record)
     fn = _registered(model)
     if fn is not None:
         return fn(model, args, w, caches, record=record)

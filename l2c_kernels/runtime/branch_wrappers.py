@@ -92,8 +92,10 @@ class _UnitRunner:
             yield
         flops[self.block_index][self.index[unit]] += float(fc.get_total_flops())
 
-    def add(self, unit: str, stream: int, x: torch.Tensor, y: torch.Tensor, gate) -> None:
-        """``x += gate * y`` for a computed ``y``, written to the unit's cache slot if a later step reads it."""
+    def add(self, unit: str, stream: int, x: torch.Tensor, y: torch.Tensor, gate) -> torch.Tensor:
+        """``x += gate * y`` for a computed ``y``, written to the unit's cache slot if a later step reads it; returns
+        the updated stream (``x`` itself: the wrappers rebind to what the runner returns, so a soft runner for the
+        learner can return a new tensor instead)."""
         i = self.index[unit]
         cache = None
         if self.plan.store[i]:
@@ -101,8 +103,9 @@ class _UnitRunner:
             cache = self.st.caches.buffer(key, stream, self.plan.slot[i], y)
             self.st.caches.filled.add((key, self.plan.slot[i]))
         ops.gated_residual_(x, y, gate, cache)
+        return x
 
-    def reuse(self, unit: str, stream: int, x: torch.Tensor, gate) -> None:
+    def reuse(self, unit: str, stream: int, x: torch.Tensor, gate) -> torch.Tensor:
         """``x += gate * (cached or forecast output of the unit)``."""
         i = self.index[unit]
         key, reads = (self.block_index, i), [(j, w) for j, w in enumerate(self.plan.weights[i]) if w]
@@ -113,19 +116,19 @@ class _UnitRunner:
         ys = [caches.read(key, stream, j, x, self.st.step) for j, _ in reads]
         if len(reads) == 1 and reads[0][1] == 1.0:
             ops.gated_residual_(x, ys[0], gate)
-            return
+            return x
         c = [w for _, w in reads] + [0.0] * (3 - len(reads))
         ops.forecast_residual_(x, ys[0], ys[1] if len(ys) > 1 else ys[0], ys[2] if len(ys) > 2 else None, gate,
                                c[0], c[1], c[2])
+        return x
 
-    def apply(self, unit: str, stream: int, x: torch.Tensor, gate, compute_fn) -> None:
-        """The unit's output added to ``x``: computed by ``compute_fn()`` or reused."""
+    def apply(self, unit: str, stream: int, x: torch.Tensor, gate, compute_fn) -> torch.Tensor:
+        """The unit's output added to ``x``: computed by ``compute_fn()`` or reused; returns the updated stream."""
         if self.computes(unit):
             with self.counting(unit):
                 y = compute_fn()
-            self.add(unit, stream, x, y, gate)
-        else:
-            self.reuse(unit, stream, x, gate)
+            return self.add(unit, stream, x, y, gate)
+        return self.reuse(unit, stream, x, gate)
 
 
 class _BranchWrapper(_BlockWrapper):
@@ -139,11 +142,7 @@ class _BranchWrapper(_BlockWrapper):
     def forward(self, *args, **kwargs):
         bound = self._enter(args, kwargs)
         st, ref = self._state, self._ref
-        h, e, temb = bound.get("hidden_states"), bound.get("encoder_hidden_states"), bound.get("temb")
-        for n, x in (("hidden_states", h), ("encoder_hidden_states", e), ("temb", temb)):
-            if not isinstance(x, torch.Tensor):
-                raise BlockPatternError(f"{type(self.block).__name__} argument {n!r} is a {type(x).__name__}, not a "
-                                        f"tensor: the branch-level wrapper needs both streams and temb")
+        h, e, temb = self._streams(bound)
         plan: BlockPlan = st.actions[ref.index]
         if plan.reuse_block:
             return tuple(apply_residuals(st.caches, ref.index, _PLAIN_BLOCK_REUSE, [e, h], st.step))
@@ -153,7 +152,18 @@ class _BranchWrapper(_BlockWrapper):
             store_residuals(st.caches, ref.index, 0, list(out), saved)
         return out
 
+    def _streams(self, bound: dict) -> tuple:
+        """``(hidden_states, encoder_hidden_states, temb)`` of the block's call, checked to be tensors."""
+        h, e, temb = bound.get("hidden_states"), bound.get("encoder_hidden_states"), bound.get("temb")
+        for n, x in (("hidden_states", h), ("encoder_hidden_states", e), ("temb", temb)):
+            if not isinstance(x, torch.Tensor):
+                raise BlockPatternError(f"{type(self.block).__name__} argument {n!r} is a {type(x).__name__}, not a "
+                                        f"tensor: the branch-level wrapper needs both streams and temb")
+        return h, e, temb
+
     def _units_forward(self, run: _UnitRunner, h, e, temb, bound):
+        """The block's forward unit by unit through ``run`` (the runtime's :class:`_UnitRunner`, or the learner's
+        soft runner with the same methods); every stream update is rebound to what ``run`` returns."""
         raise NotImplementedError
 
 
@@ -189,25 +199,25 @@ class _JointWrapper(_BranchWrapper):
                     raise BlockPatternError(f"{cls}.attn returned {len(outs) if isinstance(outs, (tuple, list)) else 1}"
                                             f" outputs; the branch-level wrapper handles the image and text outputs "
                                             f"only (IP-adapter attention runs at block level)")
-            run.add("attn1", 1, h, outs[0], gate_msa)
+            h = run.add("attn1", 1, h, outs[0], gate_msa)
             if not pre_only:
-                run.add("attn1", 0, e_out, outs[1], c_gate_msa)
+                e_out = run.add("attn1", 0, e_out, outs[1], c_gate_msa)
         else:
-            run.reuse("attn1", 1, h, gate_msa)
+            h = run.reuse("attn1", 1, h, gate_msa)
             if not pre_only:
-                run.reuse("attn1", 0, e_out, c_gate_msa)
+                e_out = run.reuse("attn1", 0, e_out, c_gate_msa)
 
         if dual:  # SD3.5: image self-attention on the block input's norm, its own modulation
             shift_msa2, scale_msa2, gate_msa2 = c[6:9]
-            run.apply("attn2", 1, h, gate_msa2,
-                      lambda: blk.attn2(hidden_states=_modulate(nh, shift_msa2, scale_msa2), **jak))
+            h = run.apply("attn2", 1, h, gate_msa2,
+                          lambda: blk.attn2(hidden_states=_modulate(nh, shift_msa2, scale_msa2), **jak))
 
-        run.apply("ff", 1, h, gate_mlp,
-                  lambda: _feed_forward(blk, blk.ff, _modulate(blk.norm2(h), shift_mlp, scale_mlp)))
+        h = run.apply("ff", 1, h, gate_mlp,
+                      lambda: _feed_forward(blk, blk.ff, _modulate(blk.norm2(h), shift_mlp, scale_mlp)))
         if not pre_only:
-            run.apply("ff_context", 0, e_out, c_gate_mlp,
-                      lambda: _feed_forward(blk, blk.ff_context,
-                                            _modulate(blk.norm2_context(e_out), c_shift_mlp, c_scale_mlp)))
+            e_out = run.apply("ff_context", 0, e_out, c_gate_mlp,
+                              lambda: _feed_forward(blk, blk.ff_context,
+                                                    _modulate(blk.norm2_context(e_out), c_shift_mlp, c_scale_mlp)))
             if e_out.dtype == torch.float16 and cls == "FluxTransformerBlock":
                 e_out = e_out.clip(-65504, 65504)
         return e_out, h
@@ -240,8 +250,8 @@ class _FluxSingleWrapper(_BranchWrapper):
             y = blk.proj_out(torch.cat([attn_half(), mlp_half()], dim=2))
             ops.gated_residual_(x, y, gate)
         else:
-            run.apply("attn1", 0, x, gate, lambda: F.linear(attn_half(), w[:, :dim]))
-            run.apply("ff", 0, x, gate, lambda: F.linear(mlp_half(), w[:, dim:], b))
+            x = run.apply("attn1", 0, x, gate, lambda: F.linear(attn_half(), w[:, :dim]))
+            x = run.apply("ff", 0, x, gate, lambda: F.linear(mlp_half(), w[:, dim:], b))
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x[:, :text_len], x[:, text_len:]
