@@ -1,9 +1,12 @@
 """The bundled digits models as one more registered case (see ``conditioning.py``).
 
 They sample in pixel space: labels are digits 0-9 (null class from the config), captions come from
-the caption encoder bundled with ``pixart-digits``, the default sampler is the clipped DDIM of
-their noise schedule, and final samples are clamped to the pixel range [-1, 1]. Nothing here is
-used for other models.
+the caption encoder bundled with ``pixart-digits`` and ``flux-digits``, and final samples are clamped
+to the pixel range [-1, 1]. The DDPM models (``dit-digits``, ``pixart-digits``) default to the clipped
+DDIM of their noise schedule; ``flux-digits`` is sampled as ``sampling.sample`` samples it: Euler flow
+matching over FluxPipeline's sigmas on packed 2x2 tokens, the timestep passed as ``t / 1000``, and
+classifier-free guidance in one batch ``[uncond; cond]`` at the model's recommended scale. Nothing here
+is used for other models.
 """
 from __future__ import annotations
 
@@ -35,17 +38,75 @@ def _digit_labels(req: Request, n: int, seed: int) -> list[int]:
     return labels
 
 
+def _check_size(bundle, req: Request, side: int) -> None:
+    if req.height is not None or req.width is not None:
+        if (req.height or side, req.width or side) != (side, side):
+            raise ValueError(f"{bundle.name} samples {side}x{side} images; got height={req.height}, width={req.width}")
+
+
+def _captions(req: Request) -> list[str]:
+    from ..models.text_encoder import caption_for
+
+    if req.prompts is not None:
+        return [str(p) for p in req.prompts]
+    return [caption_for(v, i) for i, v in enumerate(_digit_labels(req, req.num_samples, req.seed))]
+
+
+def _flux_digits_timesteps(sched, steps: int, tokens: int) -> dict:
+    """FluxPipeline's sigmas ``linspace(1, 1/steps, steps)``, as ``flux_digits.set_timesteps`` sets them."""
+    import numpy as np
+
+    return dict(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist())
+
+
+def flux_digits_denoiser(bundle, req: Request) -> Denoiser:
+    """``flux-digits``: packed ``(64 tokens, 4)`` latents; the starting noise of sample ``i`` is
+    ``sampling.initial_noise``'s pixel noise packed, so ``noise(seed)`` gives what ``sampling.sample``
+    starts from with that seed."""
+    from ..models import flux_digits
+    from .mmdit_conditions import PipelineDenoiser
+
+    class FluxDigitsDenoiser(PipelineDenoiser):
+        def noise(self, seed: int, num_samples: int | None = None) -> torch.Tensor:
+            from ..sampling import initial_noise
+
+            size = bundle.image_size
+            return flux_digits.pack(initial_noise(num_samples or self.num_samples, (flux_digits.CHANNELS, size, size),
+                                                  seed))
+
+    tr = bundle.transformer
+    cfg = float(req.guidance_scale if req.guidance_scale is not None else bundle.recommended_cfg)
+    size = bundle.image_size
+    _check_size(bundle, req, size)
+    factory = resolve_scheduler(flux_digits.make_scheduler(bundle), req.scheduler, bundle.name)
+    prompts = _captions(req)
+    if not prompts:
+        raise ValueError("prompts is empty")
+    args = flux_digits.conditions(bundle, prompts, cfg)
+    tokens = (size // 2) ** 2
+    dtype = tr.dtype
+    redraw = None
+    if req.labels is None and req.prompts is None:
+        redraw = lambda seed: flux_digits_denoiser(bundle, replace(req, seed=seed))  # noqa: E731
+    den = FluxDigitsDenoiser(tr, args, (tokens, int(tr.config.in_channels)), factory, cfg, len(prompts),
+                             output_range=(-1.0, 1.0), text_tokens=int(args["encoder_hidden_states"].shape[1]),
+                             patch_size=1, tokens=tokens, timestep_rule=_flux_digits_timesteps,
+                             model_timestep=lambda t: (t / 1000).to(dtype),  # as flux_digits.sample
+                             redraw=redraw, info=dict(model=bundle.name, prompts=prompts))
+    den.info["sampler"] = den.sampler(1)
+    return den
+
+
 def bundled_denoiser(bundle, req: Request) -> Denoiser:
+    if bundle.is_flow_matching:
+        return flux_digits_denoiser(bundle, req)
     tr = bundle.transformer
     cfg = float(req.guidance_scale if req.guidance_scale is not None else bundle.recommended_cfg)
     base = scheduler_from_name("ddim", dict(bundle.scheduler_config))
     factory = resolve_scheduler(base, req.scheduler or "ddim", bundle.name)
     dev = tr.device
     shape = (tr.config.in_channels, tr.config.sample_size, tr.config.sample_size)
-    if req.height is not None or req.width is not None:
-        side = int(tr.config.sample_size)
-        if (req.height or side, req.width or side) != (side, side):
-            raise ValueError(f"{bundle.name} samples {side}x{side} images; got height={req.height}, width={req.width}")
+    _check_size(bundle, req, int(tr.config.sample_size))
     text_tokens = 0
     if bundle.text_encoder is None:
         labels = _digit_labels(req, req.num_samples, req.seed)

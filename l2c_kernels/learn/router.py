@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import adapter_for
-from ..schedule import COMPUTE, REUSE, Schedule
+from ..schedule import COMPUTE, REUSE, Schedule, sampler_info
 from .candidates import (_Best, _budget_mask, _Calibration, _calibration_error, _consider, _refine_mask,  # noqa: F401
                          _structured_masks)
 from .conditioning import denoiser_for
@@ -210,8 +210,10 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         best.mask, best.err, refine_hist = _refine_mask(calib, best.mask, best.err, ones, refine_evaluations,
                                                          best.forecast, train_forecast)
         hist.append(dict(refined=True, evaluations=len(refine_hist), calibration_error_best=best.err))
+    info = dict(den.info, guidance_scale=den.cfg)
+    info.setdefault("sampler", sampler_info(den.make_scheduler()))  # what the schedule's timesteps come from
     res = RouterResult(scores=scores, timesteps=timesteps, history=hist, seconds=time.time() - t0,
-                       forecast=train_forecast, branch_flops=flops, denoiser_info=dict(den.info, guidance_scale=den.cfg))
+                       forecast=train_forecast, branch_flops=flops, denoiser_info=info)
     if best.mask is not None:
         res.mask = torch.cat([torch.ones((1, nb, len(branches))), best.mask.cpu()]).bool()
         res.forecast = best.forecast
@@ -343,18 +345,23 @@ def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, l
     params["cfg"] = params["guidance_scale"] = _used_guidance(res, guidance_scale, cfg)
     if height or width:
         params.update(height=height, width=width)
+    sampler = dict(res.denoiser_info.get("sampler") or {})
     if threshold is not None:
-        return schedule_from_scores(model, res.timesteps, res.scores, threshold=threshold, params=params,
-                                    forecast=res.forecast, branch_flops=res.branch_flops)
+        s = schedule_from_scores(model, res.timesteps, res.scores, threshold=threshold, params=params,
+                                 forecast=res.forecast, branch_flops=res.branch_flops)
+        s.sampler = sampler
+        return s
     if res.mask is not None:  # the hard schedule with the lowest measured error on the calibration batch
         params.update(budget=budget, threshold=None, calibration_error_db=res.calibration_error,
                       candidates_measured=res.candidates)
         s = Schedule.from_mask(model, res.timesteps, res.mask, method="learned", params=params,
-                               forecast=res.forecast)
+                               forecast=res.forecast, sampler=sampler)
         s.branch_flops = dict(res.branch_flops)
         return s
-    return schedule_from_scores(model, res.timesteps, res.scores, budget=budget, params=params,
-                                forecast=res.forecast, branch_flops=res.branch_flops)
+    s = schedule_from_scores(model, res.timesteps, res.scores, budget=budget, params=params,
+                             forecast=res.forecast, branch_flops=res.branch_flops)
+    s.sampler = sampler
+    return s
 
 
 def _used_guidance(res: RouterResult, guidance_scale, cfg):
