@@ -12,10 +12,6 @@ and checkpoints as it goes so an interrupted run still leaves usable weights.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import math
-import os
 import random
 import sys
 import time
@@ -27,11 +23,12 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "python"))
 
 from l2c_kernels.models import configs  # noqa: E402
 from l2c_kernels.models.digits_data import augment, load_digits_tensor  # noqa: E402
 from l2c_kernels.models.registry import build, save_bundle  # noqa: E402
-from l2c_kernels.models.text_encoder import CAPTION_TEMPLATES, caption_for  # noqa: E402
+from train_loop import EmaTrainer, dropped_captions, warmup_cosine  # noqa: E402
 
 
 def main(argv=None):
@@ -56,12 +53,8 @@ def main(argv=None):
 
     bundle = build(args.model)
     model, text = bundle.transformer, bundle.text_encoder
-    modules = [model] + ([text] if text is not None else [])
-    params = [p for m in modules for p in m.parameters()]
-    for m in modules:
-        m.train()
-    ema = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    trainer = EmaTrainer([model] + ([text] if text is not None else []), args.lr, args.ema)
+    ema = trainer.ema_modules
 
     from diffusers import DDPMScheduler
 
@@ -71,14 +64,9 @@ def main(argv=None):
     x_all, y_all = load_digits_tensor(configs.IMAGE_SIZE)
     n = len(x_all)
     log, t0, last_ckpt = [], time.time(), 0
-    print(f"training {args.model}: {sum(p.numel() for p in params) / 1e6:.2f} M parameters, "
+    print(f"training {args.model}: {trainer.num_parameters() / 1e6:.2f} M parameters, "
           f"{n} digits, batch {args.batch}, {args.steps} steps", flush=True)
-
-    def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        p = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+    lr_at = warmup_cosine(args.lr, args.warmup, args.steps)
 
     def save(step, final):
         info = dict(model=args.model, steps_done=step, steps=args.steps, batch=args.batch, lr=args.lr,
@@ -102,25 +90,13 @@ def main(argv=None):
             # DiT's label embedding drops 10% of labels to the null class itself in train mode
             out = model(xt, timestep=t, class_labels=labels).sample
         else:
-            drop = torch.rand(args.batch, generator=gen) < 0.1
-            caps = ["" if d else caption_for(int(l), random.randrange(len(CAPTION_TEMPLATES)))
-                    for l, d in zip(labels.tolist(), drop.tolist())]
+            caps = dropped_captions(labels, 0.1, gen)
             ids, mask = text.tokenizer(caps)
             enc = text(ids, mask)
             out = model(xt, encoder_hidden_states=enc, encoder_attention_mask=mask, timestep=t,
                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
         loss = F.mse_loss(out, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for m, e in zip(modules, ema):
-                for pe, pm in zip(e.parameters(), m.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+        trainer.step(loss, step, lr_at(step))
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
         bar.set_postfix(loss=f"{loss_ema:.4f}")
         if (step + 1) % 50 == 0:

@@ -16,8 +16,6 @@ the exact command), checkpointing as it goes so an interrupted run still leaves 
 from __future__ import annotations
 
 import argparse
-import copy
-import math
 import random
 import sys
 import time
@@ -28,11 +26,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "python"))
 
 from l2c_kernels.models import flux_digits  # noqa: E402
 from l2c_kernels.models.digits_data import augment, load_digits_tensor  # noqa: E402
 from l2c_kernels.models.registry import build, save_bundle  # noqa: E402
-from l2c_kernels.models.text_encoder import CAPTION_TEMPLATES, caption_for  # noqa: E402
+from train_loop import EmaTrainer, dropped_captions, warmup_cosine  # noqa: E402
 
 NAME = "flux-digits"
 
@@ -70,29 +69,19 @@ def main(argv=None):
 
     bundle = build(NAME)
     model, text = bundle.transformer, bundle.text_encoder
-    modules = [model, text]
-    params = [p for m in modules for p in m.parameters()]
-    for m in modules:
-        m.train()
-    ema = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    trainer = EmaTrainer([model, text], args.lr, args.ema)
+    ema = trainer.ema_modules
 
     x_all, y_all = load_digits_tensor(bundle.image_size)
     n = len(x_all)
     img_ids = flux_digits.image_ids()
     txt_ids = flux_digits.text_ids(text.config["max_length"])
     log, t0 = [], time.time()
-    print(f"training {NAME}: {sum(p.numel() for p in params) / 1e6:.2f} M parameters, {n} digits, "
+    print(f"training {NAME}: {trainer.num_parameters() / 1e6:.2f} M parameters, {n} digits, "
           f"batch {args.batch}, {args.steps} steps, t {args.t_sampling}", flush=True)
 
-    def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        p = (step - args.warmup) / max(1, args.steps - args.warmup)
-        if args.max_minutes:  # on a shared machine the time cap may come first: decay by whichever is nearer
-            p = max(p, (time.time() - t0) / (60 * args.max_minutes))
-        p = min(p, 1.0)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+    # on a shared machine the time cap may come first: the decay follows whichever is nearer
+    lr_at = warmup_cosine(args.lr, args.warmup, args.steps, t0, args.max_minutes)
 
     def save(step, final):
         info = dict(model=NAME, steps_done=step, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
@@ -113,25 +102,13 @@ def main(argv=None):
         noise = torch.randn(x0.shape, generator=gen)
         t = sample_t(args.batch, args.t_sampling, gen)
         xt = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
-        drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
-        caps = ["" if d else caption_for(int(l), random.randrange(len(CAPTION_TEMPLATES)))
-                for l, d in zip(labels.tolist(), drop.tolist())]
+        caps = dropped_captions(labels, args.caption_dropout, gen)
         ids, mask = text.tokenizer(caps)
         enc, pooled = flux_digits.caption_embeddings(text, ids, mask)
         v = model(hidden_states=xt, encoder_hidden_states=enc, pooled_projections=pooled, timestep=t,
                   img_ids=img_ids, txt_ids=txt_ids).sample
         loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for m, e in zip(modules, ema):
-                for pe, pm in zip(e.parameters(), m.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+        trainer.step(loss, step, lr_at(step))
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
         if (step + 1) % args.log_every == 0:
             log.append([step + 1, round(loss_ema, 5), round(time.time() - t0, 1)])
