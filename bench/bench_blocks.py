@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -30,13 +28,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import l2c_kernels as l2c  # noqa: E402
 from l2c_kernels.runtime.block_flops import _CUSTOM, measure_block_flops  # noqa: E402
 
-FLUX_SHAPED = dict(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128,
-                   num_attention_heads=3, joint_attention_dim=1024, pooled_projection_dim=768, guidance_embeds=True,
-                   axes_dims_rope=[16, 56, 56])
+from flux_shaped import FLUX_SHAPED, flux_shaped, interleaved_step_times, load_average, timesteps_for  # noqa: E402
+
 REMOVE_EVERY = {0.0: None, 0.25: (4, {3}), 0.5: (2, {1}), 0.75: (4, {1, 2, 3})}
 
 
@@ -54,15 +52,6 @@ def spread_schedule(model, timesteps, flops):
     return l2c.Schedule.from_mask(model, timesteps, mask, branches=["block"], unit_flops=flops, method="spread-50")
 
 
-def _load() -> str:
-    try:
-        import os
-
-        return " ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8, help="a multiple of 4")
@@ -74,27 +63,13 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="suffix of the result files (compile_schedule_cpu_flux_<tag>)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from diffusers import FluxTransformer2DModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(**FLUX_SHAPED).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in model.parameters():  # diffusers zero-initialises some projections; speed does not care, fine
-            p.normal_(0, 0.02)
     img_side, txt = args.image_side, args.text_tokens
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, img_side * img_side, 64, generator=g)
-    ids = torch.zeros(img_side, img_side, 3)
-    ids[..., 1] = torch.arange(img_side)[:, None]
-    ids[..., 2] = torch.arange(img_side)[None, :]
-    cond = dict(encoder_hidden_states=torch.randn(1, txt, 1024, generator=g),
-                pooled_projections=torch.randn(1, 768, generator=g), img_ids=ids.reshape(-1, 3),
-                txt_ids=torch.zeros(txt, 3), guidance=torch.full((1,), 3.5), return_dict=False)
-    timesteps = [int(round(1000 - i * 950 / (args.steps - 1))) for i in range(args.steps)]
-
-    def call(fn, t):
-        return fn(hidden_states=x, timestep=torch.full((1,), t / 1000.0), **cond)
+    model, call = flux_shaped(img_side, txt)
+    timesteps = timesteps_for(args.steps)
+    cond = {k: v for k, v in call.inputs.items() if k != "hidden_states"}
+    x = call.inputs["hidden_states"]
 
     flops = measure_block_flops(model, hidden_states=x, timestep=torch.full((1,), 1.0), **cond)
     scheds = {f"{int(r * 100)}%": step_schedule(model, timesteps, r, flops) for r in REMOVE_EVERY}
@@ -102,22 +77,7 @@ def main(argv=None):
     runners = {"original": model}
     for k, s in scheds.items():
         runners[f"compiled {k}"] = l2c.compile_schedule(model, s)
-    names = list(runners)
-    step_times = {k: [[] for _ in timesteps] for k in runners}
-    with torch.no_grad():
-        for fn in runners.values():  # warm-up
-            for t in timesteps:
-                call(fn, t)
-        for r in range(args.repeats):
-            for i, t in enumerate(timesteps):
-                k = (r * len(timesteps) + i) % len(names)
-                for name in names[k:] + names[:k]:
-                    t0 = time.perf_counter()
-                    call(runners[name], t)
-                    step_times[name][i].append(time.perf_counter() - t0)
-    med = {k: sum(statistics.median(v) for v in per) / len(timesteps) for k, per in step_times.items()}
-    times = {k: [sum(per[i][r] for i in range(len(timesteps))) / len(timesteps) for r in range(args.repeats)]
-             for k, per in step_times.items()}
+    med, times = interleaved_step_times(runners, timesteps, call, args.repeats)
 
     def generation_flops(fn) -> int:
         if hasattr(fn, "reset"):
@@ -141,7 +101,7 @@ def main(argv=None):
                          measured_over_ideal_whole_model=round(speed / ideal_whole, 3),
                          spread_ms=[round(1e3 * min(times[name]), 3), round(1e3 * max(times[name]), 3)]))
     result = dict(benchmark="compile_schedule block level, per-step latency", date=str(date.today()),
-                  device=f"CPU ({args.threads} threads)", load_average=_load(), torch=torch.__version__, dtype="fp32", batch=1,
+                  device=f"CPU ({args.threads} threads)", load_average=load_average(), torch=torch.__version__, dtype="fp32", batch=1,
                   steps=args.steps, repeats=args.repeats, model="FluxTransformer2DModel, Flux.1-dev structure",
                   config=FLUX_SHAPED, image_tokens=img_side * img_side, text_tokens=txt,
                   block_flops=flops, backend=l2c.build_info(),
@@ -152,7 +112,7 @@ def main(argv=None):
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = [f"# compile_schedule at block level vs original, Flux-shaped model (4 double + 8 single blocks, hidden 384, "
           f"{img_side * img_side} image + {txt} text tokens), batch 1, fp32",
-          f"CPU ({args.threads} thread{'s' * (args.threads > 1)}, load average {_load()}), torch {torch.__version__}, {date.today()}; {args.repeats} generations of "
+          f"CPU ({args.threads} thread{'s' * (args.threads > 1)}, load average {load_average()}), torch {torch.__version__}, {date.today()}; {args.repeats} generations of "
           f"{args.steps} steps, every step of every runner interleaved; ms/step = mean over steps of each step's median.",
           "", f"original: {result['original_step_ms']} ms/step", "",
           f"Block FLOPs counted on a real call: double-stream {flops[0] / 1e6:.0f} MFLOP, single-stream "

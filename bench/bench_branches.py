@@ -2,7 +2,7 @@
 Flux single block's ``proj_out`` into its attention and MLP column blocks.
 
 The model is the one of ``bench/bench_blocks.py`` (Flux.1-dev structure: 4 double + 8 single blocks, 3 heads
-of 128 = hidden 384, RoPE 16/56/56, guidance embedding, 64 image + 32 text tokens, batch 1, fp32, random
+of 128 = hidden 384, RoPE 16/56/56, guidance embedding, 256 image + 64 text tokens by default, batch 1, fp32, random
 weights). Unit FLOPs are counted on a real call (``measure_branch_flops``). Schedules:
 
 - ``uniform 50%``: every other step reuses every unit (FORA at branch level);
@@ -33,14 +33,14 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import l2c_kernels as l2c  # noqa: E402
 from l2c_kernels.adapters.mmdit_branches import branch_names  # noqa: E402
 from l2c_kernels.runtime.branch_wrappers import measure_branch_flops  # noqa: E402
 
-FLUX_SHAPED = dict(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128,
-                   num_attention_heads=3, joint_attention_dim=1024, pooled_projection_dim=768, guidance_embeds=True,
-                   axes_dims_rope=[16, 56, 56])
+from flux_shaped import FLUX_SHAPED, flux_shaped, interleaved_step_times, load_average, timesteps_for  # noqa: E402
+
 PATTERNS = {0.25: (4, {3}), 0.5: (2, {1}), 0.75: (4, {1, 2, 3})}
 
 
@@ -85,31 +85,18 @@ def split_cost(tokens, dim, mlp, repeats):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--image-side", type=int, default=16, help="packed latent side: image tokens = side^2")
+    ap.add_argument("--text-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(**FLUX_SHAPED).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    img_side, txt = 8, 32
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, img_side * img_side, 64, generator=g)
-    ids = torch.zeros(img_side, img_side, 3)
-    ids[..., 1] = torch.arange(img_side)[:, None]
-    ids[..., 2] = torch.arange(img_side)[None, :]
-    cond = dict(encoder_hidden_states=torch.randn(1, txt, 1024, generator=g),
-                pooled_projections=torch.randn(1, 768, generator=g), img_ids=ids.reshape(-1, 3),
-                txt_ids=torch.zeros(txt, 3), guidance=torch.full((1,), 3.5), return_dict=False)
-    timesteps = [int(round(1000 - i * 950 / (args.steps - 1))) for i in range(args.steps)]
-
-    def call(fn, t):
-        return fn(hidden_states=x, timestep=torch.full((1,), t / 1000.0), **cond)
+    img_side, txt = args.image_side, args.text_tokens
+    model, call = flux_shaped(img_side, txt)
+    timesteps = timesteps_for(args.steps)
+    cond = {k: v for k, v in call.inputs.items() if k != "hidden_states"}
+    x = call.inputs["hidden_states"]
 
     names = branch_names(model)
     ubf = measure_branch_flops(model, hidden_states=x, timestep=torch.full((1,), 1.0), **cond)
@@ -119,20 +106,7 @@ def main(argv=None):
     for r in PATTERNS:
         scheds[f"spread {int(100 * r)}%"] = spread(model, timesteps, r, ubf, names)
     runners = {"original": model, **{f"compiled {k}": l2c.compile_schedule(model, s) for k, s in scheds.items()}}
-    order = list(runners)
-    step_times = {k: [[] for _ in timesteps] for k in runners}
-    with torch.no_grad():
-        for fn in runners.values():  # warm-up
-            for t in timesteps:
-                call(fn, t)
-        for r in range(args.repeats):
-            for i, t in enumerate(timesteps):
-                k = (r * len(timesteps) + i) % len(order)
-                for name in order[k:] + order[:k]:
-                    t0 = time.perf_counter()
-                    call(runners[name], t)
-                    step_times[name][i].append(time.perf_counter() - t0)
-    med = {k: sum(statistics.median(v) for v in per) / len(timesteps) for k, per in step_times.items()}
+    med, _ = interleaved_step_times(runners, timesteps, call, args.repeats)
     rows = []
     for k, s in scheds.items():
         name = f"compiled {k}"
@@ -143,10 +117,8 @@ def main(argv=None):
                          speedup_vs_original=round(speed, 3), ideal_speedup=round(ideal, 3),
                          measured_over_ideal=round(speed / ideal, 3)))
     splits = [split_cost(96, 384, 1536, 20), split_cost(64, 3072, 12288, 3)]
-    import os
-
     result = dict(benchmark="compile_schedule branch level (SD3 / Flux units), per-step latency",
-                  load_average_at_end=[round(v, 2) for v in os.getloadavg()],
+                  load_average_at_end=load_average(),
                   date=str(date.today()), device=f"CPU ({args.threads} threads)", torch=torch.__version__,
                   dtype="fp32", batch=1, steps=args.steps, repeats=args.repeats,
                   model="FluxTransformer2DModel, Flux.1-dev structure", config=FLUX_SHAPED,
@@ -158,7 +130,7 @@ def main(argv=None):
     (out / "compile_schedule_cpu_flux_branches.json").write_text(json.dumps(result, indent=1) + "\n")
     d, s = ubf[0], ubf[-1]
     md = [f"# compile_schedule at branch level vs original, Flux-shaped model (4 double + 8 single blocks, hidden 384, "
-          f"64 image + 32 text tokens), batch 1, fp32",
+          f"{img_side * img_side} image + {txt} text tokens), batch 1, fp32",
           f"CPU ({args.threads} threads), torch {torch.__version__}, {date.today()}; {args.repeats} generations of "
           f"{args.steps} steps, every step of every runner interleaved; ms/step = mean over steps of each step's median. "
           f"Load average at the end: {result['load_average_at_end']} (valid only on an otherwise idle machine).",
