@@ -45,6 +45,8 @@ class Request:
     seed: int = 0
     scheduler: object = None             # None (the pipeline's own), a name, or a diffusers scheduler
     max_sequence_length: int | None = None   # text tokens (PixArt: the pipeline's default, 120 / 300)
+    true_cfg_scale: float | None = None  # FluxPipeline's true CFG (with negative_prompt); None: the pipeline's (off)
+    negative_prompt: object = None       # str (every prompt) or one per prompt; FluxPipeline's true CFG
 
 
 _BUILDERS: dict[str, Callable] = {}
@@ -75,8 +77,12 @@ def _builder(obj) -> Callable:
 def denoiser_for(obj, num_samples: int = 4, cfg: float | None = None, scheduler=None, seed: int = 0,
                  labels=None, prompts=None, *, height: int | None = None, width: int | None = None,
                  conditions: dict | None = None, latent_shape=None, max_sequence_length: int | None = None,
-                 cond_first: bool = False) -> Denoiser:
+                 cond_first: bool = False, true_cfg_scale: float | None = None,
+                 negative_prompt=None) -> Denoiser:
     """A :class:`Denoiser` for a pipeline, a bundled model (or its name), or a transformer.
+
+    ``true_cfg_scale`` / ``negative_prompt``: FluxPipeline's true classifier-free guidance (both halves in
+    one batch, ``[negative; prompt]``), as the pipeline's arguments of the same names.
 
     For a transformer give ``scheduler`` (a diffusers scheduler), ``conditions`` (its keyword arguments
     for the whole model batch: with ``cfg > 1`` the unconditional half first unless ``cond_first``) and
@@ -92,7 +98,11 @@ def denoiser_for(obj, num_samples: int = 4, cfg: float | None = None, scheduler=
                         "one model call) and latent_shape=; or pass the pipeline")
     req = Request(num_samples=num_samples, guidance_scale=cfg, labels=None if labels is None else list(labels),
                   prompts=None if prompts is None else list(prompts), height=height, width=width, seed=seed,
-                  scheduler=scheduler, max_sequence_length=max_sequence_length)
+                  scheduler=scheduler, max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale,
+                  negative_prompt=negative_prompt)
+    if (true_cfg_scale is not None or negative_prompt is not None) and type(obj).__name__ != "FluxPipeline":
+        raise ValueError(f"true_cfg_scale / negative_prompt are FluxPipeline's true CFG; {type(obj).__name__} "
+                         "takes guidance_scale")
     return _builder(obj)(obj, req)
 
 

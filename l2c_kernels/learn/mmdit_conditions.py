@@ -9,8 +9,12 @@ pipeline's own components (registered with :func:`~l2c_kernels.learn.conditionin
   the scheduler has dynamic shifting, as the pipeline computes it).
 - **Flux**: CLIP pooled + T5 prompts, *packed* latents ``((H/16)(W/16), 64)`` with the RoPE ids
   ``img_ids`` / ``txt_ids`` the pipeline makes, the distilled guidance embedding (Flux.1-dev:
-  ``guidance = guidance_scale``; no CFG batch), the timestep passed as ``t / 1000``, and the
+  ``guidance = guidance_scale``), the timestep passed as ``t / 1000``, and the
   resolution-dependent shift: ``sigmas = linspace(1, 1/n, n)`` with ``mu = calculate_shift(tokens)``.
+  True CFG as the pipeline's ``true_cfg_scale`` > 1 with a ``negative_prompt``: the pipeline calls the
+  transformer twice (prompt, then negative prompt, the guidance embedding in both); here both halves run
+  in one batch ``[negative; prompt]`` and combine as ``neg + s (pos - neg)``: the same outputs up to
+  float32 rounding. Without it there is no CFG batch.
 - **Wan** (2.1): UMT5 prompts, 3-D video latents ``(16, (F-1)/4+1, H/8, W/8)``, CFG (the pipeline calls
   the transformer once per half; here both halves run in one batch, which gives the same outputs),
   ``set_timesteps(n)`` with the scheduler's flow shift.
@@ -163,10 +167,18 @@ def flux_pipeline_denoiser(pipe, req: Request) -> PipelineDenoiser:
     vf = int(pipe.vae_scale_factor)
     h, w = _size(req, int(pipe.default_sample_size) * vf, 2 * vf, name, f"VAE factor {vf} x 2 for the 2x2 packing")
     g = _guidance(pipe, req, 3.5)
+    true_cfg, negative = _true_cfg(pipe, req, len(prompts), name)
     dev, dtype = tr.device, tr.dtype
+    max_len = _max_len(pipe, req, 512)
     with torch.no_grad():
-        pe, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=dev,
-                                                  max_sequence_length=_max_len(pipe, req, 512))
+        pe, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=dev, max_sequence_length=max_len)
+        if true_cfg > 1:
+            ne, npool, neg_ids = pipe.encode_prompt(prompt=negative, prompt_2=None, device=dev,
+                                                    max_sequence_length=max_len)
+            if ne.shape != pe.shape or not torch.equal(neg_ids, text_ids):
+                raise ValueError(f"{name}: the negative prompts encode to {tuple(ne.shape)} text states, the prompts to "
+                                 f"{tuple(pe.shape)}; true CFG in one batch needs the same shape")
+            pe, pooled = torch.cat([ne, pe]), torch.cat([npool, pooled])
     lh, lw = 2 * (h // (vf * 2)), 2 * (w // (vf * 2))
     img_ids = pipe._prepare_latent_image_ids(len(prompts), lh // 2, lw // 2, dev, pe.dtype)
     tokens = (lh // 2) * (lw // 2)
@@ -174,12 +186,33 @@ def flux_pipeline_denoiser(pipe, req: Request) -> PipelineDenoiser:
     args = dict(encoder_hidden_states=pe.to(dtype), pooled_projections=pooled.to(dtype), txt_ids=text_ids,
                 img_ids=img_ids, joint_attention_kwargs={})
     if tr.config.guidance_embeds:
-        args["guidance"] = torch.full([len(prompts)], g, device=dev, dtype=torch.float32)
-    den = PipelineDenoiser(tr, args, shape, _scheduler(pipe, req, name), 1.0, len(prompts),
-                           text_tokens=int(pe.shape[1]), patch_size=1, tokens=tokens, timestep_rule=_flux_rule,
+        args["guidance"] = torch.full([pe.shape[0]], g, device=dev, dtype=torch.float32)
+    info = dict(height=h, width=w, guidance_scale=g if tr.config.guidance_embeds else None)
+    if true_cfg > 1:
+        info.update(true_cfg_scale=true_cfg, negative_prompt=negative)
+    den = PipelineDenoiser(tr, args, shape, _scheduler(pipe, req, name), true_cfg if true_cfg > 1 else 1.0,
+                           len(prompts), text_tokens=int(pe.shape[1]), patch_size=1, tokens=tokens,
+                           timestep_rule=_flux_rule,
                            model_timestep=lambda t: t.to(tr.dtype) / 1000,   # as the pipeline: t in the latents' dtype
-                           info=dict(height=h, width=w, guidance_scale=g if tr.config.guidance_embeds else None))
+                           info=info)
     return _finish(den, pipe, req)
+
+
+def _true_cfg(pipe, req: Request, n: int, name: str) -> tuple[float, list | None]:
+    """``(true_cfg_scale, negative prompts)`` as FluxPipeline decides them: true CFG runs when the scale is
+    above 1 and there is a negative prompt. A scale above 1 without one is refused here (the pipeline would
+    silently sample without guidance)."""
+    scale = float(req.true_cfg_scale if req.true_cfg_scale is not None else pipeline_default(pipe, "true_cfg_scale", 1.0))
+    neg = req.negative_prompt
+    if scale <= 1:
+        return scale, None
+    if neg is None:
+        raise ValueError(f"true_cfg_scale={scale} needs a negative_prompt ({name} applies true CFG only with one; "
+                         "negative_prompt=\"\" is the empty prompt)")
+    negs = [neg] * n if isinstance(neg, str) else [str(v) for v in neg]
+    if len(negs) != n:
+        raise ValueError(f"negative_prompt has {len(negs)} entries for {n} prompts; give one string or one per prompt")
+    return scale, negs
 
 
 # -- Wan ----------------------------------------------------------------------------------------------

@@ -54,10 +54,11 @@ class RouterResult:
 
 
 def _denoiser(obj, num_samples, cfg, scheduler, seed, labels, prompts, height, width, conditions, latent_shape,
-              max_sequence_length):
+              max_sequence_length, true_cfg_scale=None, negative_prompt=None):
     return denoiser_for(obj, num_samples, cfg, scheduler, seed=seed, labels=labels, prompts=prompts, height=height,
                         width=width, conditions=conditions, latent_shape=latent_shape,
-                        max_sequence_length=max_sequence_length)
+                        max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale,
+                        negative_prompt=negative_prompt)
 
 
 def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, scheduler=None,
@@ -68,7 +69,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                  progress: bool = True, log_every: int = 5,
                  hard_fraction: float = 0.5, calibration_samples: int = 8, refine_evaluations: int = 0,
                  structured_candidates: bool = True, forecast: str = "auto", training: str = "stepwise",
-                 teacher_pool: int | None = None) -> RouterResult:
+                 teacher_pool: int | None = None, true_cfg_scale: float | None = None,
+                 negative_prompt=None) -> RouterResult:
     """Train router logits for ``obj`` (pipeline, bundled model or its name, or a transformer: see
     :func:`learn_schedule`).
 
@@ -108,7 +110,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     train_forecast = "none" if forecast == "none" else "linear"
     forecasts = ("none", "linear", "quadratic") if forecast == "auto" else (forecast,)
     cond_kw = dict(height=height, width=width, conditions=conditions, latent_shape=latent_shape,
-                   max_sequence_length=max_sequence_length)
+                   max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale,
+                   negative_prompt=negative_prompt)
 
     torch.manual_seed(seed)
     den = _denoiser(obj, batch_size, cfg, scheduler, seed, labels, prompts, **cond_kw)
@@ -137,9 +140,11 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     calib = None
     if calibration_samples and hard_fraction > 0:
         cseed = seed + 7919
-        cden = _denoiser(obj, calibration_samples, den.cfg, scheduler, cseed,
+        cden = _denoiser(obj, calibration_samples, cfg, scheduler, cseed,  # cfg as asked: Flux keeps den.cfg apart
                          None if labels is None else list(labels)[:calibration_samples] or None,
-                         None if prompts is None else list(prompts)[:calibration_samples] or None, **cond_kw)
+                         None if prompts is None else list(prompts)[:calibration_samples] or None,
+                         **dict(cond_kw, negative_prompt=negative_prompt if isinstance(negative_prompt, (str, type(None)))
+                                else list(negative_prompt)[:calibration_samples]))
         cden._timesteps = timesteps
         cx = cden.noise(cseed)
         cref, _ = cden.sample_with(model, n, cx)
@@ -210,7 +215,9 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         best.mask, best.err, refine_hist = _refine_mask(calib, best.mask, best.err, ones, refine_evaluations,
                                                          best.forecast, train_forecast)
         hist.append(dict(refined=True, evaluations=len(refine_hist), calibration_error_best=best.err))
-    info = dict(den.info, guidance_scale=den.cfg)
+    info = dict(den.info)
+    if "true_cfg_scale" not in info:  # FluxPipeline's true CFG keeps its guidance embedding's scale apart
+        info["guidance_scale"] = den.cfg
     info.setdefault("sampler", sampler_info(den.make_scheduler()))  # what the schedule's timesteps come from
     res = RouterResult(scores=scores, timesteps=timesteps, history=hist, seconds=time.time() - t0,
                        forecast=train_forecast, branch_flops=flops, denoiser_info=info)
@@ -343,6 +350,7 @@ def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, l
                   batch_size=batch_size, seed=seed, train_seconds=round(res.seconds, 1), history=res.history,
                   scores=[[[round(v, 4) for v in blk] for blk in row] for row in res.scores.tolist()])
     params["cfg"] = params["guidance_scale"] = _used_guidance(res, guidance_scale, cfg)
+    params.update({k: res.denoiser_info[k] for k in ("true_cfg_scale", "negative_prompt") if k in res.denoiser_info})
     if height or width:
         params.update(height=height, width=width)
     sampler = dict(res.denoiser_info.get("sampler") or {})
