@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import ops
 from ..schedule import BLOCK, REUSE, Schedule, ScheduleError
-from .plan import compile_plans
+from .block_work import BlockKind, apply_deltas, store_deltas
+from .plan import StepPlan, compile_plans
 
 
 @dataclass(frozen=True)
@@ -29,42 +29,52 @@ class BlockAction:
         return len(self.reads) == 1 and self.reads[0][1] == 1.0
 
 
-def block_actions(schedule: Schedule) -> list[tuple[BlockAction, ...]]:
-    """``[step][block]`` -> :class:`BlockAction`, derived once from the schedule."""
+def block_plans(schedule: Schedule) -> list[StepPlan]:
+    """The step plans of a block-level schedule: the block is the one branch (a whole-block ``B`` is a reuse
+    of that branch), identical plans interned to one object."""
     if schedule.branches != ["block"]:
         raise ScheduleError(f"a block-level schedule has branches ['block'], got {schedule.branches}")
     as_reuse = Schedule(timesteps=schedule.timesteps, branches=["block"], num_blocks=schedule.num_blocks,
                         plan=[[REUSE if e == BLOCK else e for e in row] for row in schedule.plan],
                         forecast=schedule.forecast)
+    return compile_plans(as_reuse)
+
+
+def block_actions(schedule: Schedule) -> list[tuple[BlockAction, ...]]:
+    """``[step][block]`` -> :class:`BlockAction`, derived once from the schedule (equal steps share one tuple)."""
+    interned: dict[tuple, tuple] = {}
     out = []
-    for sp in compile_plans(as_reuse):
+    for sp in block_plans(schedule):
         row = []
         for bp in sp.blocks:
             if bp.compute[0]:
                 row.append(BlockAction(True, bp.store[0], bp.slot[0]))
             else:
                 row.append(BlockAction(False, reads=tuple((j, w) for j, w in enumerate(bp.weights[0]) if w)))
-        out.append(tuple(row))
+        out.append(interned.setdefault(tuple(row), tuple(row)))
     return out
 
 
 class BlockCaches:
     """Residual caches of one pass (a pipeline that calls the transformer twice per step, e.g. for the
-    unconditional half, has one set per pass): ``(block, stream, slot)`` -> ``out - in``."""
+    unconditional half, has one set per pass; with CUDA graphs, one set per pass and input signature):
+    ``(block, stream, slot)`` -> ``out - in``."""
 
     def __init__(self):
-        self.buffers: dict[tuple[int, int, int], torch.Tensor] = {}
-        self.filled: set[tuple[int, int]] = set()       # (block, slot) written in this generation
-        self.none_streams: dict[int, tuple[bool, ...]] = {}  # block -> which returned streams were None
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.filled: set[tuple] = set()                 # (block, slot) written in this generation
+        self.none_streams: dict = {}                    # block -> which returned streams were None
+        self.ran: set[int] = set()                      # steps run in this generation
+        self.generations = 0                            # whole generations run with these caches
 
-    def buffer(self, block: int, stream: int, slot: int, like: torch.Tensor) -> torch.Tensor:
+    def buffer(self, block, stream: int, slot: int, like: torch.Tensor) -> torch.Tensor:
         buf = self.buffers.get((block, stream, slot))
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
             buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
             self.buffers[(block, stream, slot)] = buf
         return buf
 
-    def read(self, block: int, stream: int, slot: int, like: torch.Tensor, step: int) -> torch.Tensor:
+    def read(self, block, stream: int, slot: int, like: torch.Tensor, step: int) -> torch.Tensor:
         buf = self.buffers.get((block, stream, slot))
         if (block, slot) not in self.filled or buf is None:
             raise ScheduleError(f"step {step} reuses block {block} but its residual cache was not filled in this "
@@ -78,42 +88,50 @@ class BlockCaches:
     def clear(self) -> None:
         self.filled.clear()
         self.none_streams.clear()
+        self.ran.clear()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers.values())
 
+    # ------------------------------------------------------------------ host side of a block's work
+    def store_buffers(self, block, slot: int, ins, nones: tuple) -> tuple:
+        """Per stream, ``(buffer,)`` the block's residual is written to (None for a stream the block returns as
+        None), marked as filled; the residual has the stream input's shape (checked on the block's first call)."""
+        self.none_streams[block] = nones
+        self.filled.add((block, slot))
+        return tuple(None if n else (self.buffer(block, k, slot, x),) for k, (x, n) in enumerate(zip(ins, nones)))
 
-def store_residuals(caches: BlockCaches, block: int, slot: int, outs, ins) -> None:
+    def reuse_buffers(self, block, action: BlockAction, ins, step: int) -> tuple:
+        """Per stream, the residual buffers a reuse of ``block`` reads (None for a stream it returns as None);
+        raises if this generation did not fill them or the shapes changed."""
+        nones = self.none_streams.get(block)
+        if nones is None or any((block, j) not in self.filled for j, _ in action.reads):
+            raise ScheduleError(f"step {step} reuses block {block} but its residual cache was not filled in this "
+                                f"generation (start at step 0, or call reset())")
+        out = []
+        for k, x in enumerate(ins):
+            if nones[k]:
+                out.append(None)
+                continue
+            if x is None:
+                raise ValueError(f"block {block} returned a tensor for stream {k} when it was computed but now gets "
+                                 f"None")
+            out.append(tuple(self.read(block, k, j, x, step) for j, _ in action.reads))
+        return tuple(out)
+
+
+def reuse_kind(action: BlockAction, single: bool, compiled: bool) -> BlockKind:
+    """The :class:`BlockKind` of a reuse (plain: one residual of weight 1; else a forecast)."""
+    return BlockKind(False, False, 1 if action.plain_reuse else max(2, len(action.reads)), single, False, compiled)
+
+
+def store_residuals(caches: BlockCaches, block, slot: int, outs, ins) -> None:
     """``cache <- out - in`` for every returned stream (streams returned as None are remembered as such)."""
-    for k, (o, i) in enumerate(zip(outs, ins)):
-        if o is not None:
-            ops.residual_delta_store_(caches.buffer(block, k, slot, o), o, i)
-    caches.none_streams[block] = tuple(o is None for o in outs)
-    caches.filled.add((block, slot))
+    bufs = caches.store_buffers(block, slot, ins, tuple(o is None for o in outs))
+    store_deltas(outs, ins, bufs)
 
 
-def apply_residuals(caches: BlockCaches, block: int, action: BlockAction, ins, step: int) -> list:
+def apply_residuals(caches: BlockCaches, block, action: BlockAction, ins, step: int) -> list:
     """The block's outputs on a reuse step: each stream's input plus its cached (or forecast) residual."""
-    nones = caches.none_streams.get(block)
-    if nones is None or any((block, j) not in caches.filled for j, _ in action.reads):
-        raise ScheduleError(f"step {step} reuses block {block} but its residual cache was not filled in this "
-                            f"generation (start at step 0, or call reset())")
-    outs = []
-    for k, x in enumerate(ins):
-        if nones[k]:
-            outs.append(None)
-            continue
-        if x is None:
-            raise ValueError(f"block {block} returned a tensor for stream {k} when it was computed but now gets None")
-        ys = [caches.read(block, k, j, x, step) for j, _ in action.reads]
-        if action.plain_reuse:
-            y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            ops.residual_apply_(y, x, ys[0])
-        else:  # forecast: y = x + sum_j w_j * residual_j, one pass after the copy
-            y = x.contiguous().clone()
-            w = [float(wj) for _, wj in action.reads] + [0.0] * (3 - len(ys))
-            v = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in [y, *ys]]
-            ops.forecast_residual_(v[0], v[1], v[2] if len(v) > 2 else v[1], v[3] if len(v) > 3 else None,
-                                   None, w[0], w[1], w[2])
-        outs.append(y)
-    return outs
+    bufs = caches.reuse_buffers(block, action, ins, step)
+    return apply_deltas(ins, bufs, reuse_kind(action, False, False), tuple(w for _, w in action.reads), ())

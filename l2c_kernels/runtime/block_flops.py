@@ -53,3 +53,25 @@ def measure_block_flops(model, *args, **kwargs) -> list[float]:
         for fc in active.values():
             fc.__exit__(None, None, None)
     return counts
+
+
+def step_flops(schedule) -> list[tuple[float, float]]:
+    """Per step: (FLOPs of full compute, FLOPs the step removes), each unit weighed as
+    :meth:`Schedule.flops_removed_fraction` weighs it (counted ``[block][branch]`` costs, else counted block
+    costs, else the branch weights); their sums over all steps give that fraction."""
+    nb, branches = schedule.num_blocks, schedule.branches
+    if schedule.unit_branch_flops:
+        w = [[float(f) for f in row] for row in schedule.unit_branch_flops]
+    elif schedule.unit_flops and len(schedule.unit_flops) == nb:
+        w = [[float(f) / len(branches)] * len(branches) for f in schedule.unit_flops]
+    else:
+        w = [[float(schedule.branch_flops.get(b, 1.0)) for b in branches]] * nb
+    full = sum(sum(r) for r in w)
+    out = []
+    for row in schedule.compute_mask():
+        if schedule.unit_flops and not schedule.unit_branch_flops and len(schedule.unit_flops) == nb:
+            removed = sum(sum(wr) for wr, blk in zip(w, row) if not all(blk))  # a block counts once, whole
+        else:
+            removed = sum(f for wr, blk in zip(w, row) for f, c in zip(wr, blk) if not c)
+        out.append((full, removed))
+    return out

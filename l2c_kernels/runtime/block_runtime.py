@@ -21,7 +21,12 @@ from ..adapters.mmdit_branches import is_two_stream
 from ..adapters.patterns import BlockPatternError, BlockRef, FamilyPattern, find_blocks, pattern_for
 from ..schedule import BLOCK_UNIT, Schedule, ScheduleError, next_step_index, same_timestep
 from .drop_in import DropInModule
-from .block_cache import BlockAction, BlockCaches, apply_residuals, block_actions, store_residuals
+from .block_cache import BlockAction, BlockCaches, block_actions, block_plans, reuse_kind, store_residuals
+from .block_flops import step_flops
+from .block_graphs import BlockGraphs
+from .block_work import BlockKind, block_work, compiled_block_work
+from .cuda_graphs import GraphCache
+from .plan import compile_plans
 
 
 class _RunState:
@@ -35,6 +40,19 @@ class _RunState:
         self.next_block = 0
         self.checked: set[int] = set()       # blocks whose pattern was checked on a real call
         self.clone_inputs: set[int] = set()  # blocks found to modify their inputs in place
+        self.none_out: dict[int, tuple] = {}  # block -> which returned streams are None (seen on its first call)
+        self.work = block_work               # the block work function (compiled per kind with torch_compile)
+        self.compiled = False
+        self.kinds_run: set = set()          # (block structure, kind) pairs run on the compiled path
+        self._wt: dict = {}
+
+    def weight_tensors(self, weights: tuple, like: torch.Tensor) -> tuple:
+        """A forecast's weights as 0-d tensors (inputs of the compiled graph), made once per weights and device."""
+        key = (weights, like.dtype, like.device)
+        wt = self._wt.get(key)
+        if wt is None:
+            wt = self._wt[key] = tuple(torch.tensor(w, dtype=like.dtype, device=like.device) for w in weights)
+        return wt
 
 
 class BlockStandIn(nn.Module):
@@ -96,17 +114,39 @@ class _BlockWrapper(BlockStandIn):
             if x is not None and not isinstance(x, torch.Tensor):
                 raise BlockPatternError(f"{type(self.block).__name__} argument {n!r} is a {type(x).__name__}, "
                                         f"not a tensor: the block pattern does not fit")
-        action = st.actions[ref.index]
-        if not action.compute:
-            outs = apply_residuals(st.caches, ref.index, action, ins, st.step)
-            return outs[0] if ref.pattern.single_output else tuple(outs)
-        probe = ref.index not in st.checked
-        saved = [x.clone() if x is not None else None for x in ins] if (
-            probe or ref.index in st.clone_inputs) else ins
+        i, action, single = ref.index, st.actions[ref.index], ref.pattern.single_output
+        if action.compute and i not in st.checked:
+            return self._probe(action, ins, args, kwargs)
+        weights = wt = ()
+        if action.compute:
+            bufs = st.caches.store_buffers(i, action.slot, ins, st.none_out[i]) if action.store else ()
+            kind = BlockKind(True, action.store, 0, single, i in st.clone_inputs, st.compiled)
+        else:
+            bufs = st.caches.reuse_buffers(i, action, ins, st.step)
+            kind = reuse_kind(action, single, st.compiled)
+            weights = tuple(w for _, w in action.reads)
+            if st.compiled and kind.reads > 1:
+                wt = st.weight_tensors(weights, next(x for x in ins if x is not None))
+        if st.compiled:
+            st.kinds_run.add((self._structure() if kind.compute else None, kind, _layout(ins),
+                              tuple(b is None for b in bufs)))
+        return st.work(self.block, args, kwargs, ins, kind, bufs, weights, wt)
+
+    def _structure(self) -> tuple:
+        """What tells this block's compiled graphs from another's: its class and its non-module attributes
+        that change the traced code (e.g. SD3's last block has ``context_pre_only``, SD3.5's dual attention
+        ``attn2``). A reuse does not run the block: blocks of every class share its graph."""
+        b = self.block
+        return (type(b).__name__, getattr(b, "context_pre_only", None), "attn2" in b._modules)
+
+    def _probe(self, action: BlockAction, ins, args, kwargs):
+        """The block's first call, eager: run it, check the pattern on its real outputs, store if asked."""
+        st, ref = self._state, self._ref
+        saved = [x.clone() if x is not None else None for x in ins]
         out = self.block(*args, **kwargs)
         outs = self._outputs(out, ins)
-        if probe:
-            self._check(saved, ins, outs)
+        self._check(saved, ins, outs)
+        st.none_out[ref.index] = tuple(o is None for o in outs)
         if action.store:
             store_residuals(st.caches, ref.index, action.slot, outs, saved)
         return out
@@ -148,7 +188,13 @@ class _BlockWrapper(BlockStandIn):
         st.checked.add(ref.index)
 
 
-class BlockCachedTransformer(DropInModule):
+def _layout(ins) -> tuple:
+    """The stream inputs' shapes and strides (``torch.compile(dynamic=False)`` specialises on both: e.g. Flux's
+    single blocks after the first get their streams as views of one joint tensor)."""
+    return tuple(None if x is None else (tuple(x.shape), x.stride()) for x in ins)
+
+
+class BlockCachedTransformer(BlockGraphs, DropInModule):
     """A diffusers transformer that follows a block-level static schedule (``branches == ["block"]``).
 
     Same forward signature and output type as the wrapped model, which is neither modified nor copied
@@ -158,9 +204,15 @@ class BlockCachedTransformer(DropInModule):
     conditional and unconditional passes separately, e.g. Wan) are passes of one step, each with its
     own caches. On a GPU the timestep is not read (no host sync): each call advances
     ``passes_per_step`` calls per step; ``set_step`` / ``reset`` control the step explicitly.
+
+    ``cuda_graphs`` and ``capture()``: as for the branch-level module (one graph per distinct step plan and
+    pass, captured at step 0 ahead of the steps that replay it; see :class:`BlockGraphs`).
+    ``torch_compile=True`` (or a dict of ``torch.compile`` options) compiles one block's work per kind
+    (:mod:`l2c_kernels.runtime.block_work`), shared by every block of a structure and every step.
     """
 
-    def __init__(self, model: nn.Module, schedule: Schedule, *, passes_per_step: int = 1):
+    def __init__(self, model: nn.Module, schedule: Schedule, *, passes_per_step: int = 1,
+                 cuda_graphs: bool | str = "auto", torch_compile: bool | dict = False, max_signatures: int = 4):
         super().__init__()
         fam = pattern_for(model)
         self._check_schedule(fam, schedule)
@@ -170,13 +222,22 @@ class BlockCachedTransformer(DropInModule):
         self.schedule, self.pattern = schedule, fam
         self.passes_per_step = int(passes_per_step)
         self._actions = self._make_actions(schedule)
+        ids: dict = {}
+        self._plan_of = [ids.setdefault(a, len(ids)) for a in self._actions]  # step -> plan id (graph key)
+        self._init_graphs(schedule, cuda_graphs, max_signatures)
         self._state = _RunState(fam, refs)
         object.__setattr__(self, "_shadow", self._make_shadow(model, fam, refs, self._state))
         self._model_sig = inspect.signature(type(model).forward)
-        self._caches: list[BlockCaches] = []
+        self._caches: dict[tuple, BlockCaches] = {}  # (pass, input signature or None) -> caches
         self._step: int | None = None
         self._pass = 0
         self._forced_step: int | None = None
+        self._step_flops = step_flops(schedule)
+        self.step_counts = [0] * schedule.num_steps   # first passes run, per step
+        self.calls = 0
+        self.generations = 0
+        if torch_compile:
+            self._compile(torch_compile)
 
     # ------------------------------------------------------------ what a subclass (branch level) changes
     @staticmethod
@@ -194,11 +255,26 @@ class BlockCachedTransformer(DropInModule):
     def _make_actions(schedule: Schedule) -> list:
         return block_actions(schedule)
 
+    @staticmethod
+    def _step_plans(schedule: Schedule) -> list:
+        return block_plans(schedule) if schedule.branches == [BLOCK_UNIT] else compile_plans(schedule)
+
     def _wrapper(self, ref: BlockRef, state: _RunState) -> nn.Module:
         return _BlockWrapper(ref, state)
 
     def _make_shadow(self, model, fam, refs, state) -> nn.Module:
         return shadow_with(model, fam, refs, lambda r: self._wrapper(r, state))
+
+    def _compile(self, options: bool | dict) -> None:
+        if type(self)._wrapper is not BlockCachedTransformer._wrapper:
+            raise NotImplementedError(f"torch_compile is not available for {type(self).__name__} yet; run this "
+                                      f"schedule eagerly (with CUDA graphs on a GPU) or at block level")
+        st = self._state
+        st.work, st.compiled = compiled_block_work(options), True
+        cfg = torch._dynamo.config  # one graph per (block structure, kind): raise the recompile limit to fit
+        structures = len({type(r.module) for r in st.refs}) + 2
+        kinds = len({a for row in self._actions for a in row})
+        cfg.cache_size_limit = max(cfg.cache_size_limit, 2 * structures * kinds + 8)
 
     # ------------------------------------------------------------ step control (pipeline-facing attributes: DropInModule)
     @property
@@ -216,19 +292,40 @@ class BlockCachedTransformer(DropInModule):
     def reset(self) -> None:
         """Forget the current generation: the next call must be step 0 (which fills the caches)."""
         self._step, self._pass, self._forced_step = None, 0, None
-        for c in self._caches:
+        for c in self._caches.values():
             c.clear()
 
     def release(self) -> None:
-        """Free the cache buffers (they are allocated again on the next call)."""
+        """Free the cache buffers and CUDA graphs (they are made again on the next call)."""
+        self._graphs.release()
         self._caches.clear()
         self.reset()
 
     def cache_bytes(self) -> int:
-        return sum(c.nbytes() for c in self._caches)
+        return sum(c.nbytes() for c in self._caches.values())
 
     def distinct_plans(self) -> int:
         return len(set(self._actions))
+
+    def compiled_variants(self) -> int | None:
+        """Distinct (block structure, kind) pairs run on the ``torch.compile`` path: one compiled graph each."""
+        return len(self._state.kinds_run) if self._state.compiled else None
+
+    def summary(self) -> dict:
+        """What ran: steps and generations, the FLOPs the steps run removed (each unit weighed by the schedule's
+        costs: counted block FLOPs where it has them), plans used, CUDA graphs, compiled variants."""
+        total = sum(c * f[0] for c, f in zip(self.step_counts, self._step_flops))
+        removed = sum(c * f[1] for c, f in zip(self.step_counts, self._step_flops))
+        used = {self._plan_of[s] for s, c in enumerate(self.step_counts) if c}
+        unit = "block" if self.schedule.branches == [BLOCK_UNIT] else "branch"
+        return {"level": unit, "steps_run": sum(self.step_counts), "calls": self.calls,
+                "generations": self.generations, "schedule_steps": self.schedule.num_steps,
+                f"{unit}_flops_removed": round(removed / total, 4) if total else 0.0,
+                "schedule_flops_removed": round(self.schedule.flops_removed_fraction(), 4),
+                "plans_used": len(used), "distinct_plans": self.distinct_plans(),
+                "cuda_graphs": self.num_graphs(),
+                "graph_backend": self._graphs.backend.name if self.num_graphs() else None,
+                "compiled_variants": self.compiled_variants(), "cache_bytes": self.cache_bytes()}
 
     def _timestep(self, args, kwargs):
         try:
@@ -265,11 +362,17 @@ class BlockCachedTransformer(DropInModule):
     # ------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
         step, p = self._resolve(args, kwargs)
-        while len(self._caches) <= p:
-            self._caches.append(BlockCaches())
-        caches = self._caches[p]
+        if self._graphs.mode is not False and self._graphs.applies(self._weight()):
+            return self._graph_forward(step, p, args, kwargs)
+        caches = self._caches_for(p, None)
         if step == 0:
             caches.clear()
+        out = self._run_step(step, caches, args, kwargs)
+        self._end(step, p, caches)
+        return out
+
+    def _run_step(self, step: int, caches: BlockCaches, args: tuple, kwargs: dict):
+        """The family's forward on the shadow, every block following step ``step``'s plan on ``caches``."""
         st = self._state
         st.actions, st.caches, st.step, st.next_block = self._actions[step], caches, step, 0
         with torch.no_grad():
@@ -279,8 +382,33 @@ class BlockCachedTransformer(DropInModule):
             raise BlockPatternError(f"{self.pattern.model_class}'s forward did not run {missed.list_name}"
                                     f"[{missed.list_index}] (ran {st.next_block} of {len(st.refs)} blocks); the "
                                     f"pattern table says every block of {list(self.pattern.block_lists)} runs")
-        self._step, self._pass = step, p
         return out
+
+    def _caches_for(self, p: int, sig) -> BlockCaches:
+        """The caches of pass ``p`` (and, with CUDA graphs, input signature ``sig``: the graphs captured for a
+        signature keep its buffers; at most ``max_signatures`` signatures, the oldest dropped with the graphs)."""
+        caches = self._caches.get((p, sig))
+        if caches is None:
+            sigs = list(dict.fromkeys(k[1] for k in self._caches if k[1] is not None))
+            if sig is not None and len(sigs) >= self.max_signatures:
+                for k in [k for k in self._caches if k[1] == sigs[0]]:
+                    del self._caches[k]
+                self._graphs.release()
+            caches = self._caches[(p, sig)] = BlockCaches()
+        return caches
+
+    def _end(self, step: int, p: int, caches: BlockCaches) -> None:
+        self._step, self._pass = step, p
+        caches.ran.add(step)
+        self.calls += 1
+        if p == 0:
+            self.step_counts[step] += 1
+        if step == self.schedule.num_steps - 1:
+            caches.generations += 1
+            self.generations += p == 0
+
+    def _weight(self) -> torch.Tensor:
+        return next(self.original_model.parameters())
 
 
 def compile_blocks(model: nn.Module, schedule: Schedule, **kwargs) -> BlockCachedTransformer:

@@ -155,17 +155,55 @@ class _StaticInputs:
         return copied
 
 
-class GraphCache:
-    """Captured step graphs of one module; ``backend`` is :class:`CudaBackend` or :class:`EmulatedBackend`."""
+GRAPH_MODES = (True, False, "auto", "emulate")
 
-    def __init__(self, backend=None):
+
+class GraphCache:
+    """Captured step graphs of one module; ``backend`` is :class:`CudaBackend` or :class:`EmulatedBackend`.
+
+    The policy both cached transformers (branch level and block level) follow lives here too: which calls
+    use graphs (:meth:`applies`), when the step graphs are captured (:meth:`capture_due`: at step 0, at once
+    or -- ``"auto"`` -- from the second generation of an input signature), and capturing a module's plans in
+    order (:meth:`capture_plans`)."""
+
+    def __init__(self, backend=None, mode: bool | str = True):
         self.backend = backend
+        self.mode = mode
         self.pool = None
         self.graphs: dict[tuple, tuple] = {}
         self.inputs: dict[tuple, _StaticInputs] = {}
         self.captures = 0
         self.input_copies = 0
         self.error: str | None = None
+
+    @classmethod
+    def for_mode(cls, mode: bool | str) -> "GraphCache":
+        """The cache for a module's ``cuda_graphs`` option (True, False, ``"auto"`` or ``"emulate"``)."""
+        if mode not in GRAPH_MODES:
+            raise ValueError(f"cuda_graphs must be True, False, 'auto' or 'emulate', got {mode!r}")
+        return cls(EmulatedBackend() if mode == "emulate" else CudaBackend(), mode)
+
+    def applies(self, x: torch.Tensor) -> bool:
+        """Does a call with tensors on ``x``'s device run through graphs? (Never while ``torch.compile`` traces.)"""
+        if self.mode is False or torch.compiler.is_compiling():
+            return False
+        return self.mode == "emulate" or x.device.type == "cuda"
+
+    def require(self, x: torch.Tensor) -> None:
+        """Raise the error ``capture()`` gives when graphs do not apply to inputs like ``x``."""
+        if not self.applies(x):
+            raise ValueError("capture() needs cuda_graphs enabled and inputs on a CUDA device "
+                             "(cuda_graphs='emulate' replays on the CPU for tests)")
+
+    def capture_due(self, generations_run: int) -> bool:
+        """At step 0 of a signature that has run ``generations_run`` whole generations: capture now?
+        (``"auto"`` waits for the second generation, so a module used once never captures.)"""
+        return self.mode != "auto" or generations_run > 0
+
+    def capture_plans(self, plans, state: list) -> None:
+        """Capture ``(key, args, fn)`` for each of ``plans``, in order (see :meth:`capture`)."""
+        for key, args, fn in plans:
+            self.capture(key, args, fn, state)
 
     def num_graphs(self) -> int:
         return len(self.graphs)
