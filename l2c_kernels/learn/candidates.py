@@ -9,7 +9,7 @@ swaps guided by the gradient of the soft rollout.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,8 @@ class _Calibration:
     model: torch.nn.Module
     timesteps: list
     forecasts: tuple
+    branches: list | None = None   # the units learned when not the model's default level (SD3 / Flux branch level)
+    schedule_kwargs: dict = field(default_factory=dict)   # Schedule.from_mask's branches= and unit costs
 
 
 @dataclass
@@ -50,7 +52,8 @@ def _calibration_error(calib: _Calibration, mask: torch.Tensor, forecast: str) -
 
     model = calib.model
     full = torch.cat([torch.ones_like(mask[:1]), mask]).bool().cpu()
-    fast = compile_schedule(model, Schedule.from_mask(model, calib.timesteps, full, forecast=forecast))
+    fast = compile_schedule(model, Schedule.from_mask(model, calib.timesteps, full, forecast=forecast,
+                                                      **calib.schedule_kwargs))
     x, _ = calib.den.sample_with(fast, len(calib.timesteps), calib.noise)
     per_sample = (x - calib.reference).pow(2).flatten(1).mean(1)
     return (10.0 * torch.log10(per_sample.double().clamp_min(1e-20))).mean().item()
@@ -82,6 +85,8 @@ def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor
         for f in range(0, nb // 2 + 1):
             m = torch.tensor(first_blocks(model, timesteps, keep_first=f, interval=k).compute_mask(),
                              dtype=scores.dtype, device=scores.device)[1:]
+            if m.shape[-1] != scores.shape[-1]:  # a block-level pattern over branch-level units: every unit alike
+                m = m[..., :1].expand(*m.shape[:-1], scores.shape[-1]).clone()
             removed = float(((1 - m) * cost).sum() / total)
             if removed < budget - 1e-6 or removed > budget + slack:  # float32 sums: exact budgets within 1e-6
                 continue
@@ -109,7 +114,8 @@ def _refine_mask(calib: _Calibration, mask: torch.Tensor, err: float, ones: torc
     while used < evaluations:
         if g is None:  # gradient of the measured error at the current mask
             w = mask.clone().requires_grad_(True)
-            out, _ = soft_rollout(cden, cx, torch.cat([ones, w]), keep_path=False, forecast=soft_forecast)
+            out, _ = soft_rollout(cden, cx, torch.cat([ones, w]), keep_path=False, forecast=soft_forecast,
+                                  branches=calib.branches)
             (out - cref).pow(2).mean().backward()
             g = w.grad.detach()
         cands = []

@@ -18,17 +18,18 @@ from .denoiser import Denoiser, detach_scheduler_state
 from .soft_forward import SoftCaches, soft_forward
 
 
-def _caches(den: Denoiser, forecast: str) -> SoftCaches:
+def _caches(den: Denoiser, forecast: str, branches=None) -> SoftCaches:
+    """``branches``: the units learned when not the model's default level (SD3 / Flux branch level)."""
     model = den.transformer
-    ad = adapter_for(model)
-    return SoftCaches(ad.num_blocks(model), len(ad.branches(model)), forecast)
+    ad = adapter_for(model, branch_level=branches is not None and list(branches) != ["block"])
+    return SoftCaches(ad.num_blocks(model), len(ad.branches(model)), forecast, branches=branches)
 
 
 def soft_rollout(den: Denoiser, x: torch.Tensor, w_all: torch.Tensor | None, keep_path: bool,
-                 forecast: str = "none") -> tuple:
+                 forecast: str = "none", branches=None) -> tuple:
     """Sample from noise ``x``; ``w_all[s]`` are the compute weights of step s (None: full compute).
-    Returns ``(final latents, path)`` (unclamped), differentiable in ``w_all``."""
-    caches = _caches(den, forecast)
+    Returns ``(final latents, path)`` (unclamped), differentiable in ``w_all``. ``branches``: see ``_caches``."""
+    caches = _caches(den, forecast, branches)
     model = den.transformer
 
     def call(s, args):
@@ -39,12 +40,12 @@ def soft_rollout(den: Denoiser, x: torch.Tensor, w_all: torch.Tensor | None, kee
 
 
 def stepwise_rollout(den: Denoiser, x: torch.Tensor, weights: Callable, step_loss: Callable,
-                     forecast: str = "none") -> torch.Tensor:
+                     forecast: str = "none", branches=None) -> torch.Tensor:
     """Step-wise training pass: ``weights(s)`` gives step s's compute weights (a fresh graph from the
     logits, or None for full compute); ``step_loss(s, x_next)`` the loss of the latents after step s
     (a tensor, or None). Each loss is back-propagated at once (gradients accumulate in the logits).
-    Returns the final latents (detached, unclamped)."""
-    caches = _caches(den, forecast)
+    Returns the final latents (detached, unclamped). ``branches``: see ``_caches``."""
+    caches = _caches(den, forecast, branches)
     model = den.transformer
 
     def call(s, args):

@@ -34,6 +34,7 @@ from .candidates import (_Best, _budget_mask, _Calibration, _calibration_error, 
 from .conditioning import denoiser_for
 from .denoiser import Denoiser
 from .rollouts import soft_rollout, stepwise_rollout
+from .soft_branches import learning_units
 
 _rollout = soft_rollout  # the name earlier releases used
 TRAINING_MODES = ("stepwise", "trajectory")
@@ -50,6 +51,7 @@ class RouterResult:
     calibration_error: float | None = None  # of the best schedule: see candidates._calibration_error
     candidates: int = 0
     branch_flops: dict = field(default_factory=dict)   # per branch and sample, at the real token counts
+    units: object = None               # soft_branches.LearningUnits: columns, per-unit costs, Schedule.from_mask args
     denoiser_info: dict = field(default_factory=dict)
 
 
@@ -70,7 +72,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                  hard_fraction: float = 0.5, calibration_samples: int = 8, refine_evaluations: int = 0,
                  structured_candidates: bool = True, forecast: str = "auto", training: str = "stepwise",
                  teacher_pool: int | None = None, true_cfg_scale: float | None = None,
-                 negative_prompt=None) -> RouterResult:
+                 negative_prompt=None, branches: list | None = None) -> RouterResult:
     """Train router logits for ``obj`` (pipeline, bundled model or its name, or a transformer: see
     :func:`learn_schedule`).
 
@@ -95,6 +97,12 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     them, labels) from this many fixed batches whose full-compute trajectories are computed once
     (None: a new batch, and its teacher, every iteration).
 
+    ``branches``: what a schedule decides, where a model has more than one level: None (the model's default:
+    DiT / PixArt branches, whole blocks for the pattern-table families), ``["block"]``, or SD3 / Flux units
+    (``adapters.mmdit_branches.branch_names(model)``, or a subset) for branch level on two-stream blocks. On
+    SD3 / Flux the budget is a fraction of FLOPs counted per unit (block) on a real call at the real token counts
+    (``soft_branches.learning_units``).
+
     Without ``labels``/``prompts``, a model whose conditions are drawn (DiT classes, bundled digits)
     gets new ones every iteration as well as new noise.
     """
@@ -116,16 +124,14 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     torch.manual_seed(seed)
     den = _denoiser(obj, batch_size, cfg, scheduler, seed, labels, prompts, **cond_kw)
     model = den.transformer
-    ad = adapter_for(model)
-    branches = ad.branches(model)
-    nb = ad.num_blocks(model)
-    flops = ad.branch_flops(model, tokens=den.image_tokens, text_tokens=den.text_tokens or 8)
+    units = learning_units(den, branches)  # the router's columns and what each (block, column) costs
+    level, branches, nb, flops = units.branches, units.names, units.num_blocks, units.branch_flops
     timesteps = den.timesteps(num_inference_steps)
     den._timesteps = timesteps
     n = len(timesteps)
     device = den.device
-    cost = torch.tensor([float(flops[b]) for b in branches], device=device)
-    cost = (cost / cost.sum()).expand(n - 1, nb, len(branches))
+    cost = units.cost.to(device=device, dtype=torch.float32)  # [blocks, columns]; DiT / PixArt: every row alike
+    cost = (cost / cost[0].sum()).expand(n - 1, nb, len(branches))
     logits = torch.full((n - 1, nb, len(branches)), init_logit, device=device, dtype=torch.float32,
                         requires_grad=True)
     opt = torch.optim.Adam([logits], lr=lr)
@@ -148,7 +154,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         cden._timesteps = timesteps
         cx = cden.noise(cseed)
         cref, _ = cden.sample_with(model, n, cx)
-        calib = _Calibration(cden, cx, cref, model, timesteps, forecasts)
+        calib = _Calibration(cden, cx, cref, model, timesteps, forecasts, level, units.schedule_kwargs)
     best, seen = _Best(), {}
     pool: dict = {}
 
@@ -182,7 +188,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             w = torch.sigmoid(logits)
             if hard:
                 w = mask + w - w.detach()  # straight-through: hard forward, sigmoid gradient
-            student, spath = soft_rollout(d, x, torch.cat([ones, w]), keep_path=True, forecast=train_forecast)
+            student, spath = soft_rollout(d, x, torch.cat([ones, w]), keep_path=True, forecast=train_forecast,
+                                          branches=level)
             final = (student - tpath[-1]).pow(2).mean() / scale
             traj = torch.stack([(a - b).pow(2).mean() for a, b in zip(spath, tpath)]).mean() / scale
             keep = (w * cost).sum() / cost.sum()
@@ -191,7 +198,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             final_v, loss_v, keep_v = final.item(), loss.item(), keep.item()
         else:
             final_v, loss_v, keep_v = _stepwise_iteration(d, x, tpath, logits, mask, cost, lam, hard, scale,
-                                                          trajectory_weight, train_forecast)
+                                                          trajectory_weight, train_forecast, level)
         opt.step()
         with torch.no_grad():
             logits.clamp_(-5, 5)
@@ -220,7 +227,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         info["guidance_scale"] = den.cfg
     info.setdefault("sampler", sampler_info(den.make_scheduler()))  # what the schedule's timesteps come from
     res = RouterResult(scores=scores, timesteps=timesteps, history=hist, seconds=time.time() - t0,
-                       forecast=train_forecast, branch_flops=flops, denoiser_info=info)
+                       forecast=train_forecast, branch_flops=flops, denoiser_info=info, units=units)
     if best.mask is not None:
         res.mask = torch.cat([torch.ones((1, nb, len(branches))), best.mask.cpu()]).bool()
         res.forecast = best.forecast
@@ -230,7 +237,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
 
 
 def _stepwise_iteration(den: Denoiser, x, tpath, logits, mask, cost, lam, hard: bool, scale, trajectory_weight,
-                        forecast) -> tuple:
+                        forecast, branches=None) -> tuple:
     """One step-wise training pass (gradients accumulate into ``logits.grad``): the loss after step s is
     ``(trajectory_weight / n + [s = last]) * MSE(x_s, teacher_s) / scale`` plus, in the soft phase, step
     s's share of the FLOPs penalty. Returns (final error, loss, soft compute fraction)."""
@@ -263,39 +270,46 @@ def _stepwise_iteration(den: Denoiser, x, tpath, logits, mask, cost, lam, hard: 
         keep_parts.clear()
         return loss
 
-    stepwise_rollout(den, x, weights, step_loss, forecast)
+    stepwise_rollout(den, x, weights, step_loss, forecast, branches=branches)
     return acc["final"], acc["loss"], acc["keep"]
 
 
 def schedule_from_scores(model, timesteps, scores: torch.Tensor, *, budget: float | None = None,
                          threshold: float | None = None, method: str = "learned", params: dict | None = None,
                          attn2_cache: str = "per_sample", forecast: str = "none",
-                         branch_flops: dict | None = None) -> Schedule:
+                         branch_flops: dict | None = None, units=None) -> Schedule:
     """A static schedule from router scores: at a FLOPs ``budget`` (remove the lowest-scored branches
     until that fraction of branch FLOPs is removed) or at a ``threshold`` (compute where score > threshold).
     Step 0 always computes everything. ``branch_flops`` (default: the adapter's count at the model's
-    default size) weighs the branches, e.g. at the real image and text token counts."""
+    default size) weighs the branches, e.g. at the real image and text token counts. ``units``
+    (``RouterResult.units``, :func:`~l2c_kernels.learn.soft_branches.learning_units`) gives the router's columns
+    and each unit's own cost instead (SD3 / Flux, either level)."""
     if (budget is None) == (threshold is None):
         raise ValueError("give exactly one of budget= or threshold=")
     ad = adapter_for(model)
-    branches = ad.branches(model)
-    flops = dict(branch_flops) if branch_flops else ad.branch_flops(model)
+    branches = ad.branches(model) if units is None else list(units.names)
+    flops = dict(branch_flops) if branch_flops else (ad.branch_flops(model) if units is None else units.branch_flops)
     n, nb, nbr = scores.shape
-    if (nb, nbr) != (ad.num_blocks(model), len(branches)) or n != len(timesteps):
+    nblocks = ad.num_blocks(model) if units is None else units.num_blocks
+    if (nb, nbr) != (nblocks, len(branches)) or n != len(timesteps):
         raise ValueError(f"scores have shape {tuple(scores.shape)}; expected ({len(timesteps)}, "
-                         f"{ad.num_blocks(model)}, {len(branches)}) for this model and step count")
+                         f"{nblocks}, {len(branches)}) for this model and step count")
     compute = torch.ones_like(scores, dtype=torch.bool)
     if threshold is not None:
         compute[1:] = scores[1:] > threshold
     else:
         if not 0.0 < budget < 1.0:
             raise ValueError(f"budget is the fraction of branch FLOPs to remove and must be in (0, 1), got {budget}")
-        w = torch.tensor([float(flops[b]) for b in branches])
-        total = float(w.sum()) * n * nb
+        if units is None:
+            w = torch.tensor([float(flops[b]) for b in branches])
+            total = float(w.sum()) * n * nb
+            wflat = w.repeat(n - 1, nb, 1).reshape(-1)
+        else:  # each (block, unit) its own cost
+            total = float(units.cost.double().sum()) * n
+            wflat = units.cost.repeat(n - 1, 1, 1).reshape(-1)
         order = torch.argsort(scores[1:].reshape(-1), stable=True)
         removed = 0.0
         flat = compute[1:].reshape(-1).clone()
-        wflat = w.repeat(n - 1, nb, 1).reshape(-1)
         for idx in order.tolist():
             if removed / total >= budget - 1e-9:
                 break
@@ -305,6 +319,11 @@ def schedule_from_scores(model, timesteps, scores: torch.Tensor, *, budget: floa
     plan = [["".join(COMPUTE if c else REUSE for c in blk) for blk in row] for row in compute.tolist()]
     p = dict(params or {})
     p.update(budget=budget, threshold=threshold)
+    if units is not None and units.schedule_kwargs:  # SD3 / Flux: the level and the per-unit costs
+        s = Schedule.from_mask(model, list(timesteps), compute.tolist(), method=method, params=p,
+                               attn2_cache=attn2_cache, forecast=forecast, **units.schedule_kwargs)
+        s.branch_flops = dict(flops)
+        return s
     return Schedule(timesteps=list(timesteps), plan=plan, branches=branches, num_blocks=nb,
                     model_class=type(getattr(model, "original_model", model)).__name__, method=method,
                     params=p, branch_flops=flops, attn2_cache=attn2_cache, forecast=forecast)
@@ -356,18 +375,19 @@ def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, l
     sampler = dict(res.denoiser_info.get("sampler") or {})
     if threshold is not None:
         s = schedule_from_scores(model, res.timesteps, res.scores, threshold=threshold, params=params,
-                                 forecast=res.forecast, branch_flops=res.branch_flops)
+                                 forecast=res.forecast, branch_flops=res.branch_flops, units=res.units)
         s.sampler = sampler
         return s
     if res.mask is not None:  # the hard schedule with the lowest measured error on the calibration batch
         params.update(budget=budget, threshold=None, calibration_error_db=res.calibration_error,
                       candidates_measured=res.candidates)
         s = Schedule.from_mask(model, res.timesteps, res.mask, method="learned", params=params,
-                               forecast=res.forecast, sampler=sampler)
+                               forecast=res.forecast, sampler=sampler,
+                               **(res.units.schedule_kwargs if res.units is not None else {}))
         s.branch_flops = dict(res.branch_flops)
         return s
     s = schedule_from_scores(model, res.timesteps, res.scores, budget=budget, params=params,
-                             forecast=res.forecast, branch_flops=res.branch_flops)
+                             forecast=res.forecast, branch_flops=res.branch_flops, units=res.units)
     s.sampler = sampler
     return s
 

@@ -106,3 +106,44 @@ def test_unit_costs_are_counted_at_the_real_token_counts(family):
     assert torch.all(blocks.cost[:, 0] >= want.sum(1)) and torch.all(blocks.cost[:, 0] <= 1.05 * want.sum(1))
     with pytest.raises(ValueError, match="not a subset"):
         learning_units(den, ["attn1", "attn9"])
+
+
+def test_learned_branch_schedule_on_a_flux_pipeline_equals_hook_reference():
+    """learn_schedule(pipe, branches=...) on a tiny FluxPipeline (guidance embedding, packed latents, RoPE) at 50%:
+    the schedule is branch level, validates, removes the budget of counted unit FLOPs (to one unit), compiles to the
+    branch runtime, and inside the unchanged pipeline equals the forward-hook reference of the same schedule."""
+    from l2c_kernels.learn.mmdit_conditions import pipeline_timesteps
+    from tests.tiny_pipelines import CALL_KW, PROMPTS, run_pipeline, tiny_flux_pipeline
+
+    steps, kw = 4, CALL_KW["flux"]
+    pipe = tiny_flux_pipeline(layers=1, single_layers=2)
+    pipe.set_progress_bar_config(disable=True)
+    model = pipe.transformer
+    names = branch_names(model)
+    sched = l2c.learn_schedule(pipe, num_inference_steps=steps, budget=0.5, prompts=PROMPTS[:1], height=kw["height"],
+                               width=kw["width"], guidance_scale=kw["guidance_scale"],
+                               max_sequence_length=kw["max_sequence_length"], branches=names, iterations=4,
+                               batch_size=1, calibration_samples=1, structured_candidates=False, forecast="none",
+                               progress=False)
+    assert sched.branches == names and sched.method == "learned"
+    sched.validate_for(model)
+    ts, _ = pipeline_timesteps(pipe, steps, height=kw["height"], width=kw["width"])
+    assert sched.timesteps == pytest.approx(ts)
+    costs = [max(r) for r in sched.unit_branch_flops]  # the largest unit: the budget's granularity
+    frac = sched.flops_removed_fraction()
+    assert 0.5 <= frac <= 0.5 + max(costs) / (steps * sum(map(sum, sched.unit_branch_flops))) + 1e-9
+    mask = sched.compute_mask()
+    assert any(not c for row in mask[1:] for blk in row for c in blk) and all(all(b) for b in mask[0])
+    fast = l2c.compile_schedule(model, sched)
+    assert type(fast).__name__ == "BranchCachedTransformer"
+    full = run_pipeline(pipe, "flux", steps=steps)
+    with HookBranchReference(model, sched).installed():
+        ref = run_pipeline(pipe, "flux", steps=steps)
+    pipe.transformer = fast
+    try:
+        out = run_pipeline(pipe, "flux", steps=steps)
+    finally:
+        pipe.transformer = model
+    scale = float(full.abs().max())
+    assert float((ref - full).abs().max()) > 1e-3 * scale
+    assert float((out - ref).abs().max()) <= 1e-5 * scale
