@@ -423,3 +423,40 @@ _add(Family("bria-3.2", "BriaTransformer2DModel", "briaai/BRIA-3.2 (diffusers' d
             _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
                     img_ids=lambda g, b: _ids(4), txt_ids=lambda g, b: _ids(0, txt=6)),
             returns={"transformer_blocks": EH, "single_transformer_blocks": EH}))
+
+# ------------------------------------------------------------------ video families with their own block shapes
+_add(Family("cosmos-1.0-t2w", "CosmosTransformer3DModel", "nvidia/Cosmos-1.0-Diffusion-7B-Text2World",
+            dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=128, num_layers=2,
+                 mlp_ratio=4.0, text_embed_dim=64, adaln_lora_dim=256, max_size=(128, 240, 240), patch_size=(1, 2, 2),
+                 rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=False, extra_pos_embed_type="learnable"),
+            "28 -> 2 blocks, 32 -> 2 heads of 128, T5 width 1024 -> 64; padding-mask channel off (diffusers resizes "
+            "the mask with torchvision, which the tests do not install; the blocks are the same)",
+            _image(16, 8, frames=2),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64), fps=lambda g, b: 30),
+            returns={"transformer_blocks": H}))
+_add(Family("easyanimate-v5.1", "EasyAnimateTransformer3DModel", "alibaba-pai/EasyAnimateV5.1-7b-zh-diffusers",
+            dict(num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16, patch_size=2,
+                 sample_width=84, sample_height=84, activation_fn="gelu-approximate", timestep_activation_fn="silu",
+                 freq_shift=0, num_layers=2, mmdit_layers=2, time_embed_dim=512, add_norm_text_encoder=False,
+                 text_embed_dim=64, norm_eps=1e-5, norm_elementwise_affine=True, flip_sin_to_cos=True,
+                 time_position_encoding_type="3d_rope", after_norm=False, resize_inpaint_mask_directly=True,
+                 enable_text_attention_mask=True, add_noise_in_inpaint_model=True),
+            "48 -> 2 blocks, 48 -> 2 heads of 64, Qwen2-VL width 3584 -> 64",
+            _image(16, 8, frames=2),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64)),
+            returns={"transformer_blocks": HE}))
+_add(Family("hunyuan-video-1.5", "HunyuanVideo15Transformer3DModel",
+            "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",
+            dict(in_channels=65, out_channels=32, num_attention_heads=2, attention_head_dim=128, num_layers=2,
+                 num_refiner_layers=1, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
+                 text_embed_dim=64, text_embed_2_dim=32, image_embed_dim=64, rope_theta=256.0,
+                 rope_axes_dim=(16, 56, 56), target_size=640, task_type="t2v", use_meanflow=False),
+            "54 -> 2 blocks, 2 -> 1 refiner layer, 16 -> 2 heads of 128 (RoPE 16/56/56 kept), "
+            "Qwen2.5-VL width 3584 -> 64, ByT5 width 1472 -> 32, SigLIP width 1152 -> 64",
+            _image(65, 4, frames=2),
+            _inputs(encoder_hidden_states=lambda g, b: _rand(g, b, 6, 64),
+                    encoder_attention_mask=lambda g, b: torch.ones(b, 6),
+                    encoder_hidden_states_2=lambda g, b: _rand(g, b, 4, 32),
+                    encoder_attention_mask_2=lambda g, b: torch.ones(b, 4),
+                    image_embeds=lambda g, b: torch.zeros(b, 3, 64)),
+            returns={"transformer_blocks": HE}))

@@ -26,8 +26,13 @@ def generate(call, family, timesteps=TIMESTEPS, batch=2, seed=0):
         out = call(k, family.call_kwargs(x, t, cond))[0]
         outs.append(out)
         nxt = timesteps[k + 1] if k + 1 < len(timesteps) else 0
-        x = x + (nxt - t) / 1000.0 * out[:, :x.shape[1]] if out.shape[1] != x.shape[1] and out.ndim == x.ndim \
-            else x + (nxt - t) / 1000.0 * out
+        dt = (nxt - t) / 1000.0
+        if out.ndim == x.ndim and out.shape[1] > x.shape[1]:  # learned sigma: the first channels are the prediction
+            x = x + dt * out[:, :x.shape[1]]
+        elif out.ndim == x.ndim and out.shape[1] < x.shape[1]:  # conditioning channels after the latents (HunyuanVideo-1.5)
+            x = torch.cat([x[:, :out.shape[1]] + dt * out, x[:, out.shape[1]:]], dim=1)
+        else:
+            x = x + dt * out
     return outs
 
 
