@@ -218,12 +218,12 @@ def report(meta, rows) -> str:
              f"full compute from the same noise.", ""]
     for name, d in meta["models"].items():
         lines.append(f"- **{name}**: {d}")
-    lines += ["", "| model | budget | level | FLOPs removed (schedule) | FLOPs removed (generation) | PSNR dB mean (min) "
-              "| removed per branch | learn s |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | budget | level | FLOPs removed (schedule) | FLOPs removed (generation) "
+              "| PSNR dB mean (min) | removed per branch | learn s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["removed_per_branch"].items())
-        lines.append(f"| {r['model']} | {100 * r['budget']:.0f}% | {r['level']} | {100 * r['flops_removed_schedule']:.1f}% "
-                     f"| {100 * r['flops_removed_generation']:.1f}% | {r['psnr_db']} ({r['psnr_min_db']}) | {per} "
+        lines.append(f"| {r['model']} | {100 * r['budget']:.0f}% | {r['level']} "
+                     f"| {100 * r['flops_removed_schedule']:.1f}% | {100 * r['flops_removed_generation']:.1f}% | {r['psnr_db']} ({r['psnr_min_db']}) | {per} "
                      f"| {r['learn_wall_s']} |")
     lines.append("")
     for name in meta["models"]:
