@@ -27,7 +27,7 @@ from ..adapters.base import BlockAdapter, StepInputs
 from ..schedule import BLOCK, REUSE, Schedule, ScheduleError, same_timestep
 from .drop_in import DropInModule
 from .caches import CacheSet, block_kind
-from .cuda_graphs import CudaBackend, CudaGraphError, EmulatedBackend, GraphCache
+from .cuda_graphs import CudaGraphError, GraphCache
 from .plan import StepEntry, StepPlan, collapsible_steps, compile_plans, step_table
 from .step_work import run_block
 
@@ -47,8 +47,7 @@ class CachedTransformer(DropInModule):
                  torch_compile: bool | dict = False, cfg_collapse: bool | str = True,
                  timestep_check: str = "host", max_signatures: int = 4):
         super().__init__()
-        if cuda_graphs not in (True, False, "auto", "emulate"):
-            raise ValueError(f"cuda_graphs must be True, False, 'auto' or 'emulate', got {cuda_graphs!r}")
+        graphs = GraphCache.for_mode(cuda_graphs)  # (raises on a bad mode)
         if cfg_collapse not in (True, False, "assume"):
             raise ValueError(f"cfg_collapse must be True, False or 'assume', got {cfg_collapse!r}")
         if timestep_check not in TIMESTEP_CHECKS:
@@ -64,7 +63,7 @@ class CachedTransformer(DropInModule):
         self.max_signatures = max_signatures
         self._blocks = list(self.adapter.blocks(model))
         self._cfg_mean = schedule.attn2_cache == "cfg_mean" and "attn2" in schedule.branches
-        self._graphs = GraphCache(EmulatedBackend() if cuda_graphs == "emulate" else CudaBackend())
+        self._graphs = graphs
         self._caches: dict[tuple, CacheSet] = {}
         self._bind_info = self._forward_parameters(model)
         self._step_flops = _step_flops(schedule)
@@ -241,7 +240,7 @@ class CachedTransformer(DropInModule):
             if self._half_pending and not collapse:
                 self._sync_halves(caches)
             if self._use_graphs(x):
-                if entry.index == 0 and (self.cuda_graphs != "auto" or caches.generations > 0):
+                if entry.index == 0 and self._graphs.capture_due(caches.generations):
                     self._capture_all(a, caches, only_new=True)
                 out = self._graphs.run(self._graph_key(entry, caches, collapse), run_args,
                                        lambda r: self._run_plan(entry, r, caches, collapse))
@@ -344,9 +343,7 @@ class CachedTransformer(DropInModule):
         return (entry.plan.key, id(caches), collapse)
 
     def _use_graphs(self, x: torch.Tensor) -> bool:
-        if self.cuda_graphs is False or torch.compiler.is_compiling():
-            return False
-        return self.cuda_graphs == "emulate" or x.device.type == "cuda"
+        return self._graphs.applies(x)
 
     def capture(self, *args, **kwargs) -> int:
         """Capture the CUDA graph of every step plan for inputs shaped like these (a call's arguments), before
@@ -354,9 +351,7 @@ class CachedTransformer(DropInModule):
         The caches hold no data afterwards: the next call is step 0."""
         a, _ = self._bind(args, kwargs)
         x = a["hidden_states"]
-        if not self._use_graphs(x):
-            raise ValueError("capture() needs cuda_graphs enabled and inputs on a CUDA device "
-                             "(cuda_graphs='emulate' replays on the CPU for tests)")
+        self._graphs.require(x)
         self.reset()
         caches = self._caches_for(x, 0)
         self._capture_all(a, caches, only_new=False)
@@ -378,9 +373,9 @@ class CachedTransformer(DropInModule):
         state = caches.all_buffers()
         half = _half_args(args)
         with torch.no_grad():
-            for e, coll in todo:
-                self._graphs.capture(self._graph_key(e, caches, coll), half if coll else args,
-                                     lambda a, e=e, coll=coll: self._run_plan(e, a, caches, coll), state)
+            self._graphs.capture_plans([(self._graph_key(e, caches, coll), half if coll else args,
+                                         lambda a, e=e, coll=coll: self._run_plan(e, a, caches, coll)) for e, coll in todo],
+                                       state)
 
     # ------------------------------------------------------------ pieces for pipeline/data parallel wrappers
     def begin_step(self, args: dict, step: int | None = None) -> tuple[int, CacheSet]:
@@ -476,8 +471,6 @@ def compile_schedule(model: nn.Module, schedule: Schedule, *, cuda_graphs: bool 
         # block level: families without a branch adapter (Flux, SD3, Wan, ...), or a ["block"] schedule
         from .block_runtime import compile_blocks
 
-        if torch_compile:
-            raise NotImplementedError("torch_compile is not available for block-level schedules yet")
-        return compile_blocks(model, schedule)
+        return compile_blocks(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile)
     return CachedTransformer(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
                              cfg_collapse=cfg_collapse, timestep_check=timestep_check)
