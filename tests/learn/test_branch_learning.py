@@ -5,7 +5,9 @@
 - its gradient in the weights is the derivative of the output (central differences), and a unit a block does not
   have gets none;
 - the router's per-unit costs, counted on one real call, equal the analytical count at the pipeline's real image
-  and text token counts.
+  and text token counts;
+- ``learn_schedule(pipe, branches=...)`` on tiny Flux and SD3.5-style pipelines: the learned schedule validates,
+  removes its budget, compiles to the branch runtime and equals the hook reference inside the unchanged pipeline.
 """
 from __future__ import annotations
 
@@ -108,15 +110,18 @@ def test_unit_costs_are_counted_at_the_real_token_counts(family):
         learning_units(den, ["attn1", "attn9"])
 
 
-def test_learned_branch_schedule_on_a_flux_pipeline_equals_hook_reference():
-    """learn_schedule(pipe, branches=...) on a tiny FluxPipeline (guidance embedding, packed latents, RoPE) at 50%:
-    the schedule is branch level, validates, removes the budget of counted unit FLOPs (to one unit), compiles to the
-    branch runtime, and inside the unchanged pipeline equals the forward-hook reference of the same schedule."""
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_learned_branch_schedule_in_the_pipeline_equals_hook_reference(family):
+    """learn_schedule(pipe, branches=...) at 50% on a tiny FluxPipeline (guidance embedding, packed latents, RoPE) and
+    a tiny SD3.5-style pipeline (CFG batch, dual attention in block 0, context_pre_only last block): the schedule is
+    branch level, validates, removes the budget of counted unit FLOPs (to one unit), compiles to the branch runtime,
+    and inside the unchanged pipeline equals the forward-hook reference of the same schedule."""
     from l2c_kernels.learn.mmdit_conditions import pipeline_timesteps
-    from tests.tiny_pipelines import CALL_KW, PROMPTS, run_pipeline, tiny_flux_pipeline
+    from tests.tiny_pipelines import CALL_KW, PROMPTS, run_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
 
-    steps, kw = 4, CALL_KW["flux"]
-    pipe = tiny_flux_pipeline(layers=1, single_layers=2)
+    steps, kw = 4, CALL_KW[family]
+    pipe = tiny_flux_pipeline(layers=1, single_layers=2) if family == "flux" else \
+        tiny_sd3_pipeline(dual_attention_layers=(0,), qk_norm="rms_norm")
     pipe.set_progress_bar_config(disable=True)
     model = pipe.transformer
     names = branch_names(model)
@@ -136,12 +141,12 @@ def test_learned_branch_schedule_on_a_flux_pipeline_equals_hook_reference():
     assert any(not c for row in mask[1:] for blk in row for c in blk) and all(all(b) for b in mask[0])
     fast = l2c.compile_schedule(model, sched)
     assert type(fast).__name__ == "BranchCachedTransformer"
-    full = run_pipeline(pipe, "flux", steps=steps)
+    full = run_pipeline(pipe, family, steps=steps)
     with HookBranchReference(model, sched).installed():
-        ref = run_pipeline(pipe, "flux", steps=steps)
+        ref = run_pipeline(pipe, family, steps=steps)
     pipe.transformer = fast
     try:
-        out = run_pipeline(pipe, "flux", steps=steps)
+        out = run_pipeline(pipe, family, steps=steps)
     finally:
         pipe.transformer = model
     scale = float(full.abs().max())
