@@ -162,3 +162,119 @@ def test_tiny_end_to_end_run_writes_json_table_and_plot(tmp_path):
     md = (tmp_path / "pareto_dit-digits_4.md").read_text()
     assert "## At 1.5x and 2x measured speedup" in md and "| family | setting | speedup |" in md
     assert "could not be applied" in md
+
+
+# ------------------------------------------------------------------------------------------- Flux (block level)
+FLUX_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def flux():
+    from l2c_kernels.models import load
+
+    return load("flux-digits")
+
+
+def _flux_generate(bundle, transformer, seed=0, labels=(3,)):
+    from l2c_kernels import sampling
+
+    return sampling.sample(bundle, labels=list(labels), steps=FLUX_STEPS, seed=seed, transformer=transformer,
+                           progress=False)
+
+
+def _ran_counters(peer):
+    """Independent of the peer's own counting: one hook per block on a layer that runs only when the block's
+    computation starts (its adaLN modulation), one on each attention's query projection."""
+    from l2c_kernels.adapters.patterns import find_blocks
+
+    ran = {"block": [0] * peer.num_blocks, "attn": [0] * peer.num_blocks}
+    for b, ref in enumerate(find_blocks(peer.inner)):
+        norm = ref.module.norm1 if hasattr(ref.module, "norm1") else ref.module.norm
+        norm.linear.register_forward_hook(lambda *_, b=b: ran["block"].__setitem__(b, ran["block"][b] + 1))
+        ref.module.attn.to_q.register_forward_hook(lambda *_, b=b: ran["attn"].__setitem__(b, ran["attn"][b] + 1))
+    return ran
+
+
+def _linear_cost(module, streams):
+    return sum(2.0 * m.weight.numel() / streams for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+FLUX_SETTINGS = [
+    peers.PeerSetting("fbc", dict(threshold=100.0)),
+    peers.PeerSetting("taylorseer", dict(interval=2, order=1, warmup=1, targets="default")),
+    peers.PeerSetting("taylorseer", dict(interval=3, order=2, warmup=1, targets="blocks")),
+    peers.PeerSetting("magcache", dict(threshold=100.0, max_skip_steps=2, retention_ratio=0.2,
+                                       mag_ratios=[1.0] * FLUX_STEPS)),
+    peers.PeerSetting("dbcache", dict(Fn=1, Bn=0, threshold=100.0, warmup=1)),
+    peers.PeerSetting("dbcache", dict(Fn=4, Bn=0, threshold=100.0, warmup=1, calibrator="taylorseer")),
+]
+
+
+@pytest.mark.parametrize("setting", FLUX_SETTINGS, ids=lambda s: s.label)
+def test_flux_peer_skips_blocks_and_counts_the_flops_of_the_calls_that_ran(flux, setting):
+    if setting.family == "dbcache":
+        pytest.importorskip("cache_dit")
+    from l2c_kernels.adapters.patterns import estimate_block_flops, find_blocks
+
+    tr = flux.transformer
+    p = peers.make_peer(tr, setting, FLUX_STEPS)
+    ran = _ran_counters(p)
+    full = _flux_generate(flux, tr)
+    out = _flux_generate(flux, p)
+    assert p.calls == FLUX_STEPS and torch.isfinite(out).all()
+    assert not torch.equal(out, full)  # it really reused something
+    costs = estimate_block_flops(tr)
+    refs = find_blocks(p.inner)
+    if setting.family == "taylorseer" and setting.params["targets"] == "default":
+        # attention predicted, the rest of every block computed: only the attention's share is removed
+        assert ran["block"] == [FLUX_STEPS] * p.num_blocks
+        attn = [_linear_cost(r.module.attn, len(r.pattern.returns)) for r in refs]
+        expected = sum((FLUX_STEPS - n) * a for n, a in zip(ran["attn"], attn)) / (FLUX_STEPS * sum(costs))
+    else:
+        assert ran["attn"] == ran["block"]  # whole blocks: a block's attention runs exactly when the block does
+        expected = 1.0 - sum(n * c for n, c in zip(ran["block"], costs)) / (FLUX_STEPS * sum(costs))
+    assert expected > 0.05, ran
+    assert p.flops_removed_fraction(total=False) == pytest.approx(expected, rel=1e-9)
+    if setting.family in ("fbc", "dbcache"):
+        fn = setting.params.get("Fn", 1)
+        assert ran["block"][:fn] == [FLUX_STEPS] * fn  # the first blocks always run
+    # reset: a second generation repeats the first, with the same calls
+    again = _flux_generate(flux, p)
+    assert torch.equal(again, out)
+    assert p.flops_removed_fraction(total=False) == pytest.approx(expected, rel=1e-9)
+
+
+def test_magcache_calibration_reads_the_magnitude_ratios_of_the_model(flux):
+    """The ratios read back from diffusers' calibration run equal the MagCache formula computed with plain
+    forward hooks: mean over tokens of |r_s| / |r_{s-1}|, r = last block's image output - first block's input."""
+    tr = flux.transformer
+    ratios = peers.calibrate_magcache(tr, FLUX_STEPS, lambda t: _flux_generate(flux, t, seed=900))
+    res, first_in = [], []
+    h1 = tr.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, a, kw: first_in.append(kw["hidden_states"]), with_kwargs=True)
+    h2 = tr.single_transformer_blocks[-1].register_forward_hook(
+        lambda m, a, o: res.append(o[1] - first_in[-1]))
+    try:
+        _flux_generate(flux, tr, seed=900)
+    finally:
+        h1.remove()
+        h2.remove()
+    ref = [1.0] + [float((torch.linalg.norm(r, dim=-1) / (torch.linalg.norm(q, dim=-1) + 1e-8)).mean())
+                   for q, r in zip(res, res[1:])]
+    assert len(ratios) == FLUX_STEPS
+    assert ratios == pytest.approx(ref, rel=1e-4)
+    assert not any(a == b for a, b in zip(ratios[1:], ratios[2:]))  # measured, not a constant
+    with pytest.raises(peers.PeerUnavailable, match="calibrated for 6 steps"):
+        peers.make_peer(tr, peers.PeerSetting("magcache", dict(threshold=0.1, mag_ratios=ratios)), 8)
+
+
+def test_flux_default_settings_cover_the_flux_peers(flux):
+    tr = flux.transformer
+    fams = {s.family for s in peers.default_settings(tr, 28)}
+    assert fams == {"fbc", "taylorseer", "dbcache"}  # no MagCache without calibrated ratios
+    sts = peers.default_settings(tr, 28, mag_ratios=[1.0] * 28)
+    assert {s.family for s in sts} == {"fbc", "taylorseer", "dbcache", "magcache"}
+    db = [s.params for s in sts if s.family == "dbcache"]
+    assert {p["Fn"] for p in db} == {1, 4} and {p["calibrator"] for p in db} == {None, "taylorseer"}
+    with pytest.raises(peers.PeerUnavailable, match="cached per block"):
+        peers.make_peer(tr, peers.PeerSetting("taylorseer", dict(interval=2)), 28)
