@@ -37,7 +37,16 @@ def make_scheduler(scheduler_config: dict, name: str = "ddim"):
 
 def timesteps_for(bundle_or_config, steps: int, scheduler: str = "ddim") -> list[float]:
     """The timesteps (in call order) the sampler passes to the transformer for ``steps`` steps:
-    what a :class:`~l2c_kernels.Schedule` for that sampler must list."""
+    what a :class:`~l2c_kernels.Schedule` for that sampler must list. A flow-matching bundled model
+    (``flux-digits``) gets the Euler flow-matching timesteps :func:`sample` uses (``scheduler`` ``"ddim"``,
+    this function's default, or ``"flow-euler"``)."""
+    if getattr(bundle_or_config, "is_flow_matching", False):
+        if scheduler not in ("ddim", "flow-euler"):
+            raise ValueError(f"{bundle_or_config.name} is a flow-matching model sampled with Euler flow matching; "
+                             f"scheduler {scheduler!r} does not apply to it")
+        from .models import flux_digits
+
+        return flux_digits.timesteps_for(bundle_or_config, steps)
     cfg = bundle_or_config if isinstance(bundle_or_config, dict) else bundle_or_config.scheduler_config
     sc = make_scheduler(cfg, scheduler)
     sc.set_timesteps(steps)

@@ -70,3 +70,20 @@ def test_save_grid(tmp_path, dit):
     p = sampling.save_grid(imgs, tmp_path / "g.png", nrow=3, scale=2, pad=1)
     im = Image.open(p)
     assert im.size == (3 * 33 + 1, 2 * 33 + 1)
+
+
+def test_timesteps_of_a_flow_matching_bundle_are_the_ones_sample_calls_with():
+    flux = load("flux-digits")
+    ts = sampling.timesteps_for(flux, 4)
+    seen = []
+    orig = flux.transformer.forward
+
+    class Spy(torch.nn.Module):
+        def forward(self, *args, **kw):
+            seen.append(1000.0 * float(kw["timestep"][0]))  # FluxPipeline passes t / 1000
+            return orig(*args, **kw)
+
+    sampling.sample(flux, labels=[3], steps=4, cfg=1.0, progress=False, transformer=Spy())
+    assert seen == pytest.approx(ts, abs=1e-3)
+    with pytest.raises(ValueError, match="flow-matching"):
+        sampling.timesteps_for(flux, 4, "dpm++")
