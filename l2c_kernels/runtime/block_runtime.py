@@ -19,11 +19,12 @@ from torch import nn
 
 from ..adapters.mmdit_branches import is_two_stream
 from ..adapters.patterns import BlockPatternError, BlockRef, FamilyPattern, find_blocks, pattern_for
-from ..schedule import BLOCK_UNIT, Schedule, ScheduleError, next_step_index, same_timestep
+from ..schedule import BLOCK_UNIT, Schedule, ScheduleError
 from .drop_in import DropInModule
 from .block_cache import BlockAction, BlockCaches, block_actions, block_plans, reuse_kind, store_residuals
 from .block_flops import step_flops
 from .block_graphs import BlockGraphs
+from .block_steps import BlockSteps
 from .block_work import BlockKind, block_work, compiled_block_work
 from .cuda_graphs import GraphCache
 from .plan import compile_plans
@@ -194,16 +195,17 @@ def _layout(ins) -> tuple:
     return tuple(None if x is None else (tuple(x.shape), x.stride()) for x in ins)
 
 
-class BlockCachedTransformer(BlockGraphs, DropInModule):
+class BlockCachedTransformer(BlockSteps, BlockGraphs, DropInModule):
     """A diffusers transformer that follows a block-level static schedule (``branches == ["block"]``).
 
     Same forward signature and output type as the wrapped model, which is neither modified nor copied
     (weights shared). The step is found from the timestep argument (mapped to the sampler's timestep
     for families whose pipelines pass ``t / 1000`` and the like); a new generation starts when the
-    schedule's first timestep comes again. Several calls with one timestep (a pipeline that runs the
-    conditional and unconditional passes separately, e.g. Wan) are passes of one step, each with its
-    own caches. On a GPU the timestep is not read (no host sync): each call advances
-    ``passes_per_step`` calls per step; ``set_step`` / ``reset`` control the step explicitly.
+    schedule's first timestep comes again. Several calls per step (a pipeline that runs the conditional and
+    unconditional passes separately inside ``transformer.cache_context(...)``, e.g. Wan) are passes of one
+    step, each with its own caches. On a GPU the timestep is not read (no host sync); see
+    :mod:`~l2c_kernels.runtime.block_steps` for how steps and passes are found there. ``set_step`` /
+    ``reset`` control the step explicitly.
 
     ``cuda_graphs`` and ``capture()``: as for the branch-level module (one graph per distinct step plan and
     pass, captured at step 0 ahead of the steps that replay it; see :class:`BlockGraphs`).
@@ -212,7 +214,8 @@ class BlockCachedTransformer(BlockGraphs, DropInModule):
     """
 
     def __init__(self, model: nn.Module, schedule: Schedule, *, passes_per_step: int = 1,
-                 cuda_graphs: bool | str = "auto", torch_compile: bool | dict = False, max_signatures: int = 4):
+                 cuda_graphs: bool | str = "auto", torch_compile: bool | dict = False, timestep_check: str = "host",
+                 max_signatures: int = 4):
         super().__init__()
         fam = pattern_for(model)
         self._check_schedule(fam, schedule)
@@ -220,7 +223,7 @@ class BlockCachedTransformer(BlockGraphs, DropInModule):
         refs = find_blocks(model, fam)
         self.original_model = model  # registered: .to()/.half() reach the shared weights
         self.schedule, self.pattern = schedule, fam
-        self.passes_per_step = int(passes_per_step)
+        self._init_steps(passes_per_step, timestep_check)
         self._actions = self._make_actions(schedule)
         ids: dict = {}
         self._plan_of = [ids.setdefault(a, len(ids)) for a in self._actions]  # step -> plan id (graph key)
@@ -229,9 +232,6 @@ class BlockCachedTransformer(BlockGraphs, DropInModule):
         object.__setattr__(self, "_shadow", self._make_shadow(model, fam, refs, self._state))
         self._model_sig = inspect.signature(type(model).forward)
         self._caches: dict[tuple, BlockCaches] = {}  # (pass, input signature or None) -> caches
-        self._step: int | None = None
-        self._pass = 0
-        self._forced_step: int | None = None
         self._step_flops = step_flops(schedule)
         self.step_counts = [0] * schedule.num_steps   # first passes run, per step
         self.calls = 0
@@ -276,19 +276,7 @@ class BlockCachedTransformer(BlockGraphs, DropInModule):
         kinds = len({a for row in self._actions for a in row})
         cfg.cache_size_limit = max(cfg.cache_size_limit, 2 * structures * kinds + 8)
 
-    # ------------------------------------------------------------ step control (pipeline-facing attributes: DropInModule)
-    @property
-    def current_pass(self) -> int:
-        """Which call of the current step ran last (0 for the first)."""
-        return self._pass
-
-    def set_step(self, step: int) -> None:
-        """Make the next call run step ``step`` of the schedule, whatever timestep it gets (the same step
-        again is its next pass)."""
-        if not 0 <= step < self.schedule.num_steps:
-            raise ValueError(f"step {step} out of range: the schedule has {self.schedule.num_steps} steps")
-        self._forced_step = step
-
+    # ------------------------------------------------------------ step control: BlockSteps; pipeline-facing attributes: DropInModule
     def reset(self) -> None:
         """Forget the current generation: the next call must be step 0 (which fills the caches)."""
         self._step, self._pass, self._forced_step = None, 0, None
@@ -319,6 +307,7 @@ class BlockCachedTransformer(BlockGraphs, DropInModule):
         used = {self._plan_of[s] for s, c in enumerate(self.step_counts) if c}
         unit = "block" if self.schedule.branches == [BLOCK_UNIT] else "branch"
         return {"level": unit, "steps_run": sum(self.step_counts), "calls": self.calls,
+                "passes_per_step": 1 + max((k[0] for k in self._caches), default=0),
                 "generations": self.generations, "schedule_steps": self.schedule.num_steps,
                 f"{unit}_flops_removed": round(removed / total, 4) if total else 0.0,
                 "schedule_flops_removed": round(self.schedule.flops_removed_fraction(), 4),
@@ -326,38 +315,6 @@ class BlockCachedTransformer(BlockGraphs, DropInModule):
                 "cuda_graphs": self.num_graphs(),
                 "graph_backend": self._graphs.backend.name if self.num_graphs() else None,
                 "compiled_variants": self.compiled_variants(), "cache_bytes": self.cache_bytes()}
-
-    def _timestep(self, args, kwargs):
-        try:
-            bound = self._model_sig.bind(self.original_model, *args, **kwargs).arguments
-        except TypeError as e:
-            raise TypeError(f"{self.pattern.model_class}.forward: {e}") from None
-        return bound.get(self.pattern.timestep_arg)
-
-    def _resolve(self, args, kwargs) -> tuple[int, int]:
-        cur = self._step
-        if self._forced_step is not None:
-            s, self._forced_step = self._forced_step, None
-            return s, (self._pass + 1 if s == cur else 0)
-        t = self._timestep(args, kwargs)
-        if t is None:
-            raise ValueError(f"the transformer was called without {self.pattern.timestep_arg!r}; pass it or call "
-                             f"set_step()")
-        if isinstance(t, torch.Tensor) and t.device.type != "cpu":  # no host sync: count calls
-            if cur is None:
-                return 0, 0
-            if self._pass + 1 < self.passes_per_step:
-                return cur, self._pass + 1
-            return (cur + 1) % self.schedule.num_steps, 0
-        # the largest entry: Wan 2.2's per-token timesteps hold 0 for the clean conditioning frames
-        v = float(t.max()) if isinstance(t, torch.Tensor) and t.numel() else float(t)
-        ts = self.pattern.sampler_timestep(self.original_model, v)
-        if cur is not None and same_timestep(self.schedule.timesteps[cur], ts):
-            return cur, self._pass + 1
-        s = next_step_index(self.schedule.timesteps, ts, cur)
-        if s is None:
-            s = self.schedule.step_index(ts, after=cur)  # raises naming both step lists if unknown
-        return s, 0
 
     # ------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):

@@ -8,6 +8,8 @@ back and removes the wrapper; nothing else is touched.
 """
 from __future__ import annotations
 
+import functools
+
 from ..schedule import Schedule, ScheduleError
 
 # pipelines that batch classifier-free guidance as torch.cat([latents] * 2) with one timestep for both
@@ -71,6 +73,15 @@ class _Enabled:
         return out
 
 
+def _same_signature(fn, like):
+    """``fn`` as a function that reports ``like``'s signature: pipelines inspect ``scheduler.set_timesteps`` (e.g.
+    Flux checks that it takes ``sigmas``) before calling it."""
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return functools.update_wrapper(call, like)
+
+
 def _state(pipe) -> _Enabled | None:
     st = getattr(pipe.transformer, "_l2c_enabled", None)
     return st if isinstance(st, _Enabled) and st.pipe is pipe else None
@@ -90,7 +101,7 @@ def enable(pipe, schedule: Schedule, *, resample: bool = False, **options):
     st = _Enabled(pipe, schedule, resample, options)
     mod = st.module_for(schedule.num_steps)
     pipe.transformer = mod
-    st.scheduler.set_timesteps = st.set_timesteps
+    st.scheduler.set_timesteps = st.patched = _same_signature(st.set_timesteps, st._wrapped)
     return mod
 
 
@@ -100,7 +111,7 @@ def disable(pipe):
     st = _state(pipe)
     if st is None:
         raise ValueError("l2c is not enabled on this pipeline (l2c.enable(pipe, schedule) enables it)")
-    if st.scheduler.__dict__.get("set_timesteps") == st.set_timesteps:
+    if st.scheduler.__dict__.get("set_timesteps") is st.patched:
         del st.scheduler.set_timesteps
     pipe.transformer = st.original
     return st.original
