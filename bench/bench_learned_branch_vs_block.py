@@ -199,16 +199,49 @@ def main(argv=None):
                 wall_s=round(time.time() - t_start, 1), models=described,
                 learner=dict(steps=args.steps, iterations=args.iterations, batch_size=args.batch_size,
                              calibration_samples=args.calibration_samples, forecast=args.forecast, seed=args.seed))
+    runs, rows = merged(Path(args.out + ".json"), meta, rows, args.models)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    Path(args.out + ".md").write_text(report(meta, rows))
-    print(report(meta, rows))
+    Path(args.out + ".json").write_text(json.dumps(dict(runs=runs, rows=rows), indent=1))
+    Path(args.out + ".md").write_text(report(runs, rows))
+    print(report(runs, rows))
 
 
-def report(meta, rows) -> str:
+def merged(path: Path, meta: dict, rows: list, models: list) -> tuple:
+    """This run's results with those of other models already in ``path`` (one model per run keeps a long
+    comparison resumable): (runs, rows)."""
+    runs, old = [], []
+    if path.exists():
+        d = json.loads(path.read_text())
+        runs = [r for r in d.get("runs", [d["meta"]] if "meta" in d else []) if not set(r["models"]) & set(models)]
+        old = [r for r in d.get("rows", []) if r["model"] not in models]
+    return runs + [meta], old + rows
+
+
+def report(runs, rows) -> str:
+    lines = ["# Learned branch level vs learned block level at equal FLOPs", ""]
+    for meta in runs:
+        lines += _run_header(meta)
+    lines += ["| model | budget | level | FLOPs removed (schedule) | FLOPs removed (generation) "
+              "| PSNR dB mean (min) | removed per branch | learn s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["removed_per_branch"].items())
+        lines.append(f"| {r['model']} | {100 * r['budget']:.0f}% | {r['level']} "
+                     f"| {100 * r['flops_removed_schedule']:.1f}% | {100 * r['flops_removed_generation']:.1f}% "
+                     f"| {r['psnr_db']} ({r['psnr_min_db']}) | {per} | {r['learn_wall_s']} |")
+    lines.append("")
+    for name in dict.fromkeys(r["model"] for r in rows):
+        for b in sorted({r["budget"] for r in rows if r["model"] == name}):
+            pair = {r["level"]: r for r in rows if r["model"] == name and r["budget"] == b}
+            if len(pair) == 2:
+                d = pair["branch"]["psnr_db"] - pair["block"]["psnr_db"]
+                lines.append(f"- {name} at {100 * b:.0f}%: branch level {'+' if d >= 0 else ''}{d:.2f} dB against "
+                             f"block level")
+    return "\n".join(lines) + "\n"
+
+
+def _run_header(meta) -> list:
     lr = meta["learner"]
-    lines = ["# Learned branch level vs learned block level at equal FLOPs", "",
-             f"CPU ({meta['device']}), torch {meta['torch']}, {meta['dtype']}, {meta['threads']} thread(s), "
+    lines = [f"CPU ({meta['device']}), torch {meta['torch']}, {meta['dtype']}, {meta['threads']} thread(s), "
              f"{meta['date']}; load average {meta['loadavg_start'][0]:.1f} at the start, "
              f"{meta['loadavg_end'][0]:.1f} at the end (shared machine). Both levels learned by `l2c.learn_schedule` "
              f"with the same settings: {lr['steps']} steps, {lr['iterations']} iterations, batch {lr['batch_size']}, "
@@ -218,22 +251,7 @@ def report(meta, rows) -> str:
              f"full compute from the same noise.", ""]
     for name, d in meta["models"].items():
         lines.append(f"- **{name}**: {d}")
-    lines += ["", "| model | budget | level | FLOPs removed (schedule) | FLOPs removed (generation) "
-              "| PSNR dB mean (min) | removed per branch | learn s |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        per = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["removed_per_branch"].items())
-        lines.append(f"| {r['model']} | {100 * r['budget']:.0f}% | {r['level']} "
-                     f"| {100 * r['flops_removed_schedule']:.1f}% | {100 * r['flops_removed_generation']:.1f}% | {r['psnr_db']} ({r['psnr_min_db']}) | {per} "
-                     f"| {r['learn_wall_s']} |")
-    lines.append("")
-    for name in meta["models"]:
-        for b in sorted({r["budget"] for r in rows if r["model"] == name}):
-            pair = {r["level"]: r for r in rows if r["model"] == name and r["budget"] == b}
-            if len(pair) == 2:
-                d = pair["branch"]["psnr_db"] - pair["block"]["psnr_db"]
-                lines.append(f"- {name} at {100 * b:.0f}%: branch level {'+' if d >= 0 else ''}{d:.2f} dB against "
-                             f"block level")
-    return "\n".join(lines) + "\n"
+    return lines + [""]
 
 
 if __name__ == "__main__":
