@@ -471,6 +471,7 @@ def compile_schedule(model: nn.Module, schedule: Schedule, *, cuda_graphs: bool 
         # block level: families without a branch adapter (Flux, SD3, Wan, ...), or a ["block"] schedule
         from .block_runtime import compile_blocks
 
-        return compile_blocks(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile)
+        return compile_blocks(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
+                              timestep_check=timestep_check)
     return CachedTransformer(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
                              cfg_collapse=cfg_collapse, timestep_check=timestep_check)

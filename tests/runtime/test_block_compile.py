@@ -148,3 +148,19 @@ def test_summary_counts_block_flops_removed_and_plans():
     assert sm["generations"] == 1 and sm["steps_run"] == 5 and sm["plans_used"] == 5
     assert sm["block_flops_removed"] == pytest.approx(sched.flops_removed_fraction(), abs=1e-4)
     assert sm["compiled_variants"] is None and sm["cuda_graphs"] == 0
+
+
+def test_no_host_sync_after_the_first_generation(monkeypatch):
+    """With the timestep unread (what a GPU run does), the block path reads no tensor on the host once every block's
+    pattern was checked (its first call): no .item(), torch.equal, bool() of a tensor ... from l2c_kernels code."""
+    from tests.runtime.test_host_path import SyncCounter
+
+    fam, model = FAMILIES["flux-dev"], model_for("flux-dev")
+    mask = [[s in (0, 1, 3) or b == 0 for b in range(num_blocks(model))] for s in range(len(TIMESTEPS))]
+    sched = l2c.Schedule.from_mask(model, TIMESTEPS, mask, branches=["block"], forecast="quadratic")
+    fast = compile_blocks(model, sched, timestep_check="off")
+    generate(lambda s, kw: fast(**kw), fam)
+    counter = SyncCounter(monkeypatch)
+    generate(lambda s, kw: fast(**kw), fam)
+    assert counter.calls == []
+    assert fast.summary()["generations"] == 2
