@@ -9,6 +9,7 @@ the same script with the same seed and gets the same images. See :class:`AsyncDe
 from .async_denoiser import AsyncDenoiser
 from .comm import AsyncDiffError, ConfigMismatchError
 from .partition import Split, balanced_split, example_inputs, measure_block_costs, uniform_split
+from .streams import BlockStreams, UnsplittableModelError
 
-__all__ = ["AsyncDenoiser", "AsyncDiffError", "ConfigMismatchError", "Split", "balanced_split", "uniform_split",
-           "measure_block_costs", "example_inputs"]
+__all__ = ["AsyncDenoiser", "AsyncDiffError", "ConfigMismatchError", "UnsplittableModelError", "BlockStreams", "Split",
+           "balanced_split", "uniform_split", "measure_block_costs", "example_inputs"]

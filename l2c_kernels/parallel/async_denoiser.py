@@ -9,7 +9,10 @@ process computing its component from the previous step's output of the component
 Schedule of the computation, with N components on N ranks (``stride=1``):
 
 * steps ``0 .. warm_up-1``: every rank runs the whole model, exactly as without AsyncDenoiser,
-  and keeps the residual stream at the component boundaries;
+  and keeps the state at the component boundaries: the token streams entering the next
+  component's first block (``hidden_states`` for DiT / PixArt / Wan; text and image streams for
+  the joint-attention blocks of SD3 and Flux -- Flux's double and single blocks are one sequence
+  of blocks here, cut wherever the costs say);
 * every later step t: rank n runs component n on the output of component n-1 *at step t-1*
   (rank 0 on the embedded latents of step t), all at once; the ranks then exchange their
   outputs with one ``all_gather``; the last component's output (through the final layer) is the
@@ -34,7 +37,6 @@ the same images as the multi-process run, for checking quality on one device.
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections import deque
@@ -45,9 +47,12 @@ from torch import nn
 from ..adapters import adapter_for
 from ..schedule import next_step_index, same_timestep
 from . import comm as _comm
-from .comm import AsyncDiffError, Comm, crc, pack, unpack_header, unpack_payload
-from .partition import Split, balanced_split, measure_block_costs, measure_final_layer_cost, schedule_weights
+from .comm import AsyncDiffError, Comm, crc, pack, payload_bytes, unpack_header, unpack_payloads
+from .partition import (Split, balanced_split, example_inputs, measure_block_costs, measure_final_layer_cost,
+                        schedule_weights)
 from .runners import CachedRunner, ModelRunner, is_cached, runner_for
+from .streams import BlockStreams, state_specs
+from .timesteps import TimestepScale
 
 _VERSION = 1
 
@@ -56,9 +61,11 @@ class AsyncDenoiser(nn.Module):
     """A drop-in transformer that runs AsyncDiff across the ranks of a process group.
 
     Args:
-        transformer: a supported diffusers transformer (``DiTTransformer2DModel``,
-            ``PixArtTransformer2DModel``) or a :class:`~l2c_kernels.CachedTransformer`; every rank
-            holds the full weights.
+        transformer: a diffusers transformer with a branch adapter (``DiTTransformer2DModel``,
+            ``PixArtTransformer2DModel``) or in the block pattern table (``FluxTransformer2DModel``,
+            ``SD3Transformer2DModel``, ...; :mod:`l2c_kernels.adapters.patterns`), or a branch-level
+            :class:`~l2c_kernels.CachedTransformer`; every rank holds the full weights. A model whose blocks
+            cannot be cut is refused with :class:`UnsplittableModelError` naming what did not match.
         num_components: N, the number of contiguous block runs (one per rank with ``stride=1``).
         stride: 1, or 2 for stride denoising (N + 1 ranks); the world size must be
             ``num_components + stride - 1``.
@@ -67,16 +74,19 @@ class AsyncDenoiser(nn.Module):
             (also the timeout of a process group this module creates).
         process_group: the group to run on; default: the default group, created from torchrun's
             environment variables when not initialised yet (NCCL for CUDA models, gloo otherwise).
-        balance: ``"measure"`` (time each block at construction and cut the blocks into
-            contiguous runs of equal measured cost, averaged over the ranks), ``"uniform"`` (equal
+        balance: ``"measure"`` (time each block and cut the blocks into contiguous runs of equal
+            measured cost, averaged over the ranks; at construction on ``sample_inputs`` or the built-in
+            inputs of DiT / PixArt, otherwise on the first call's own inputs), ``"uniform"`` (equal
             block counts), a sequence of per-block costs (of full computation; for a
             ``CachedTransformer`` they are weighted by how often the schedule computes each block),
             or a :class:`Split` (e.g. ``other.split``) to use as it is.
-        timesteps: the sampler's timesteps, if known (used to track steps, to agree on the
-            number of steps, and by ``stride > 1`` to condition on the coming steps).
+        timesteps: the sampler's timesteps (``pipe.scheduler.timesteps``), if known (used to track
+            steps, to agree on the number of steps, and by ``stride > 1`` to condition on the coming
+            steps). For families whose pipelines pass ``t / 1000`` (Flux, ...) the transformer's
+            timestep is mapped to the sampler's as the block pattern table says.
         num_steps: number of sampling steps, if known and ``timesteps`` is not given.
         sample_inputs: forward keyword arguments used to time the blocks (default: built from
-            the model config, batch 2).
+            the model config, batch 2, for DiT / PixArt; the first call's inputs for the others).
         emulate: run all ranks' work in this process (no process group needed).
     """
 
@@ -87,7 +97,13 @@ class AsyncDenoiser(nn.Module):
         super().__init__()
         self.transformer = transformer
         inner = getattr(transformer, "original_model", transformer)
+        if inner is not transformer and not is_cached(transformer):
+            raise TypeError(f"AsyncDenoiser takes a plain diffusers transformer or compile_schedule's branch-level "
+                            f"module for DiT / PixArt (CachedTransformer); a {type(transformer).__name__} (block-"
+                            f"level schedule) is not split yet: pass its original_model")
+        self.streams = BlockStreams(inner)  # refuses, naming the reason, a model it cannot split
         self.adapter = adapter_for(inner)
+        self.timestep_scale = TimestepScale(inner)
         self._inner = [inner]  # not registered twice
         self.num_components = int(num_components)
         self.stride = int(stride)
@@ -96,7 +112,7 @@ class AsyncDenoiser(nn.Module):
         self.emulate = bool(emulate)
         if self.num_components < 1 or self.stride < 1 or self.warm_up < 0:
             raise ValueError("num_components and stride must be >= 1 and warm_up >= 0")
-        nblocks = self.adapter.num_blocks(inner)
+        nblocks = len(self.streams)
         if self.num_components > nblocks:
             raise ValueError(f"num_components={self.num_components} exceeds the model's {nblocks} blocks")
         if timesteps is None and is_cached(transformer):
@@ -133,6 +149,9 @@ class AsyncDenoiser(nn.Module):
                 raise ValueError(f"AsyncDenoiser with num_components={self.num_components} and stride={self.stride} "
                                  f"needs {self.world_needed} ranks (num_components + stride - 1); the process group "
                                  f"has {self.world}. Launch with torchrun --nproc_per_node={self.world_needed}.")
+        #: None until the first call when the blocks are timed on that call's inputs (balance="measure" on a
+        #: model without built-in sample inputs and no ``sample_inputs``)
+        self._balance = balance
         self.split = self._make_split(inner, balance, sample_inputs) if self.active else Split(
             [(0, nblocks)], [1.0] * nblocks, "single-process")
 
@@ -176,18 +195,30 @@ class AsyncDenoiser(nn.Module):
             return getattr(mods["transformer"], name)
 
     # ------------------------------------------------------------------ introspection
+    def _settled_split(self) -> Split:
+        if self.split is None:
+            raise AsyncDiffError("the split is made on the first call (the blocks are timed on its inputs); call the "
+                                 "model once, or pass sample_inputs=... or balance='uniform'")
+        return self.split
+
     @property
     def component_ranges(self) -> list[tuple[int, int]]:
-        """Blocks of every component: component n runs blocks ``start .. end-1``."""
-        return list(self.split.ranges)
+        """Blocks of every component, in forward order (Flux: double blocks, then single blocks): component n
+        runs blocks ``start .. end-1``."""
+        return list(self._settled_split().ranges)
 
     @property
     def block_costs(self) -> list[float]:
-        return list(self.split.block_costs)
+        return list(self._settled_split().block_costs)
 
     @property
     def component_costs(self) -> list[float]:
-        return self.split.component_costs
+        return self._settled_split().component_costs
+
+    @property
+    def block_labels(self) -> list[str]:
+        """Every block's place in the model (``"transformer_blocks[0]"``, ``"single_transformer_blocks[3]"``)."""
+        return list(self.streams.labels)
 
     @property
     def current_step(self) -> int | None:
@@ -198,7 +229,8 @@ class AsyncDenoiser(nn.Module):
         return dict(num_components=self.num_components, stride=self.stride, warm_up=self.warm_up,
                     world_size=self.world if not self.emulate else self.world_needed, rank=self.rank,
                     emulate=self.emulate, active=self.active, roles=[list(r) for r in self.roles],
-                    split=self.split.to_dict(), num_steps=self.num_steps)
+                    split=None if self.split is None else self.split.to_dict(), num_steps=self.num_steps,
+                    block_labels=self.block_labels)
 
     # ------------------------------------------------------------------ step control
     def reset(self) -> None:
@@ -248,10 +280,12 @@ class AsyncDenoiser(nn.Module):
         inputs = self.adapter.bind(self._inner[0], args, kwargs)
         a = inputs.args
         self._check_input(a.get("hidden_states"))
-        t = _timestep_value(a.get("timestep"))
+        t = self.timestep_scale.to_sampler(_timestep_value(a.get("timestep")))
         step = self._resolve_step(t)
         if step == 0:
             self._start_generation(a, t)
+            if self.split is None:
+                self.split = self._make_split(self._inner[0], self._balance, a)
         with torch.no_grad():
             if step < self.warm_up:
                 out = self._warm_up_step(a, step, t)
@@ -293,7 +327,8 @@ class AsyncDenoiser(nn.Module):
                 what="start-of-generation check (inputs of step 0)")
 
     def _boundaries(self) -> list[int]:
-        return [end - 1 for _, end in self.split.ranges[:-1]]
+        """The blocks where components 1 .. N-1 start: the state entering them crosses between processes."""
+        return [start for start, _ in self.split.ranges[1:]]
 
     def _warm_up_step(self, a: dict, step: int, t) -> torch.Tensor:
         cap = self._boundaries()
@@ -307,10 +342,8 @@ class AsyncDenoiser(nn.Module):
             o, c = runner.full(a, cap, step)
             if out is None:
                 out, caps = o, c
-        self._stale = [caps[b].clone() for b in cap]
-        hidden = self._stale[0] if self._stale else None
-        self._shapes = dict(out=(tuple(out.shape), out.dtype),
-                            hidden=(tuple(hidden.shape), hidden.dtype) if hidden is not None else None)
+        self._stale = [caps[b] for b in cap]
+        self._shapes = dict(out=(tuple(out.shape), out.dtype), states=[state_specs(st) for st in self._stale])
         if self.comm is None:
             return out
         got = self._exchange({self.rank: out}, step, t, a["hidden_states"], kinds="out")
@@ -334,10 +367,10 @@ class AsyncDenoiser(nn.Module):
         products = {}
         for r in self._local_ranks:
             comp, k = self.roles[r]
-            args_k = a if k == 0 else _with_timestep(a, ts[k])
+            args_k = a if k == 0 else _with_timestep(a, self.timestep_scale.to_model(ts[k]))
             start, end = self.split.ranges[comp]
-            h_in = None if comp == 0 else self._stale[comp - 1]
-            products[r] = self._runners[r].component(args_k, start, end, h_in, self._step_index(step + k))
+            state_in = None if comp == 0 else self._stale[comp - 1]
+            products[r] = self._runners[r].component(args_k, start, end, state_in, self._step_index(step + k))
         self.timings["compute"].append(time.perf_counter() - t0)
         if self.comm is not None:
             products = self._exchange(products, step, t, a["hidden_states"], kinds="round")
@@ -370,13 +403,11 @@ class AsyncDenoiser(nn.Module):
     def _exchange(self, products: dict, step: int, t, x: torch.Tensor, kinds: str) -> dict:
         """all_gather of every rank's product with a header; returns {rank: tensor}."""
         mine = products[self.rank]
-        out_shape, out_dtype = self._shapes["out"]
-        hid = self._shapes["hidden"]
-        sizes = [math.prod(out_shape) * _itemsize(out_dtype)]
-        if hid is not None:
-            sizes.append(math.prod(hid[0]) * _itemsize(hid[1]))
+        out_spec = [self._shapes["out"]]
+        states = self._shapes["states"]
+        sizes = [payload_bytes(out_spec)] + [payload_bytes(sp) for sp in states]
         nbytes = max(sizes) if kinds == "round" else sizes[0]
-        dev = mine.device
+        dev = (mine if isinstance(mine, torch.Tensor) else mine[0]).device
         hdr = torch.tensor([self._generation, step, float(t), 0.0, 0.0, 0.0], dtype=torch.float64, device=dev)
         hdr[3] = x.detach().to(dev).double().sum()
         t0 = time.perf_counter()
@@ -388,9 +419,9 @@ class AsyncDenoiser(nn.Module):
             if r == self.rank:
                 got[r] = mine
             elif kinds == "out" or self._is_output_rank(r):
-                got[r] = unpack_payload(b, Comm.HEADER, out_shape, out_dtype)
-            else:
-                got[r] = unpack_payload(b, Comm.HEADER, hid[0], hid[1])
+                got[r] = unpack_payloads(b, Comm.HEADER, out_spec)[0]
+            else:  # the state entering the next component
+                got[r] = tuple(unpack_payloads(b, Comm.HEADER, states[self.roles[r][0]]))
         return got
 
     def _check_headers(self, bufs: list[torch.Tensor], step: int) -> None:
@@ -419,7 +450,7 @@ class AsyncDenoiser(nn.Module):
                     cache_schedule=crc(sched.to_json()) if sched is not None else 0)
 
     def _make_split(self, inner, balance, sample_inputs) -> Split:
-        nb = self.adapter.num_blocks(inner)
+        nb = len(self.streams)
         if isinstance(balance, Split):
             if len(balance.ranges) != self.num_components or balance.ranges[-1][1] != nb:
                 raise ValueError(f"the given split {balance.ranges} does not cut {nb} blocks into "
@@ -430,6 +461,11 @@ class AsyncDenoiser(nn.Module):
             if balance == "uniform":
                 costs, method = [1.0] * nb, "uniform"
             elif balance == "measure":
+                if sample_inputs is None:
+                    try:
+                        sample_inputs = example_inputs(inner)
+                    except TypeError:
+                        return None  # timed on the first call's own inputs
                 costs, method = measure_block_costs(inner, sample_inputs), "measure"
                 final = measure_final_layer_cost(inner, sample_inputs)
                 if self.comm is not None:  # the same numbers, hence the same split, on every rank
@@ -485,10 +521,6 @@ def weights_fingerprint(params, chunk: int = 1 << 20) -> float:
 def _device_of(model) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _number(t):

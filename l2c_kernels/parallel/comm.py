@@ -147,17 +147,21 @@ def _fmt(v) -> str:
 
 
 # ------------------------------------------------------------------------ message packing
-def pack(header: torch.Tensor, payload: torch.Tensor | None, payload_bytes: int) -> torch.Tensor:
-    """One uint8 buffer: ``header`` (float64) then ``payload``'s bytes, padded to ``payload_bytes``."""
+def pack(header: torch.Tensor, payload, payload_bytes: int) -> torch.Tensor:
+    """One uint8 buffer: ``header`` (float64) then the bytes of ``payload`` (a tensor, or a sequence of tensors
+    laid end to end), padded to ``payload_bytes``."""
     hb = header.to(torch.float64).reshape(-1)
-    dev = payload.device if payload is not None else hb.device
+    parts = [] if payload is None else [payload] if isinstance(payload, torch.Tensor) else list(payload)
+    dev = parts[0].device if parts else hb.device
     buf = torch.zeros(hb.numel() * 8 + payload_bytes, dtype=torch.uint8, device=dev)
     buf[: hb.numel() * 8].copy_(hb.to(dev).view(torch.uint8))
-    if payload is not None:
-        raw = payload.detach().contiguous().reshape(-1).view(torch.uint8)
-        if raw.numel() > payload_bytes:
+    pos = hb.numel() * 8
+    for p in parts:
+        raw = p.detach().contiguous().reshape(-1).view(torch.uint8)
+        if pos + raw.numel() > buf.numel():
             raise ValueError("payload larger than the message size")
-        buf[hb.numel() * 8: hb.numel() * 8 + raw.numel()].copy_(raw)
+        buf[pos: pos + raw.numel()].copy_(raw)
+        pos += raw.numel()
     return buf
 
 
@@ -166,8 +170,28 @@ def unpack_header(buf: torch.Tensor, words: int) -> torch.Tensor:
 
 
 def unpack_payload(buf: torch.Tensor, words: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
-    return buf[words * 8: words * 8 + nbytes].view(dtype).view(tuple(shape))
+    return unpack_payloads(buf, words, [(shape, dtype)])[0]
+
+
+def unpack_payloads(buf: torch.Tensor, words: int, specs) -> list[torch.Tensor]:
+    """The tensors :func:`pack` laid end to end, given each one's ``(shape, dtype)``."""
+    out, pos = [], words * 8
+    for shape, dtype in specs:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        out.append(buf[pos: pos + nbytes].view(dtype).view(tuple(shape)))
+        pos += nbytes
+    return out
+
+
+def payload_bytes(specs) -> int:
+    """Bytes of the tensors of ``specs`` (``(shape, dtype)`` each) laid end to end."""
+    total = 0
+    for shape, dtype in specs:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        total += n * torch.empty((), dtype=dtype).element_size()
+    return total

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from ..adapters import adapter_for
+from .streams import BlockStreams, UnsplittableModelError
 
 
 @dataclass
@@ -88,13 +89,16 @@ def example_inputs(model, batch: int = 2, text_tokens: int = 8) -> dict:
     time at the batch and resolution you will sample at.
     """
     inner = getattr(model, "original_model", model)
+    name = type(inner).__name__
+    if name not in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
+        raise TypeError(f"no built-in sample input for {name}; pass sample_inputs=dict(...) (the forward's keyword "
+                        f"arguments) or balance='uniform'")
     cfg = inner.config
     p = next(inner.parameters())
     g = torch.Generator().manual_seed(0)
     size = int(cfg.sample_size)
     x = torch.randn(batch, int(cfg.in_channels), size, size, generator=g).to(device=p.device, dtype=p.dtype)
     t = torch.full((batch,), 500, device=p.device, dtype=torch.long)
-    name = type(inner).__name__
     if name == "DiTTransformer2DModel":
         return dict(hidden_states=x, timestep=t, class_labels=torch.zeros(batch, dtype=torch.long, device=p.device))
     if name == "PixArtTransformer2DModel":
@@ -112,33 +116,34 @@ def example_inputs(model, batch: int = 2, text_tokens: int = 8) -> dict:
 
 # ------------------------------------------------------------------------------ timing
 class _StopForward(Exception):
-    def __init__(self, args, kwargs):
-        super().__init__()
-        self.args, self.kwargs = args, kwargs
+    pass
 
 
-def block_call_inputs(model, inputs: dict) -> tuple[torch.Tensor, dict]:
-    """The residual stream entering the first block and the keyword arguments the model's forward
-    passes to its blocks, for forward arguments ``inputs`` (runs the forward up to the first block)."""
+def block_calls(model, inputs: dict) -> list[tuple[tuple, dict]]:
+    """The arguments the model's own forward passes to every block for forward arguments ``inputs`` (one
+    forward run; the streams entering each block are copied as they arrive)."""
+    st = BlockStreams(model)
     inner = getattr(model, "original_model", model)
-    blocks = adapter_for(inner).blocks(inner)
+    calls: dict[int, tuple[tuple, dict]] = {}
 
-    def stop(_mod, args, kwargs):
-        raise _StopForward(args, kwargs)
+    def record(b):
+        def hook(_m, a, kw):
+            state = tuple(x.clone() for x in st.read(b, a, kw))
+            calls[b] = st.replace(b, a, kw, state)
+        return hook
 
-    hook = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+    hooks = [blk.register_forward_pre_hook(record(b), with_kwargs=True) for b, blk in enumerate(st.blocks)]
     try:
         with torch.no_grad():
             inner(**inputs, return_dict=False)
-    except _StopForward as s:
-        args, kwargs = list(s.args), dict(s.kwargs)
-        h = args.pop(0) if args else kwargs.pop("hidden_states")
-        if args:
-            raise TypeError("blocks called with extra positional arguments are not supported") from None
-        return h, kwargs
     finally:
-        hook.remove()
-    raise RuntimeError("the model's forward never called its first block")
+        for h in hooks:
+            h.remove()
+    missing = [st.labels[b] for b in range(len(st)) if b not in calls]
+    if missing:
+        raise UnsplittableModelError(f"AsyncDenoiser cannot time {st.model_class}'s blocks: its forward did not call "
+                                     f"{', '.join(missing)}")
+    return [calls[b] for b in range(len(st))]
 
 
 def _sync(device: torch.device) -> None:
@@ -149,10 +154,10 @@ def _sync(device: torch.device) -> None:
 def measure_block_costs(model, sample_inputs: dict | None = None, repeats: int = 5, batch: int = 2,
                         pool_identical: bool = True) -> list[float]:
     """Seconds per call of every block on ``sample_inputs`` (the forward's keyword arguments; built
-    from the config when omitted).
+    from the config when omitted), blocks in forward order (Flux: double blocks, then single blocks).
 
-    Blocks run eagerly on the true residual stream with the keyword arguments the model's own
-    forward passes to them. Every block is timed ``repeats`` times, the blocks taking turns, and
+    Every block runs eagerly on the streams and keyword arguments the model's own forward passes to it
+    (recorded on one forward run). Every block is timed ``repeats`` times, the blocks taking turns, and
     the fastest call counts (background load only ever adds time). With ``pool_identical``, blocks
     of identical structure (class, parameter names, shapes and dtypes) get the median of their
     group's times: they do the same work, and pooling keeps timing noise from moving the split.
@@ -160,20 +165,19 @@ def measure_block_costs(model, sample_inputs: dict | None = None, repeats: int =
     inner = getattr(model, "original_model", model)
     if sample_inputs is None:
         sample_inputs = example_inputs(inner, batch=batch)
-    blocks = adapter_for(inner).blocks(inner)
-    h, kw = block_call_inputs(inner, sample_inputs)
-    dev = h.device
-    inputs = []
+    blocks = BlockStreams(inner).blocks
+    calls = block_calls(inner, sample_inputs)
+    dev = next(inner.parameters()).device
     with torch.no_grad():
-        for blk in blocks:  # the residual stream entering every block (also an untimed first call)
-            inputs.append(h)
-            h = blk(h, **kw)
+        for blk, (a, kw) in zip(blocks, calls):  # an untimed first call of every block
+            blk(*a, **kw)
         best = [float("inf")] * len(blocks)
         for _ in range(repeats):
             for i, blk in enumerate(blocks):
+                a, kw = calls[i]
                 _sync(dev)
                 t0 = time.perf_counter()
-                blk(inputs[i], **kw)
+                blk(*a, **kw)
                 _sync(dev)
                 best[i] = min(best[i], time.perf_counter() - t0)
     if not pool_identical:
@@ -191,13 +195,19 @@ def measure_block_costs(model, sample_inputs: dict | None = None, repeats: int =
 
 def measure_final_layer_cost(model, sample_inputs: dict | None = None, repeats: int = 5, batch: int = 2) -> float:
     """Seconds of the work after the last block (final norm, projection, unpatchify): only the last
-    component does it. (The input embedding is not counted: every component computes it.)"""
-    from ..adapters import StepInputs
+    component does it. (The input embedding is not counted: every component computes it.)
+
+    Models with a branch adapter run the adapter's ``finish``; the others (SD3, Flux, ...) are timed through
+    their own forward: a call whose blocks all pass their streams through, less a call stopped in front of the
+    first block (the embedding), each the fastest of ``repeats + 1``."""
+    from ..adapters import BlockLevelAdapter, StepInputs
 
     inner = getattr(model, "original_model", model)
     if sample_inputs is None:
         sample_inputs = example_inputs(inner, batch=batch)
     ad = adapter_for(inner)
+    if isinstance(ad, BlockLevelAdapter):
+        return _final_by_difference(inner, sample_inputs, repeats)
     inputs = ad.bind(inner, (), dict(sample_inputs))
     inputs = StepInputs(args=inputs.args)
     best = float("inf")
@@ -210,6 +220,42 @@ def measure_final_layer_cost(model, sample_inputs: dict | None = None, repeats: 
             _sync(h.device)
             best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _final_by_difference(inner, inputs: dict, repeats: int) -> float:
+    st = BlockStreams(inner)
+    dev = next(inner.parameters()).device
+
+    def stop(_m, _a, _kw):
+        raise _StopForward()
+
+    def fastest(run) -> float:
+        best = float("inf")
+        for _ in range(repeats + 1):
+            _sync(dev)
+            t0 = time.perf_counter()
+            run()
+            _sync(dev)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def embed_only():
+        hook = st.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            inner(**inputs, return_dict=False)
+        except _StopForward:
+            pass
+        finally:
+            hook.remove()
+
+    def without_blocks():
+        inner(**inputs, return_dict=False)
+
+    with torch.no_grad():
+        t_embed = fastest(embed_only)
+        with st.bypassed(range(0)):
+            t_all = fastest(without_blocks)
+    return max(0.0, t_all - t_embed)
 
 
 def _structure(block) -> tuple:

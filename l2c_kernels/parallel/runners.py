@@ -1,10 +1,15 @@
 """Running one component (a contiguous run of blocks) of a transformer call.
 
+The state between components is the tuple of token streams entering the next component's first
+block (:mod:`.streams`): ``(hidden_states,)`` for DiT / PixArt, ``(encoder_hidden_states,
+hidden_states)`` for SD3 and Flux.
+
 ``ModelRunner`` drives a plain diffusers model through its *own* forward: blocks outside the
-component are passed through, the component's first block receives the given residual stream,
-and the forward stops after the component's last block (or runs to the end, through the final
-layer, for the last component). The computation is therefore exactly the model's own, and a
-full call is the original forward bit for bit.
+component return their streams unchanged, the component's first block receives the given state,
+and the forward stops in front of the next component's first block (or runs to the end, through
+the final layer, for the last component). Whatever the forward does between blocks is done as in
+the model. The computation is therefore exactly the model's own, and a full call is the original
+forward bit for bit.
 
 ``CachedRunner`` drives a :class:`~l2c_kernels.runtime.CachedTransformer` with its pieces
 (``begin_step`` / ``run_blocks`` / ``end_step``), so each component follows the cache schedule.
@@ -13,17 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import StepInputs, adapter_for
+from ..adapters import StepInputs
+from .streams import BlockStreams, UnsplittableModelError
 
 
 class _Stop(Exception):
-    def __init__(self, h):
+    def __init__(self, state):
         super().__init__()
-        self.h = h
-
-
-def _passthrough(hidden_states, *args, **kwargs):
-    return hidden_states
+        self.state = state
 
 
 class ModelRunner:
@@ -33,8 +35,8 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.adapter = adapter_for(model)
-        self.blocks = self.adapter.blocks(model)
+        self.streams = BlockStreams(model)
+        self.blocks = self.streams.blocks
 
     @property
     def num_blocks(self) -> int:
@@ -44,56 +46,65 @@ class ModelRunner:
         out = self.model(**args, return_dict=False)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def full(self, args: dict, capture: list[int], step: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The whole model (its original forward); ``captured[b]`` is the residual stream after block b."""
-        captured: dict[int, torch.Tensor] = {}
-        hooks = [self.blocks[b].register_forward_hook(lambda _m, _i, o, b=b: captured.__setitem__(b, _tensor(o)))
-                 for b in capture]
+    def full(self, args: dict, capture: list[int], step: int) -> tuple[torch.Tensor, dict[int, tuple]]:
+        """The whole model (its original forward); ``captured[b]`` is the state entering block b (its streams)."""
+        captured: dict[int, tuple] = {}
+        st = self.streams
+
+        def grab(b):
+            def hook(_m, a, kw):
+                captured[b] = tuple(x.clone() for x in st.read(b, a, kw))
+            return hook
+
+        hooks = [self.blocks[b].register_forward_pre_hook(grab(b), with_kwargs=True) for b in capture]
         try:
-            return self._forward(args), captured
+            out = self._forward(args)
         finally:
             for h in hooks:
                 h.remove()
+        missing = [st.labels[b] for b in capture if b not in captured]
+        if missing:
+            raise UnsplittableModelError(f"AsyncDenoiser cannot split {st.model_class} here: its forward did not "
+                                         f"call {', '.join(missing)} (a component boundary) on this call")
+        return out, captured
 
-    def component(self, args: dict, start: int, end: int, h_in: torch.Tensor | None, step: int) -> torch.Tensor:
-        """Blocks ``start..end-1`` on ``h_in`` (on the call's own embedded input when None, which needs
-        ``start == 0``). Returns the residual stream after block ``end-1``, or the model output when
-        ``end`` is the last block."""
-        if h_in is None and start != 0:
-            raise ValueError("a component that does not start at block 0 needs its input residual stream")
+    def component(self, args: dict, start: int, end: int, state_in: tuple | None, step: int):
+        """Blocks ``start..end-1`` on the state ``state_in`` entering block ``start`` (on the call's own embedded
+        input when None, which needs ``start == 0``). Returns the state entering block ``end`` (a tuple of
+        streams), or the model output when ``end`` is past the last block."""
+        if state_in is None and start != 0:
+            raise ValueError("a component that does not start at block 0 needs its input state")
+        st = self.streams
         final = end == len(self.blocks)
-        patched, hooks = [], []
+        hooks, fed = [], []
+        if state_in is not None:
+            st.check_state(start, state_in)
+
+            def feed(_m, a, kw):
+                fed.append(True)
+                return st.replace(start, a, kw, state_in)
+
+            hooks.append(self.blocks[start].register_forward_pre_hook(feed, with_kwargs=True))
+        if not final:
+            def stop(_m, a, kw):
+                raise _Stop(st.read(end, a, kw))
+
+            hooks.append(self.blocks[end].register_forward_pre_hook(stop, with_kwargs=True))
         try:
-            for b, blk in enumerate(self.blocks):
-                if not start <= b < end:
-                    patched.append((blk, blk.__dict__.get("forward")))
-                    blk.forward = _passthrough
-            if h_in is not None:
-                def feed(_m, a, kw):
-                    if a:
-                        return (h_in,) + tuple(a[1:]), kw
-                    kw = dict(kw)
-                    kw["hidden_states"] = h_in
-                    return a, kw
-
-                hooks.append(self.blocks[start].register_forward_pre_hook(feed, with_kwargs=True))
-            if not final:
-                def stop(_m, _i, o):
-                    raise _Stop(_tensor(o))
-
-                hooks.append(self.blocks[end - 1].register_forward_hook(stop))
-            try:
-                return self._forward(args)
-            except _Stop as s:
-                return s.h
+            with st.bypassed(range(start, end)):
+                out = self._forward(args)
+        except _Stop as s:
+            out = s.state
         finally:
             for h in hooks:
                 h.remove()
-            for blk, fwd in patched:
-                if fwd is None:
-                    del blk.forward
-                else:
-                    blk.forward = fwd
+        if state_in is not None and not fed:
+            raise UnsplittableModelError(f"AsyncDenoiser cannot split {st.model_class} here: its forward did not "
+                                         f"call {st.labels[start]}, where a component starts")
+        if not final and not isinstance(out, tuple):
+            raise UnsplittableModelError(f"AsyncDenoiser cannot split {st.model_class} here: its forward did not "
+                                         f"call {st.labels[end]}, where the next component starts")
+        return out
 
     def reset(self) -> None:
         pass
@@ -119,40 +130,37 @@ class CachedRunner:
         h, ctx = self.adapter.prepare(self.model, StepInputs(args=args))
         return s, caches, h.contiguous(), ctx
 
-    def full(self, args: dict, capture: list[int], step: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def full(self, args: dict, capture: list[int], step: int) -> tuple[torch.Tensor, dict[int, tuple]]:
         s, caches, h, ctx = self._begin(args, step)
         captured, prev = {}, 0
         with torch.no_grad():
-            for b in sorted(set(capture)):
-                h = self.cached.run_blocks(s, h, ctx, caches, prev, b + 1)
-                captured[b] = h.clone()
-                prev = b + 1
+            for b in sorted(set(capture)):  # the residual stream entering block b
+                h = self.cached.run_blocks(s, h, ctx, caches, prev, b)
+                captured[b] = (h.clone(),)
+                prev = b
             h = self.cached.run_blocks(s, h, ctx, caches, prev, len(self.blocks))
             out = self.adapter.finish(self.model, h, ctx, StepInputs(args=args))
         self.cached.end_step(s)
         return out, captured
 
-    def component(self, args: dict, start: int, end: int, h_in: torch.Tensor | None, step: int) -> torch.Tensor:
-        if h_in is None and start != 0:
-            raise ValueError("a component that does not start at block 0 needs its input residual stream")
+    def component(self, args: dict, start: int, end: int, state_in: tuple | None, step: int):
+        if state_in is None and start != 0:
+            raise ValueError("a component that does not start at block 0 needs its input state")
         s, caches, h, ctx = self._begin(args, step)
         with torch.no_grad():
-            if h_in is not None:
+            if state_in is not None:
+                (h_in,) = state_in
                 h = h_in.clone(memory_format=torch.contiguous_format)
             h = self.cached.run_blocks(s, h, ctx, caches, start, end)
             if end == len(self.blocks):
                 h = self.adapter.finish(self.model, h, ctx, StepInputs(args=args))
+            else:
+                h = (h,)
         self.cached.end_step(s)
         return h
 
     def reset(self) -> None:
         self.cached.reset()
-
-
-def _tensor(o):
-    if isinstance(o, torch.Tensor):
-        return o
-    raise TypeError(f"blocks returning {type(o).__name__} (not a tensor) are not supported")
 
 
 def is_cached(model) -> bool:
