@@ -1,7 +1,9 @@
 """The ``l2c`` command: learn, inspect and measure static cache schedules.
 
     l2c demo                      learn a schedule for the bundled DiT, compile it, compare with full compute
+    l2c demo --model flux-digits  the same on the bundled Flux (Euler flow matching, CFG 7)
     l2c learn --model dit-digits --steps 20 --budget 0.4 -o dit.l2c.json
+    l2c learn --model flux-digits --steps 28 --budget 0.5 -o flux.l2c.json
     l2c learn --pipeline ./my-dit --labels 207 360 387 --steps 50 --budget 0.4 --device cuda --dtype bf16
     l2c learn --pipeline ./pixart-sigma --prompts prompts.txt --height 1024 --width 768 --guidance-scale 4.5
     l2c show dit.l2c.json         summary and a heatmap PNG
@@ -10,6 +12,11 @@
 
 --pipeline takes a local folder written by a diffusers pipeline's save_pretrained(); it is loaded
 offline (nothing is downloaded).
+
+Bundled models: dit-digits and pixart-digits (DDPM; samplers ddim, dpm++, euler) and flux-digits
+(rectified flow; Euler flow matching, "flow-euler", the only sampler that fits it). Learning defaults
+per model are in LEARN_DEFAULTS: flux-digits learns with fewer, smaller iterations (its transformer
+call costs several times a DiT's on CPU).
 """
 from __future__ import annotations
 
@@ -33,6 +40,31 @@ def _threads(n):
 
     if n:
         torch.set_num_threads(n)
+
+
+#: Learning settings per bundled model where they differ from the learner's: (iterations, batch, calibration samples).
+LEARN_DEFAULTS = {"flux-digits": dict(iterations=12, batch=2, calibration_samples=4)}
+GENERIC_LEARN = dict(iterations=60, batch=4, calibration_samples=None)   # None: the learner's default (8)
+
+
+def _learn_setting(a, model: str | None, key: str, generic=None):
+    """The command line's value, else the model's learning default, else ``generic``."""
+    v = getattr(a, key, None)
+    if v is not None:
+        return v
+    return LEARN_DEFAULTS.get(model or "", {}).get(key, GENERIC_LEARN[key] if generic is None else generic)
+
+
+def _bundled_scheduler(model: str, requested: str | None) -> str:
+    """The sampler name for a bundled model: as asked, else flow-euler for flux-digits and ddim for the others."""
+    if requested is not None:
+        return requested
+    return "flow-euler" if model == "flux-digits" else "ddim"
+
+
+def _learn_kwargs(a, model: str | None) -> dict:
+    n = _learn_setting(a, model, "calibration_samples")
+    return {} if n is None else dict(calibration_samples=n)
 
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
@@ -64,7 +96,10 @@ def _conditions(a) -> dict:
         if not prompts:
             raise ValueError(f"{a.prompts}: no prompts (one per line)")
     g = a.guidance_scale if a.guidance_scale is not None else a.cfg
-    return dict(labels=a.labels, prompts=prompts, height=a.height, width=a.width, guidance_scale=g)
+    kw = dict(labels=a.labels, prompts=prompts, height=a.height, width=a.width, guidance_scale=g)
+    if a.true_cfg_scale is not None or a.negative_prompt is not None:  # FluxPipeline's true CFG
+        kw.update(true_cfg_scale=a.true_cfg_scale, negative_prompt=a.negative_prompt)
+    return kw
 
 
 def cmd_demo(a) -> int:
@@ -82,10 +117,13 @@ def cmd_demo(a) -> int:
     t0 = time.time()
     bundle = load(a.model)
     cfg = a.cfg if a.cfg is not None else bundle.recommended_cfg
-    print(f"[1/3] learning a schedule for {a.model}: {a.steps} {a.scheduler} steps, CFG {cfg}, "
-          f"budget {100 * a.budget:.0f}% of branch FLOPs", flush=True)
-    sched = learn_schedule(bundle, num_inference_steps=a.steps, budget=a.budget, scheduler=a.scheduler, cfg=cfg,
-                           iterations=a.iterations, batch_size=4, seed=a.seed, forecast=a.forecast)
+    scheduler = _bundled_scheduler(a.model, a.scheduler)
+    iterations = _learn_setting(a, a.model, "iterations", generic=30)
+    print(f"[1/3] learning a schedule for {a.model}: {a.steps} {scheduler} steps, CFG {cfg}, "
+          f"budget {100 * a.budget:.0f}% of branch FLOPs, {iterations} iterations", flush=True)
+    sched = learn_schedule(bundle, num_inference_steps=a.steps, budget=a.budget, scheduler=scheduler, cfg=cfg,
+                           iterations=iterations, batch_size=_learn_setting(a, a.model, "batch"), seed=a.seed,
+                           forecast=a.forecast, **_learn_kwargs(a, a.model))
     sched.save(out / "schedule.l2c.json")
     schedule_heatmap(sched, out / "schedule_heatmap.png")
     print(sched.format_summary(), flush=True)
@@ -93,13 +131,13 @@ def cmd_demo(a) -> int:
           flush=True)
     fast = compile_schedule(bundle.transformer, sched)
     labels = default_labels(a.samples)
-    res = compare(bundle, {"full": bundle.transformer, "cached": fast}, labels, a.steps, a.scheduler, cfg, a.seed,
+    res = compare(bundle, {"full": bundle.transformer, "cached": fast}, labels, a.steps, scheduler, cfg, a.seed,
                   repeats=a.repeats)
     c = res["cached"]
     side_by_side({"full compute": res["full"]["images"],
                   f"learned schedule: {c['speedup']:.2f}x, PSNR {c['psnr']:.1f} dB": c["images"]},
                  out / "side_by_side.png")
-    report = dict(model=a.model, steps=a.steps, scheduler=a.scheduler, cfg=cfg, budget=a.budget,
+    report = dict(model=a.model, steps=a.steps, scheduler=scheduler, cfg=cfg, budget=a.budget,
                   flops_removed=sched.flops_removed_fraction(), branches_removed=sched.removed_fraction(),
                   results=strip_images(res), torch=torch.__version__, threads=torch.get_num_threads(),
                   total_seconds=round(time.time() - t0, 1))
@@ -119,6 +157,7 @@ def cmd_learn(a) -> int:
     from .plots import schedule_heatmap
 
     _threads(a.threads)
+    model = None
     if a.pipeline:
         target = load_pipeline(a.pipeline, a.device, a.dtype)
         kw = _conditions(a)
@@ -128,12 +167,17 @@ def cmd_learn(a) -> int:
 
         from .models import load
 
-        target = load(a.model or "dit-digits", device=a.device, dtype=getattr(torch, DTYPES[a.dtype]))
+        model = a.model or "dit-digits"
+        if a.true_cfg_scale is not None or a.negative_prompt is not None:
+            raise ValueError("--true-cfg-scale / --negative-prompt are FluxPipeline's true CFG (with --pipeline); "
+                             f"{model} takes --guidance-scale")
+        target = load(model, device=a.device, dtype=getattr(torch, DTYPES[a.dtype]))
         cfg = a.guidance_scale if a.guidance_scale is not None else a.cfg
         kw = dict(labels=a.labels, guidance_scale=cfg if cfg is not None else target.recommended_cfg)
-        scheduler = a.scheduler or "ddim"
+        scheduler = _bundled_scheduler(model, a.scheduler)
     sched = learn_schedule(target, num_inference_steps=a.steps, budget=a.budget, scheduler=scheduler,
-                           iterations=a.iterations, batch_size=a.batch, seed=a.seed, forecast=a.forecast, **kw)
+                           iterations=_learn_setting(a, model, "iterations"), batch_size=_learn_setting(a, model, "batch"),
+                           seed=a.seed, forecast=a.forecast, **_learn_kwargs(a, model), **kw)
     if a.pipeline:
         sched.params["pipeline"] = str(a.pipeline)
     else:
@@ -168,10 +212,10 @@ def cmd_bench(a) -> int:
         return _bench_pipeline(a, sched)
     from .evaluate import compare, default_labels, strip_images
 
-    name = a.model or sched.params.get("model") or ("pixart-digits" if "attn2" in sched.branches else "dit-digits")
+    name = a.model or sched.params.get("model") or _bundled_name(sched)
     bundle = _model_for_schedule(sched, name)
     steps = len(sched.timesteps)
-    scheduler = a.scheduler or sched.params.get("scheduler") or "ddim"
+    scheduler = _bundled_scheduler(name, a.scheduler or sched.params.get("scheduler"))
     cfg = a.cfg if a.cfg is not None else sched.params.get("cfg", bundle.recommended_cfg)
     fast = compile_schedule(bundle.transformer, sched)
     res = compare(bundle, {"full": bundle.transformer, "cached": fast}, default_labels(a.samples), steps, scheduler,
@@ -180,6 +224,13 @@ def cmd_bench(a) -> int:
     print(json.dumps(dict(model=name, steps=steps, scheduler=scheduler, cfg=cfg,
                           flops_removed=round(sched.flops_removed_fraction(), 4), **r), indent=1))
     return 0
+
+
+def _bundled_name(sched) -> str:
+    """The bundled model a schedule without a ``model`` record was made for, from its model class and branches."""
+    if sched.model_class == "FluxTransformer2DModel":
+        return "flux-digits"
+    return "pixart-digits" if "attn2" in sched.branches else "dit-digits"
 
 
 def _bench_pipeline(a, sched) -> int:
@@ -198,10 +249,13 @@ def _bench_pipeline(a, sched) -> int:
     kw = _conditions(a)
     if kw["guidance_scale"] is None:
         kw["guidance_scale"] = sched.params.get("guidance_scale")
+    if "true_cfg_scale" not in kw and "true_cfg_scale" in sched.params:   # FluxPipeline's true CFG, as learned
+        kw.update(true_cfg_scale=sched.params["true_cfg_scale"], negative_prompt=sched.params.get("negative_prompt"))
+    true_cfg = {k: kw[k] for k in ("true_cfg_scale", "negative_prompt") if k in kw}
     steps = len(sched.timesteps)
     scheduler = a.scheduler or sched.params.get("scheduler")
     den = denoiser_for(pipe, a.samples, kw["guidance_scale"], scheduler, seed=a.seed, labels=kw["labels"],
-                       prompts=kw["prompts"], height=kw["height"], width=kw["width"])
+                       prompts=kw["prompts"], height=kw["height"], width=kw["width"], **true_cfg)
     ts = den.timesteps(steps)
     from .schedule import same_timestep
 
@@ -243,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, model=True, forecast=False):
         if model:
-            sp.add_argument("--model", default="dit-digits", help="bundled model: dit-digits or pixart-digits")
+            sp.add_argument("--model", default="dit-digits",
+                            help="bundled model: dit-digits, pixart-digits or flux-digits")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommended)")
@@ -253,15 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
                                  "its last two or three outputs (linear, quadratic), or whichever measures best "
                                  "(auto, default)")
 
-    d = sub.add_parser("demo", help="learn, compile and compare a schedule on the bundled DiT (a few minutes on CPU)",
+    d = sub.add_parser("demo", help="learn, compile and compare a schedule on a bundled model (a few minutes on CPU)",
                        description="Learn a schedule for a bundled model, compile it, sample with and without it "
                                    "from the same noise, and write a side-by-side PNG, a schedule heatmap, the "
-                                   "schedule JSON and a report.")
+                                   "schedule JSON and a report. flux-digits samples with Euler flow matching "
+                                   "(FluxPipeline's sigmas) and caches whole blocks; the others with DDIM by default.")
     common(d, forecast=True)
     d.add_argument("--steps", type=int, default=20, help="sampling steps")
-    d.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm++", "euler"])
+    d.add_argument("--scheduler", default=None, choices=list(SCHEDULER_NAMES),
+                   help="sampler (default: ddim; flow-euler for flux-digits, the only one that fits it)")
     d.add_argument("--budget", type=float, default=0.5, help="fraction of branch FLOPs to remove, in (0, 1)")
-    d.add_argument("--iterations", type=int, default=30, help="router training iterations")
+    d.add_argument("--iterations", type=int, default=None,
+                   help="router training iterations (default: 30; flux-digits 12)")
+    d.add_argument("--batch", type=int, default=None, help="images per training trajectory (default 4; flux-digits 2)")
+    d.add_argument("--calibration-samples", type=int, default=None,
+                   help="images the learner measures candidate schedules on (default 8; flux-digits 4)")
     d.add_argument("--samples", type=int, default=16, help="images to sample for the comparison")
     d.add_argument("--repeats", type=int, default=3, help="timed sampling runs (median reported)")
     d.add_argument("--out", default="l2c-demo", help="output folder")
@@ -276,22 +337,33 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
         sp.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
         sp.add_argument("--guidance-scale", type=float, default=None,
-                        help="guidance scale (default: the pipeline's, or the bundled model's recommended)")
+                        help="guidance scale (default: the pipeline's, or the bundled model's recommended; "
+                             "Flux.1-dev pipelines: the distilled guidance embedding)")
+        sp.add_argument("--true-cfg-scale", type=float, default=None,
+                        help="FluxPipeline's true classifier-free guidance scale (needs --negative-prompt)")
+        sp.add_argument("--negative-prompt", default=None,
+                        help="FluxPipeline's negative prompt for true CFG ('' is the empty prompt)")
         sp.add_argument("--device", default="cpu", help="where the model runs and learns (cpu, cuda, cuda:1, ...)")
         sp.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype (the router is fp32)")
 
     lp = sub.add_parser("learn", help="learn a schedule for a bundled model or a diffusers pipeline and save it",
                         description="Train the L2C router along the sampler's trajectory and rank its scores to a "
-                                    "FLOPs budget.")
+                                    "FLOPs budget. Bundled models learn with classifier-free guidance at their "
+                                    "recommended scale; flux-digits with Euler flow matching, one unit per block, "
+                                    "and smaller learning defaults (12 iterations of 2 images, 4 calibration images).")
     common(lp, model=False, forecast=True)
-    lp.add_argument("--model", default=None, help="bundled model (default dit-digits) when no --pipeline is given")
+    lp.add_argument("--model", default=None,
+                    help="bundled model (dit-digits, pixart-digits, flux-digits; default dit-digits) when no "
+                         "--pipeline is given")
     target(lp)
     lp.add_argument("--steps", type=int, default=20)
     lp.add_argument("--scheduler", default=None, choices=list(SCHEDULER_NAMES),
-                    help="sampler (default: the pipeline's own; ddim for bundled models)")
+                    help="sampler (default: the pipeline's own; ddim for bundled models, flow-euler for flux-digits)")
     lp.add_argument("--budget", type=float, default=0.4, help="fraction of branch FLOPs to remove, in (0, 1)")
-    lp.add_argument("--iterations", type=int, default=60)
-    lp.add_argument("--batch", type=int, default=4, help="images per training trajectory")
+    lp.add_argument("--iterations", type=int, default=None, help="router training iterations (default 60; flux-digits 12)")
+    lp.add_argument("--batch", type=int, default=None, help="images per training trajectory (default 4; flux-digits 2)")
+    lp.add_argument("--calibration-samples", type=int, default=None,
+                    help="images the learner measures candidate schedules on (default 8; flux-digits 4)")
     lp.add_argument("-o", "--output", default="schedule.l2c.json")
     lp.set_defaults(func=cmd_learn)
 
@@ -309,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--model", default=None, help="bundled model (default: from the schedule)")
     target(bp)
     bp.add_argument("--scheduler", default=None, choices=list(SCHEDULER_NAMES),
-                    help="sampler (default: the one the schedule was learned with)")
+                    help="sampler (default: the one the schedule was learned with; flow-euler for flux-digits)")
     bp.add_argument("--samples", type=int, default=16)
     bp.add_argument("--repeats", type=int, default=3)
     bp.set_defaults(func=cmd_bench)
@@ -329,11 +401,6 @@ def main(argv=None) -> int:
     model = getattr(args, "model", None)
     if model is not None and model not in MODEL_NAMES:
         print(f"l2c: error: unknown model {model!r}; bundled models are {', '.join(MODEL_NAMES)}", file=sys.stderr)
-        return 2
-    if model == "flux-digits" and args.func is not cmd_show:
-        print("l2c: error: flux-digits is bundled for sampling (l2c_kernels.sampling.sample) and evaluation; "
-              "`l2c demo/learn/bench --model flux-digits` are not available yet: the learner does not apply "
-              "classifier-free guidance to FluxPipeline-style models", file=sys.stderr)
         return 2
     try:
         return args.func(args)

@@ -77,3 +77,57 @@ def test_learn_and_bench_on_a_saved_pipeline(tmp_path, capsys):
     assert "height=18" in capsys.readouterr().err
     assert main(["learn", "--pipeline", str(tmp_path / "missing"), "--steps", "3"]) == 2
     assert "model_index.json" in capsys.readouterr().err
+
+
+def test_learn_show_bench_on_flux_digits(tmp_path, capsys):
+    """flux-digits learns with CFG at its recommended scale on Euler flow matching, and bench samples it the same way."""
+    out = tmp_path / "flux.l2c.json"
+    rc = main(["learn", "--model", "flux-digits", "--steps", "3", "--budget", "0.5", "--iterations", "2", "--batch", "1",
+               "--calibration-samples", "2", "--threads", "1", "-o", str(out)])
+    assert rc == 0 and out.exists() and out.with_suffix(".png").exists()
+    sched = l2c.Schedule.load(out)
+    sched.validate_for(l2c.models.load("flux-digits").transformer)
+    assert sched.branches == ["block"] and sched.num_steps == 3 and sched.sampler["class"] == "FlowMatchEulerDiscreteScheduler"
+    assert sched.params["model"] == "flux-digits" and sched.params["scheduler"] == "flow-euler"
+    assert sched.params["guidance_scale"] == 7.0 and sched.params["iterations"] == 2
+    assert "R" in str(sched.plan)
+    capsys.readouterr()
+    assert main(["show", str(out), "--png", str(tmp_path / "h.png")]) == 0
+    assert "FluxTransformer2DModel" in capsys.readouterr().out
+    assert main(["bench", str(out), "--samples", "2", "--repeats", "1", "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "flux-digits" and report["steps"] == 3 and report["scheduler"] == "flow-euler"
+    assert report["cfg"] == 7.0 and report["cached"]["psnr"] > 0 and report["full"]["psnr"] == float("inf")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["learn", "--model", "flux-digits", "--scheduler", "ddim", "--steps", "3"], "ddim does not fit flux-digits"),
+    (["learn", "--model", "flux-digits", "--true-cfg-scale", "4", "--steps", "3"], "FluxPipeline's true CFG"),
+    (["demo", "--model", "dit-digits", "--scheduler", "flow-euler", "--steps", "3"], "flow-euler does not fit"),
+])
+def test_flux_digits_bad_input_named(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_on_flux_digits(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--model", "flux-digits", "--steps", "3", "--iterations", "2", "--batch", "1",
+               "--calibration-samples", "2", "--samples", "2", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "flux-digits" and report["scheduler"] == "flow-euler" and report["cfg"] == 7.0
+    assert report["flops_removed"] >= 0.3 and report["results"]["cached"]["psnr"] > 0
+    assert all((out / f).exists() for f in ("side_by_side.png", "schedule_heatmap.png", "schedule.l2c.json"))
+    assert "flux-digits" in capsys.readouterr().out
+
+
+def test_help_names_flux_digits_and_true_cfg(capsys):
+    p = build_parser()
+    with pytest.raises(SystemExit):
+        p.parse_args(["learn", "--help"])
+    text = capsys.readouterr().out
+    assert "flux-digits" in text and "flow-euler" in text and "--true-cfg-scale" in text and "--negative-prompt" in text
+    with pytest.raises(SystemExit):
+        p.parse_args(["demo", "--help"])
+    assert "flux-digits" in capsys.readouterr().out
