@@ -162,6 +162,27 @@ def test_graphs_and_compiled_blocks_together():
     assert both.num_graphs() == both.distinct_plans() and both.compiled_variants() >= 3
 
 
+@pytest.mark.parametrize("name", ["flux-schnell", "sd3.5-medium"])
+def test_branch_level_mmdit_schedules_replay_too(name):
+    """SD3 / Flux branch-level schedules run on the block-level module's subclass: the same graphs and checks."""
+    from tests.mmdit_branches.hook_reference import HookBranchReference
+    from tests.mmdit_branches.test_branch_runtime import random_mask
+    from l2c_kernels.adapters.mmdit_branches import branch_names
+
+    fam, model = FAMILIES[name], built(name)
+    sched = l2c.Schedule.from_mask(model, TIMESTEPS, random_mask(model, seed=3), branches=branch_names(model))
+    emu = compile_blocks(model, sched, cuda_graphs="emulate")
+    assert type(emu).__name__ == "BranchCachedTransformer"
+    ref = generate(HookBranchReference(model, sched).step, fam, batch=1)
+    for _ in range(2):
+        got = generate(lambda s, kw: emu(**kw), fam, batch=1)
+        assert max_err(ref, got) <= 1e-5 * scale_of(ref)
+    assert emu.num_graphs() == emu.distinct_plans() and emu._graphs.backend.replays == 2 * len(TIMESTEPS)
+    assert emu.summary()["level"] == "branch"
+    with pytest.raises(NotImplementedError, match="torch_compile"):
+        compile_blocks(model, sched, torch_compile=True)
+
+
 # ------------------------------------------------------------------------------------------------ real GPU
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
