@@ -1,6 +1,6 @@
 """First-generation and steady-state time per generation under torch.compile, and per-step host overhead.
 
-For each bundled model, DDIM, CFG batch of ``2 * len(labels)``: the original transformer eager and under
+For each bundled model (DDIM; Euler flow matching for flux-digits, at block level), CFG batch of ``2 * len(labels)``: the original transformer eager and under
 ``torch.compile``; ``compile_schedule`` eager and with ``torch_compile=True`` at 0% (full schedule), 50%
 (FORA every 2nd step) and a learned schedule; cache-dit DBCache with the transformer under ``torch.compile``
 (graph breaks and graphs counted by dynamo). "first" is each runner's first generation (compilation
@@ -57,7 +57,8 @@ def _generation(bundle, tr, steps: int, labels, cfg: float, reset=None) -> float
     return time.perf_counter() - t0
 
 
-def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | None, save=None) -> list[dict]:
+def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | None, save=None,
+               dbcache: bool = True) -> list[dict]:
     """First generations one after another (each compiled runner in its own dynamo cache), then ``steady``
     rounds in which every runner samples once, in a new random order each round (a slow stretch of a shared
     machine then hits different runners); steady = the median of a runner's rounds."""
@@ -66,13 +67,14 @@ def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | 
     bundle = models.load(name)
     tr = bundle.transformer
     cfg = bundle.recommended_cfg
-    ts = sampling.timesteps_for(bundle, steps, "ddim")
+    ts = sampling.timesteps_for(bundle, steps)  # DDIM, or Euler flow matching for flux-digits
     scheds = {"0%": schedules.full(tr, ts), "50% (FORA 2)": schedules.uniform(tr, ts, 2)}
     if learned_path is not None and learned_path.exists():
         learned = l2c.Schedule.load(learned_path)
         if len(learned.timesteps) == steps:
             scheds[f"learned {100 * learned.flops_removed_fraction():.0f}% ({learned.forecast} forecast)"] = learned
-    log(f"{name}: DDIM {steps}, batch {2 * len(labels)} (CFG), {torch.get_num_threads()} thread(s)")
+    log(f"{name}: {'Euler flow matching' if bundle.is_flow_matching else 'DDIM'} {steps}, batch {2 * len(labels)} "
+        f"(CFG), {torch.get_num_threads()} thread(s)")
     runners = []  # (row, transformer, reset)
 
     def first(row, runner, reset=None, counts=False):
@@ -114,6 +116,8 @@ def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | 
         rows.append(row)
     if save is not None:
         save(rows)
+    if not dbcache:
+        return rows
     try:  # last: cache-dit's hooks patch the model's forward; its compiled code must not mix with the rows above
         from peers import PeerSetting, make_peer
 
@@ -172,8 +176,9 @@ def host_overhead(calls: int = 300) -> dict:
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"# torch.compile and host overhead, CPU ({m['date']})", "",
-             f"{m['device']}; torch {m['torch']}; {m['threads']} thread(s); DDIM {m['steps']}, CFG batch {m['batch']}, "
-             f"fp32. First = first generation in a fresh dynamo state (compilation included, inductor disk caches "
+             f"{m['device']}; torch {m['torch']}; {m['threads']} thread(s); {m['steps']} steps (DDIM; Euler flow matching "
+             f"for flux-digits), CFG batch {m['batch']}, fp32; load average at the end of each model's rows: "
+             f"{m.get('load_average', '')}. First = first generation in a fresh dynamo state (compilation included, inductor disk caches "
              f"off); steady = median of {m['steady']} interleaved rounds (random order per round). {m['note']}", ""]
     for name in m["models"]:
         rows = [r for r in res["rows"] if r["model"] == name]
@@ -201,12 +206,13 @@ def markdown(res: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["dit-digits", "pixart-digits"])
+    p.add_argument("--models", nargs="+", default=["dit-digits", "pixart-digits", "flux-digits"])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--labels", type=int, nargs="+", default=[3, 7])
     p.add_argument("--steady", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-host", action="store_true")
+    p.add_argument("--no-dbcache", action="store_true", help="leave out the cache-dit row (its compilation is the slowest)")
     p.add_argument("--note", default="")
     p.add_argument("--out", default=str(RESULTS / "compile_cpu"))
     a = p.parse_args(argv)
@@ -235,7 +241,9 @@ def main(argv=None):
             res["rows"] = done + rows
             save()
 
-        res["rows"] = done + model_rows(name, a.steps, a.labels, a.steady, learned, save=partial)
+        res["rows"] = done + model_rows(name, a.steps, a.labels, a.steady, learned, save=partial,
+                                        dbcache=not a.no_dbcache)
+        res["meta"].setdefault("load_average", {})[name] = " ".join(f"{v:.1f}" for v in os.getloadavg())
         save()
     log(markdown(res))
 
