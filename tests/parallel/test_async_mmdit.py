@@ -80,13 +80,15 @@ class AsyncMMDiTReference(torch.nn.Module):
     output layer takes the last component's output. Stride 2 (N components, one extra device): the steps after the
     warm-up go in pairs (s, s+1); the prediction for s is the last component run on its stale input, conditioned on
     t_s; components 0..N-1 conditioned on t_{s+1} (component 0 on the latents of step s) give the prediction for
-    s+1 and the next stale inputs. ``timesteps``: the values the sampler passes to the transformer.
+    s+1 and the next stale inputs. ``timesteps``: the values the sampler passes to the transformer (checked), or
+    (stride 1) just the number of steps.
     """
 
     def __init__(self, model, ranges, timesteps, warm_up: int, stride: int = 1):
         super().__init__()
         self.model, self.ranges = model, [tuple(r) for r in ranges]
-        self.timesteps, self.warm_up, self.stride = [float(t) for t in timesteps], warm_up, stride
+        self.timesteps = [float(t) for t in timesteps] if not isinstance(timesteps, int) else [None] * timesteps
+        self.warm_up, self.stride = warm_up, stride
         self.parts = PARTS[type(model).__name__]
         self.reset()
 
@@ -133,7 +135,8 @@ class AsyncMMDiTReference(torch.nn.Module):
         steps = len(self.timesteps)
         step = self.calls % steps
         self.calls += 1
-        assert abs(float(timestep.reshape(-1)[0]) - self.timesteps[step]) < 1e-6, (step, timestep)
+        if self.timesteps[step] is not None:
+            assert abs(float(timestep.reshape(-1)[0]) - self.timesteps[step]) < 1e-6, (step, timestep)
         kw = dict(kw, hidden_states=hidden_states, timestep=timestep)
         n = len(self.ranges)
         with torch.no_grad():
@@ -349,6 +352,26 @@ def test_emulation_matches_the_independent_reference(family, N, stride):
         ref = reference(spec, ranges)
         full = sample(spec, transformer_of(spec))
     torch.testing.assert_close(got, ref, rtol=0, atol=fp32_atol(ref, spec["steps"]))
+    assert not torch.equal(got, full)
+
+
+def test_inside_an_unchanged_flux_pipeline():
+    """``pipe.transformer = AsyncDenoiser(...)`` in diffusers' FluxPipeline (packed latents, RoPE ids, guidance
+    embedding, dynamic shift, ``cache_context``): the latents equal the reference's in the same pipeline."""
+    from tests.tiny_pipelines import run_pipeline, tiny_flux_pipeline
+
+    steps = 5
+    pipe = tiny_flux_pipeline(layers=2, single_layers=2)
+    pipe.set_progress_bar_config(disable=True)
+    model = pipe.transformer
+    with one_thread():
+        full = run_pipeline(pipe, "flux", steps=steps)
+        pipe.transformer = parallel.AsyncDenoiser(model, num_components=2, warm_up=2, emulate=True)
+        got = run_pipeline(pipe, "flux", steps=steps)
+        ranges = pipe.transformer.component_ranges
+        pipe.transformer = AsyncMMDiTReference(model, ranges, steps, warm_up=2)
+        ref = run_pipeline(pipe, "flux", steps=steps)
+    torch.testing.assert_close(got, ref, rtol=0, atol=fp32_atol(ref, steps))
     assert not torch.equal(got, full)
 
 
