@@ -42,8 +42,14 @@ def _threads(n):
         torch.set_num_threads(n)
 
 
+def _flux_digits_learning() -> dict:
+    from .models.flux_digits import LEARN_DEFAULTS as d
+
+    return dict(iterations=d["iterations"], batch=d["batch_size"], calibration_samples=d["calibration_samples"])
+
+
 #: Learning settings per bundled model where they differ from the learner's: (iterations, batch, calibration samples).
-LEARN_DEFAULTS = {"flux-digits": dict(iterations=12, batch=2, calibration_samples=4)}
+LEARN_DEFAULTS = {"flux-digits": _flux_digits_learning()}
 GENERIC_LEARN = dict(iterations=60, batch=4, calibration_samples=None)   # None: the learner's default (8)
 
 

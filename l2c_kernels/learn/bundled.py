@@ -10,12 +10,13 @@ is used for other models.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from .conditioning import Request, class_labels_for, register_pipeline
 from .denoiser import Denoiser
+from .mmdit_conditions import PipelineDenoiser
 from .schedulers import resolve_scheduler, scheduler_from_name
 
 DIGITS = 10
@@ -59,20 +60,23 @@ def _flux_digits_timesteps(sched, steps: int, tokens: int) -> dict:
     return dict(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist())
 
 
+@dataclass
+class FluxDigitsDenoiser(PipelineDenoiser):
+    """flux-digits' packed ``(64 tokens, 4)`` latents; the starting noise of sample ``i`` is ``sampling.initial_noise``'s
+    pixel noise ``pixel_shape`` packed 2x2, so ``noise(seed)`` is what ``sampling.sample`` starts from with that seed."""
+
+    pixel_shape: tuple = ()
+
+    def noise(self, seed: int, num_samples: int | None = None) -> torch.Tensor:
+        from ..models.flux_digits import pack
+        from ..sampling import initial_noise
+
+        return pack(initial_noise(num_samples or self.num_samples, self.pixel_shape, seed))
+
+
 def flux_digits_denoiser(bundle, req: Request) -> Denoiser:
-    """``flux-digits``: packed ``(64 tokens, 4)`` latents; the starting noise of sample ``i`` is
-    ``sampling.initial_noise``'s pixel noise packed, so ``noise(seed)`` gives what ``sampling.sample``
-    starts from with that seed."""
+    """``flux-digits``: Euler flow matching over FluxPipeline's sigmas, CFG in one batch ``[uncond; cond]``."""
     from ..models import flux_digits
-    from .mmdit_conditions import PipelineDenoiser
-
-    class FluxDigitsDenoiser(PipelineDenoiser):
-        def noise(self, seed: int, num_samples: int | None = None) -> torch.Tensor:
-            from ..sampling import initial_noise
-
-            size = bundle.image_size
-            return flux_digits.pack(initial_noise(num_samples or self.num_samples, (flux_digits.CHANNELS, size, size),
-                                                  seed))
 
     tr = bundle.transformer
     cfg = float(req.guidance_scale if req.guidance_scale is not None else bundle.recommended_cfg)
@@ -92,7 +96,8 @@ def flux_digits_denoiser(bundle, req: Request) -> Denoiser:
                              output_range=(-1.0, 1.0), text_tokens=int(args["encoder_hidden_states"].shape[1]),
                              patch_size=1, tokens=tokens, timestep_rule=_flux_digits_timesteps,
                              model_timestep=lambda t: (t / 1000).to(dtype),  # as flux_digits.sample
-                             redraw=redraw, info=dict(model=bundle.name, prompts=prompts))
+                             redraw=redraw, info=dict(model=bundle.name, prompts=prompts),
+                             pixel_shape=(flux_digits.CHANNELS, size, size))
     den.info["sampler"] = den.sampler(1)
     return den
 

@@ -10,6 +10,9 @@ there is no distilled guidance embedding.
     bundle = load("flux-digits")
     images = flux_digits.sample(bundle, labels=range(10), steps=28, cfg=None, seed=0)   # [10, 1, 16, 16]
 
+Learning a schedule: ``learn_schedule("flux-digits", 28, 0.5, **LEARN_DEFAULTS)`` (CFG 7 in one batch, Euler
+flow matching, one unit per block; ``l2c learn --model flux-digits``).
+
 Sampling is Euler flow matching (``FlowMatchEulerDiscreteScheduler``) over FluxPipeline's sigmas
 ``linspace(1, 1/steps, steps)``; the transformer gets ``timestep = t / 1000`` as in FluxPipeline.
 ``sample(transformer=...)`` takes any module with the transformer's call signature (e.g. a compiled schedule).
@@ -22,6 +25,11 @@ import torch
 from . import configs
 
 CHANNELS = 1  # pixel channels before packing
+
+#: ``learn_schedule`` settings for flux-digits on CPU (``l2c learn --model flux-digits`` uses them):
+#: its transformer call costs several DiT-digits calls, so fewer iterations on 2 images, 4 calibration images.
+#: ``l2c_kernels.learn_schedule("flux-digits", 28, 0.5, **flux_digits.LEARN_DEFAULTS)``
+LEARN_DEFAULTS = dict(iterations=12, batch_size=2, calibration_samples=4)
 
 
 def build_flux_digits():
