@@ -383,7 +383,11 @@ def test_measured_split_on_the_first_call():
     with pytest.raises(parallel.AsyncDiffError, match="first call"):
         ad.component_ranges
     sample(spec, ad)
-    assert ad.split.method == "measure" and len(ad.block_costs) == 4 and ad.split.info["final_layer_cost"] >= 0
+    costs = ad.block_costs
+    assert ad.split.method == "measure" and len(costs) == 4 and min(costs) > 0
+    # the cut is the best of the recorded costs (timings vary with load; what is done with them does not)
+    assert max(ad.component_costs) == pytest.approx(min(max(sum(costs[:c]), sum(costs[c:])) for c in range(1, 4)),
+                                                    rel=1e-12)
 
 
 # ====================================================================== what cannot be split
