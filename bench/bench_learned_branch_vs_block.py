@@ -154,6 +154,7 @@ def evaluate(m, sched, ref, full_flops):
                 flops_removed_schedule=round(sched.flops_removed_fraction(), 4),
                 flops_removed_generation=round(1.0 - totals[0] / full_flops, 4),
                 psnr_db=round(sum(per) / len(per), 2), psnr_min_db=round(min(per), 2),
+                psnr_per_image=[round(v, 3) for v in per],
                 removed_per_branch=s["removed_per_branch"], forecast=sched.forecast,
                 calibration_error_db=sched.params.get("calibration_error_db"),
                 train_seconds=sched.params.get("train_seconds"), plan=sched.plan)
@@ -193,7 +194,7 @@ def main(argv=None):
                 row = dict(model=name, budget=budget, **evaluate(m, sched, ref, full_flops),
                            learn_wall_s=round(time.time() - t0, 1))
                 rows.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("plan", "psnr_per_image")}), flush=True)
     meta = dict(date=str(date.today()), device=platform.processor() or platform.machine(), torch=torch.__version__,
                 dtype="float32", threads=args.threads, loadavg_start=load_start, loadavg_end=os.getloadavg(),
                 wall_s=round(time.time() - t_start, 1), models=described,
