@@ -117,7 +117,10 @@ class _BlockWrapper(BlockStandIn):
                                         f"not a tensor: the block pattern does not fit")
         i, action, single = ref.index, st.actions[ref.index], ref.pattern.single_output
         if action.compute and i not in st.checked:
-            return self._probe(action, ins, args, kwargs)
+            if not st.compiled:
+                return self._probe(action, ins, args, kwargs)
+            self._probe(None, ins, args, kwargs)  # checked eagerly once; the step's kind then compiles now, so
+            # the first generation compiles every kind the later ones run
         weights = wt = ()
         if action.compute:
             bufs = st.caches.store_buffers(i, action.slot, ins, st.none_out[i]) if action.store else ()
@@ -140,15 +143,21 @@ class _BlockWrapper(BlockStandIn):
         b = self.block
         return (type(b).__name__, getattr(b, "context_pre_only", None), "attn2" in b._modules)
 
-    def _probe(self, action: BlockAction, ins, args, kwargs):
-        """The block's first call, eager: run it, check the pattern on its real outputs, store if asked."""
+    def _probe(self, action: BlockAction | None, ins, args, kwargs):
+        """The block's first call, eager: run it, check the pattern on its real outputs, store if ``action`` says
+        so. ``action=None`` (compiled path): check only, and leave the inputs as they were for the real run."""
         st, ref = self._state, self._ref
         saved = [x.clone() if x is not None else None for x in ins]
         out = self.block(*args, **kwargs)
         outs = self._outputs(out, ins)
         self._check(saved, ins, outs)
         st.none_out[ref.index] = tuple(o is None for o in outs)
-        if action.store:
+        if action is None:
+            if ref.index in st.clone_inputs:
+                for x, v in zip(ins, saved):
+                    if x is not None:
+                        x.copy_(v)
+        elif action.store:
             store_residuals(st.caches, ref.index, action.slot, outs, saved)
         return out
 
