@@ -8,6 +8,11 @@ forward runs on the shadow; each wrapper either calls its block (storing the blo
 its inputs plus the cached residual (:func:`ops.residual_apply_`, or :func:`ops.forecast_residual_`
 for a forecast schedule). Every call checks that the forward ran each block once, in order, and the
 first call of each block checks the pattern (see :mod:`l2c_kernels.adapters.patterns`).
+
+A wrapper does the host side of its block's work (which buffers, whether they were filled) and hands the
+tensor side to :func:`~l2c_kernels.runtime.block_work.block_work`, compiled per kind with ``torch_compile``.
+Steps and passes: :mod:`~l2c_kernels.runtime.block_steps`; CUDA graphs of whole steps:
+:mod:`~l2c_kernels.runtime.block_graphs`.
 """
 from __future__ import annotations
 
@@ -26,7 +31,6 @@ from .block_flops import step_flops
 from .block_graphs import BlockGraphs
 from .block_steps import BlockSteps
 from .block_work import BlockKind, block_work, compiled_block_work
-from .cuda_graphs import GraphCache
 from .plan import compile_plans
 
 
