@@ -45,7 +45,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-PEER_FAMILIES = ("fbc", "pab", "taylorseer", "dbcache", "magcache")
+PEER_FAMILIES = ("fbc", "pab", "taylorseer", "dbcache")  # the peers of the DiT / PixArt comparisons
+BLOCK_LEVEL_FAMILIES = ("fbc", "taylorseer", "dbcache", "magcache")  # the peers of the Flux comparison
+ALL_FAMILIES = PEER_FAMILIES + ("magcache",)
 FAMILY_NAMES = {"fbc": "diffusers FirstBlockCache", "pab": "diffusers PyramidAttentionBroadcast",
                 "taylorseer": "diffusers TaylorSeer", "dbcache": "cache-dit DBCache", "magcache": "diffusers MagCache"}
 BLOCK_UNIT = "block"  # the one branch of a model cached per block
@@ -129,8 +131,8 @@ class PeerTransformer(nn.Module):
 
     def __init__(self, model: nn.Module, setting: PeerSetting, num_inference_steps: int):
         super().__init__()
-        if setting.family not in PEER_FAMILIES:
-            raise ValueError(f"unknown peer {setting.family!r}; choose one of {PEER_FAMILIES}")
+        if setting.family not in ALL_FAMILIES:
+            raise ValueError(f"unknown peer {setting.family!r}; choose one of {ALL_FAMILIES}")
         self.setting = setting
         self.num_inference_steps = int(num_inference_steps)
         self.inner = copy.deepcopy(model).eval().requires_grad_(False)
@@ -408,5 +410,5 @@ def make_peer(model, setting: PeerSetting, num_inference_steps: int) -> PeerTran
                               f"{type(model).__name__}: {type(e).__name__}: {e}") from e
 
 
-__all__ = ["PEER_FAMILIES", "FAMILY_NAMES", "PeerSetting", "PeerTransformer", "PeerUnavailable",
+__all__ = ["PEER_FAMILIES", "BLOCK_LEVEL_FAMILIES", "ALL_FAMILIES", "FAMILY_NAMES", "PeerSetting", "PeerTransformer", "PeerUnavailable",
            "block_level_settings", "calibrate_magcache", "default_settings", "make_peer"]

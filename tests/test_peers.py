@@ -273,7 +273,7 @@ def test_flux_default_settings_cover_the_flux_peers(flux):
     fams = {s.family for s in peers.default_settings(tr, 28)}
     assert fams == {"fbc", "taylorseer", "dbcache"}  # no MagCache without calibrated ratios
     sts = peers.default_settings(tr, 28, mag_ratios=[1.0] * 28)
-    assert {s.family for s in sts} == {"fbc", "taylorseer", "dbcache", "magcache"}
+    assert {s.family for s in sts} == set(peers.BLOCK_LEVEL_FAMILIES)
     db = [s.params for s in sts if s.family == "dbcache"]
     assert {p["Fn"] for p in db} == {1, 4} and {p["calibrator"] for p in db} == {None, "taylorseer"}
     with pytest.raises(peers.PeerUnavailable, match="cached per block"):
