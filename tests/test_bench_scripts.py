@@ -47,3 +47,48 @@ def test_ops_benchmark_reports_copy_bandwidth_fraction(tmp_path):
     assert {row["op"] for row in res["rows"]} == {"residual_apply_", "gated_residual_ reuse"}
     for row in res["rows"]:
         assert row["copy_gb_per_s"] > 0 and 0 < row["fused_fraction_of_copy_bw"]
+
+
+def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
+    """The flux-digits path of bench_pareto at 3 Euler steps: every kind of method runs on the same noise,
+    hand-made block schedules count FLOPs with each block's own cost, peers count the blocks that ran."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_pareto as bp
+    import peers
+
+    from l2c_kernels.adapters.patterns import estimate_block_flops
+    from l2c_kernels.models import load
+    from l2c_kernels.schedule import Schedule
+
+    bundle = load("flux-digits")
+    costs = estimate_block_flops(bundle.transformer)
+    settings = [peers.PeerSetting("fbc", dict(threshold=100.0)),
+                peers.PeerSetting("taylorseer", dict(interval=2, order=1, warmup=1, targets="blocks"))]
+    res = bp.run(bundle, 3, budgets=(0.5,), samples=1, accuracy_samples=0, time_samples=1, repeats=1, out=tmp_path,
+                 learn_kwargs=dict(iterations=2, batch_size=1, calibration_samples=1, structured_candidates=False,
+                                   forecast="none"), curve_runs=1,
+                 peer_settings=settings, log=lambda s: None)
+    m = res["meta"]
+    assert m["scheduler"] == "flow-euler" and m["cfg"] == bundle.recommended_cfg
+    rows = {(r["family"], r["label"]): r for r in res["rows"]}
+    fams = {f for f, _ in rows}
+    assert {"full compute", bp.LEARNED, "uniform (FORA)", "DeepCache", "first blocks (static)", "random",
+            "diffusers FirstBlockCache", "diffusers TaylorSeer"} <= fams
+    assert "Block Caching" in fams or any(u["family"] == "Block Caching" for u in res["unavailable"])
+    assert rows[("full compute (compiled)", "compile_schedule, nothing reused")]["psnr"] > 60  # fp32 rounding
+    total = 3 * sum(costs)
+    # FORA every 2 of 3 steps: step 1 reuses every block; F2 every 2: step 1 reuses blocks 2-7 (single-stream)
+    assert rows[("uniform (FORA)", "every 2 steps")]["flops_removed"] == pytest.approx(sum(costs) / total)
+    assert rows[("first blocks (static)", "F2 every 2")]["flops_removed"] == pytest.approx(sum(costs[2:]) / total)
+    # FirstBlockCache with a threshold nothing reaches: block 0 always runs, blocks 1-7 are skipped at steps 1, 2
+    assert rows[("diffusers FirstBlockCache", "FirstBlockCache t=100.0")]["flops_removed"] == pytest.approx(
+        2 * sum(costs[1:]) / total)
+    learned = Schedule.load(tmp_path / "pareto_flux-digits_3_schedules" / "learned_50.l2c.json")
+    assert learned.branches == ["block"] and learned.params.get("cfg") == bundle.recommended_cfg
+    assert [r["flops_removed"] for r in res["rows"] if r["family"] == bp.LEARNED] == [
+        pytest.approx(learned.flops_removed_fraction(), abs=1e-12)]
+    md = (tmp_path / "pareto_flux-digits_3.md").read_text()
+    assert "Euler flow matching 3 steps, CFG 7.0" in md and "best by at least 1 dB" in md and "Load average" in md
+    assert (tmp_path / "pareto_flux-digits_3.png").exists()
+    ratios = bp.magcache_ratios(bundle, 3, bundle.recommended_cfg, "flow-euler")
+    assert len(ratios) == 3 and ratios[0] == 1.0 and all(r > 0 for r in ratios)
