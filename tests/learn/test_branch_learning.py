@@ -110,12 +110,13 @@ def test_unit_costs_are_counted_at_the_real_token_counts(family):
         learning_units(den, ["attn1", "attn9"])
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_learned_branch_schedule_in_the_pipeline_equals_hook_reference(family):
+@pytest.mark.parametrize("family,forecast", [("flux", "none"), ("sd3", "auto")])
+def test_learned_branch_schedule_in_the_pipeline_equals_hook_reference(family, forecast):
     """learn_schedule(pipe, branches=...) at 50% on a tiny FluxPipeline (guidance embedding, packed latents, RoPE) and
     a tiny SD3.5-style pipeline (CFG batch, dual attention in block 0, context_pre_only last block): the schedule is
     branch level, validates, removes the budget of counted unit FLOPs (to one unit), compiles to the branch runtime,
-    and inside the unchanged pipeline equals the forward-hook reference of the same schedule."""
+    and inside the unchanged pipeline equals the forward-hook reference of the same schedule (SD3: the forecast mode the
+    learner picked among none / linear / quadratic)."""
     from l2c_kernels.learn.mmdit_conditions import pipeline_timesteps
     from tests.tiny_pipelines import CALL_KW, PROMPTS, run_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
 
@@ -128,9 +129,10 @@ def test_learned_branch_schedule_in_the_pipeline_equals_hook_reference(family):
     sched = l2c.learn_schedule(pipe, num_inference_steps=steps, budget=0.5, prompts=PROMPTS[:1], height=kw["height"],
                                width=kw["width"], guidance_scale=kw["guidance_scale"],
                                max_sequence_length=kw["max_sequence_length"], branches=names, iterations=4,
-                               batch_size=1, calibration_samples=1, structured_candidates=False, forecast="none",
+                               batch_size=1, calibration_samples=1, structured_candidates=False, forecast=forecast,
                                progress=False)
     assert sched.branches == names and sched.method == "learned"
+    assert forecast == "auto" and sched.forecast in ("none", "linear", "quadratic") or sched.forecast == forecast
     sched.validate_for(model)
     ts, _ = pipeline_timesteps(pipe, steps, height=kw["height"], width=kw["width"])
     assert sched.timesteps == pytest.approx(ts)
