@@ -37,6 +37,7 @@ class _Best:
     mask: torch.Tensor | None = None   # [steps-1, blocks, branches], 1 = compute
     err: float = float("inf")
     forecast: str = "none"
+    masks: dict = field(default_factory=dict)   # every mask measured, by key (for confirm_screened)
 
 
 def _calibration_error(calib: _Calibration, mask: torch.Tensor, forecast: str) -> float:
@@ -59,16 +60,29 @@ def _calibration_error(calib: _Calibration, mask: torch.Tensor, forecast: str) -
     return (10.0 * torch.log10(per_sample.double().clamp_min(1e-20))).mean().item()
 
 
-def _consider(calib: _Calibration, mask: torch.Tensor, seen: dict, best: _Best) -> None:
-    """Measure ``mask`` on the calibration batch once per forecast mode (``seen`` remembers every
-    measurement) and keep it in ``best`` if it beats it."""
-    key = bytes(mask.to(torch.uint8).flatten().tolist())
-    for fc in calib.forecasts:
+def _mask_key(mask: torch.Tensor) -> bytes:
+    return bytes(mask.to(torch.uint8).flatten().tolist())
+
+
+def _consider(calib: _Calibration, mask: torch.Tensor, seen: dict, best: _Best, forecasts=None) -> None:
+    """Measure ``mask`` on the calibration batch once per forecast mode in ``forecasts`` (default: all of
+    ``calib.forecasts``; ``seen`` remembers every measurement) and keep it in ``best`` if it beats it."""
+    key = _mask_key(mask)
+    best.masks.setdefault(key, mask.clone())
+    for fc in calib.forecasts if forecasts is None else forecasts:
         if (key, fc) in seen:
             continue
         err = seen[(key, fc)] = _calibration_error(calib, mask, fc)
         if err < best.err:
-            best.mask, best.err, best.forecast = mask.clone(), err, fc
+            best.mask, best.err, best.forecast = best.masks[key], err, fc
+
+
+def _confirm_screened(calib: _Calibration, seen: dict, best: _Best, screen: str, top: int) -> None:
+    """Screened measurement: every candidate was measured with the ``screen`` forecast only; the ``top``
+    masks by that error are now measured with every other forecast of ``calib.forecasts`` as well."""
+    ranked = sorted((err, key) for (key, fc), err in seen.items() if fc == screen)
+    for _, key in ranked[:top]:
+        _consider(calib, best.masks[key], seen, best)
 
 
 def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor, budget: float,

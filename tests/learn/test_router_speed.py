@@ -1,0 +1,98 @@
+"""What makes learning cheaper keeps its results: screened candidate measurement, the shared teacher trajectories."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l2c_kernels.learn import candidates, train_router
+from l2c_kernels.models import BundledModel
+from l2c_kernels.models.configs import NOISE_SCHEDULE
+from tests.tiny_models import tiny_dit
+
+CFG = 1.5
+
+
+def tiny_bundle():
+    return BundledModel("dit-digits", tiny_dit(layers=2), None, dict(NOISE_SCHEDULE), info=dict(recommended_cfg=CFG))
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = candidates._calibration_error
+
+    def counted(calib, mask, forecast):
+        err = real(calib, mask, forecast)
+        calls.append((forecast, err))
+        return err
+
+    monkeypatch.setattr(candidates, "_calibration_error", counted)
+    return calls
+
+
+KW = dict(budget=0.4, iterations=4, batch_size=2, progress=False, calibration_samples=2, hard_fraction=0.5)
+
+
+def test_screening_with_every_candidate_confirmed_picks_what_measuring_all_three_ways_picks(monkeypatch):
+    calls = _counting(monkeypatch)
+    full = train_router(tiny_bundle(), 7, screen_top=None, **KW)
+    n_full = len(calls)
+    assert n_full == 3 * full.candidates  # every distinct mask, three forecasts
+    assert full.calibration_error == min(e for _, e in calls)
+    calls.clear()
+    screened = train_router(tiny_bundle(), 7, screen_top=10_000, **KW)
+    assert len(calls) == n_full and screened.candidates == full.candidates
+    assert torch.equal(screened.mask, full.mask) and screened.forecast == full.forecast
+    assert screened.calibration_error == full.calibration_error
+
+
+def test_screening_measures_each_candidate_once_and_confirms_the_best_linear_ones(monkeypatch):
+    calls = _counting(monkeypatch)
+    res = train_router(tiny_bundle(), 7, screen_top=2, **KW)
+    fcs = [f for f, _ in calls]
+    assert fcs.count("linear") == res.candidates >= 3
+    assert fcs.count("none") == fcs.count("quadratic") == 2
+    assert res.calibration_error == min(e for _, e in calls)
+    screened_calls = list(calls)
+    calls.clear()
+    unscreened = train_router(tiny_bundle(), 7, screen_top=None, **KW)  # the same training: the same candidates, measured all ways
+    assert unscreened.candidates == res.candidates
+    # the linear measurements are the same; the screened pick is the best of a subset of the unscreened ones
+    assert sorted(e for f, e in screened_calls if f == "linear") == sorted(e for f, e in calls if f == "linear")
+    assert unscreened.calibration_error <= res.calibration_error <= min(e for f, e in calls if f == "linear")
+
+
+def test_screen_top_is_checked():
+    with pytest.raises(ValueError, match="screen_top"):
+        train_router(tiny_bundle(), 5, screen_top=0, **KW)
+
+
+def test_teacher_pool_computes_each_teacher_once_and_reuses_it_unchanged(monkeypatch):
+    """A pool as large as the iterations is exactly a new batch every iteration; a smaller pool computes one teacher
+    trajectory per batch and trains on the same noise again."""
+    from l2c_kernels.learn import router
+
+    kw = dict(KW, calibration_samples=0, iterations=4)
+    a = train_router(tiny_bundle(), 5, teacher_pool=None, **kw)
+    b = train_router(tiny_bundle(), 5, teacher_pool=4, **kw)
+    assert torch.equal(a.scores, b.scores)
+    teachers, students = [], []
+    real_soft, real_step = router.soft_rollout, router._stepwise_iteration
+
+    def soft(den, x, w_all, keep_path, **k):
+        out = real_soft(den, x, w_all, keep_path, **k)
+        if w_all is None:
+            teachers.append((x.clone(), [p.clone() for p in out[1]]))
+        return out
+
+    def step(den, x, tpath, *args, **k):
+        students.append((x.clone(), tpath))
+        return real_step(den, x, tpath, *args, **k)
+
+    monkeypatch.setattr(router, "soft_rollout", soft)
+    monkeypatch.setattr(router, "_stepwise_iteration", step)
+    train_router(tiny_bundle(), 5, teacher_pool=2, **kw)
+    assert len(teachers) == 2 and len(students) == 4
+    for it, (x, tpath) in enumerate(students):  # iteration it trains on batch it % 2, its teacher unchanged
+        tx, tp = teachers[it % 2]
+        assert torch.equal(x, tx) and all(torch.equal(p, q) for p, q in zip(tpath, tp))
+    assert not torch.equal(students[0][0], students[1][0])
