@@ -1,10 +1,11 @@
 """Splitting a transformer's blocks into contiguous components of equal measured cost.
 
-Each block is timed on a sample input (the model's own forward up to the first block gives the
-block input and the keyword arguments the forward passes to every block), then the blocks are
-cut into ``n`` contiguous runs minimising the most expensive run. Nothing here is specific to a
-model id: any model the adapters support can be split, and other models can be split by
-passing ``sample_inputs``.
+Each block is timed on the arguments the model's own forward passes to it for a sample input
+(recorded on one forward run: for Flux the double blocks, then the single blocks, each with its
+text and image streams), then the blocks are cut into ``n`` contiguous runs minimising the most
+expensive run. Nothing here is specific to a model id: any model the adapters or the block pattern
+table support can be split; sample inputs are built in for DiT and PixArt and passed (or taken from
+the first call) for the others.
 """
 from __future__ import annotations
 
