@@ -131,6 +131,10 @@ def soft_branch_forward(model, args: dict, w: torch.Tensor | None, caches: SoftC
     if w is not None and (w.dim() != 2 or tuple(w.shape) != (len(refs), len(names))):
         raise ValueError(f"w has shape {list(w.shape)}; the branch-level soft forward of {type(model).__name__} "
                          f"takes one weight per block and unit, [{len(refs)}, {len(names)}] ({names})")
+    unknown = sorted({type(r.module).__name__ for r in refs} - set(_SOFT_WRAPPERS))
+    if unknown:
+        raise TypeError(f"{', '.join(unknown)} has no branch-level units (known: {', '.join(_SOFT_WRAPPERS)}); learn "
+                        f"this model at block level (branches=None)")
     state = _SoftState(fam, refs, w, caches, names, record)
     all_units = branch_names(model)
     shadow = shadow_with(model, fam, refs, lambda r: _SOFT_WRAPPERS[type(r.module).__name__](r, state, all_units))
