@@ -389,7 +389,8 @@ def markdown(result: dict) -> str:
     s = result["summary"]
     win = ("best" if not s.get("margin_goal_db") else f"best by at least {s['margin_goal_db']:g} dB")
     lines += ["", f"Goal (learned schedule {win} at 1.5x and 2x; accuracy within "
-              f"{s.get('accuracy_goal_points', 2.0):g} points of full at 1.5x): "
+              f"{s.get('accuracy_goal_points', 2.0):g} point{'' if s.get('accuracy_goal_points') == 1 else 's'} of full "
+              "at 1.5x): "
               f"**{'met' if s['goal_met'] else 'not met'}**.",
               "", f"\"{ABLATION}\" computes every branch every k steps and extrapolates in between, as the "
               "learned schedules may: it is not one of the baselines above but shows how much of the learned "
