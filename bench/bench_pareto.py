@@ -409,6 +409,16 @@ def markdown(result: dict) -> str:
         lines += ["", "## Peers that could not be applied", ""]
         for u in result["unavailable"]:
             lines.append(f"- {u['family']} ({u['setting']}): {u['reason']}")
+    rc = result.get("recheck")
+    if rc:
+        lines += ["", f"## The rows the verdict rests on, on {rc['samples']} more digits (noise seed {rc['seed']})", "",
+                  "PSNR/SSIM against full compute from that noise (speed and FLOPs from the run above).", "",
+                  "| family | setting | speedup | FLOPs removed | PSNR (dB) | SSIM | accuracy | PSNR on the first digits |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rc["rows"], key=lambda r: -r["psnr"]):
+            lines.append(f"| {r['family']} | {r['label']} | {r['speedup']:.2f}x | {100 * r['flops_removed']:.1f}% | "
+                         f"{_fmt(r['psnr'])} | {_fmt(r['ssim'], '{:.3f}')} | {_fmt(r['accuracy'], '{:.3f}')} | "
+                         f"{_fmt(r['psnr_first'])} |")
     unreach = sorted({(f, e["target"]) for e in s["by_speedup"] for f, v in e["per_family"].items()
                       if v.get("unreachable")})
     if unreach:
@@ -568,6 +578,60 @@ def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5,
     return result
 
 
+def recheck(bundle, result: dict, samples: int, seed: int, out: Path | None = None, peer_settings=None,
+            log=print) -> dict:
+    """PSNR/SSIM of the learned rows and of the best baseline and peer at each target speedup of a saved
+    comparison, again on ``samples`` more digits from noise ``seed`` (a quality check of the rows the verdict
+    rests on; speeds are not re-measured). Stored as ``result["recheck"]``; rewrites the files under ``out``.
+    ``peer_settings``: the peers' grid of the run (None: the default grid, as ``run``)."""
+    m = result["meta"]
+    steps, cfg, scheduler = m["steps"], m["cfg"], m.get("scheduler", "ddim")
+    tr = bundle.transformer
+    want = {(r["family"], r["label"]) for r in result["rows"] if r["family"] == LEARNED}
+    for e in result["summary"]["by_speedup"]:
+        for k in ("best_baseline", "best_peer", "ablation"):
+            if e.get(k):
+                want.add((e[k]["family"], e[k]["label"]))
+    sched_dir = None if out is None else Path(out) / f"{result_tag(bundle.name, steps)}_schedules"
+    found = {}
+    learned = learned_schedules(bundle, steps, [b for b in m["budgets"]
+                                                if (sched_dir / f"learned_{round(100 * b)}.l2c.json").exists()],
+                                cfg, sched_dir, scheduler=scheduler, log=log) if sched_dir else []
+    for fam, label, sch in learned + baseline_schedules(bundle, steps, m["budgets"], None, scheduler):
+        if (fam, label) in want:
+            found[(fam, label)] = l2c.compile_schedule(tr, sch)
+    if any(f not in (LEARNED,) + BASELINE_FAMILIES + (ABLATION,) for f, _ in want):
+        settings = peer_settings
+        if settings is None:
+            mag = (magcache_ratios(bundle, steps, cfg, scheduler)
+                   if l2c.adapters.adapter_for(tr).branches(tr) == ["block"] else None)
+            settings = peer_mod.default_settings(tr, steps, mag_ratios=mag)
+        for st in settings:
+            key = (peer_mod.FAMILY_NAMES[st.family], st.label)
+            if key in want:
+                found[key] = peer_mod.make_peer(tr, st, steps)
+    labels = [i % 10 for i in range(samples)]
+    ref = _sample(bundle, tr, labels, steps, cfg, seed, scheduler)
+    rows = []
+    for (fam, label), t in sorted(found.items()):
+        if hasattr(t, "reset"):
+            t.reset()
+        imgs = _sample(bundle, t, labels, steps, cfg, seed, scheduler)
+        q = _quality(imgs, ref, labels)
+        first = next(r for r in result["rows"] if r["family"] == fam and r["label"] == label)
+        rows.append(dict(family=fam, label=label, psnr=q["psnr"], ssim=q["ssim"], accuracy=q["accuracy"],
+                         psnr_first=first["psnr"], speedup=first["speedup"], flops_removed=first["flops_removed"]))
+        log(f"  {fam:<36s} {label:<48s} PSNR {q['psnr']:6.2f} (first {first['psnr']:6.2f})")
+    missing = sorted(want - set(found))
+    result["recheck"] = dict(samples=samples, seed=seed, rows=rows, not_rebuilt=[list(k) for k in missing],
+                             load_average=load_average())
+    if out is not None:
+        tag = Path(out) / result_tag(bundle.name, steps)
+        tag.with_suffix(".json").write_text(json.dumps(result, indent=1, default=_json_default))
+        tag.with_suffix(".md").write_text(markdown(result))
+    return result
+
+
 def _json_default(o):
     if isinstance(o, float) and math.isinf(o):
         return "inf"
@@ -604,6 +668,9 @@ def main(argv=None):
                     help="only rewrite the Markdown table and the plot from the saved JSON of --model/--steps")
     ap.add_argument("--curve-runs", type=int, default=2,
                     help="full-compute runs (4 digits each) the Block Caching change curves are averaged over")
+    ap.add_argument("--recheck", type=int, default=0,
+                    help="re-score the learned rows and the best baseline and peer at each target of the saved "
+                         "--model/--steps JSON on this many more digits (noise seed --seed + 2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args(argv)
@@ -617,6 +684,10 @@ def main(argv=None):
     from l2c_kernels.models import load
 
     bundle = load(a.model)
+    if a.recheck:
+        tag = Path(a.out) / result_tag(a.model, a.steps)
+        res = json.loads(tag.with_suffix(".json").read_text())
+        return recheck(bundle, res, a.recheck, a.seed + 2, out=Path(a.out), log=lambda s: print(s, flush=True))
     learn_kwargs = {} if a.iterations is None else dict(iterations=a.iterations)
     if a.calibration_samples is not None:
         learn_kwargs["calibration_samples"] = a.calibration_samples
