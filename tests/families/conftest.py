@@ -41,9 +41,5 @@ def max_err(a, b) -> float:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster than several, and fair to a shared CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # tests/conftest.py
     yield
-    torch.set_num_threads(n)

@@ -24,13 +24,7 @@ from tests.mmdit_branches.hook_reference import HookBranchReference
 from tests.mmdit_branches.test_branch_runtime import random_mask, scale_of
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than several, and fair to a shared CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def soft_generation(model, fam, mask, forecast="none"):

@@ -48,13 +48,9 @@ def model_for(name: str):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_dynamo(one_thread):  # one_thread: tests/conftest.py
     torch._dynamo.reset()
     counters.clear()
-    yield
-    torch.set_num_threads(n)
 
 
 def num_blocks(model) -> int:

@@ -14,12 +14,7 @@ from tests.families.conftest import TIMESTEPS, built, generate, max_err
 from tests.family_configs import FAMILIES
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def half_reuse(model, forecast="none"):

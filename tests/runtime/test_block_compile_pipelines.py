@@ -5,7 +5,6 @@ against the hook reference of the same reuse."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import l2c_kernels as l2c
 from l2c_kernels import schedules
@@ -17,12 +16,7 @@ from tests.tiny_pipelines import BUILDERS, CALL_KW, run_pipeline
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def pipe_and_fora(fam):
