@@ -5,7 +5,7 @@ The model is the one of ``bench/bench_blocks.py`` (Flux.1-dev structure: 4 doubl
 of 128 = hidden 384, RoPE 16/56/56, guidance embedding, 256 image + 64 text tokens by default, batch 1, fp32, random
 weights). Unit FLOPs are counted on a real call (``measure_branch_flops``). Schedules:
 
-- ``uniform 50%``: every other step reuses every unit (FORA at branch level);
+- ``uniform r``: whole steps reuse every unit (FORA at branch level): 25 / 50 / 75% of the steps after the first;
 - ``spread r``: every unit is reused at its own phase, ``(step + block + branch) mod k`` (so each step
   mixes computed and reused attention / MLP units): about 25 / 50 / 75% of the unit FLOPs.
 
@@ -102,7 +102,8 @@ def main(argv=None):
     ubf = measure_branch_flops(model, hidden_states=x, timestep=torch.full((1,), 1.0), **cond)
     scheds = {"0%": l2c.Schedule.full(model, timesteps, branches=names)}
     scheds["0%"].unit_branch_flops = ubf
-    scheds["uniform 50%"] = uniform(model, timesteps, 0.5, ubf, names)
+    for r in PATTERNS:
+        scheds[f"uniform {int(100 * r)}%"] = uniform(model, timesteps, r, ubf, names)
     for r in PATTERNS:
         scheds[f"spread {int(100 * r)}%"] = spread(model, timesteps, r, ubf, names)
     runners = {"original": model, **{f"compiled {k}": l2c.compile_schedule(model, s) for k, s in scheds.items()}}
