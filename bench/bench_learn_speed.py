@@ -145,7 +145,7 @@ def markdown(res: dict) -> str:
     u = res["unit"]
     md = [f"# Learning speed: {res['model']}, DDIM {res['steps']} steps, CFG {res['cfg']} ({res['date']})", "",
           f"{res['device']}, torch {res['torch']}, {res['dtype']}. CPU time is this process's "
-          "(time.process_time, both threads); wall time depends on the other jobs on the machine (load average "
+          "(time.process_time, all its threads); wall time depends on the other jobs on the machine (load average "
           f"shown: 1, 5, 15 min). One unit = {u['what']}, measured in the same process: "
           + ", ".join(f"{x['cpu_s']} s CPU ({x['wall_s']} s wall, load {x['load'][0]})" for x in res.get("units", [u]))
           + f". Quality: PSNR / SSIM against full compute on the comparison's {res['samples']} digits "
@@ -168,6 +168,8 @@ def markdown(res: dict) -> str:
                   f"{wall} | {load} | {f(r.get('candidates_measured'))} | "
                   f"{f(r.get('calibration_error_db'), '{:.2f}')} | {r['forecast']} | {r['flops_removed']:.3f} | "
                   f"{r['psnr']:.2f} | {r['ssim']:.4f} |")
+    if res.get("note"):
+        md += ["", res["note"]]
     return "\n".join(md) + "\n"
 
 
