@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import l2c_kernels as l2c  # noqa: E402
-from l2c_kernels.runtime.block_flops import _CUSTOM, measure_block_flops  # noqa: E402
+from l2c_kernels.runtime.block_flops import measure_block_flops  # noqa: E402
 
-from flux_shaped import FLUX_SHAPED, flux_shaped, interleaved_step_times, load_average, timesteps_for  # noqa: E402
+from flux_shaped import FLUX_SHAPED, flux_shaped, generation_flops, interleaved_step_times, load_average, timesteps_for  # noqa: E402
 
 REMOVE_EVERY = {0.0: None, 0.25: (4, {3}), 0.5: (2, {1}), 0.75: (4, {1, 2, 3})}
 
@@ -63,8 +63,6 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="suffix of the result files (compile_schedule_cpu_flux_<tag>)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from torch.utils.flop_counter import FlopCounterMode
-
     img_side, txt = args.image_side, args.text_tokens
     model, call = flux_shaped(img_side, txt)
     timesteps = timesteps_for(args.steps)
@@ -79,22 +77,14 @@ def main(argv=None):
         runners[f"compiled {k}"] = l2c.compile_schedule(model, s)
     med, times = interleaved_step_times(runners, timesteps, call, args.repeats)
 
-    def generation_flops(fn) -> int:
-        if hasattr(fn, "reset"):
-            fn.reset()
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:
-            for t in timesteps:
-                call(fn, t)
-        return fc.get_total_flops()
-
-    flops_original = generation_flops(model)
+    flops_original = generation_flops(model, timesteps, call)
     rows = []
     for k, s in scheds.items():
         name = f"compiled {k}"
         speed = med["original"] / med[name]
         f = s.flops_removed_fraction()
         ideal = 1.0 / (1.0 - f)
-        ideal_whole = flops_original / generation_flops(runners[name])
+        ideal_whole = flops_original / generation_flops(runners[name], timesteps, call)
         rows.append(dict(schedule=name, block_flops_removed=round(f, 4), step_ms=round(1e3 * med[name], 3),
                          speedup_vs_original=round(speed, 3), ideal_speedup=round(ideal, 3),
                          measured_over_ideal=round(speed / ideal, 3), ideal_speedup_whole_model=round(ideal_whole, 3),

@@ -78,3 +78,18 @@ def load_average() -> str:
         return " ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:
         return "?"
+
+
+def generation_flops(fn, timesteps, call) -> int:
+    """FLOPs of one generation of ``fn`` (the model or a compiled module, reset first), counted by
+    ``torch.utils.flop_counter`` with the package's custom ops mapped (what really ran)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from l2c_kernels.runtime.block_flops import _CUSTOM
+
+    if hasattr(fn, "reset"):
+        fn.reset()
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:
+        for t in timesteps:
+            call(fn, t)
+    return fc.get_total_flops()
