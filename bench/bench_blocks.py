@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import l2c_kernels as l2c  # noqa: E402
 from l2c_kernels.runtime.block_flops import measure_block_flops  # noqa: E402
 
-from flux_shaped import FLUX_SHAPED, flux_shaped, generation_flops, interleaved_step_times, load_average, timesteps_for  # noqa: E402
+from flux_shaped import (FLUX_SHAPED, flux_shaped, interleaved_step_times, latency_rows,  # noqa: E402
+                         load_average, timesteps_for)
 
 REMOVE_EVERY = {0.0: None, 0.25: (4, {3}), 0.5: (2, {1}), 0.75: (4, {1, 2, 3})}
 
@@ -77,19 +78,9 @@ def main(argv=None):
         runners[f"compiled {k}"] = l2c.compile_schedule(model, s)
     med, times = interleaved_step_times(runners, timesteps, call, args.repeats)
 
-    flops_original = generation_flops(model, timesteps, call)
-    rows = []
-    for k, s in scheds.items():
-        name = f"compiled {k}"
-        speed = med["original"] / med[name]
-        f = s.flops_removed_fraction()
-        ideal = 1.0 / (1.0 - f)
-        ideal_whole = flops_original / generation_flops(runners[name], timesteps, call)
-        rows.append(dict(schedule=name, block_flops_removed=round(f, 4), step_ms=round(1e3 * med[name], 3),
-                         speedup_vs_original=round(speed, 3), ideal_speedup=round(ideal, 3),
-                         measured_over_ideal=round(speed / ideal, 3), ideal_speedup_whole_model=round(ideal_whole, 3),
-                         measured_over_ideal_whole_model=round(speed / ideal_whole, 3),
-                         spread_ms=[round(1e3 * min(times[name]), 3), round(1e3 * max(times[name]), 3)]))
+    rows = latency_rows(scheds, runners, med, timesteps, call, "block_flops_removed")
+    for r in rows:
+        r["spread_ms"] = [round(1e3 * min(times[r["schedule"]]), 3), round(1e3 * max(times[r["schedule"]]), 3)]
     result = dict(benchmark="compile_schedule block level, per-step latency", date=str(date.today()),
                   device=f"CPU ({args.threads} threads)", load_average=load_average(), torch=torch.__version__, dtype="fp32", batch=1,
                   steps=args.steps, repeats=args.repeats, model="FluxTransformer2DModel, Flux.1-dev structure",

@@ -39,7 +39,8 @@ import l2c_kernels as l2c  # noqa: E402
 from l2c_kernels.adapters.mmdit_branches import branch_names  # noqa: E402
 from l2c_kernels.runtime.branch_wrappers import measure_branch_flops  # noqa: E402
 
-from flux_shaped import FLUX_SHAPED, flux_shaped, generation_flops, interleaved_step_times, load_average, timesteps_for  # noqa: E402
+from flux_shaped import (FLUX_SHAPED, flux_shaped, interleaved_step_times, latency_rows,  # noqa: E402
+                         load_average, timesteps_for)
 
 PATTERNS = {0.25: (4, {3}), 0.5: (2, {1}), 0.75: (4, {1, 2, 3})}
 
@@ -108,18 +109,7 @@ def main(argv=None):
         scheds[f"spread {int(100 * r)}%"] = spread(model, timesteps, r, ubf, names)
     runners = {"original": model, **{f"compiled {k}": l2c.compile_schedule(model, s) for k, s in scheds.items()}}
     med, _ = interleaved_step_times(runners, timesteps, call, args.repeats)
-    rows = []
-    flops_original = generation_flops(model, timesteps, call)
-    for k, s in scheds.items():
-        name = f"compiled {k}"
-        speed = med["original"] / med[name]
-        f = s.flops_removed_fraction()
-        ideal = 1.0 / (1.0 - f)
-        ideal_whole = flops_original / generation_flops(runners[name], timesteps, call)
-        rows.append(dict(schedule=name, unit_flops_removed=round(f, 4), step_ms=round(1e3 * med[name], 3),
-                         speedup_vs_original=round(speed, 3), ideal_speedup=round(ideal, 3),
-                         measured_over_ideal=round(speed / ideal, 3), ideal_speedup_whole_model=round(ideal_whole, 3),
-                         measured_over_ideal_whole_model=round(speed / ideal_whole, 3)))
+    rows = latency_rows(scheds, runners, med, timesteps, call, "unit_flops_removed")
     splits = [split_cost(96, 384, 1536, 20), split_cost(64, 3072, 12288, 3)]
     result = dict(benchmark="compile_schedule branch level (SD3 / Flux units), per-step latency",
                   load_average_at_end=load_average(),

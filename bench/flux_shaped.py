@@ -93,3 +93,21 @@ def generation_flops(fn, timesteps, call) -> int:
         for t in timesteps:
             call(fn, t)
     return fc.get_total_flops()
+
+
+def latency_rows(scheds: dict, runners: dict, med: dict, timesteps, call, removed_key: str) -> list[dict]:
+    """One row per schedule ``k`` (runner ``"compiled k"``): ms/step, speedup over ``runners["original"]``, the
+    ideal speedup from the schedule's FLOPs removed (``removed_key``) and from counted whole-generation FLOPs."""
+    flops_original = generation_flops(runners["original"], timesteps, call)
+    rows = []
+    for k, s in scheds.items():
+        name = f"compiled {k}"
+        speed = med["original"] / med[name]
+        f = s.flops_removed_fraction()
+        ideal = 1.0 / (1.0 - f)
+        ideal_whole = flops_original / generation_flops(runners[name], timesteps, call)
+        rows.append({"schedule": name, removed_key: round(f, 4), "step_ms": round(1e3 * med[name], 3),
+                     "speedup_vs_original": round(speed, 3), "ideal_speedup": round(ideal, 3),
+                     "measured_over_ideal": round(speed / ideal, 3), "ideal_speedup_whole_model": round(ideal_whole, 3),
+                     "measured_over_ideal_whole_model": round(speed / ideal_whole, 3)})
+    return rows
