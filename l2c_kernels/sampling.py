@@ -41,9 +41,7 @@ def timesteps_for(bundle_or_config, steps: int, scheduler: str = "ddim") -> list
     (``flux-digits``) gets the Euler flow-matching timesteps :func:`sample` uses (``scheduler`` ``"ddim"``,
     this function's default, or ``"flow-euler"``)."""
     if getattr(bundle_or_config, "is_flow_matching", False):
-        if scheduler not in ("ddim", "flow-euler"):
-            raise ValueError(f"{bundle_or_config.name} is a flow-matching model sampled with Euler flow matching; "
-                             f"scheduler {scheduler!r} does not apply to it")
+        _check_flow_sampler(bundle_or_config, scheduler)
         from .models import flux_digits
 
         return flux_digits.timesteps_for(bundle_or_config, steps)
@@ -57,6 +55,13 @@ def initial_noise(num_samples: int, shape: Sequence[int], seed: int) -> torch.Te
     """The starting noise of sample ``i`` depends only on ``seed`` and ``i`` (not on batch chunking)."""
     g = torch.Generator().manual_seed(int(seed))
     return torch.randn((num_samples, *shape), generator=g)
+
+
+def _check_flow_sampler(bundle, scheduler: str) -> None:
+    """A flow-matching bundled model samples with Euler flow matching only ("ddim" is this module's default name)."""
+    if scheduler not in ("ddim", "flow-euler"):
+        raise ValueError(f"{bundle.name} is a flow-matching model sampled with Euler flow matching; "
+                         f"scheduler {scheduler!r} does not apply to it")
 
 
 def _check_steps(steps: int) -> None:
@@ -86,9 +91,7 @@ def sample(bundle, labels=None, prompts=None, steps: int = 50, scheduler: str = 
                         "for a diffusers pipeline call the pipeline itself")
     _check_steps(steps)
     if bundle.is_flow_matching:  # flux-digits: Euler flow matching, as FluxPipeline samples it
-        if scheduler not in ("ddim", "flow-euler"):  # "ddim" is only this function's default
-            raise ValueError(f"{bundle.name} is a flow-matching model sampled with Euler flow matching; "
-                             f"scheduler {scheduler!r} does not apply to it")
+        _check_flow_sampler(bundle, scheduler)
         from .models import flux_digits
 
         return flux_digits.sample(bundle, labels=labels, prompts=prompts, steps=steps, cfg=cfg, seed=seed,
