@@ -2,7 +2,7 @@
 Flux single block's ``proj_out`` into its attention and MLP column blocks.
 
 The model is the one of ``bench/bench_blocks.py`` (Flux.1-dev structure: 4 double + 8 single blocks, 3 heads
-of 128 = hidden 384, RoPE 16/56/56, guidance embedding, 256 image + 64 text tokens by default, batch 1, fp32, random
+of 128 = hidden 384, RoPE 16/56/56, guidance embedding, 256 and 576 image + 64 text tokens by default, batch 1, fp32, random
 weights). Unit FLOPs are counted on a real call (``measure_branch_flops``). Schedules:
 
 - ``uniform r``: whole steps reuse every unit (FORA at branch level): 25 / 50 / 75% of the steps after the first;
@@ -16,7 +16,11 @@ The split: ``proj_out(cat(a, m))`` (one product, diffusers) vs ``a W_a^T + (m W_
 the runtime runs when a half is stored for later reuse), at this model's size and at Flux.1's width
 (3072 / 12288) with 64 tokens.
 
-    nice -n 10 python bench/bench_branches.py   # writes bench/results/compile_schedule_cpu_flux_branches.{json,md}
+Each measurement is made at two sizes (``--image-sides``, default 256 and 576 image tokens): a fully reused
+step still runs the work outside the units (embeddings, adaLN gates, output layer), whose share of a step falls
+as tokens grow (Flux.1-dev at 1024x1024 has 4096 image tokens); the table of computed vs reused steps shows it.
+
+    python bench/bench_branches.py   # writes bench/results/compile_schedule_cpu_flux_branches.{json,md}
 """
 from __future__ import annotations
 
@@ -83,19 +87,10 @@ def split_cost(tokens, dim, mlp, repeats):
                 mlp_half_ms=round(mlp_only, 3))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--image-side", type=int, default=16, help="packed latent side: image tokens = side^2")
-    ap.add_argument("--text-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    img_side, txt = args.image_side, args.text_tokens
+def measure_size(img_side: int, txt: int, steps: int, repeats: int) -> dict:
+    """Every schedule at one model size: latency rows, and the uniform 75% runner's computed vs fully reused steps."""
     model, call = flux_shaped(img_side, txt)
-    timesteps = timesteps_for(args.steps)
+    timesteps = timesteps_for(steps)
     cond = {k: v for k, v in call.inputs.items() if k != "hidden_states"}
     x = call.inputs["hidden_states"]
 
@@ -108,38 +103,76 @@ def main(argv=None):
     for r in PATTERNS:
         scheds[f"spread {int(100 * r)}%"] = spread(model, timesteps, r, ubf, names)
     runners = {"original": model, **{f"compiled {k}": l2c.compile_schedule(model, s) for k, s in scheds.items()}}
-    med, _ = interleaved_step_times(runners, timesteps, call, args.repeats)
+    per_step: dict = {}
+    med, _ = interleaved_step_times(runners, timesteps, call, repeats, step_medians=per_step)
     rows = latency_rows(scheds, runners, med, timesteps, call, "unit_flops_removed")
+    # where the 75% row loses against its ideal: its computed steps vs the original's, and a fully reused step
+    k, drop = PATTERNS[0.75]
+    u = per_step["compiled uniform 75%"]
+    computed = [i for i in range(steps) if not (i > 0 and i % k in drop)]
+    reused = [i for i in range(steps) if i not in computed]
+    orig = statistics.mean(per_step["original"])
+    split = dict(original_step_ms=round(1e3 * orig, 3),
+                 computed_step_ms=round(1e3 * statistics.mean(u[i] for i in computed), 3),
+                 reused_step_ms=round(1e3 * statistics.mean(u[i] for i in reused), 3))
+    split["reused_over_original"] = round(split["reused_step_ms"] / split["original_step_ms"], 4)
+    return dict(image_tokens=img_side * img_side, text_tokens=txt, unit_branch_flops=ubf, branches=names,
+                original_step_ms=round(1e3 * med["original"], 3), rows=rows, uniform_75_steps=split)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--image-sides", type=int, nargs="+", default=[16, 24],
+                    help="packed latent sides, one model size each: image tokens = side^2")
+    ap.add_argument("--text-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    txt = args.text_tokens
+    sizes = [measure_size(side, txt, args.steps, args.repeats) for side in args.image_sides]
     splits = [split_cost(96, 384, 1536, 20), split_cost(64, 3072, 12288, 3)]
     result = dict(benchmark="compile_schedule branch level (SD3 / Flux units), per-step latency",
                   load_average_at_end=load_average(),
                   date=str(date.today()), device=f"CPU ({args.threads} threads)", torch=torch.__version__,
                   dtype="fp32", batch=1, steps=args.steps, repeats=args.repeats,
                   model="FluxTransformer2DModel, Flux.1-dev structure", config=FLUX_SHAPED,
-                  image_tokens=img_side * img_side, text_tokens=txt, branches=names, unit_branch_flops=ubf,
-                  backend=l2c.build_info(), original_step_ms=round(1e3 * med["original"], 3), rows=rows,
-                  proj_out_split=splits)
+                  backend=l2c.build_info(), sizes=sizes, proj_out_split=splits)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compile_schedule_cpu_flux_branches.json").write_text(json.dumps(result, indent=1) + "\n")
-    d, s = ubf[0], ubf[-1]
     md = [f"# compile_schedule at branch level vs original, Flux-shaped model (4 double + 8 single blocks, hidden 384, "
-          f"{img_side * img_side} image + {txt} text tokens), batch 1, fp32",
-          f"CPU ({args.threads} threads), torch {torch.__version__}, {date.today()}; {args.repeats} generations of "
-          f"{args.steps} steps, every step of every runner interleaved; ms/step = mean over steps of each step's median. "
-          f"Load average at the end: {result['load_average_at_end']} (valid only on an otherwise idle machine).",
-          "", f"original: {result['original_step_ms']} ms/step", "",
-          f"Unit FLOPs counted on a real call (MFLOP): double block attn1 {d[0] / 1e6:.1f}, ff {d[1] / 1e6:.1f}, "
-          f"ff_context {d[2] / 1e6:.1f}; single block attn1 {s[0] / 1e6:.1f}, ff {s[1] / 1e6:.1f}. "
-          f"ideal = 1 / (1 - unit FLOPs removed) (everything outside the units counted as free); ideal (model) = the "
-          f"original's FLOPs over the compiled module's, both counted with `torch.utils.flop_counter` over a whole "
-          f"generation (the per-block adaLN modulations, embeddings and output layers run at every step).", "",
-          "| schedule | unit FLOPs removed | ms/step | speedup | ideal | measured/ideal | ideal (model) | "
-          "measured/ideal (model) |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['schedule']} | {100 * r['unit_flops_removed']:.1f}% | {r['step_ms']} | "
-                  f"{r['speedup_vs_original']:.2f}x | {r['ideal_speedup']:.2f}x | {r['measured_over_ideal']:.2f} | "
-                  f"{r['ideal_speedup_whole_model']:.2f}x | {r['measured_over_ideal_whole_model']:.2f} |")
+          f"{txt} text tokens), batch 1, fp32",
+          f"CPU ({args.threads} threads), torch {torch.__version__}, {date.today()}; at each size {args.repeats} "
+          f"generations of {args.steps} steps, every step of every runner interleaved; ms/step = mean over steps of each "
+          f"step's median. Load average at the end: {result['load_average_at_end']} (valid only on an otherwise idle "
+          f"machine).", "",
+          "ideal = 1 / (1 - unit FLOPs removed) (everything outside the units counted as free); ideal (model) = the "
+          "original's FLOPs over the compiled module's, both counted with `torch.utils.flop_counter` over a whole "
+          "generation (the per-block adaLN modulations, embeddings and output layers run at every step)."]
+    for sz in sizes:
+        d, s = sz["unit_branch_flops"][0], sz["unit_branch_flops"][-1]
+        md += ["", f"## {sz['image_tokens']} image + {sz['text_tokens']} text tokens: original "
+                   f"{sz['original_step_ms']} ms/step", "",
+               f"Unit FLOPs counted on a real call (MFLOP): double block attn1 {d[0] / 1e6:.1f}, ff {d[1] / 1e6:.1f}, "
+               f"ff_context {d[2] / 1e6:.1f}; single block attn1 {s[0] / 1e6:.1f}, ff {s[1] / 1e6:.1f}.", "",
+               "| schedule | unit FLOPs removed | ms/step | speedup | ideal | measured/ideal | ideal (model) | "
+               "measured/ideal (model) |", "|---|---|---|---|---|---|---|---|"]
+        for r in sz["rows"]:
+            md.append(f"| {r['schedule']} | {100 * r['unit_flops_removed']:.1f}% | {r['step_ms']} | "
+                      f"{r['speedup_vs_original']:.2f}x | {r['ideal_speedup']:.2f}x | {r['measured_over_ideal']:.2f} | "
+                      f"{r['ideal_speedup_whole_model']:.2f}x | {r['measured_over_ideal_whole_model']:.2f} |")
+    md += ["", "Where uniform 75% loses against its ideal: a fully reused step still runs the embeddings, every block's "
+               "adaLN gates (the gate rows only), the cached outputs' gated adds and the output layer; that fixed "
+               "work is a smaller share of a step as the token count grows (means over steps of each step's median):",
+           "", "| image tokens | original ms/step | computed step ms | fully reused step ms | reused / original |",
+           "|---|---|---|---|---|"]
+    for sz in sizes:
+        u = sz["uniform_75_steps"]
+        md.append(f"| {sz['image_tokens']} | {u['original_step_ms']} | {u['computed_step_ms']} | "
+                  f"{u['reused_step_ms']} | {u['reused_over_original']} |")
     md += ["", "Flux single block `proj_out`: one product on `cat(a, m)` vs the two column blocks (ms, median):", "",
            "| tokens | dim | mlp | fused | split | split/fused | attention half | MLP half |", "|---|---|---|---|---|---|---|---|"]
     for sp in splits:

@@ -49,11 +49,12 @@ def timesteps_for(steps: int) -> list[int]:
     return [int(round(1000 - i * 950 / (steps - 1))) for i in range(steps)]
 
 
-def interleaved_step_times(runners: dict, timesteps, call, repeats: int):
+def interleaved_step_times(runners: dict, timesteps, call, repeats: int, step_medians: dict | None = None):
     """Every step of every runner interleaved, in a rotating order, after a warm-up generation of each.
 
     Returns ``(ms, per_generation)``: ``ms[name]`` = mean over steps of each step's median (seconds), and
-    ``per_generation[name]`` = each repeat's mean step time (seconds)."""
+    ``per_generation[name]`` = each repeat's mean step time (seconds). ``step_medians``, if given, is filled with
+    each runner's per-step medians (seconds, one per timestep)."""
     names = list(runners)
     step_times = {k: [[] for _ in timesteps] for k in runners}
     with torch.no_grad():
@@ -67,6 +68,8 @@ def interleaved_step_times(runners: dict, timesteps, call, repeats: int):
                     t0 = time.perf_counter()
                     call(runners[name], t)
                     step_times[name][i].append(time.perf_counter() - t0)
+    if step_medians is not None:
+        step_medians.update({k: [statistics.median(v) for v in per] for k, per in step_times.items()})
     med = {k: sum(statistics.median(v) for v in per) / len(timesteps) for k, per in step_times.items()}
     per_gen = {k: [sum(per[i][r] for i in range(len(timesteps))) / len(timesteps) for r in range(repeats)]
                for k, per in step_times.items()}

@@ -41,12 +41,25 @@ from .plan import BlockPlan, compile_plans
 _PLAIN_BLOCK_REUSE = BlockAction(False, reads=((0, 1.0),))
 
 
-def _chunks(norm: nn.Module, temb: torch.Tensor, n: int, cls: str) -> tuple:
-    """The adaLN-Zero vectors of ``norm`` (AdaLayerNormZero: 6, SD3.5's ...ZeroX: 9, ...ZeroSingle: 3)."""
+def _chunks(norm: nn.Module, temb: torch.Tensor, n: int, cls: str, need=None) -> list:
+    """The adaLN-Zero vectors of ``norm`` (AdaLayerNormZero: 6, SD3.5's ...ZeroX: 9, ...ZeroSingle: 3).
+
+    ``need``: the indices of the vectors wanted (None: all). The others are not computed and come back as
+    None: a reused unit needs only its gate, and the projection is a matrix-vector product whose cost is
+    reading the weight, so a block whose units are all reused reads 1/3 of it (the gate rows of each unit,
+    contiguous row blocks of ``norm.linear.weight``: views, no copy)."""
     if getattr(norm, "emb", None) is not None or not isinstance(getattr(norm, "linear", None), nn.Linear):
         raise BlockPatternError(f"{cls}.{type(norm).__name__} is not an adaLN-Zero norm driven by temb (it embeds "
                                 f"its own timestep or has no linear projection); run this model at block level")
-    return norm.linear(norm.silu(temb)).chunk(n, dim=1)
+    s = norm.silu(temb)
+    if need is None or len(need) == n:
+        return list(norm.linear(s).chunk(n, dim=1))
+    w, b = norm.linear.weight, norm.linear.bias
+    d = w.shape[0] // n
+    out = [None] * n
+    for k in need:
+        out[k] = F.linear(s, w[k * d:(k + 1) * d], None if b is None else b[k * d:(k + 1) * d])
+    return out
 
 
 def _modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -176,13 +189,18 @@ class _JointWrapper(_BranchWrapper):
         jak = dict(bound.get("joint_attention_kwargs") or {})
         dual = "attn2" in self._units
         pre_only = bool(getattr(blk, "context_pre_only", False))
-        c = _chunks(blk.norm1, temb, 9 if dual else 6, cls)
+        a1, f1 = run.computes("attn1"), run.computes("ff")
+        need = {2, 5} | ({0, 1} if a1 else set()) | ({3, 4} if f1 else set())
+        if dual:
+            need |= {8} | ({6, 7} if run.computes("attn2") else set())
+        c = _chunks(blk.norm1, temb, 9 if dual else 6, cls, need)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = c[:6]
         h = h.clone()
         e_out = None if pre_only else e.clone()
         if not pre_only:
+            need_c = {2, 5} | ({0, 1} if a1 else set()) | ({3, 4} if run.computes("ff_context") else set())
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _chunks(
-                blk.norm1_context, temb, 6, cls)
+                blk.norm1_context, temb, 6, cls, need_c)
         nh = blk.norm1.norm(bound["hidden_states"]) if run.computes("attn1") or (dual and run.computes("attn2")) \
             else None
 
@@ -231,11 +249,11 @@ class _FluxSingleWrapper(_BranchWrapper):
         blk, cls = self.block, type(self.block).__name__
         text_len = e.shape[1]
         x = torch.cat([e, h], dim=1)  # the joint stream (a new tensor: updated in place below)
-        shift, scale, gate = _chunks(blk.norm, temb, 3, cls)
+        want_a, want_m = run.computes("attn1"), run.computes("ff")
+        shift, scale, gate = _chunks(blk.norm, temb, 3, cls, None if want_a or want_m else (2,))
         dim = blk.proj_out.out_features
         w, b = blk.proj_out.weight, blk.proj_out.bias
         jak = dict(bound.get("joint_attention_kwargs") or {})
-        want_a, want_m = run.computes("attn1"), run.computes("ff")
         nx = _modulate(blk.norm.norm(x), shift, scale) if want_a or want_m else None
 
         def attn_half():
