@@ -7,7 +7,11 @@ settings of each variant:
   with: 30 iterations, every candidate measured all three forecast ways, a new teacher trajectory every
   iteration;
 - ``after``: 16 iterations on a pool of 4 teacher trajectories, candidates screened with the linear
-  forecast and the best 3 measured the other two ways.
+  forecast and the best 3 measured the other two ways;
+- ``screening batch``: as ``after``, but candidates are screened on a batch of 4 samples with its
+  own reference and only the best 3 are measured on the 8-sample calibration batch (every forecast way);
+- ``screening batch, 12 iterations``: the same with 12 iterations instead of 16 (today's defaults);
+- ``defaults``: ``learn_schedule``'s defaults, whatever they are.
 
 For each run: wall time and CPU time of this process (``time.process_time``: both threads; on a machine shared
 with other jobs the wall time says more about the other jobs than about the learner), the load average before
@@ -41,7 +45,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: learn_schedule keywords of each variant
 VARIANTS = {
     "before": dict(iterations=30, screen_top=None, teacher_pool=None),
-    "after": dict(iterations=16, screen_top=3, teacher_pool=4),
+    "after": dict(iterations=16, screen_top=3, teacher_pool=4, screen_samples=None),
+    "screening batch": dict(iterations=16, screen_top=3, teacher_pool=4, screen_samples=4),
+    "screening batch, 12 iterations": dict(iterations=12, screen_top=3, teacher_pool=4, screen_samples=4),
+    "defaults": dict(),
 }
 EVAL_SEED = 100
 

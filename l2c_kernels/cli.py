@@ -50,15 +50,15 @@ def _flux_digits_learning() -> dict:
 
 #: Learning settings per bundled model where they differ from the learner's: (iterations, batch, calibration samples).
 LEARN_DEFAULTS = {"flux-digits": _flux_digits_learning()}
-GENERIC_LEARN = dict(iterations=60, batch=4, calibration_samples=None)   # None: the learner's default (8)
+GENERIC_LEARN = dict(iterations=None, batch=None, calibration_samples=None)   # None: the learner's defaults
 
 
-def _learn_setting(a, model: str | None, key: str, generic=None):
-    """The command line's value, else the model's learning default, else ``generic``."""
+def _learn_setting(a, model: str | None, key: str):
+    """The command line's value, else the model's learning default, else None (the learner's default)."""
     v = getattr(a, key, None)
     if v is not None:
         return v
-    return LEARN_DEFAULTS.get(model or "", {}).get(key, GENERIC_LEARN[key] if generic is None else generic)
+    return LEARN_DEFAULTS.get(model or "", {}).get(key, GENERIC_LEARN[key])
 
 
 def _bundled_scheduler(model: str, requested: str | None) -> str:
@@ -69,8 +69,20 @@ def _bundled_scheduler(model: str, requested: str | None) -> str:
 
 
 def _learn_kwargs(a, model: str | None) -> dict:
-    n = _learn_setting(a, model, "calibration_samples")
-    return {} if n is None else dict(calibration_samples=n)
+    """``learn_schedule`` keywords for what the command line or the model's defaults set (the rest: the learner's)."""
+    out = {}
+    for key, kw in (("iterations", "iterations"), ("batch", "batch_size"), ("calibration_samples", "calibration_samples")):
+        v = _learn_setting(a, model, key)
+        if v is not None:
+            out[kw] = v
+    return out
+
+
+def _iterations(a, model: str | None) -> int:
+    from .learn.router import DEFAULT_ITERATIONS
+
+    v = _learn_setting(a, model, "iterations")
+    return DEFAULT_ITERATIONS if v is None else v
 
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
@@ -124,12 +136,11 @@ def cmd_demo(a) -> int:
     bundle = load(a.model)
     cfg = a.cfg if a.cfg is not None else bundle.recommended_cfg
     scheduler = _bundled_scheduler(a.model, a.scheduler)
-    iterations = _learn_setting(a, a.model, "iterations", generic=30)
+    iterations = _iterations(a, a.model)
     print(f"[1/3] learning a schedule for {a.model}: {a.steps} {scheduler} steps, CFG {cfg}, "
           f"budget {100 * a.budget:.0f}% of branch FLOPs, {iterations} iterations", flush=True)
     sched = learn_schedule(bundle, num_inference_steps=a.steps, budget=a.budget, scheduler=scheduler, cfg=cfg,
-                           iterations=iterations, batch_size=_learn_setting(a, a.model, "batch"), seed=a.seed,
-                           forecast=a.forecast, **_learn_kwargs(a, a.model))
+                           seed=a.seed, forecast=a.forecast, **_learn_kwargs(a, a.model))
     sched.save(out / "schedule.l2c.json")
     schedule_heatmap(sched, out / "schedule_heatmap.png")
     print(sched.format_summary(), flush=True)
@@ -182,7 +193,6 @@ def cmd_learn(a) -> int:
         kw = dict(labels=a.labels, guidance_scale=cfg if cfg is not None else target.recommended_cfg)
         scheduler = _bundled_scheduler(model, a.scheduler)
     sched = learn_schedule(target, num_inference_steps=a.steps, budget=a.budget, scheduler=scheduler,
-                           iterations=_learn_setting(a, model, "iterations"), batch_size=_learn_setting(a, model, "batch"),
                            seed=a.seed, forecast=a.forecast, **_learn_kwargs(a, model), **kw)
     if a.pipeline:
         sched.params["pipeline"] = str(a.pipeline)
@@ -325,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampler (default: ddim; flow-euler for flux-digits, the only one that fits it)")
     d.add_argument("--budget", type=float, default=0.5, help="fraction of branch FLOPs to remove, in (0, 1)")
     d.add_argument("--iterations", type=int, default=None,
-                   help="router training iterations (default: 30; flux-digits 12)")
+                   help="router training iterations (default: the learner's, 12)")
     d.add_argument("--batch", type=int, default=None, help="images per training trajectory (default 4; flux-digits 2)")
     d.add_argument("--calibration-samples", type=int, default=None,
                    help="images the learner measures candidate schedules on (default 8; flux-digits 4)")
@@ -366,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--scheduler", default=None, choices=list(SCHEDULER_NAMES),
                     help="sampler (default: the pipeline's own; ddim for bundled models, flow-euler for flux-digits)")
     lp.add_argument("--budget", type=float, default=0.4, help="fraction of branch FLOPs to remove, in (0, 1)")
-    lp.add_argument("--iterations", type=int, default=None, help="router training iterations (default 60; flux-digits 12)")
+    lp.add_argument("--iterations", type=int, default=None, help="router training iterations (default: the learner's, 12)")
     lp.add_argument("--batch", type=int, default=None, help="images per training trajectory (default 4; flux-digits 2)")
     lp.add_argument("--calibration-samples", type=int, default=None,
                     help="images the learner measures candidate schedules on (default 8; flux-digits 4)")

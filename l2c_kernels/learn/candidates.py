@@ -77,12 +77,17 @@ def _consider(calib: _Calibration, mask: torch.Tensor, seen: dict, best: _Best, 
             best.mask, best.err, best.forecast = best.masks[key], err, fc
 
 
-def _confirm_screened(calib: _Calibration, seen: dict, best: _Best, screen: str, top: int) -> None:
+def _confirm_screened(calib: _Calibration, seen: dict, best: _Best, screen: str, top: int,
+                      screened: tuple | None = None) -> None:
     """Screened measurement: every candidate was measured with the ``screen`` forecast only; the ``top``
-    masks by that error are now measured with every other forecast of ``calib.forecasts`` as well."""
-    ranked = sorted((err, key) for (key, fc), err in seen.items() if fc == screen)
+    masks by that error are now measured on ``calib`` with every forecast of ``calib.forecasts`` (those
+    not measured yet). ``screened``: ``(seen, best)`` of a separate screening batch the candidates were
+    measured on (default: ``calib``'s own ``seen`` / ``best``); the pick is then the best of the ``top``
+    measured on ``calib``."""
+    s_seen, s_best = screened if screened is not None else (seen, best)
+    ranked = sorted((err, key) for (key, fc), err in s_seen.items() if fc == screen)
     for _, key in ranked[:top]:
-        _consider(calib, best.masks[key], seen, best)
+        _consider(calib, s_best.masks[key], seen, best)
 
 
 def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor, budget: float,

@@ -55,6 +55,10 @@ class RouterResult:
     denoiser_info: dict = field(default_factory=dict)
 
 
+#: router training iterations when none are asked (learn_schedule, train_router, ``l2c learn``)
+DEFAULT_ITERATIONS = 12
+
+
 def _denoiser(obj, num_samples, cfg, scheduler, seed, labels, prompts, height, width, conditions, latent_shape,
               max_sequence_length, true_cfg_scale=None, negative_prompt=None):
     return denoiser_for(obj, num_samples, cfg, scheduler, seed=seed, labels=labels, prompts=prompts, height=height,
@@ -64,7 +68,7 @@ def _denoiser(obj, num_samples, cfg, scheduler, seed, labels, prompts, height, w
 
 
 def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, scheduler=None,
-                 cfg: float | None = None, guidance_scale: float | None = None, iterations: int = 16,
+                 cfg: float | None = None, guidance_scale: float | None = None, iterations: int = DEFAULT_ITERATIONS,
                  batch_size: int = 4, lr: float = 0.1, trajectory_weight: float = 0.5, init_logit: float = 3.0,
                  seed: int = 0, labels=None, prompts=None, height: int | None = None, width: int | None = None,
                  conditions: dict | None = None, latent_shape=None, max_sequence_length: int | None = None,
@@ -72,7 +76,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                  hard_fraction: float = 0.5, calibration_samples: int = 8, refine_evaluations: int = 0,
                  structured_candidates: bool = True, forecast: str = "auto", training: str = "stepwise",
                  teacher_pool: int | None = 4, true_cfg_scale: float | None = None,
-                 negative_prompt=None, branches: list | None = None, screen_top: int | None = 3) -> RouterResult:
+                 negative_prompt=None, branches: list | None = None, screen_top: int | None = 3,
+                 screen_samples: int | None = 4) -> RouterResult:
     """Train router logits for ``obj`` (pipeline, bundled model or its name, or a transformer: see
     :func:`learn_schedule`).
 
@@ -94,7 +99,10 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
 
     ``screen_top`` (with ``forecast="auto"``; default 3): measure every candidate with the linear forecast
     only, then the ``screen_top`` best of them the other two ways as well (None: every candidate all three
-    ways, about three times the measuring).
+    ways, about three times the measuring). ``screen_samples`` (default 4; None or at least
+    ``calibration_samples``: screen on the calibration batch itself): screen on a smaller batch of this many
+    samples with its own noise and reference, and measure only the ``screen_top`` best on the calibration batch,
+    every forecast way; the pick is the best of those (about half the measuring again).
 
     ``training``: ``"stepwise"`` (default; memory independent of the step count) or ``"trajectory"``
     (see the module docstring). ``teacher_pool``: draw the training noise (and, where the model draws
@@ -110,9 +118,10 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     Without ``labels``/``prompts``, a model whose conditions are drawn (DiT classes, bundled digits)
     gets new ones for every batch of the pool (every iteration without a pool) as well as new noise.
 
-    The defaults (16 iterations, a pool of 4 teacher trajectories, screened candidates) learn dit-digits at
-    DDIM 50 in about 16 full-compute generations of 20 digits, at better quality than 30 iterations without
-    them (``bench/results/learn_speed.md``).
+    The defaults (12 iterations, a pool of 4 teacher trajectories, candidates screened on a batch of 4 and the
+    best 3 measured on 8) learn dit-digits at DDIM 50 in about 11-12 full-compute generations of 20 digits (4-5
+    minutes on 2 CPU cores), at better quality than 30 iterations without them
+    (``bench/results/learn_speed_screening.md``).
     """
     if forecast not in ("auto", "none", "linear", "quadratic"):
         raise ValueError(f"forecast must be 'auto', 'none', 'linear' or 'quadratic', got {forecast!r}")
@@ -127,6 +136,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     forecasts = ("none", "linear", "quadratic") if forecast == "auto" else (forecast,)
     if screen_top is not None and (not isinstance(screen_top, int) or screen_top < 1):
         raise ValueError(f"screen_top must be None or an integer >= 1, got {screen_top!r}")
+    if screen_samples is not None and (not isinstance(screen_samples, int) or screen_samples < 1):
+        raise ValueError(f"screen_samples must be None or an integer >= 1, got {screen_samples!r}")
     screen = (train_forecast,) if (screen_top is not None and len(forecasts) > 1) else None
     cond_kw = dict(height=height, width=width, conditions=conditions, latent_shape=latent_shape,
                    max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale,
@@ -154,19 +165,25 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     ones = torch.ones((1, nb, len(branches)), device=device)
     hard_budget = min(0.999, budget * n / (n - 1))
     # calibration batch: its own noise and conditions, used only to pick among the hard schedules visited
-    calib = None
-    if calibration_samples and hard_fraction > 0:
-        cseed = seed + 7919
-        cden = _denoiser(obj, calibration_samples, cfg, scheduler, cseed,  # cfg as asked: Flux keeps den.cfg apart
-                         None if labels is None else list(labels)[:calibration_samples] or None,
-                         None if prompts is None else list(prompts)[:calibration_samples] or None,
+    def calibration(num: int, cseed: int) -> _Calibration:
+        cden = _denoiser(obj, num, cfg, scheduler, cseed,  # cfg as asked: Flux keeps den.cfg apart
+                         None if labels is None else list(labels)[:num] or None,
+                         None if prompts is None else list(prompts)[:num] or None,
                          **dict(cond_kw, negative_prompt=negative_prompt if isinstance(negative_prompt, (str, type(None)))
-                                else list(negative_prompt)[:calibration_samples]))
+                                else list(negative_prompt)[:num]))
         cden._timesteps = timesteps
         cx = cden.noise(cseed)
         cref, _ = cden.sample_with(model, n, cx)
-        calib = _Calibration(cden, cx, cref, model, timesteps, forecasts, level, units.schedule_kwargs)
+        return _Calibration(cden, cx, cref, model, timesteps, forecasts, level, units.schedule_kwargs)
+
+    calib = scal = None
+    if calibration_samples and hard_fraction > 0:
+        calib = scal = calibration(calibration_samples, seed + 7919)
+        if screen is not None and screen_samples is not None and screen_samples < calibration_samples:
+            scal = calibration(screen_samples, seed + 7927)  # the screening batch: its own noise and conditions
     best, seen = _Best(), {}
+    # candidates are measured on the screening batch (the calibration batch itself unless a smaller one is asked)
+    sbest, sseen = (best, seen) if scal is calib else (_Best(), {})
     pool: dict = {}
 
     def batch(it):
@@ -192,7 +209,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         if hard:
             mask = _budget_mask(torch.sigmoid(logits.detach()), cost, hard_budget)
             if calib is not None:
-                _consider(calib, mask, seen, best, screen)
+                _consider(scal, mask, sseen, sbest, screen)
         scale = tpath[-1].pow(2).mean().clamp_min(1e-8)
         opt.zero_grad(set_to_none=True)
         if training == "trajectory":
@@ -219,18 +236,18 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             h = dict(iteration=it, hard=bool(hard), loss=round(loss_v, 6), final_mse=round(final_v, 6),
                      keep=round(keep_v, 4), lam=round(lam.item(), 6))
             if hard and calib is not None:
-                h["calibration_error_best"] = best.err
+                h["calibration_error_best"] = sbest.err
             hist.append(h)
         bar.set_postfix(final=f"{final_v:.2e}", keep=f"{keep_v:.2f}")
     scores = torch.cat([torch.ones((1, nb, len(branches))), torch.sigmoid(logits.detach()).cpu()])
     if calib is not None and hard_fraction > 0:  # the schedule the final scores rank to is a candidate too
         mask = _budget_mask(scores[1:].to(device), cost, hard_budget)
-        _consider(calib, mask, seen, best, screen)
+        _consider(scal, mask, sseen, sbest, screen)
     if calib is not None and hard_fraction > 0 and structured_candidates:
         for mask in _structured_masks(model, timesteps, scores[1:].to(device), cost, hard_budget):
-            _consider(calib, mask, seen, best, screen)
+            _consider(scal, mask, sseen, sbest, screen)
     if calib is not None and screen is not None:
-        _confirm_screened(calib, seen, best, train_forecast, screen_top)
+        _confirm_screened(calib, seen, best, train_forecast, screen_top, screened=(sseen, sbest))
     if best.mask is not None and refine_evaluations > 0:
         best.mask, best.err, refine_hist = _refine_mask(calib, best.mask, best.err, ones, refine_evaluations,
                                                          best.forecast, train_forecast)
@@ -245,7 +262,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         res.mask = torch.cat([torch.ones((1, nb, len(branches))), best.mask.cpu()]).bool()
         res.forecast = best.forecast
         res.calibration_error = best.err
-        res.candidates = len({key for key, _ in seen})  # distinct masks (each measured per forecast mode)
+        res.candidates = len({key for key, _ in sseen})  # distinct masks (each measured per forecast mode)
     return res
 
 
@@ -345,7 +362,7 @@ def schedule_from_scores(model, timesteps, scores: torch.Tensor, *, budget: floa
 def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, labels=None, prompts=None,
                    height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
                    scheduler=None, conditions: dict | None = None, latent_shape=None, cfg: float | None = None,
-                   iterations: int = 16, batch_size: int = 4, seed: int = 0, threshold: float | None = None,
+                   iterations: int = DEFAULT_ITERATIONS, batch_size: int = 4, seed: int = 0, threshold: float | None = None,
                    progress: bool = True, **train_kwargs) -> Schedule:
     """Learn a static cache schedule that removes ``budget`` of the branch FLOPs (0 < budget < 1; exact
     to one branch). ``threshold`` instead keeps every branch whose score exceeds it.

@@ -64,6 +64,44 @@ def test_screening_measures_each_candidate_once_and_confirms_the_best_linear_one
 def test_screen_top_is_checked():
     with pytest.raises(ValueError, match="screen_top"):
         train_router(tiny_bundle(), 5, screen_top=0, **KW)
+    with pytest.raises(ValueError, match="screen_samples"):
+        train_router(tiny_bundle(), 5, screen_samples=0, **KW)
+
+
+def test_a_smaller_screening_batch_screens_every_candidate_and_the_calibration_batch_measures_the_top_ones(
+        monkeypatch):
+    """screen_samples < calibration_samples: every candidate is measured once (linear) on the screening batch; the
+    screen_top best by that error, and only they, are measured every forecast way on the calibration batch, and the
+    pick is the best of those measurements."""
+    calls = []
+    real = candidates._calibration_error
+
+    def counted(calib, mask, forecast):
+        err = real(calib, mask, forecast)
+        calls.append((calib.noise.shape[0], candidates._mask_key(mask), forecast, err))
+        return err
+
+    monkeypatch.setattr(candidates, "_calibration_error", counted)
+    kw = dict(KW, calibration_samples=4)
+    res = train_router(tiny_bundle(), 7, screen_top=2, screen_samples=2, **kw)
+    screening = [c for c in calls if c[0] == 2]
+    confirming = [c for c in calls if c[0] == 4]
+    assert len(screening) + len(confirming) == len(calls)
+    assert {f for _, _, f, _ in screening} == {"linear"} and len(screening) == res.candidates >= 3
+    assert len({k for _, k, _, _ in screening}) == len(screening)   # each candidate once
+    top2 = {k for _, k, _, _ in sorted(screening, key=lambda c: c[3])[:2]}
+    assert {k for _, k, _, _ in confirming} == top2
+    assert sorted(f for _, _, f, _ in confirming) == sorted(["none", "linear", "quadratic"] * 2)
+    pick = min(confirming, key=lambda c: c[3])
+    assert res.calibration_error == pick[3] and res.forecast == pick[2]
+    assert candidates._mask_key(res.mask[1:]) == pick[1]
+
+
+def test_a_screening_batch_as_large_as_the_calibration_batch_is_the_calibration_batch():
+    kw = dict(KW, calibration_samples=2)
+    a = train_router(tiny_bundle(), 7, screen_top=2, screen_samples=None, **kw)
+    b = train_router(tiny_bundle(), 7, screen_top=2, screen_samples=2, **kw)
+    assert torch.equal(a.mask, b.mask) and a.forecast == b.forecast and a.calibration_error == b.calibration_error
 
 
 def test_teacher_pool_computes_each_teacher_once_and_reuses_it_unchanged(monkeypatch):
