@@ -38,7 +38,8 @@ class AdaNormZeroAdapter(BlockAdapter):
             cross_attention_kwargs=a.get("cross_attention_kwargs") or {})
         h = model.pos_embed(x)
         ctx.values["dtype"] = h.dtype
-        ctx.values["temb"] = _timestep_embeddings(model, ctx.values["timestep"], h.dtype)
+        ctx.values["temb"] = (_timestep_embeddings(model, ctx.values["timestep"], h.dtype) if inputs.host_cache
+                              else None)
         return h, ctx
 
     @staticmethod

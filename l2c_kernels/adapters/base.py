@@ -22,6 +22,7 @@ class StepInputs:
 
     args: dict
     return_dict: bool = True
+    host_cache: bool = True   # prepare may reuse host-side per-timestep results (eager CPU inference only)
 
 
 @dataclass

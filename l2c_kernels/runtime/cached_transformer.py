@@ -16,6 +16,7 @@ the default mode a sampler that skips or repeats calls without (3) or (4) is not
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
 
@@ -30,6 +31,7 @@ from .caches import CacheSet, block_kind
 from .cuda_graphs import CudaGraphError, GraphCache
 from .plan import StepEntry, StepPlan, collapsible_steps, compile_plans, step_table
 from .step_work import run_block
+from .warm_steps import WarmSteps, same_structure, signature
 
 TIMESTEP_CHECKS = ("host", "strict", "off")
 _PER_SAMPLE_TEXT = ("encoder_hidden_states", "encoder_attention_mask")
@@ -81,6 +83,13 @@ class CachedTransformer(DropInModule):
             cfg = torch._dynamo.config
             cfg.cache_size_limit = max(cfg.cache_size_limit, 2 * len(kinds) + 8)
         self._kinds_run: set = set()
+        # (step, collapsed, input signature) run compiled: guards skipped after, where every block has the same
+        # structure (the guards left then tell the kinds apart; see warm_steps.py)
+        self._warm = WarmSteps() if same_structure(self._blocks) else None
+        # where the weights' dtype and device are read (a module and a parameter name: follows .to() and
+        # parameter replacement without walking the module tree every call)
+        self._weight_at = next(((m, n) for m in model.modules() for n, p in m._parameters.items() if p is not None),
+                               None)
         self.collapsed_calls = 0
         self.step_counts = [0] * schedule.num_steps
         self.generations = 0
@@ -260,7 +269,10 @@ class CachedTransformer(DropInModule):
         done where it costs no device sync -- CPU tensors -- or with ``timestep_check="strict"``)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"hidden_states must be a tensor, got {type(x).__name__}")
-        w = next(self.original_model.parameters())
+        m, n = self._weight_at if self._weight_at is not None else (None, None)
+        w = m._parameters.get(n) if m is not None else None
+        if w is None:
+            w = next(self.original_model.parameters())
         if x.dtype != w.dtype:
             raise ValueError(f"hidden_states are {str(x.dtype).removeprefix('torch.')} but the model's weights are "
                              f"{str(w.dtype).removeprefix('torch.')}: cast the latents (or the model) so they match")
@@ -285,16 +297,19 @@ class CachedTransformer(DropInModule):
         ``collapsed``: the call carries one CFG half; per-sample caches are used through their second half.
         """
         ad, model = self.adapter, self.original_model
-        inputs = StepInputs(args=args)
+        inputs = StepInputs(args=args, host_cache=not self._compiled)
         h, ctx = ad.prepare(model, inputs)
         calls = caches.calls(entry.index, entry.plan, collapsed, self._compiled)
         h = h.contiguous()
         fn = self._block_fn
+        key = None
         if self._compiled:
             ctx.values.pop("temb", None)  # a host-side per-timestep cache keyed by block identity: not traced
             self._kinds_run.update((c.kind, h.shape) for c in calls)
-        for block, c in zip(self._blocks, calls):
-            h = fn(ad, block, h, ctx, c.kind, c.bufs, c.weights, c.wtensors, c.delta)
+            key = (entry.index, collapsed, signature(args))
+        with self._warm.run(key) if self._warm is not None else contextlib.nullcontext():
+            for block, c in zip(self._blocks, calls):
+                h = fn(ad, block, h, ctx, c.kind, c.bufs, c.weights, c.wtensors, c.delta)
         return ad.finish(model, h, ctx, inputs)
 
     # ------------------------------------------------------------ CFG collapse
