@@ -104,3 +104,24 @@ def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
     assert lrow["psnr"] == pytest.approx(metrics.psnr(mine, ref), rel=1e-6)
     assert {f for f, _ in res["recheck"]["not_rebuilt"]} <= {"Block Caching"}  # needs change curves
     assert "more digits (noise seed 5)" in (tmp_path / "pareto_flux-digits_3.md").read_text()
+
+
+def test_branch_latency_benchmark_runs_at_two_tiny_sizes(tmp_path):
+    """bench_branches.py end to end at 4 and 9 image tokens, 3 steps: one table per size, the FLOPs each schedule
+    removes counted as the masks say, and the uniform 75% row's computed / reused steps split out."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_branches.py"), "--steps", "3", "--image-sides", "2",
+                        "3", "--text-tokens", "4", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "compile_schedule_cpu_flux_branches.json").read_text())
+    assert [sz["image_tokens"] for sz in res["sizes"]] == [4, 9]
+    for sz in res["sizes"]:
+        rows = {row["schedule"]: row for row in sz["rows"]}
+        assert rows["compiled 0%"]["unit_flops_removed"] == 0.0
+        # 3 steps, step 0 always computed: uniform 50% reuses step 1 (every unit), 75% steps 1 and 2
+        assert rows["compiled uniform 50%"]["unit_flops_removed"] == pytest.approx(1 / 3, abs=1e-3)
+        assert rows["compiled uniform 75%"]["unit_flops_removed"] == pytest.approx(2 / 3, abs=1e-3)
+        split = sz["uniform_75_steps"]
+        assert split["reused_step_ms"] > 0 and split["computed_step_ms"] > 0
+    md = (tmp_path / "compile_schedule_cpu_flux_branches.md").read_text()
+    assert md.count("## ") == 2 and "fully reused step ms" in md
