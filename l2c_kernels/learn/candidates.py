@@ -90,33 +90,50 @@ def _confirm_screened(calib: _Calibration, seen: dict, best: _Best, screen: str,
         _consider(calib, s_best.masks[key], seen, best)
 
 
+def warm_up_steps(num_steps: int) -> int:
+    """Steps computed in full at the start of a warm-up candidate: 10% of the steps, at least 2."""
+    return max(2, round(0.1 * num_steps))
+
+
 def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor, budget: float,
                       intervals=(2, 3, 4, 5), slack: float = 0.2) -> list:
     """Masks ``[steps-1, blocks, branches]`` (1 = compute) of the "first ``f`` blocks always, the rest
     every ``k`` steps" family that remove at least ``budget`` (and at most ``budget + slack``) of the
-    cost, each filled back to the budget (to one cell) with its highest-scored reused cells."""
+    cost, each filled back to the budget (to one cell) with its highest-scored reused cells.
+
+    With ``f = 0`` (every block every ``k`` steps) also a warm-up variant: the first
+    :func:`warm_up_steps` steps computed in full, then every ``k`` steps counted from the end of the
+    warm-up (TaylorSeer's and cache-dit's warm-up; the first steps, where the latents change fastest,
+    are where reuse costs most)."""
     from ..schedules import first_blocks
 
     nb = scores.shape[1]
     total = cost.sum()
     out = []
-    for k in intervals:
-        for f in range(0, nb // 2 + 1):
+    warm = warm_up_steps(len(timesteps))
+    shapes = [(k, f, 0) for k in intervals for f in range(0, nb // 2 + 1)]
+    shapes += [(k, 0, warm) for k in intervals if warm + k < len(timesteps)]
+    for k, f, w in shapes:
+        if w:  # steps < w, then w, w + k, ...: computed (row i of the mask is step i + 1)
+            computed = [i < w or (i - w) % k == 0 for i in range(1, len(timesteps))]
+            m = torch.tensor(computed, dtype=scores.dtype, device=scores.device)[:, None, None].expand(
+                -1, nb, scores.shape[-1]).clone()
+        else:
             m = torch.tensor(first_blocks(model, timesteps, keep_first=f, interval=k).compute_mask(),
                              dtype=scores.dtype, device=scores.device)[1:]
             if m.shape[-1] != scores.shape[-1]:  # a block-level pattern over branch-level units: every unit alike
                 m = m[..., :1].expand(*m.shape[:-1], scores.shape[-1]).clone()
-            removed = float(((1 - m) * cost).sum() / total)
-            if removed < budget - 1e-6 or removed > budget + slack:  # float32 sums: exact budgets within 1e-6
-                continue
-            flat_m, flat_c, flat_s = m.reshape(-1), cost.reshape(-1), scores.reshape(-1)
-            off = (flat_m < 0.5).nonzero().flatten()
-            for c in off[torch.argsort(flat_s[off], descending=True, stable=True)].tolist():
-                share = float(flat_c[c] / total)
-                if removed - share >= budget - 1e-6:
-                    flat_m[c] = 1.0
-                    removed -= share
-            out.append(flat_m.reshape(m.shape))
+        removed = float(((1 - m) * cost).sum() / total)
+        if removed < budget - 1e-6 or removed > budget + slack:  # float32 sums: exact budgets within 1e-6
+            continue
+        flat_m, flat_c, flat_s = m.reshape(-1), cost.reshape(-1), scores.reshape(-1)
+        off = (flat_m < 0.5).nonzero().flatten()
+        for c in off[torch.argsort(flat_s[off], descending=True, stable=True)].tolist():
+            share = float(flat_c[c] / total)
+            if removed - share >= budget - 1e-6:
+                flat_m[c] = 1.0
+                removed -= share
+        out.append(flat_m.reshape(m.shape))
     return out
 
 

@@ -209,3 +209,27 @@ def test_stepwise_training_is_the_trajectory_objective_with_the_graph_cut_betwee
     torch.testing.assert_close(lb.grad[-1], la.grad[-1], rtol=1e-4, atol=1e-9)
     assert not torch.allclose(lb.grad[:-1], la.grad[:-1], rtol=1e-3, atol=1e-9)
     assert all(p.grad is None for p in bundle.transformer.parameters())
+
+
+def test_structured_candidates_include_a_warm_up_of_the_first_steps():
+    """Every block every k steps after the first warm_up_steps(n) steps computed in full (TaylorSeer's warm-up),
+    filled back to the budget like the others: the steps before and at the warm-up's end are computed everywhere."""
+    from l2c_kernels.learn.candidates import _structured_masks, warm_up_steps
+
+    model = tiny_dit(layers=4)
+    steps = 30
+    ts = list(range(999, 0, -33))[:steps]
+    cost = torch.full((steps - 1, 4, 2), 1.0 / 8)
+    scores = torch.rand(steps - 1, 4, 2, generator=torch.Generator().manual_seed(0))
+    w = warm_up_steps(steps)
+    assert w == 3 and warm_up_steps(10) == 2
+    budget = 0.4 * steps / (steps - 1)
+    warm = [m for m in _structured_masks(model, ts, scores, cost, budget) if bool(m[:w].all())]
+    assert warm, "a warm-up candidate at 40%"
+    for m in warm:
+        removed = float(((1 - m) * cost).sum() / cost.sum())
+        assert budget - 1e-6 <= removed < budget + 1.0 / (8 * (steps - 1)) + 1e-6
+        # after the warm-up: reused cells only where the k-pattern reuses (the fill-back only computes more)
+        k = next(k for k in (2, 3, 4, 5) if all(bool(m[i - 1].all()) for i in range(w, steps, k)))
+        assert all(bool(m[i - 1].all()) for i in range(1, w))
+        assert k in (2, 3)
