@@ -377,9 +377,6 @@ class BlockCachedTransformer(BlockSteps, BlockGraphs, DropInModule):
             caches.generations += 1
             self.generations += p == 0
 
-    def _weight(self) -> torch.Tensor:
-        return next(self.original_model.parameters())
-
 
 def compile_blocks(model: nn.Module, schedule: Schedule, **kwargs) -> BlockCachedTransformer:
     """:class:`BlockCachedTransformer` for ``model`` (or a compiled module's original) and ``schedule``."""

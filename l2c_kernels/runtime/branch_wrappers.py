@@ -62,6 +62,12 @@ def _chunks(norm: nn.Module, temb: torch.Tensor, n: int, cls: str, need=None) ->
     return out
 
 
+def _zero_need(attn: bool, mlp: bool) -> set:
+    """Which of an AdaLayerNormZero's 6 vectors a stream needs: both gates always, the attention's shift and scale
+    (0, 1) if its attention unit computes, the MLP's (3, 4) if its MLP unit does."""
+    return {2, 5} | ({0, 1} if attn else set()) | ({3, 4} if mlp else set())
+
+
 def _modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return normed * (1 + scale[:, None]) + shift[:, None]
 
@@ -190,7 +196,7 @@ class _JointWrapper(_BranchWrapper):
         dual = "attn2" in self._units
         pre_only = bool(getattr(blk, "context_pre_only", False))
         a1, f1 = run.computes("attn1"), run.computes("ff")
-        need = {2, 5} | ({0, 1} if a1 else set()) | ({3, 4} if f1 else set())
+        need = _zero_need(a1, f1)
         if dual:
             need |= {8} | ({6, 7} if run.computes("attn2") else set())
         c = _chunks(blk.norm1, temb, 9 if dual else 6, cls, need)
@@ -198,9 +204,8 @@ class _JointWrapper(_BranchWrapper):
         h = h.clone()
         e_out = None if pre_only else e.clone()
         if not pre_only:
-            need_c = {2, 5} | ({0, 1} if a1 else set()) | ({3, 4} if run.computes("ff_context") else set())
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _chunks(
-                blk.norm1_context, temb, 6, cls, need_c)
+                blk.norm1_context, temb, 6, cls, _zero_need(a1, run.computes("ff_context")))
         nh = blk.norm1.norm(bound["hidden_states"]) if run.computes("attn1") or (dual and run.computes("attn2")) \
             else None
 

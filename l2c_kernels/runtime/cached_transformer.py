@@ -16,7 +16,6 @@ the default mode a sampler that skips or repeats calls without (3) or (4) is not
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import types
 
@@ -85,11 +84,8 @@ class CachedTransformer(DropInModule):
         self._kinds_run: set = set()
         # (step, collapsed, input signature) run compiled: guards skipped after, where every block has the same
         # structure (the guards left then tell the kinds apart; see warm_steps.py)
-        self._warm = WarmSteps() if same_structure(self._blocks) else None
-        # where the weights' dtype and device are read (a module and a parameter name: follows .to() and
-        # parameter replacement without walking the module tree every call)
-        self._weight_at = next(((m, n) for m in model.modules() for n, p in m._parameters.items() if p is not None),
-                               None)
+        self._warm = WarmSteps()
+        self._skip_guards = bool(torch_compile) and same_structure(self._blocks)
         self.collapsed_calls = 0
         self.step_counts = [0] * schedule.num_steps
         self.generations = 0
@@ -269,10 +265,7 @@ class CachedTransformer(DropInModule):
         done where it costs no device sync -- CPU tensors -- or with ``timestep_check="strict"``)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"hidden_states must be a tensor, got {type(x).__name__}")
-        m, n = self._weight_at if self._weight_at is not None else (None, None)
-        w = m._parameters.get(n) if m is not None else None
-        if w is None:
-            w = next(self.original_model.parameters())
+        w = self._weight()
         if x.dtype != w.dtype:
             raise ValueError(f"hidden_states are {str(x.dtype).removeprefix('torch.')} but the model's weights are "
                              f"{str(w.dtype).removeprefix('torch.')}: cast the latents (or the model) so they match")
@@ -306,8 +299,9 @@ class CachedTransformer(DropInModule):
         if self._compiled:
             ctx.values.pop("temb", None)  # a host-side per-timestep cache keyed by block identity: not traced
             self._kinds_run.update((c.kind, h.shape) for c in calls)
-            key = (entry.index, collapsed, signature(args))
-        with self._warm.run(key) if self._warm is not None else contextlib.nullcontext():
+            if self._skip_guards:
+                key = (entry.index, collapsed, signature(args))
+        with self._warm.run(key):
             for block, c in zip(self._blocks, calls):
                 h = fn(ad, block, h, ctx, c.kind, c.bufs, c.weights, c.wtensors, c.delta)
         return ad.finish(model, h, ctx, inputs)

@@ -18,11 +18,22 @@ class DropInModule(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.original_model.parameters()).dtype
+        return self._weight().dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.original_model.parameters()).device
+        return self._weight().device
+
+    def _weight(self) -> torch.Tensor:
+        """One parameter of the wrapped model (the weights' dtype and device), read every call: where it is
+        (a module and a parameter name) is found once, so a call does not walk the module tree; ``.to()`` and a
+        replaced parameter are followed."""
+        at = self.__dict__.get("_weight_at")
+        if at is None:
+            at = self.__dict__["_weight_at"] = next(
+                ((m, n) for m in self.original_model.modules() for n, p in m._parameters.items() if p is not None), ())
+        w = at[0]._parameters.get(at[1]) if at else None
+        return w if w is not None else next(self.original_model.parameters())
 
     def __getattr__(self, name):
         try:
