@@ -319,10 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommended)")
         if forecast:
-            sp.add_argument("--forecast", default="auto", choices=["auto", "none", "linear", "quadratic"],
+            sp.add_argument("--forecast", default="auto", choices=["auto", "none", "linear", "quadratic", "taylor"],
                             help="what a reused branch contributes: its last output (none), the extrapolation from "
-                                 "its last two or three outputs (linear, quadratic), or whichever measures best "
-                                 "(auto, default)")
+                                 "its last two or three outputs (linear, quadratic), TaylorSeer's second-order "
+                                 "expansion from its last three (taylor), or whichever measures best (auto, default)")
 
     d = sub.add_parser("demo", help="learn, compile and compare a schedule on a bundled model (a few minutes on CPU)",
                        description="Learn a schedule for a bundled model, compile it, sample with and without it "

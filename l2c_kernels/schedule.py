@@ -16,8 +16,11 @@ On disk a schedule is versioned, human-readable JSON::
 ``"forecast"`` says what a reused branch contributes: ``"none"`` (default) its last computed output;
 ``"linear"`` the first-order extrapolation from its last two computations at steps ``s0 < s1``,
 ``y1 + (s - s1) / (s1 - s0) * (y1 - y0)`` at step ``s`` (the last output while only one exists);
-``"quadratic"`` the parabola through its last three computations (linear while only two exist).
-Both are fixed by the schedule before sampling, so either runs inside one CUDA graph per step plan.
+``"quadratic"`` the parabola through its last three computations (linear while only two exist);
+``"taylor"`` TaylorSeer's second-order expansion from the same three, ``y2 + h d1 + h^2 / 2 d2`` with
+backward differences per step ``d1 = (y2 - y1) / (s2 - s1)``, ``d2 = (d1 - (y1 - y0) / (s1 - s0)) / (s2 - s1)``
+and ``h = s - s2`` (it bends less than the parabola; linear while only two exist).
+All are fixed by the schedule before sampling, so any runs inside one CUDA graph per step plan.
 
 ``"sampler"`` (optional; files without it load as before) records the sampler the schedule was made
 for: ``{"class": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "mu": 0.82, "config": {...}}``
@@ -46,7 +49,7 @@ FORMAT = "l2c-schedule"
 VERSION = 1
 KNOWN_BRANCHES = ("attn1", "attn2", "ff", "ff_context", "block")  # ff_context: SD3/Flux text-stream MLP
 BLOCK_UNIT = "block"  # block-level schedules: branches ["block"], one letter per block (C compute, R reuse)
-FORECASTS = ("none", "linear", "quadratic")
+FORECASTS = ("none", "linear", "quadratic", "taylor")
 COMPUTE, REUSE, BLOCK = "C", "R", "B"
 
 
@@ -90,7 +93,7 @@ class Schedule:
     params: dict = field(default_factory=dict)
     branch_flops: dict = field(default_factory=dict)
     attn2_cache: str = "per_sample"  # or "cfg_mean" (T-GATE: cache the mean of the CFG halves)
-    forecast: str = "none"           # or "linear" / "quadratic": extrapolate reused outputs (module docstring)
+    forecast: str = "none"           # or "linear" / "quadratic" / "taylor": extrapolate reused outputs (docstring)
     unit_flops: list = field(default_factory=list)  # block-level: FLOPs of each block (budget weights), or empty
     unit_branch_flops: list = field(default_factory=list)  # [block][branch] FLOPs (0: branch not in that block), or empty
     sampler: dict = field(default_factory=dict)     # the sampler it was made for (sampler_info), or empty

@@ -38,17 +38,25 @@ class AdaNormZeroAdapter(BlockAdapter):
             cross_attention_kwargs=a.get("cross_attention_kwargs") or {})
         h = model.pos_embed(x)
         ctx.values["dtype"] = h.dtype
-        ctx.values["temb"] = (_timestep_embeddings(model, ctx.values["timestep"], h.dtype) if inputs.host_cache
-                              else None)
+        ctx.values["temb"] = _timestep_embeddings(model, ctx.values["timestep"], h.dtype)
         return h, ctx
+
+    def traced_context(self, block, ctx: StepContext) -> StepContext:
+        # the block's cached timestep embedding as a tensor input of the compiled work, not a lookup by block
+        temb = ctx.values.get("temb")
+        if temb is None:
+            return ctx
+        return StepContext(batch=ctx.batch, values=dict(ctx.values, temb=None, temb_block=temb[id(block)]))
 
     @staticmethod
     def _embedding(block, ctx: StepContext) -> torch.Tensor:
         """``block.norm1.emb(timestep, class_labels)``, with the timestep half from the per-value cache."""
         emb, v = block.norm1.emb, ctx.values
-        temb = v.get("temb")
+        temb = v.get("temb_block")
+        if temb is None and v.get("temb") is not None:
+            temb = v["temb"][id(block)]
         if temb is not None:  # the timestep half of the block's embedding, computed once per timestep value
-            return temb[id(block)] + emb.class_embedder(v["class_labels"])
+            return temb + emb.class_embedder(v["class_labels"])
         return emb(v["timestep"], v["class_labels"], hidden_dtype=v["dtype"])
 
     def _conditioning(self, block, ctx: StepContext) -> torch.Tensor:
@@ -104,9 +112,10 @@ def _timestep_embeddings(model, timestep, dtype) -> dict | None:
 
     A DiT block embeds the timestep with its own two linears (and the sinusoidal projection) on every
     call, ~12 small ops per block that depend on nothing but ``t``; a sampler passes the same few
-    timesteps to every generation. Used in eager CPU inference only (reading ``t`` on the host is
-    free there): never on GPU (the CUDA graph replays the embedding), while ``torch.compile`` traces,
-    with autograd recording, or when the batch mixes timesteps. In-place weight updates invalidate the
+    timesteps to every generation. Used in CPU inference (reading ``t`` on the host is free there), eager or
+    compiled (the compiled block work takes its block's entry as an input: ``traced_context``); never on GPU
+    (the CUDA graph replays the embedding), inside a traced function, with autograd recording, or when the
+    batch mixes timesteps. In-place weight updates invalidate the
     entry (parameter version counters are part of the key)."""
     if (not isinstance(timestep, torch.Tensor) or timestep.device.type != "cpu" or torch.is_grad_enabled()
             or torch.compiler.is_compiling() or timestep.numel() == 0):

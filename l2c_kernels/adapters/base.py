@@ -22,7 +22,6 @@ class StepInputs:
 
     args: dict
     return_dict: bool = True
-    host_cache: bool = True   # prepare may reuse host-side per-timestep results (eager CPU inference only)
 
 
 @dataclass
@@ -79,6 +78,12 @@ class BlockAdapter:
     def block_context(self, block, ctx: StepContext) -> dict:
         """Per-block modulation (shift/scale/gate vectors) for the current step."""
         raise NotImplementedError
+
+    def traced_context(self, block, ctx: StepContext) -> StepContext:
+        """The step context as ``torch.compile``'d block work sees it for ``block``: host-side caches that are
+        looked up by block (which a traced function would bake in as constants, one graph per block) resolved
+        on the host to this block's tensors. Default: ``ctx`` itself."""
+        return ctx
 
     def block_gates(self, block, ctx: StepContext) -> dict:
         """What :meth:`branch_gate` needs when the block computes no branch at this step (every branch

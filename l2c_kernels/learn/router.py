@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import adapter_for
-from ..schedule import COMPUTE, REUSE, Schedule, sampler_info
+from ..schedule import COMPUTE, FORECASTS, REUSE, Schedule, sampler_info
 from .candidates import (_Best, _budget_mask, _Calibration, _calibration_error, _confirm_screened,  # noqa: F401
                          _consider, _refine_mask, _structured_masks)
 from .conditioning import denoiser_for
@@ -94,12 +94,14 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     blocks always computed, the others every ``k`` steps), each brought to the budget exactly by
     computing again its reused cells with the highest router scores.
 
-    ``forecast``: what reused branch outputs are: ``"none"``, ``"linear"``, ``"quadratic"``, or
-    ``"auto"`` (default: candidates are measured all three ways and the best is returned).
+    ``forecast``: what reused branch outputs are: ``"none"``, ``"linear"``, ``"quadratic"``, ``"taylor"``
+    (see :class:`~l2c_kernels.schedule.Schedule`), or ``"auto"`` (default: candidates are measured every way
+    and the best is returned).
 
     ``screen_top`` (with ``forecast="auto"``; default 3): measure every candidate with the linear forecast
-    only, then the ``screen_top`` best of them the other two ways as well (None: every candidate all three
-    ways, about three times the measuring). ``screen_samples`` (default 4; None or at least
+    only (the step-structured ones with the Taylor forecast as well), then the ``screen_top`` best of them
+    (by their best screened error) every other way as well (None: every candidate every way, about four
+    times the measuring). ``screen_samples`` (default 4; None or at least
     ``calibration_samples``: screen on the calibration batch itself): screen on a smaller batch of this many
     samples with its own noise and reference, and measure only the ``screen_top`` best on the calibration batch,
     every forecast way; the pick is the best of those (about half the measuring again).
@@ -123,8 +125,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     minutes on 2 CPU cores), at better quality than 30 iterations without them
     (``bench/results/learn_speed_screening.md``).
     """
-    if forecast not in ("auto", "none", "linear", "quadratic"):
-        raise ValueError(f"forecast must be 'auto', 'none', 'linear' or 'quadratic', got {forecast!r}")
+    if forecast not in ("auto",) + FORECASTS:
+        raise ValueError(f"forecast must be 'auto' or one of {', '.join(map(repr, FORECASTS))}, got {forecast!r}")
     if training not in TRAINING_MODES:
         raise ValueError(f"training must be one of {', '.join(TRAINING_MODES)}, got {training!r}")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
@@ -133,7 +135,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         raise ValueError("give guidance_scale= or cfg= (the same thing), not both")
     cfg = guidance_scale if guidance_scale is not None else cfg
     train_forecast = "none" if forecast == "none" else "linear"
-    forecasts = ("none", "linear", "quadratic") if forecast == "auto" else (forecast,)
+    forecasts = FORECASTS if forecast == "auto" else (forecast,)
     if screen_top is not None and (not isinstance(screen_top, int) or screen_top < 1):
         raise ValueError(f"screen_top must be None or an integer >= 1, got {screen_top!r}")
     if screen_samples is not None and (not isinstance(screen_samples, int) or screen_samples < 1):
@@ -244,10 +246,13 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         mask = _budget_mask(scores[1:].to(device), cost, hard_budget)
         _consider(scal, mask, sseen, sbest, screen)
     if calib is not None and hard_fraction > 0 and structured_candidates:
+        # step-structured masks are screened with the Taylor forecast too: on them it is often the best way
+        # and the linear error alone would not rank them for it (flux-digits: bench/NOTES.md)
+        sscreen = screen if screen is None or "taylor" not in forecasts else screen + ("taylor",)
         for mask in _structured_masks(model, timesteps, scores[1:].to(device), cost, hard_budget):
-            _consider(scal, mask, sseen, sbest, screen)
+            _consider(scal, mask, sseen, sbest, sscreen)
     if calib is not None and screen is not None:
-        _confirm_screened(calib, seen, best, train_forecast, screen_top, screened=(sseen, sbest))
+        _confirm_screened(calib, seen, best, screen_top, screened=(sseen, sbest))
     if best.mask is not None and refine_evaluations > 0:
         best.mask, best.err, refine_hist = _refine_mask(calib, best.mask, best.err, ones, refine_evaluations,
                                                          best.forecast, train_forecast)

@@ -26,10 +26,10 @@ from ..adapters import adapter_for
 from ..adapters.base import BlockAdapter, StepInputs
 from ..schedule import BLOCK, REUSE, Schedule, ScheduleError, same_timestep
 from .drop_in import DropInModule
-from .caches import CacheSet, block_kind
+from .caches import CacheSet
 from .cuda_graphs import CudaGraphError, GraphCache
 from .plan import StepEntry, StepPlan, collapsible_steps, compile_plans, step_table
-from .step_work import run_block
+from .step_work import run_block, run_reuse_step
 from .warm_steps import WarmSteps, same_structure, signature
 
 TIMESTEP_CHECKS = ("host", "strict", "off")
@@ -69,23 +69,21 @@ class CachedTransformer(DropInModule):
         self._bind_info = self._forward_parameters(model)
         self._step_flops = _step_flops(schedule)
         self._compiled = bool(torch_compile)
-        self._block_fn = run_block
+        self._compile_opts = None
         if torch_compile:
-            opts = dict(fullgraph=True, dynamic=False)
+            self._compile_opts = dict(fullgraph=True, dynamic=False)
             if isinstance(torch_compile, dict):
-                opts.update(torch_compile)
-            # a code object of its own: this module's compiled kinds (dynamo caches them per code object) are
-            # neither shared with nor evicted by another module's
-            own = types.FunctionType(run_block.__code__.replace(), run_block.__globals__, run_block.__name__)
-            self._block_fn = torch.compile(own, **opts)
-            kinds = {block_kind(p, b, c, True) for p in self.plans for b in range(len(p.blocks)) for c in (False, True)}
-            cfg = torch._dynamo.config
-            cfg.cache_size_limit = max(cfg.cache_size_limit, 2 * len(kinds) + 8)
+                self._compile_opts.update(torch_compile)
+        self._fns: dict = {}   # ("block" | "step", kind) -> its compiled function (_compiled_fn)
         self._kinds_run: set = set()
         # (step, collapsed, input signature) run compiled: guards skipped after, where every block has the same
-        # structure (the guards left then tell the kinds apart; see warm_steps.py)
+        # structure (each kind has a compiled function of its own, whose entries differ only in input shapes;
+        # see warm_steps.py)
         self._warm = WarmSteps()
         self._skip_guards = bool(torch_compile) and same_structure(self._blocks)
+        # steps whose blocks all do one kind of reuse run as one graph (step_work.run_reuse_step): only where every
+        # block has one structure, so that the step's graph is the same for every such step of that kind
+        self._whole_reuse_steps = self._skip_guards
         self.collapsed_calls = 0
         self.step_counts = [0] * schedule.num_steps
         self.generations = 0
@@ -118,7 +116,8 @@ class CachedTransformer(DropInModule):
         return len({p.key for p in self.plans})
 
     def compiled_variants(self) -> int:
-        """Distinct block kinds run so far on the ``torch.compile`` path: one compiled graph each."""
+        """Distinct kinds run so far on the ``torch.compile`` path: one compiled graph each (a block of each kind
+        and a whole step of each reuse kind, see ``step_work``), per input shape."""
         return len(self._kinds_run)
 
     def cache_bytes(self) -> int:
@@ -290,21 +289,40 @@ class CachedTransformer(DropInModule):
         ``collapsed``: the call carries one CFG half; per-sample caches are used through their second half.
         """
         ad, model = self.adapter, self.original_model
-        inputs = StepInputs(args=args, host_cache=not self._compiled)
+        inputs = StepInputs(args=args)
         h, ctx = ad.prepare(model, inputs)
         calls = caches.calls(entry.index, entry.plan, collapsed, self._compiled)
         h = h.contiguous()
-        fn = self._block_fn
-        key = None
-        if self._compiled:
-            ctx.values.pop("temb", None)  # a host-side per-timestep cache keyed by block identity: not traced
-            self._kinds_run.update((c.kind, h.shape) for c in calls)
-            if self._skip_guards:
-                key = (entry.index, collapsed, signature(args))
-        with self._warm.run(key):
+        if not self._compiled:
             for block, c in zip(self._blocks, calls):
-                h = fn(ad, block, h, ctx, c.kind, c.bufs, c.weights, c.wtensors, c.delta)
+                h = run_block(ad, block, h, ctx, c.kind, c.bufs, c.weights, c.wtensors, c.delta)
+            return ad.finish(model, h, ctx, inputs)
+        ctxs = tuple(ad.traced_context(block, ctx) for block in self._blocks)  # host caches resolved per block
+        key = (entry.index, collapsed, signature(args)) if self._skip_guards else None
+        with self._warm.run(key):
+            if self._whole_reuse_steps and _one_reuse_kind(calls):
+                kind = calls[0].kind
+                self._kinds_run.add(("step", kind, h.shape))
+                h = self._compiled_fn("step", kind)(
+                    ad, tuple(self._blocks), h, ctxs, kind, tuple(c.bufs for c in calls),
+                    tuple(c.weights for c in calls), tuple(c.wtensors for c in calls), tuple(c.delta for c in calls))
+            else:
+                self._kinds_run.update(("block", c.kind, h.shape) for c in calls)
+                for block, bctx, c in zip(self._blocks, ctxs, calls):
+                    h = self._compiled_fn("block", c.kind)(ad, block, h, bctx, c.kind, c.bufs, c.weights, c.wtensors,
+                                                           c.delta)
         return ad.finish(model, h, ctx, inputs)
+
+    def _compiled_fn(self, unit: str, kind: tuple):
+        """The compiled function of one kind of work (``"block"``: ``run_block``, ``"step"``: ``run_reuse_step``),
+        made at its first use with a code object of its own: dynamo caches graphs per code object, so every kind's
+        graph is the only entry of its function (one more per new input shape) and is never told apart from
+        another kind's by guards -- which skipping guards on warm steps would not evaluate."""
+        fn = self._fns.get((unit, kind))
+        if fn is None:
+            fn = self._fns[(unit, kind)] = torch.compile(_own_code(run_block if unit == "block" else run_reuse_step),
+                                                         **_compile_options(self._compile_opts, self.device))
+        return fn
 
     # ------------------------------------------------------------ CFG collapse
     def _collapse(self, entry: StepEntry, args: dict) -> bool:
@@ -409,6 +427,29 @@ class CachedTransformer(DropInModule):
         self._step = step
         self._ran.add(step)
         self.step_counts[step] += 1
+
+
+def _compile_options(opts: dict, device: torch.device) -> dict:
+    """``torch.compile`` options for one kind's function. On CPU with inductor and no options or mode of the caller's:
+    inductor's C++ wrapper (``cpp_wrapper``), which calls the kernels of a graph from C++ rather than Python: a step
+    makes one call per block, and on dit-digits the Python wrapper's per-call work was 3-4% of a generation (its
+    graphs take longer to build: ``bench/NOTES.md``)."""
+    if (device.type == "cpu" and opts.get("backend", "inductor") == "inductor" and "options" not in opts
+            and "mode" not in opts):
+        return dict(opts, options={"cpp_wrapper": True})
+    return opts
+
+
+def _own_code(fn):
+    """``fn`` with a code object of its own: a module's compiled kinds (dynamo caches them per code object) are
+    neither shared with nor evicted by another module's."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+
+
+def _one_reuse_kind(calls) -> bool:
+    """Every block of the step does the same work and none computes a branch (``run_reuse_step``'s steps)."""
+    k = calls[0].kind
+    return not k[2] and all(c.kind == k for c in calls)
 
 
 def _half_args(args: dict) -> dict:

@@ -62,7 +62,8 @@ def compile_plans(schedule: Schedule) -> list[StepPlan]:
     def grid(v):
         return [[[v] * nbr for _ in range(nblocks)] for _ in range(nsteps)]
 
-    max_order = {"none": 0, "linear": 1, "quadratic": 2}[schedule.forecast]
+    max_order = {"none": 0, "linear": 1, "quadratic": 2, "taylor": 2}[schedule.forecast]
+    extrapolate = _taylor if schedule.forecast == "taylor" else _lagrange
     nslots = max_order + 1
     store, slot = grid(False), grid(0)
     weights = grid((0.0,) * nslots)
@@ -82,7 +83,7 @@ def compile_plans(schedule: Schedule) -> list[StepPlan]:
                     store[n][b][i] = True
                 for s in reuses:
                     w = [0.0] * nslots
-                    for kk, wn in zip(range(k - order, k + 1), _lagrange(s, nodes)):
+                    for kk, wn in zip(range(k - order, k + 1), extrapolate(s, nodes)):
                         w[kk % ring] = wn
                     weights[s][b][i] = tuple(w)
 
@@ -115,6 +116,20 @@ def _lagrange(s: int, nodes: list[int]) -> list[float]:
                 w *= (s - sm) / (sj - sm)
         out.append(w)
     return out
+
+
+def _taylor(s: int, nodes: list[int]) -> list[float]:
+    """Weights ``w`` of the second-order Taylor forecast TaylorSeer makes from the outputs at ``nodes``
+    (``n0 < n1 < n2``, the last the newest): backward differences per step, ``d1 = (y2 - y1) / D``,
+    ``d2 = (d1 - (y1 - y0) / D') / D`` with ``D = n2 - n1``, ``D' = n1 - n0``, and
+    ``y(s) = y2 + h d1 + h^2 / 2 d2`` at ``h = s - n2``. It bends less than the parabola through the three
+    outputs (``h^2 / 2`` where the parabola has ``h (h + D) / 2`` per ``D^2``). With fewer nodes: constant or linear."""
+    if len(nodes) < 3:
+        return _lagrange(s, nodes)
+    n0, n1, n2 = nodes
+    h, d, dp = s - n2, n2 - n1, n1 - n0
+    c = h * h / 2.0
+    return [c / (d * dp), -h / d - c / (d * d) - c / (d * dp), 1.0 + h / d + c / (d * d)]
 
 
 def collapsible_steps(schedule: Schedule) -> list[bool]:

@@ -7,6 +7,11 @@ buffers. So the number of compiled graphs is the number of distinct kinds a sche
 store / reuse / forecast per branch, whole-block reuse), whatever the number of distinct step plans.
 On the compiled path a forecast takes its weights as tensors (one graph for every set of weights) and
 ``torch.compile`` fuses the weighted sum; eagerly it is one fused ``ops.forecast_residual_`` pass.
+
+:func:`run_reuse_step` is the other unit: a step at which every block does the same work and none of it is a
+branch computation (all reused, forecast or whole-block reused) runs as one graph over all blocks. Such a step is
+a few small GEMVs and adds per block, so one call per block would cost more in call overhead than in work; its
+graph is compiled once per kind as well (a step of each reuse kind), so the count stays bounded by the kinds.
 """
 from __future__ import annotations
 
@@ -52,4 +57,13 @@ def run_block(adapter, block, h: torch.Tensor, ctx, kind: tuple, bufs: tuple, we
             ops.forecast_residual_(h, bb[0], bb[1] if len(bb) > 1 else bb[0], bb[2] if len(bb) > 2 else None, gate, c[0], c[1], c[2])
     if store_delta:
         ops.residual_delta_store_(delta, h, inp)
+    return h
+
+
+def run_reuse_step(adapter, blocks: tuple, h: torch.Tensor, ctxs: tuple, kind: tuple, bufs: tuple, weights: tuple,
+                   wtensors: tuple, deltas: tuple) -> torch.Tensor:
+    """Every block of ``blocks`` doing ``kind`` (a kind that computes no branch) on ``h``, in order; the
+    per-block arguments (``ctxs``: each block's ``adapter.traced_context``) are tuples over the blocks."""
+    for block, ctx, bb, w, wt, d in zip(blocks, ctxs, bufs, weights, wtensors, deltas):
+        h = run_block(adapter, block, h, ctx, kind, bb, w, wt, d)
     return h

@@ -4,7 +4,8 @@ Every block still runs; a hook records, at a step that computes the block, each 
 residual ``out - in`` (plain PyTorch), and at a step that reuses it replaces the block's output by
 ``in + residual`` -- the last recorded one, or with ``forecast="linear"`` / ``"quadratic"`` the
 Lagrange polynomial through the block's last two / three recorded residuals evaluated at the current
-step. Which arguments are streams, and in which order blocks return them, comes from the test's own
+step; with ``"taylor"`` TaylorSeer's second-order expansion, its factors updated at every recorded
+residual the way diffusers' ``TaylorSeerCacheConfig`` hook updates them (:func:`taylor_predict`). Which arguments are streams, and in which order blocks return them, comes from the test's own
 family description (``tests/family_configs.py``), not from the library's pattern table.
 """
 from __future__ import annotations
@@ -25,10 +26,25 @@ def lagrange(s, nodes):
     return out
 
 
+def taylor_predict(s, hist, max_order=2):
+    """TaylorSeer's forecast at step ``s`` from every ``(step, value)`` in ``hist`` (oldest first): at each one
+    the factors become ``[y, (y - f0) / d, (f1_new - f1_old) / d]`` (``d`` the steps since the last, only as
+    many as earlier factors exist), and the forecast is ``sum_i f_i (s - last)^i / i!``."""
+    factors, last = [], None
+    for sj, y in hist:
+        new = [y]
+        if last is not None:
+            for i in range(min(len(factors), max_order)):
+                new.append((new[i] - factors[i]) / (sj - last))
+        factors, last = new, sj
+    h = s - last
+    return sum(f * h ** i / [1, 1, 2][i] for i, f in enumerate(factors))
+
+
 class HookBlockReference:
     def __init__(self, model, family, schedule):
         self.model, self.schedule = model, schedule
-        self.order = {"none": 0, "linear": 1, "quadratic": 2}[schedule.forecast]
+        self.order = {"none": 0, "linear": 1, "quadratic": 2, "taylor": 2}[schedule.forecast]
         self.blocks = [(blk, family.returns[name]) for name in family.returns for blk in model._modules[name]]
         assert len(self.blocks) == schedule.num_blocks
         self.history: dict[int, list] = {}  # block -> [(step, [residual per stream]), ...]
@@ -55,8 +71,10 @@ class HookBlockReference:
                 for k, i in enumerate(ins):
                     if hist[-1][1][k] is None:
                         new.append(None)
-                        continue
-                    new.append(i + sum(wj * h[1][k] for wj, h in zip(w, hist)))
+                    elif self.schedule.forecast == "taylor":  # every recorded residual, not just the last three
+                        new.append(i + taylor_predict(s, [(h[0], h[1][k]) for h in self.history[b]]))
+                    else:
+                        new.append(i + sum(wj * h[1][k] for wj, h in zip(w, hist)))
                 return new[0] if len(names) == 1 else tuple(new)
 
             handles.append(blk.register_forward_hook(hook, with_kwargs=True))

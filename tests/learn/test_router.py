@@ -1,6 +1,8 @@
 """L2C router learning: gradients, budgets, schedules that fit their model."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -229,7 +231,48 @@ def test_structured_candidates_include_a_warm_up_of_the_first_steps():
     for m in warm:
         removed = float(((1 - m) * cost).sum() / cost.sum())
         assert budget - 1e-6 <= removed < budget + 1.0 / (8 * (steps - 1)) + 1e-6
-        # after the warm-up: reused cells only where the k-pattern reuses (the fill-back only computes more)
-        k = next(k for k in (2, 3, 4, 5) if all(bool(m[i - 1].all()) for i in range(w, steps, k)))
+        # after the warm-up: reused cells only where a k-pattern from step w or w + 1 reuses (the fill-back
+        # only computes more)
+        k = next((k, p) for k in (2, 3, 4, 5) for p in (0, 1)
+                 if all(bool(m[i - 1].all()) for i in range(w + p, steps, k)))[0]
         assert all(bool(m[i - 1].all()) for i in range(1, w))
         assert k in (2, 3)
+
+
+@pytest.mark.parametrize("w, p, k", [(2, 1, 3), (1, 1, 3), (1, 0, 2), (3, 0, 4)])
+def test_structured_candidates_hold_each_warm_up_and_phase_exactly_at_its_own_budget(w, p, k):
+    """At a budget equal to what "the first w steps, then every k-th from step w + p" removes, that pattern is a
+    candidate exactly as it is (no fill-back): (2, 1, 3) is diffusers' TaylorSeer with cache_interval 3 and
+    disable_cache_before_step 2 (computes 0, 1, 3, 6, ...)."""
+    from l2c_kernels.learn.candidates import _structured_masks
+
+    model = tiny_dit(layers=4)
+    steps = 28
+    ts = list(range(999, 0, -35))[:steps]
+    computed = [s < w or (s >= w + p and (s - w - p) % k == 0) for s in range(steps)]
+    if (w, p, k) == (2, 1, 3):
+        assert [s for s in range(steps) if computed[s]][:5] == [0, 1, 3, 6, 9]
+    want = torch.tensor(computed[1:], dtype=torch.float32)[:, None, None].expand(-1, 4, 2)
+    cost = torch.full((steps - 1, 4, 2), 1.0 / 8)
+    scores = torch.rand(steps - 1, 4, 2, generator=torch.Generator().manual_seed(1))
+    budget = float(((1 - want) * cost).sum() / cost.sum())
+    cands = _structured_masks(model, ts, scores, cost, budget)
+    assert any(torch.equal(m, want) for m in cands)
+
+
+def test_calibration_error_weighs_the_typical_sample_and_the_worst_ones():
+    """The calibration error is the mean of the mean per-sample log error and the pooled log error. Every sample at
+    MSE 1e-3: -30 dB. Nine at 1e-4 and one ruined at 1e-1: mean log (9 * -40 - 10) / 10 = -37 dB, pooled
+    10 log10(0.1009 / 10) = -19.96 dB, error -28.48 dB: the schedule that ruins an image ranks worse although its
+    typical image is better (by the mean log error alone it would rank better)."""
+    from l2c_kernels.learn.candidates import error_db
+
+    ref = torch.zeros(10, 1, 4, 4)
+    even = ref + 1e-3 ** 0.5
+    mse = torch.tensor([1e-4] * 9 + [1e-1], dtype=torch.float64)
+    uneven = ref.double() + mse.sqrt()[:, None, None, None]
+    want = (-37.0 + 10 * math.log10(float(mse.mean()))) / 2
+    assert abs(want - -28.48) < 0.01
+    assert abs(error_db(uneven, ref.double()) - want) < 1e-9
+    assert abs(error_db(even, ref) - -30.0) < 1e-4   # float32 samples
+    assert error_db(uneven, ref.double()) > error_db(even, ref)

@@ -6,11 +6,15 @@ when it is reused; the block itself then applies the current step's gate. Whole-
 records ``out - in`` of the block and returns ``in + cached``. CFG-mean cross-attention caches
 the mean of the two batch halves and substitutes it for both. ``forecast="linear"`` substitutes
 ``y1 + (s - s1) / (s1 - s0) * (y1 - y0)`` from the branch's last two computations (steps s0 < s1);
-``"quadratic"`` the Lagrange parabola through its last three (linear while only two exist).
+``"quadratic"`` the Lagrange parabola through its last three (linear while only two exist);
+``"taylor"`` TaylorSeer's second-order expansion with its factors updated at every computation
+(``tests/families/block_reference.taylor_predict``).
 """
 from __future__ import annotations
 
 import torch
+
+from ..families.block_reference import taylor_predict
 
 
 class HookReference:
@@ -52,15 +56,17 @@ class HookReference:
                             self.branch_cache[key] = ((out[:h] + out[h:]) / 2).clone()
                         else:
                             self.branch_cache[key] = out.clone()
-                            self.history[key] = (self.history.get(key, []) + [(s, out.double())])[-3:]
+                            self.history[key] = self.history.get(key, []) + [(s, out.double())]
                         return out
                     cached = self.branch_cache[key]
                     if cfg_mean:
                         return torch.cat([cached, cached])
-                    n = {"none": 1, "linear": 2, "quadratic": 3}[sch.forecast]
+                    n = {"none": 1, "linear": 2, "quadratic": 3, "taylor": 3}[sch.forecast]
                     pts = self.history[key][-n:]
                     if len(pts) == 1:
                         return cached
+                    if sch.forecast == "taylor":
+                        return taylor_predict(s, self.history[key]).to(out.dtype)
                     # Lagrange form: independent of the runtime's Newton form with stored differences
                     y = 0
                     for j, (sj, yj) in enumerate(pts):

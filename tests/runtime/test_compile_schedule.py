@@ -314,7 +314,7 @@ def test_dit_timestep_embedding_cache_follows_timesteps_weights_and_mixed_batche
 
 
 # ---------------------------------------------------------------------------------------------- linear forecast
-@pytest.mark.parametrize("forecast", ["linear", "quadratic"])
+@pytest.mark.parametrize("forecast", ["linear", "quadratic", "taylor"])
 @pytest.mark.parametrize("name", list(MODELS))
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
@@ -388,20 +388,24 @@ def test_forecast_field_validated_and_round_trips(tmp_path):
     assert l2c.Schedule.from_dict(old).forecast == "none"  # files written before the field existed
 
 
-def test_quadratic_forecast_coefficients_and_output(model):
-    """C C C R R: steps 3 and 4 add the parabola through steps 0-2: y0 - 3 y1 + 3 y2 and 3 y0 - 8 y1 + 6 y2."""
+@pytest.mark.parametrize("forecast, w3, w4", [("quadratic", (1.0, -3.0, 3.0), (3.0, -8.0, 6.0)),
+                                               ("taylor", (0.5, -2.0, 2.5), (2.0, -6.0, 5.0))])
+def test_second_order_forecast_coefficients_and_output(model, forecast, w3, w4):
+    """C C C R R: steps 3 and 4 add a second-order forecast from y0, y1, y2 (one step apart). Quadratic: the
+    parabola through them, y0 - 3 y1 + 3 y2 and 3 y0 - 8 y1 + 6 y2. Taylor: d1 = y2 - y1, d2 = y2 - 2 y1 + y0 and
+    y2 + h d1 + h^2 / 2 d2 at h = 1, 2: 0.5 y0 - 2 y1 + 2.5 y2 and 2 y0 - 6 y1 + 5 y2."""
     br = l2c.adapters.adapter_for(model).branches(model)
     nb = len(model.transformer_blocks)
     ts = [981, 801, 601, 401, 201]
     plan = [["C" * len(br)] * nb] * 3 + [["R" * len(br)] * nb] * 2
     sched = l2c.Schedule(timesteps=ts, plan=plan, branches=br, num_blocks=nb, model_class=type(model).__name__,
-                         forecast="quadratic")
+                         forecast=forecast)
     p = compile_plans(sched)
     n = len(br)
     assert [p[s].blocks[0].store for s in range(3)] == [(True,) * n] * 3
     assert [p[s].blocks[0].slot for s in range(3)] == [(0,) * n, (1,) * n, (2,) * n]
-    assert p[3].blocks[0].weights == ((1.0, -3.0, 3.0),) * n
-    assert p[4].blocks[0].weights == ((3.0, -8.0, 6.0),) * n
+    assert p[3].blocks[0].weights == (w3,) * n
+    assert p[4].blocks[0].weights == (w4,) * n
     inputs = inputs_for(model)
     got = run_steps(l2c.compile_schedule(model, sched), sched, inputs)
     want = run_steps(HookReference(model, sched), sched, inputs)

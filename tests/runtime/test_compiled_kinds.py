@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import l2c_kernels as l2c
+from l2c_kernels import schedules
 from l2c_kernels.runtime.caches import block_kind
 from tests.runtime.test_compile_schedule import run_steps
 from tests.tiny_models import dit_inputs, rel_err, tiny_dit
@@ -85,3 +86,61 @@ def test_guards_are_skipped_only_where_every_block_has_the_same_structure():
     assert same_structure(list(model.transformer_blocks))
     assert not same_structure([torch.nn.Linear(4, 4), torch.nn.Linear(4, 8)])
     assert not same_structure([torch.nn.Linear(4, 4), torch.nn.Conv1d(4, 4, 1)])
+
+
+def test_a_step_that_only_reuses_runs_as_one_graph_per_kind():
+    """FORA every 3rd step with a linear forecast on a 3-block DiT: the steps in between compute nothing, each
+    block doing the same reuse, and run as one compiled call over all blocks (step_work.run_reuse_step); the
+    computing steps run per block. Graphs: one per block kind of the computing steps plus one per kind of
+    reuse-only step, and the output equals the eager module (which runs the same cached timestep embeddings)."""
+    torch._dynamo.reset()
+    model = tiny_dit(layers=3)
+    sched = schedules.uniform(model, TS, 3, forecast="linear")
+    backend = CountingBackend()
+    fast = l2c.compile_schedule(model, sched, torch_compile=dict(backend=backend))
+    eager = l2c.compile_schedule(model, sched)
+    calls = {"block": 0, "step": 0}
+    real = fast._compiled_fn
+
+    def counted(unit, kind):
+        fn = real(unit, kind)
+
+        def call(*a, **k):
+            calls[unit] += 1
+            return fn(*a, **k)
+        return call
+
+    fast._compiled_fn = counted
+    inputs = dit_inputs(batch=2)
+    for gen in range(2):
+        for k, (a, b) in enumerate(zip(run_steps(fast, sched, inputs), run_steps(eager, sched, inputs))):
+            assert rel_err(a, b) < 1e-6, (gen, k)
+    computing = [s for s, row in enumerate(sched.plan) if any("C" in e for e in row)]
+    reusing = [s for s in range(len(TS)) if s not in computing]
+    assert reusing and calls == {"block": 2 * 3 * len(computing), "step": 2 * len(reusing)}
+    block_kinds = {block_kind(fast.plans[s], b, False, True) for s in computing for b in range(3)}
+    step_kinds = {block_kind(fast.plans[s], 0, False, True) for s in reusing}
+    assert all(not k[2] for k in step_kinds)   # reuse-only kinds: no branch computed
+    assert backend.graphs == len(block_kinds) + len(step_kinds) == fast.compiled_variants()
+
+
+def test_inductor_on_cpu_with_its_cpp_wrapper_equals_the_eager_module():
+    """The default torch.compile path on CPU (inductor, its C++ wrapper: cached_transformer._compile_options) on a
+    FORA-2 schedule with a linear forecast: compute-and-store blocks, plain reuse and forecast reuse steps, each a
+    real compiled graph; the output equals the eager module to float32 rounding of a different fusion order."""
+    from l2c_kernels.runtime.cached_transformer import _compile_options
+
+    assert _compile_options(dict(fullgraph=True), torch.device("cpu"))["options"] == {"cpp_wrapper": True}
+    assert "options" not in _compile_options(dict(backend="eager"), torch.device("cpu"))
+    assert _compile_options(dict(mode="max-autotune"), torch.device("cpu")) == dict(mode="max-autotune")
+    torch._dynamo.reset()
+    model = tiny_dit(layers=2)
+    ts = TS[:5]
+    sched = schedules.uniform(model, ts, 2, forecast="linear")
+    fast = l2c.compile_schedule(model, sched, torch_compile=True)
+    eager = l2c.compile_schedule(model, sched)
+    inputs = dit_inputs(batch=2)
+    for gen in range(2):
+        for k, (a, b) in enumerate(zip(run_steps(fast, sched, inputs), run_steps(eager, sched, inputs))):
+            assert rel_err(a, b) < 1e-5, (gen, k)
+    assert any(unit == "step" for unit, *_ in fast._kinds_run)   # the reuse steps ran as whole-step graphs
