@@ -58,7 +58,7 @@ def _generation(bundle, tr, steps: int, labels, cfg: float, reset=None) -> float
 
 
 def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | None, save=None,
-               dbcache: bool = True) -> list[dict]:
+               dbcache: bool = True, cpp_wrapper_original: bool = False) -> list[dict]:
     """First generations one after another (each compiled runner in its own dynamo cache), then ``steady``
     rounds in which every runner samples once, in a new random order each round (a slow stretch of a shared
     machine then hits different runners); steady = the median of a runner's rounds."""
@@ -93,6 +93,9 @@ def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | 
     torch._dynamo.reset()
     first(dict(label="original, eager", kind="original", compiled=False), tr)
     first(dict(label="original, torch.compile", kind="original", compiled=True), torch.compile(tr), counts=True)
+    if cpp_wrapper_original:  # the option our compiled blocks use on CPU, given to the original as well
+        first(dict(label="original, torch.compile (C++ wrapper)", kind="original", compiled=True),
+              torch.compile(tr, options={"cpp_wrapper": True}), counts=True)
     for tag, s in scheds.items():
         fast = l2c.compile_schedule(tr, s, cuda_graphs=False)
         first(dict(label=f"cached {tag}, eager", kind="cached", compiled=False, flops_removed=round(
@@ -213,6 +216,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-host", action="store_true")
     p.add_argument("--no-dbcache", action="store_true", help="leave out the cache-dit row (its compilation is the slowest)")
+    p.add_argument("--cpp-wrapper-original", action="store_true",
+                   help="add a row: the original under torch.compile with inductor's C++ wrapper (which compile_schedule's "
+                        "compiled blocks use on CPU)")
     p.add_argument("--note", default="")
     p.add_argument("--out", default=str(RESULTS / "compile_cpu"))
     a = p.parse_args(argv)
@@ -242,7 +248,7 @@ def main(argv=None):
             save()
 
         res["rows"] = done + model_rows(name, a.steps, a.labels, a.steady, learned, save=partial,
-                                        dbcache=not a.no_dbcache)
+                                        dbcache=not a.no_dbcache, cpp_wrapper_original=a.cpp_wrapper_original)
         res["meta"].setdefault("load_average", {})[name] = " ".join(f"{v:.1f}" for v in os.getloadavg())
         save()
     log(markdown(res))

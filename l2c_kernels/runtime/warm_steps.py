@@ -7,10 +7,13 @@ kinds apart need evaluating (torch's ``skip_guard_eval_unsafe`` stance). What ma
 general -- an input the guards would have rejected -- is excluded by the signature: a step with a new signature
 runs with every guard (and compiles what it needs), and only then counts as warm.
 
-The guards left are those that differ between the compiled entries of one code object: the block kind (a
-constant tuple) and the input shapes. Blocks of different structures sharing one compiled function (SD3's last
-block, Flux's double and single blocks at block level) are told apart by guards on the modules, which the stance
-skips, so it is used only where every block has the same structure (:func:`same_structure`).
+The guards left are those that differ between the compiled entries of one code object. Telling block kinds apart
+that way proved unreliable (with two kinds in one function the stance ran a store-less graph at a step that
+stores: ``tests/runtime/test_compiled_kinds.py``), so every kind has a compiled function of its own
+(``CachedTransformer._compiled_fn``) and the entries of one function differ only in input shapes. Blocks of
+different structures sharing one compiled function (SD3's last block, Flux's double and single blocks at block
+level) are told apart by guards on the modules, which the stance skips, so it is used only where every block has
+the same structure (:func:`same_structure`).
 """
 from __future__ import annotations
 

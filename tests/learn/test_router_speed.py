@@ -32,11 +32,11 @@ def _counting(monkeypatch):
 KW = dict(budget=0.4, iterations=4, batch_size=2, progress=False, calibration_samples=2, hard_fraction=0.5)
 
 
-def test_screening_with_every_candidate_confirmed_picks_what_measuring_all_three_ways_picks(monkeypatch):
+def test_screening_with_every_candidate_confirmed_picks_what_measuring_every_way_picks(monkeypatch):
     calls = _counting(monkeypatch)
     full = train_router(tiny_bundle(), 7, screen_top=None, **KW)
     n_full = len(calls)
-    assert n_full == 3 * full.candidates  # every distinct mask, three forecasts
+    assert n_full == 4 * full.candidates  # every distinct mask, four forecasts
     assert full.calibration_error == min(e for _, e in calls)
     calls.clear()
     screened = train_router(tiny_bundle(), 7, screen_top=10_000, **KW)
@@ -46,11 +46,14 @@ def test_screening_with_every_candidate_confirmed_picks_what_measuring_all_three
 
 
 def test_screening_measures_each_candidate_once_and_confirms_the_best_linear_ones(monkeypatch):
+    """Screening: every candidate with the linear forecast, the step-structured ones with the Taylor forecast too;
+    the 2 best by their best screened error are then measured the other ways."""
     calls = _counting(monkeypatch)
     res = train_router(tiny_bundle(), 7, screen_top=2, **KW)
     fcs = [f for f, _ in calls]
     assert fcs.count("linear") == res.candidates >= 3
     assert fcs.count("none") == fcs.count("quadratic") == 2
+    assert 2 <= fcs.count("taylor") <= 2 + res.candidates
     assert res.calibration_error == min(e for _, e in calls)
     screened_calls = list(calls)
     calls.clear()
@@ -70,9 +73,9 @@ def test_screen_top_is_checked():
 
 def test_a_smaller_screening_batch_screens_every_candidate_and_the_calibration_batch_measures_the_top_ones(
         monkeypatch):
-    """screen_samples < calibration_samples: every candidate is measured once (linear) on the screening batch; the
-    screen_top best by that error, and only they, are measured every forecast way on the calibration batch, and the
-    pick is the best of those measurements."""
+    """screen_samples < calibration_samples: every candidate is measured once (linear; the step-structured ones with
+    the Taylor forecast as well) on the screening batch; the screen_top best by their best screened error, and only
+    they, are measured every forecast way on the calibration batch, and the pick is the best of those measurements."""
     calls = []
     real = candidates._calibration_error
 
@@ -87,11 +90,15 @@ def test_a_smaller_screening_batch_screens_every_candidate_and_the_calibration_b
     screening = [c for c in calls if c[0] == 2]
     confirming = [c for c in calls if c[0] == 4]
     assert len(screening) + len(confirming) == len(calls)
-    assert {f for _, _, f, _ in screening} == {"linear"} and len(screening) == res.candidates >= 3
-    assert len({k for _, k, _, _ in screening}) == len(screening)   # each candidate once
-    top2 = {k for _, k, _, _ in sorted(screening, key=lambda c: c[3])[:2]}
+    linear = [c for c in screening if c[2] == "linear"]
+    assert {f for _, _, f, _ in screening} <= {"linear", "taylor"} and len(linear) == res.candidates >= 3
+    assert len({k for _, k, _, _ in linear}) == len(linear)   # each candidate once per forecast
+    best = {}
+    for _, k, _, e in screening:
+        best[k] = min(e, best.get(k, float("inf")))
+    top2 = set(sorted(best, key=best.get)[:2])
     assert {k for _, k, _, _ in confirming} == top2
-    assert sorted(f for _, _, f, _ in confirming) == sorted(["none", "linear", "quadratic"] * 2)
+    assert sorted(f for _, _, f, _ in confirming) == sorted(["none", "linear", "quadratic", "taylor"] * 2)
     pick = min(confirming, key=lambda c: c[3])
     assert res.calibration_error == pick[3] and res.forecast == pick[2]
     assert candidates._mask_key(res.mask[1:]) == pick[1]

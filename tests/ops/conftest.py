@@ -72,15 +72,17 @@ def f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float64)
 
 
-def assert_close(got: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    """``|got - ref| <= TOL[dtype] * (magnitude + 1e-3)`` elementwise, NaN never passes.
+def assert_close(got: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 reduction: torch.Tensor | float = 0.0) -> None:
+    """``|got - ref| <= TOL[dtype] * (magnitude + 1e-3) + reduction`` elementwise, NaN never passes.
 
     ``ref`` is the float64 result and ``magnitude`` the float64 sum of the absolute values of the
-    terms that make each element, so cancellation does not make the bound meaningless.
+    terms that make each element, so cancellation does not make the bound meaningless. ``reduction``: the
+    rounding bound of a reduction inside the op (which grows with its length), where it has one.
     """
     got = f64(got)
     assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    bound = TOL[dtype] * (magnitude + 1e-3)
+    bound = TOL[dtype] * (magnitude + 1e-3) + reduction
     ok = (got - ref).abs() <= bound
     if not bool(ok.all()):
         bad = (~ok).nonzero()[:5].tolist()
