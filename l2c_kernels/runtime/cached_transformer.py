@@ -76,14 +76,12 @@ class CachedTransformer(DropInModule):
                 self._compile_opts.update(torch_compile)
         self._fns: dict = {}   # ("block" | "step", kind) -> its compiled function (_compiled_fn)
         self._kinds_run: set = set()
-        # (step, collapsed, input signature) run compiled: guards skipped after, where every block has the same
-        # structure (each kind has a compiled function of its own, whose entries differ only in input shapes;
-        # see warm_steps.py)
+        # Where every block has the same structure: (1) a (step, collapsed, input signature) that ran compiled skips
+        # its guards after (each kind has a compiled function of its own, whose entries differ only in input shapes;
+        # see warm_steps.py); (2) steps whose blocks all do one kind of reuse run as one graph
+        # (step_work.run_reuse_step), the same graph for every such step of that kind
         self._warm = WarmSteps()
         self._skip_guards = bool(torch_compile) and same_structure(self._blocks)
-        # steps whose blocks all do one kind of reuse run as one graph (step_work.run_reuse_step): only where every
-        # block has one structure, so that the step's graph is the same for every such step of that kind
-        self._whole_reuse_steps = self._skip_guards
         self.collapsed_calls = 0
         self.step_counts = [0] * schedule.num_steps
         self.generations = 0
@@ -300,7 +298,7 @@ class CachedTransformer(DropInModule):
         ctxs = tuple(ad.traced_context(block, ctx) for block in self._blocks)  # host caches resolved per block
         key = (entry.index, collapsed, signature(args)) if self._skip_guards else None
         with self._warm.run(key):
-            if self._whole_reuse_steps and _one_reuse_kind(calls):
+            if self._skip_guards and _one_reuse_kind(calls):   # one structure: see __init__
                 kind = calls[0].kind
                 self._kinds_run.add(("step", kind, h.shape))
                 h = self._compiled_fn("step", kind)(

@@ -11,6 +11,7 @@ family description (``tests/family_configs.py``), not from the library's pattern
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
@@ -38,7 +39,7 @@ def taylor_predict(s, hist, max_order=2):
                 new.append((new[i] - factors[i]) / (sj - last))
         factors, last = new, sj
     h = s - last
-    return sum(f * h ** i / [1, 1, 2][i] for i, f in enumerate(factors))
+    return sum(f * h ** i / math.factorial(i) for i, f in enumerate(factors))
 
 
 class HookBlockReference:

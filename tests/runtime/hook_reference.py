@@ -56,7 +56,7 @@ class HookReference:
                             self.branch_cache[key] = ((out[:h] + out[h:]) / 2).clone()
                         else:
                             self.branch_cache[key] = out.clone()
-                            self.history[key] = self.history.get(key, []) + [(s, out.double())]
+                            self.history.setdefault(key, []).append((s, out.double()))
                         return out
                     cached = self.branch_cache[key]
                     if cfg_mean:
