@@ -144,11 +144,15 @@ def baseline_schedules(bundle, steps: int, budgets, change_curves=None, schedule
 
 
 def learned_schedules(bundle, steps: int, budgets, cfg: float, out_dir: Path | None, relearn: bool = False,
-                      scheduler: str = "ddim", log=print, **learn_kwargs) -> list[tuple]:
-    """``(family, label, schedule)`` for a learned schedule at every budget (cached as JSON in ``out_dir``)."""
+                      scheduler: str = "ddim", log=print, no_warm_up=(), **learn_kwargs) -> list[tuple]:
+    """``(family, label, schedule)`` for a learned schedule at every budget (cached as JSON in ``out_dir``), and
+    at every budget of ``no_warm_up`` once more learned with ``warm_up=0`` (the learner's other setting on
+    flow-matching samplers: without its warm-up)."""
     out = []
-    for b in budgets:
-        path = None if out_dir is None else Path(out_dir) / f"learned_{round(100 * b)}.l2c.json"
+    for b, unwarmed in [(b, False) for b in budgets] + [(b, True) for b in no_warm_up]:
+        kw = dict(learn_kwargs, warm_up=0) if unwarmed else learn_kwargs
+        name = f"learned_{round(100 * b)}" + ("_no_warm_up" if unwarmed else "")
+        path = None if out_dir is None else Path(out_dir) / f"{name}.l2c.json"
         sched = None
         if path is not None and path.exists() and not relearn:
             sched = l2c.Schedule.load(path)
@@ -157,14 +161,14 @@ def learned_schedules(bundle, steps: int, budgets, cfg: float, out_dir: Path | N
         if sched is None:
             t0 = time.time()
             sched = l2c.learn_schedule(bundle, num_inference_steps=steps, budget=b, cfg=cfg,
-                                       scheduler=_learn_scheduler(scheduler), progress=False, **learn_kwargs)
+                                       scheduler=_learn_scheduler(scheduler), progress=False, **kw)
             log(f"  learned budget {b:.2f} in {time.time() - t0:.0f} s: "
                 f"{100 * sched.flops_removed_fraction():.1f}% of branch FLOPs removed")
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 sched.save(path)
-        out.append((LEARNED, f"budget {100 * b:.0f}%" + (f", {sched.forecast} forecast" if sched.forecast != "none"
-                                                          else ""), sched))
+        out.append((LEARNED, f"budget {100 * b:.0f}%" + (", no warm-up" if unwarmed else "")
+                    + (f", {sched.forecast} forecast" if sched.forecast != "none" else ""), sched))
     return out
 
 
@@ -450,14 +454,15 @@ def magcache_ratios(bundle, steps: int, cfg: float, scheduler: str) -> list[floa
 
 
 def build_entries(bundle, steps: int, cfg: float, budgets, *, out_dir: Path | None, relearn: bool, scheduler: str,
-                  learn_kwargs: dict, curve_runs: int, peer_settings=None, log=print):
+                  learn_kwargs: dict, curve_runs: int, peer_settings=None, log=print, no_warm_up=()):
     tr = bundle.transformer
     entries = [dict(family="full compute", label="diffusers transformer", kind="full", transformer=tr)]
     full_sched = _block_weighted(schedules.full(tr, timesteps_for(bundle, steps, scheduler)), tr)
     entries.append(dict(family="full compute (compiled)", label="compile_schedule, nothing reused", kind="schedule",
                         schedule=full_sched, transformer=l2c.compile_schedule(tr, full_sched)))
     log("learning schedules ...")
-    methods = learned_schedules(bundle, steps, budgets, cfg, out_dir, relearn, scheduler, log=log, **learn_kwargs)
+    methods = learned_schedules(bundle, steps, budgets, cfg, out_dir, relearn, scheduler, log=log,
+                                no_warm_up=no_warm_up, **learn_kwargs)
     curves = None
     unavailable = []
     if curve_runs > 0:
@@ -520,7 +525,7 @@ def guidance_scale(bundle, cfg: float | None) -> float:
 def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5, 0.6), samples: int = 20,
         accuracy_samples: int = 100, time_samples: int = 10, repeats: int = 3, seed: int = 100,
         out: Path | None = None, relearn: bool = False, scheduler: str | None = None, learn_kwargs: dict | None = None,
-        curve_runs: int = 2, peer_settings=None, log=print) -> dict:
+        curve_runs: int = 2, peer_settings=None, log=print, no_warm_up=()) -> dict:
     """The whole comparison for one bundled model and step count; writes the result files when ``out`` is set
     (``scheduler`` None: DDIM, or Euler flow matching for flux-digits)."""
     cfg = guidance_scale(bundle, cfg)
@@ -530,7 +535,8 @@ def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5,
     t0 = time.time()
     entries, unavailable = build_entries(bundle, steps, cfg, budgets, out_dir=sched_dir, relearn=relearn,
                                          scheduler=scheduler, learn_kwargs=dict(learn_kwargs or {}),
-                                         curve_runs=curve_runs, peer_settings=peer_settings, log=log)
+                                         curve_runs=curve_runs, peer_settings=peer_settings, log=log,
+                                         no_warm_up=no_warm_up)
     labels = [i % 10 for i in range(samples)]
     time_labels = [i % 10 for i in range(time_samples)]
     log(f"running {len(entries)} methods: quality on {samples} digits, {repeats} timed rounds on {time_samples}")
@@ -562,7 +568,7 @@ def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5,
     meta = dict(benchmark="learned schedules vs baselines and peers", model=bundle.name, steps=steps,
                 scheduler=scheduler, cfg=cfg, samples=samples, accuracy_samples=accuracy_samples,
                 time_samples=time_samples, repeats=repeats, round_order="shuffled", seed=seed,
-                budgets=list(budgets), tolerance=TOLERANCE, date=str(date.today()),
+                budgets=list(budgets), no_warm_up_budgets=list(no_warm_up), tolerance=TOLERANCE, date=str(date.today()),
                 device=f"CPU ({torch.get_num_threads()} threads, {platform.machine()})",
                 wall_seconds=None, load_average=dict(start_and_per_timed_round=loads, end=load_average()),
                 cpu_count=os.cpu_count(), magcache_calibration_seed=MAGCACHE_SEED, **_versions())
@@ -596,7 +602,10 @@ def recheck(bundle, result: dict, samples: int, seed: int, out: Path | None = No
     found = {}
     learned = learned_schedules(bundle, steps, [b for b in m["budgets"]
                                                 if (sched_dir / f"learned_{round(100 * b)}.l2c.json").exists()],
-                                cfg, sched_dir, scheduler=scheduler, log=log) if sched_dir else []
+                                cfg, sched_dir, scheduler=scheduler, log=log,
+                                no_warm_up=[b for b in m.get("no_warm_up_budgets", [])
+                                            if (sched_dir / f"learned_{round(100 * b)}_no_warm_up.l2c.json").exists()]
+                                ) if sched_dir else []
     for fam, label, sch in learned + baseline_schedules(bundle, steps, m["budgets"], None, scheduler):
         if (fam, label) in want:
             found[(fam, label)] = l2c.compile_schedule(tr, sch)
@@ -660,6 +669,11 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=None, help="router training batch (default: learn_schedule's)")
     ap.add_argument("--calibration-samples", type=int, default=None,
                     help="samples the learner measures its candidate schedules on (default: learn_schedule's)")
+    ap.add_argument("--no-warm-up", type=float, nargs="*", default=[], metavar="BUDGET",
+                    help="budgets learned once more with warm_up=0 (rows 'no warm-up'): on flow-matching samplers the "
+                         "learner's default computes the first 10%% of the steps in full")
+    ap.add_argument("--warm-up", default=None, metavar="N|auto",
+                    help="first steps the learned schedules compute in full (default: learn_schedule's, auto)")
     ap.add_argument("--relearn", action="store_true", help="learn again even if saved schedules exist")
     ap.add_argument("--learn-only", action="store_true",
                     help="learn (or load) the schedules, save them and stop; a later run without --relearn "
@@ -695,16 +709,18 @@ def main(argv=None):
         learn_kwargs["batch_size"] = a.batch_size
     if a.refine:
         learn_kwargs["refine_evaluations"] = a.refine
+    if a.warm_up is not None:
+        learn_kwargs["warm_up"] = a.warm_up if a.warm_up == "auto" else int(a.warm_up)
     if a.learn_only:
         learned_schedules(bundle, a.steps, a.budgets, guidance_scale(bundle, a.cfg),
                           Path(a.out) / f"{result_tag(bundle.name, a.steps)}_schedules",
                           a.relearn, scheduler=default_sampler(bundle), log=lambda s: print(s, flush=True),
-                          **learn_kwargs)
+                          no_warm_up=a.no_warm_up, **learn_kwargs)
         return None
     res = run(bundle, a.steps, cfg=a.cfg, budgets=a.budgets, samples=a.samples, accuracy_samples=a.accuracy_samples,
               time_samples=a.time_samples,
               repeats=a.repeats, seed=a.seed, out=Path(a.out), relearn=a.relearn, learn_kwargs=learn_kwargs,
-              curve_runs=a.curve_runs, log=lambda s: print(s, flush=True))
+              curve_runs=a.curve_runs, log=lambda s: print(s, flush=True), no_warm_up=a.no_warm_up)
     print(markdown(res).split("## Every method")[0])
     return res
 

@@ -68,9 +68,22 @@ def _bundled_scheduler(model: str, requested: str | None) -> str:
     return "flow-euler" if model == "flux-digits" else "ddim"
 
 
+def _warm_up_arg(v: str):
+    """``--warm-up``: ``auto`` or a number of steps."""
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of steps, got {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of steps >= 0, got {n}")
+    return n
+
+
 def _learn_kwargs(a, model: str | None) -> dict:
     """``learn_schedule`` keywords for what the command line or the model's defaults set (the rest: the learner's)."""
-    out = {}
+    out = {} if getattr(a, "warm_up", None) is None else dict(warm_up=a.warm_up)
     for key, kw in (("iterations", "iterations"), ("batch", "batch_size"), ("calibration_samples", "calibration_samples")):
         v = _learn_setting(a, model, key)
         if v is not None:
@@ -323,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="what a reused branch contributes: its last output (none), the extrapolation from "
                                  "its last two or three outputs (linear, quadratic), TaylorSeer's second-order "
                                  "expansion from its last three (taylor), or whichever measures best (auto, default)")
+            sp.add_argument("--warm-up", type=_warm_up_arg, default=None, metavar="N|auto",
+                            help="first steps every learned schedule computes in full (default auto: 10%% of the "
+                                 "steps with a flow-matching sampler, none otherwise)")
 
     d = sub.add_parser("demo", help="learn, compile and compare a schedule on a bundled model (a few minutes on CPU)",
                        description="Learn a schedule for a bundled model, compile it, sample with and without it "

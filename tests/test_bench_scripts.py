@@ -67,7 +67,7 @@ def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
     res = bp.run(bundle, 3, budgets=(0.5,), samples=1, accuracy_samples=0, time_samples=1, repeats=1, out=tmp_path,
                  learn_kwargs=dict(iterations=2, batch_size=1, calibration_samples=1, structured_candidates=False,
                                    forecast="none"), curve_runs=1,
-                 peer_settings=settings, log=lambda s: None)
+                 peer_settings=settings, log=lambda s: None, no_warm_up=(0.5,))
     m = res["meta"]
     assert m["scheduler"] == "flow-euler" and m["cfg"] == bundle.recommended_cfg
     rows = {(r["family"], r["label"]): r for r in res["rows"]}
@@ -85,8 +85,12 @@ def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
         2 * sum(costs[1:]) / total)
     learned = Schedule.load(tmp_path / "pareto_flux-digits_3_schedules" / "learned_50.l2c.json")
     assert learned.branches == ["block"] and learned.params.get("cfg") == bundle.recommended_cfg
-    assert [r["flops_removed"] for r in res["rows"] if r["family"] == bp.LEARNED] == [
-        pytest.approx(learned.flops_removed_fraction(), abs=1e-12)]
+    unwarmed = Schedule.load(tmp_path / "pareto_flux-digits_3_schedules" / "learned_50_no_warm_up.l2c.json")
+    assert learned.params["warm_up"] == 1 and unwarmed.params["warm_up"] == 0   # "auto" at 3 steps and 50%: step 0
+    assert m["no_warm_up_budgets"] == [0.5]
+    assert {r["label"]: r["flops_removed"] for r in res["rows"] if r["family"] == bp.LEARNED} == {
+        "budget 50%": pytest.approx(learned.flops_removed_fraction(), abs=1e-12),
+        "budget 50%, no warm-up": pytest.approx(unwarmed.flops_removed_fraction(), abs=1e-12)}
     md = (tmp_path / "pareto_flux-digits_3.md").read_text()
     assert "Euler flow matching 3 steps, CFG 7.0" in md and "best by at least 1 dB" in md and "Load average" in md
     assert (tmp_path / "pareto_flux-digits_3.png").exists()
@@ -97,7 +101,8 @@ def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
 
     res = bp.recheck(bundle, res, 2, 5, out=tmp_path, peer_settings=settings, log=lambda s: None)
     rc = {(r["family"], r["label"]): r for r in res["recheck"]["rows"]}
-    (lrow,) = [r for (f, _), r in rc.items() if f == bp.LEARNED]
+    assert {lb for f, lb in rc if f == bp.LEARNED} == {"budget 50%", "budget 50%, no warm-up"}
+    lrow = rc[(bp.LEARNED, "budget 50%")]
     ref = sampling.sample(bundle, labels=[0, 1], steps=3, seed=5, progress=False)
     mine = sampling.sample(bundle, labels=[0, 1], steps=3, seed=5, progress=False,
                            transformer=compile_schedule(bundle.transformer, learned))

@@ -104,6 +104,8 @@ def test_learn_show_bench_on_flux_digits(tmp_path, capsys):
     (["learn", "--model", "flux-digits", "--scheduler", "ddim", "--steps", "3"], "ddim does not fit flux-digits"),
     (["learn", "--model", "flux-digits", "--true-cfg-scale", "4", "--steps", "3"], "FluxPipeline's true CFG"),
     (["demo", "--model", "dit-digits", "--scheduler", "flow-euler", "--steps", "3"], "flow-euler does not fit"),
+    (["learn", "--model", "flux-digits", "--steps", "3", "--budget", "0.5", "--warm-up", "2"],
+     "budget 0.5 cannot be removed when the first 2 of 3 steps are computed in full"),
 ])
 def test_flux_digits_bad_input_named(argv, message, capsys):
     assert main(argv) == 2
@@ -131,3 +133,9 @@ def test_help_names_flux_digits_and_true_cfg(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["demo", "--help"])
     assert "flux-digits" in capsys.readouterr().out
+
+
+def test_warm_up_option_takes_auto_or_a_step_count(capsys):
+    with pytest.raises(SystemExit):
+        main(["learn", "--warm-up", "many"])
+    assert "expected 'auto' or a number of steps" in capsys.readouterr().err

@@ -29,9 +29,10 @@ def load_bundled(name: str):
 
 
 def _digit_labels(req: Request, n: int, seed: int) -> list[int]:
-    if req.labels is None:
+    if req.labels is None:  # stratified: every run of ten consecutive samples holds each class once, in random order
         g = torch.Generator().manual_seed(int(seed))
-        return torch.randint(0, DIGITS, (n,), generator=g).tolist()
+        draws = [torch.randperm(DIGITS, generator=g) for _ in range(-(-n // DIGITS))]
+        return torch.cat(draws)[:n].tolist() if draws else []
     labels = [int(v) for v in req.labels]
     bad = [v for v in labels if not 0 <= v < DIGITS]
     if bad:

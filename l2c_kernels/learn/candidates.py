@@ -109,7 +109,7 @@ def warm_up_steps(num_steps: int) -> int:
 
 
 def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor, budget: float,
-                      intervals=(2, 3, 4, 5), slack: float = 0.2) -> list:
+                      intervals=(2, 3, 4, 5), slack: float = 0.2, warm_up: int = 0) -> list:
     """Masks ``[steps-1, blocks, branches]`` (1 = compute) of the "first ``f`` blocks always, the rest
     every ``k`` steps" family that remove at least ``budget`` (and at most ``budget + slack``) of the
     cost, each filled back to the budget (to one cell) with its highest-scored reused cells.
@@ -118,7 +118,10 @@ def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor
     in full (``w`` = 1, 2 and :func:`warm_up_steps`), then every ``k``-th step from step ``w`` or ``w + 1``
     (TaylorSeer's and cache-dit's warm-up, TaylorSeer's phase among them; the first steps, where the
     latents change fastest, are where reuse costs most, and with a forecast the phase of the computed
-    steps alone moves the error by several dB)."""
+    steps alone moves the error by several dB).
+
+    ``warm_up``: the first steps every mask computes (``train_router``'s ``warm_up``): the warm-up variants
+    start no earlier, the others compute these steps as well."""
     from ..schedules import first_blocks
 
     nb = scores.shape[1]
@@ -126,8 +129,8 @@ def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor
     out = []
     n = len(timesteps)
     shapes = [(k, f, 0, 0) for k in intervals for f in range(0, nb // 2 + 1)]
-    shapes += [(k, 0, w, p) for k in intervals for w in sorted({1, 2, warm_up_steps(n)}) for p in (0, 1)
-               if w + p + k < n]
+    shapes += [(k, 0, w, p) for k in intervals for w in sorted({max(v, warm_up) for v in (1, 2, warm_up_steps(n))})
+               for p in (0, 1) if w + p + k < n]
     for k, f, w, p in shapes:
         if w:  # steps < w, then w + p, w + p + k, ...: computed (row i of the mask is step i + 1)
             computed = [i < w or (i >= w + p and (i - w - p) % k == 0) for i in range(1, n)]
@@ -138,6 +141,7 @@ def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor
                              dtype=scores.dtype, device=scores.device)[1:]
             if m.shape[-1] != scores.shape[-1]:  # a block-level pattern over branch-level units: every unit alike
                 m = m[..., :1].expand(*m.shape[:-1], scores.shape[-1]).clone()
+            m[:max(0, warm_up - 1)] = 1.0
         removed = float(((1 - m) * cost).sum() / total)
         if removed < budget - 1e-6 or removed > budget + slack:  # float32 sums: exact budgets within 1e-6
             continue
@@ -153,10 +157,12 @@ def _structured_masks(model, timesteps, scores: torch.Tensor, cost: torch.Tensor
 
 
 def _refine_mask(calib: _Calibration, mask: torch.Tensor, err: float, ones: torch.Tensor, evaluations: int,
-                 forecast: str = "none", soft_forecast: str = "none", per_round: int = 4) -> tuple:
+                 forecast: str = "none", soft_forecast: str = "none", per_round: int = 4,
+                 fixed_rows: int = 0) -> tuple:
     """Local search on the measured calibration error of a hard mask ``[steps-1, blocks, branches]``
     (1 = compute) run with ``forecast``; every move swaps a computed and a reused branch of the same
-    kind, proposed by the gradient of the soft rollout (``soft_forecast`` caches)."""
+    kind, proposed by the gradient of the soft rollout (``soft_forecast`` caches). The first ``fixed_rows`` rows
+    (warm-up steps) stay computed."""
     cden, cx, cref = calib.den, calib.noise, calib.reference
     tried: set = set()
     hist = []
@@ -171,7 +177,7 @@ def _refine_mask(calib: _Calibration, mask: torch.Tensor, err: float, ones: torc
             g = w.grad.detach()
         cands = []
         for i in range(mask.shape[-1]):
-            on = (mask[..., i] > 0.5).nonzero().tolist()
+            on = [c for c in (mask[..., i] > 0.5).nonzero().tolist() if c[0] >= fixed_rows]
             off = (mask[..., i] < 0.5).nonzero().tolist()
             if not on or not off:
                 continue

@@ -53,6 +53,7 @@ class RouterResult:
     branch_flops: dict = field(default_factory=dict)   # per branch and sample, at the real token counts
     units: object = None               # soft_branches.LearningUnits: columns, per-unit costs, Schedule.from_mask args
     denoiser_info: dict = field(default_factory=dict)
+    warm_up: int = 0                   # first steps computed in full by every schedule (step 0 included)
 
 
 #: router training iterations when none are asked (learn_schedule, train_router, ``l2c learn``)
@@ -77,7 +78,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                  structured_candidates: bool = True, forecast: str = "auto", training: str = "stepwise",
                  teacher_pool: int | None = 4, true_cfg_scale: float | None = None,
                  negative_prompt=None, branches: list | None = None, screen_top: int | None = 3,
-                 screen_samples: int | None = 4) -> RouterResult:
+                 screen_samples: int | None = 4, warm_up: int | str = "auto") -> RouterResult:
     """Train router logits for ``obj`` (pipeline, bundled model or its name, or a transformer: see
     :func:`learn_schedule`).
 
@@ -105,6 +106,15 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     ``calibration_samples``: screen on the calibration batch itself): screen on a smaller batch of this many
     samples with its own noise and reference, and measure only the ``screen_top`` best on the calibration batch,
     every forecast way; the pick is the best of those (about half the measuring again).
+
+    ``warm_up``: the first steps (step 0 included) that every schedule computes in full: an integer, or
+    ``"auto"`` (default): with a flow-matching sampler 10% of the steps, at least 2
+    (:func:`~l2c_kernels.learn.candidates.warm_up_steps`; fewer where the budget needs them), otherwise none.
+    The router neither trains nor reuses them. The calibration batch cannot show what such a warm-up buys: on
+    flux-digits at 50 steps, schedules that reuse the second or third step ruin about one sample in 10-40 (a
+    digit redrawn, 15-25 dB where the rest are at 40-45), a rare event a batch of 8-10 seldom holds
+    (``bench/NOTES.md``); TaylorSeer and cache-dit warm up for the same reason. The DDPM digits models' schedules
+    were learned without one (not measured with).
 
     ``training``: ``"stepwise"`` (default; memory independent of the step count) or ``"trajectory"``
     (see the module docstring). ``teacher_pool``: draw the training noise (and, where the model draws
@@ -153,6 +163,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     timesteps = den.timesteps(num_inference_steps)
     den._timesteps = timesteps
     n = len(timesteps)
+    warm = _warm_up(warm_up, n, budget, flow="FlowMatch" in type(den.make_scheduler()).__name__)
+    fixed = max(0, warm - 1)   # rows of the [steps - 1] masks that the warm-up computes
     device = den.device
     cost = units.cost.to(device=device, dtype=torch.float32)  # [blocks, columns]; DiT / PixArt: every row alike
     cost = (cost / cost[0].sum()).expand(n - 1, nb, len(branches))
@@ -209,13 +221,13 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         hard = it >= iterations * (1.0 - hard_fraction)
         mask = None
         if hard:
-            mask = _budget_mask(torch.sigmoid(logits.detach()), cost, hard_budget)
+            mask = _budget_mask(_pinned(torch.sigmoid(logits.detach()), fixed), cost, hard_budget)
             if calib is not None:
                 _consider(scal, mask, sseen, sbest, screen)
         scale = tpath[-1].pow(2).mean().clamp_min(1e-8)
         opt.zero_grad(set_to_none=True)
         if training == "trajectory":
-            w = torch.sigmoid(logits)
+            w = _pinned(torch.sigmoid(logits), fixed)
             if hard:
                 w = mask + w - w.detach()  # straight-through: hard forward, sigmoid gradient
             student, spath = soft_rollout(d, x, torch.cat([ones, w]), keep_path=True, forecast=train_forecast,
@@ -228,7 +240,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             final_v, loss_v, keep_v = final.item(), loss.item(), keep.item()
         else:
             final_v, loss_v, keep_v = _stepwise_iteration(d, x, tpath, logits, mask, cost, lam, hard, scale,
-                                                          trajectory_weight, train_forecast, level)
+                                                          trajectory_weight, train_forecast, level, fixed)
         opt.step()
         with torch.no_grad():
             logits.clamp_(-5, 5)
@@ -241,7 +253,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                 h["calibration_error_best"] = sbest.err
             hist.append(h)
         bar.set_postfix(final=f"{final_v:.2e}", keep=f"{keep_v:.2f}")
-    scores = torch.cat([torch.ones((1, nb, len(branches))), torch.sigmoid(logits.detach()).cpu()])
+    scores = torch.cat([torch.ones((1, nb, len(branches))), _pinned(torch.sigmoid(logits.detach()), fixed).cpu()])
     if calib is not None and hard_fraction > 0:  # the schedule the final scores rank to is a candidate too
         mask = _budget_mask(scores[1:].to(device), cost, hard_budget)
         _consider(scal, mask, sseen, sbest, screen)
@@ -249,20 +261,20 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         # step-structured masks are screened with the Taylor forecast too: on them it is often the best way
         # and the linear error alone would not rank them for it (flux-digits: bench/NOTES.md)
         sscreen = screen if screen is None or "taylor" not in forecasts else screen + ("taylor",)
-        for mask in _structured_masks(model, timesteps, scores[1:].to(device), cost, hard_budget):
+        for mask in _structured_masks(model, timesteps, scores[1:].to(device), cost, hard_budget, warm_up=warm):
             _consider(scal, mask, sseen, sbest, sscreen)
     if calib is not None and screen is not None:
         _confirm_screened(calib, seen, best, screen_top, screened=(sseen, sbest))
     if best.mask is not None and refine_evaluations > 0:
         best.mask, best.err, refine_hist = _refine_mask(calib, best.mask, best.err, ones, refine_evaluations,
-                                                         best.forecast, train_forecast)
+                                                         best.forecast, train_forecast, fixed_rows=fixed)
         hist.append(dict(refined=True, evaluations=len(refine_hist), calibration_error_best=best.err))
     info = dict(den.info)
     if "true_cfg_scale" not in info:  # FluxPipeline's true CFG keeps its guidance embedding's scale apart
         info["guidance_scale"] = den.cfg
     info.setdefault("sampler", sampler_info(den.make_scheduler()))  # what the schedule's timesteps come from
     res = RouterResult(scores=scores, timesteps=timesteps, history=hist, seconds=time.time() - t0,
-                       forecast=train_forecast, branch_flops=flops, denoiser_info=info, units=units)
+                       forecast=train_forecast, branch_flops=flops, denoiser_info=info, units=units, warm_up=warm)
     if best.mask is not None:
         res.mask = torch.cat([torch.ones((1, nb, len(branches))), best.mask.cpu()]).bool()
         res.forecast = best.forecast
@@ -271,8 +283,32 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     return res
 
 
+def _warm_up(warm_up, n: int, budget: float, flow: bool) -> int:
+    """The number of first steps every schedule computes (``train_router``'s ``warm_up``; ``flow``: the sampler
+    is a flow-matching one), checked against the step count and the budget (with ``w`` steps computed at most
+    ``(n - w) / n`` of the work can go; ``"auto"`` takes fewer steps where the budget needs them)."""
+    from .candidates import warm_up_steps
+
+    if warm_up == "auto":
+        return min(warm_up_steps(n), int(n * (1.0 - budget) + 1e-9)) if flow else 0
+    if isinstance(warm_up, bool) or not isinstance(warm_up, int) or not 0 <= warm_up < n:
+        raise ValueError(f"warm_up must be 'auto' or an integer in [0, {n - 1}] (the steps computed in full "
+                         f"at the start, of {n}), got {warm_up!r}")
+    if budget > (n - warm_up) / n + 1e-9:
+        raise ValueError(f"budget {budget:g} cannot be removed when the first {warm_up} of {n} steps are "
+                         f"computed in full (at most {(n - warm_up) / n:.3f}): lower warm_up or the budget")
+    return warm_up
+
+
+def _pinned(scores: torch.Tensor, rows: int) -> torch.Tensor:
+    """``scores`` ``[steps-1, ...]`` with its first ``rows`` rows (warm-up steps) set to 1: always computed."""
+    if rows <= 0:
+        return scores
+    return torch.cat([torch.ones_like(scores[:rows]), scores[rows:]])
+
+
 def _stepwise_iteration(den: Denoiser, x, tpath, logits, mask, cost, lam, hard: bool, scale, trajectory_weight,
-                        forecast, branches=None) -> tuple:
+                        forecast, branches=None, fixed: int = 0) -> tuple:
     """One step-wise training pass (gradients accumulate into ``logits.grad``): the loss after step s is
     ``(trajectory_weight / n + [s = last]) * MSE(x_s, teacher_s) / scale`` plus, in the soft phase, step
     s's share of the FLOPs penalty. Returns (final error, loss, soft compute fraction)."""
@@ -284,7 +320,7 @@ def _stepwise_iteration(den: Denoiser, x, tpath, logits, mask, cost, lam, hard: 
     def weights(s):
         if s == 0:
             return None
-        w = torch.sigmoid(logits[s - 1])
+        w = torch.sigmoid(logits[s - 1]) if s > fixed else torch.ones_like(logits[s - 1])
         if hard:
             w = mask[s - 1] + w - w.detach()
         keep_parts.append(w)
@@ -401,7 +437,8 @@ def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, l
     model = obj if isinstance(obj, torch.nn.Module) else getattr(obj.transformer, "original_model", obj.transformer)
     sched_name = scheduler if isinstance(scheduler, str) or scheduler is None else type(scheduler).__name__
     params = dict(num_inference_steps=num_inference_steps, scheduler=sched_name, iterations=iterations,
-                  batch_size=batch_size, seed=seed, train_seconds=round(res.seconds, 1), history=res.history,
+                  batch_size=batch_size, seed=seed, warm_up=res.warm_up, train_seconds=round(res.seconds, 1),
+                  history=res.history,
                   scores=[[[round(v, 4) for v in blk] for blk in row] for row in res.scores.tolist()])
     params["cfg"] = params["guidance_scale"] = _used_guidance(res, guidance_scale, cfg)
     params.update({k: res.denoiser_info[k] for k in ("true_cfg_scale", "negative_prompt") if k in res.denoiser_info})

@@ -16,6 +16,7 @@ import l2c_kernels as l2c
 from l2c_kernels import sampling
 from l2c_kernels.learn import denoiser_for
 from l2c_kernels.models import flux_digits, load
+from l2c_kernels.models.text_encoder import caption_for
 from tests.families.block_reference import HookBlockReference
 from tests.family_configs import FAMILIES
 
@@ -95,3 +96,20 @@ def test_flux_digits_refuses_what_does_not_fit(bundle):
         denoiser_for(bundle, labels=[1], height=32)
     with pytest.raises(ValueError, match="digit classes 0-9"):
         denoiser_for(bundle, labels=[10])
+
+
+@pytest.mark.parametrize("name", ["flux-digits", "dit-digits", "pixart-digits"])
+def test_drawn_labels_hold_every_digit_once_per_ten(name):
+    """Without labels the learner draws its batches' digits stratified: any ten consecutive samples hold each
+    class once (a calibration batch of ten sees every digit), in an order that changes with the seed."""
+    drawn = []
+    for seed in (0, 1):
+        info = denoiser_for(name, num_samples=23, seed=seed).info
+        labels = info.get("labels") or [next(v for v in range(10) if caption_for(v, i) == p)
+                                         for i, p in enumerate(info["prompts"])]
+        assert len(labels) == 23
+        for lo in range(0, 20, 10):
+            assert sorted(labels[lo:lo + 10]) == list(range(10))
+        assert len(set(labels[20:])) == 3
+        drawn.append(labels)
+    assert drawn[0] != drawn[1]

@@ -129,7 +129,7 @@ def test_structured_candidates_hit_the_budget_and_the_pick_is_no_worse_than_any_
 
 def _independent_error(bundle, timesteps, mask, forecast, samples=2, seed=7919):
     """The calibration error of ``mask`` ([steps, blocks, branches], True = compute) measured with the public
-    API only: the router's calibration batch is ``samples`` digits drawn with seed ``seed`` (its seed 0 + 7919)
+    API only: the router's calibration batch is ``samples`` (<= 10) digits drawn with seed ``seed`` (its seed 0 + 7919)
     and noise from the same seed; the schedule is built with ``Schedule.from_mask``, sampled with
     ``sampling.sample`` against full compute, and scored as the mean of the mean over samples of 10 log10(MSE)
     and 10 log10 of the MSE over all samples."""
@@ -137,7 +137,7 @@ def _independent_error(bundle, timesteps, mask, forecast, samples=2, seed=7919):
 
     model = bundle.transformer
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (samples,), generator=g).tolist()
+    labels = torch.randperm(10, generator=g)[:samples].tolist()   # drawn stratified: a permutation per ten
     cfg = model.config
     noise = torch.randn((samples, cfg.in_channels, cfg.sample_size, cfg.sample_size),
                         generator=torch.Generator().manual_seed(seed))
@@ -277,3 +277,52 @@ def test_calibration_error_weighs_the_typical_sample_and_the_worst_ones():
     assert abs(error_db(uneven, ref.double()) - want) < 1e-9
     assert abs(error_db(even, ref) - -30.0) < 1e-4   # float32 samples
     assert error_db(uneven, ref.double()) > error_db(even, ref)
+
+
+def test_structured_candidates_with_a_warm_up_all_compute_the_first_steps():
+    """With ``warm_up=w`` every structured candidate computes steps 0..w-1 in full and still removes the budget."""
+    from l2c_kernels.learn.candidates import _structured_masks
+
+    model = tiny_dit(layers=4)
+    steps, w = 30, 4
+    ts = list(range(999, 0, -33))[:steps]
+    cost = torch.full((steps - 1, 4, 2), 1.0 / 8)
+    scores = torch.rand(steps - 1, 4, 2, generator=torch.Generator().manual_seed(0))
+    budget = 0.55 * steps / (steps - 1)
+    free = _structured_masks(model, ts, scores, cost, budget)
+    cands = _structured_masks(model, ts, scores, cost, budget, warm_up=w)
+    assert cands and any(not bool(m[:w - 1].all()) for m in free)   # without the warm-up some reuse those steps
+    for m in cands:
+        assert bool(m[:w - 1].all())
+        assert float(((1 - m) * cost).sum() / cost.sum()) >= budget - 1e-6
+
+
+def test_warm_up_resolves_per_sampler_and_refuses_what_does_not_fit():
+    from l2c_kernels.learn.router import _warm_up
+
+    assert _warm_up("auto", 50, 0.6, flow=True) == 5 and _warm_up("auto", 28, 0.6, flow=True) == 3
+    assert _warm_up("auto", 50, 0.6, flow=False) == 0        # DDPM samplers: none unless asked
+    assert _warm_up("auto", 10, 0.85, flow=True) == 1        # the budget needs the steps: only step 0
+    assert _warm_up(4, 20, 0.8, flow=False) == 4
+    for bad in (-1, 20, 2.5, True, "5"):
+        with pytest.raises(ValueError, match="warm_up"):
+            _warm_up(bad, 20, 0.5, flow=True)
+    with pytest.raises(ValueError, match="cannot be removed"):
+        _warm_up(5, 20, 0.8, flow=False)
+
+
+@pytest.mark.parametrize("training", ["stepwise", "trajectory"])
+def test_learned_schedule_computes_its_warm_up_steps_in_full(training):
+    """The warm-up steps are computed in every hard schedule measured and in the one returned; the budget is met
+    from the other steps, and the schedule records its warm-up."""
+    bundle = tiny_bundle()
+    steps, w = 8, 3
+    s = l2c.learn_schedule(bundle, steps, 0.5, iterations=4, batch_size=2, calibration_samples=2, progress=False,
+                           warm_up=w, training=training, seed=2)
+    m = torch.tensor(s.compute_mask())
+    assert bool(m[:w].all()) and not bool(m[w:].all())
+    assert s.params["warm_up"] == w
+    assert 0.5 - 1e-6 <= s.flops_removed_fraction() <= 0.5 + 1.0 / (steps * 4) + 1e-6
+    free = l2c.learn_schedule(bundle, steps, 0.5, iterations=4, batch_size=2, calibration_samples=2,
+                              progress=False, training=training, seed=2)
+    assert free.params["warm_up"] == 0   # DDIM: "auto" is no warm-up
