@@ -108,7 +108,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     every forecast way; the pick is the best of those (about half the measuring again).
 
     ``warm_up``: the first steps (step 0 included) that every schedule computes in full: an integer, or
-    ``"auto"`` (default): with a flow-matching sampler 10% of the steps, at least 2
+    ``"auto"`` (default): with a flow-matching sampler (:func:`is_flow_matching`) 10% of the steps, at least 2
     (:func:`~l2c_kernels.learn.candidates.warm_up_steps`; fewer where the budget needs them), otherwise none.
     The router neither trains nor reuses them. The calibration batch cannot show what such a warm-up buys: on
     flux-digits at 50 steps, schedules that reuse the second or third step ruin about one sample in 10-40 (a
@@ -163,7 +163,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     timesteps = den.timesteps(num_inference_steps)
     den._timesteps = timesteps
     n = len(timesteps)
-    warm = _warm_up(warm_up, n, budget, flow="FlowMatch" in type(den.make_scheduler()).__name__)
+    warm = _warm_up(warm_up, n, budget, flow=is_flow_matching(den.make_scheduler()))
     fixed = max(0, warm - 1)   # rows of the [steps - 1] masks that the warm-up computes
     device = den.device
     cost = units.cost.to(device=device, dtype=torch.float32)  # [blocks, columns]; DiT / PixArt: every row alike
@@ -281,6 +281,14 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         res.calibration_error = best.err
         res.candidates = len({key for key, _ in sseen})  # distinct masks (each measured per forecast mode)
     return res
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether a diffusers ``scheduler`` samples a flow-matching model: the FlowMatch schedulers (SD3, Flux,
+    Qwen-Image) and multistep solvers set to flow prediction or flow sigmas (Wan's UniPC)."""
+    cfg = dict(getattr(scheduler, "config", {}) or {})
+    return ("FlowMatch" in type(scheduler).__name__ or cfg.get("prediction_type") == "flow_prediction"
+            or bool(cfg.get("use_flow_sigmas")))
 
 
 def _warm_up(warm_up, n: int, budget: float, flow: bool) -> int:

@@ -326,3 +326,19 @@ def test_learned_schedule_computes_its_warm_up_steps_in_full(training):
     free = l2c.learn_schedule(bundle, steps, 0.5, iterations=4, batch_size=2, calibration_samples=2,
                               progress=False, training=training, seed=2)
     assert free.params["warm_up"] == 0   # DDIM: "auto" is no warm-up
+
+
+def test_flow_matching_samplers_are_told_apart_from_ddpm_ones():
+    """``warm_up="auto"`` warms up on flow-matching samplers: the FlowMatch schedulers and Wan's UniPC with flow
+    prediction, not DDIM / DPM++ on an epsilon model."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                           UniPCMultistepScheduler)
+
+    from l2c_kernels.learn.router import is_flow_matching
+
+    assert is_flow_matching(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert is_flow_matching(UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                    flow_shift=3.0))
+    assert not is_flow_matching(DDIMScheduler())
+    assert not is_flow_matching(DPMSolverMultistepScheduler())
+    assert not is_flow_matching(UniPCMultistepScheduler())
