@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import l2c_kernels as l2c  # noqa: E402
 from l2c_kernels import metrics, sampling, schedules  # noqa: E402
+from l2c_kernels.cli import _warm_up_arg  # noqa: E402
 
 import peers as peer_mod  # noqa: E402
 
@@ -672,7 +673,7 @@ def main(argv=None):
     ap.add_argument("--no-warm-up", type=float, nargs="*", default=[], metavar="BUDGET",
                     help="budgets learned once more with warm_up=0 (rows 'no warm-up'): on flow-matching samplers the "
                          "learner's default computes the first 10%% of the steps in full")
-    ap.add_argument("--warm-up", default=None, metavar="N|auto",
+    ap.add_argument("--warm-up", type=_warm_up_arg, default=None, metavar="N|auto",
                     help="first steps the learned schedules compute in full (default: learn_schedule's, auto)")
     ap.add_argument("--relearn", action="store_true", help="learn again even if saved schedules exist")
     ap.add_argument("--learn-only", action="store_true",
@@ -710,7 +711,7 @@ def main(argv=None):
     if a.refine:
         learn_kwargs["refine_evaluations"] = a.refine
     if a.warm_up is not None:
-        learn_kwargs["warm_up"] = a.warm_up if a.warm_up == "auto" else int(a.warm_up)
+        learn_kwargs["warm_up"] = a.warm_up
     if a.learn_only:
         learned_schedules(bundle, a.steps, a.budgets, guidance_scale(bundle, a.cfg),
                           Path(a.out) / f"{result_tag(bundle.name, a.steps)}_schedules",

@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 from ..adapters import adapter_for
 from ..schedule import COMPUTE, FORECASTS, REUSE, Schedule, sampler_info
 from .candidates import (_Best, _budget_mask, _Calibration, _calibration_error, _confirm_screened,  # noqa: F401
-                         _consider, _refine_mask, _structured_masks)
+                         _consider, _refine_mask, _structured_masks, warm_up_steps)
 from .conditioning import denoiser_for
 from .denoiser import Denoiser
 from .rollouts import soft_rollout, stepwise_rollout
+from .schedulers import samples_flow_matching
 from .soft_branches import learning_units
 
 _rollout = soft_rollout  # the name earlier releases used
@@ -108,8 +109,9 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     every forecast way; the pick is the best of those (about half the measuring again).
 
     ``warm_up``: the first steps (step 0 included) that every schedule computes in full: an integer, or
-    ``"auto"`` (default): with a flow-matching sampler (:func:`is_flow_matching`) 10% of the steps, at least 2
-    (:func:`~l2c_kernels.learn.candidates.warm_up_steps`; fewer where the budget needs them), otherwise none.
+    ``"auto"`` (default): with a flow-matching sampler (:func:`~l2c_kernels.learn.schedulers.samples_flow_matching`)
+    10% of the steps, at least 2 (:func:`~l2c_kernels.learn.candidates.warm_up_steps`; fewer where the budget
+    needs them), otherwise none.
     The router neither trains nor reuses them. The calibration batch cannot show what such a warm-up buys: on
     flux-digits at 50 steps, schedules that reuse the second or third step ruin about one sample in 10-40 (a
     digit redrawn, 15-25 dB where the rest are at 40-45), a rare event a batch of 8-10 seldom holds
@@ -163,7 +165,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     timesteps = den.timesteps(num_inference_steps)
     den._timesteps = timesteps
     n = len(timesteps)
-    warm = _warm_up(warm_up, n, budget, flow=is_flow_matching(den.make_scheduler()))
+    warm = _warm_up(warm_up, n, budget, flow=samples_flow_matching(den.make_scheduler()))
     fixed = max(0, warm - 1)   # rows of the [steps - 1] masks that the warm-up computes
     device = den.device
     cost = units.cost.to(device=device, dtype=torch.float32)  # [blocks, columns]; DiT / PixArt: every row alike
@@ -283,20 +285,10 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     return res
 
 
-def is_flow_matching(scheduler) -> bool:
-    """Whether a diffusers ``scheduler`` samples a flow-matching model: the FlowMatch schedulers (SD3, Flux,
-    Qwen-Image) and multistep solvers set to flow prediction or flow sigmas (Wan's UniPC)."""
-    cfg = dict(getattr(scheduler, "config", {}) or {})
-    return ("FlowMatch" in type(scheduler).__name__ or cfg.get("prediction_type") == "flow_prediction"
-            or bool(cfg.get("use_flow_sigmas")))
-
-
 def _warm_up(warm_up, n: int, budget: float, flow: bool) -> int:
     """The number of first steps every schedule computes (``train_router``'s ``warm_up``; ``flow``: the sampler
     is a flow-matching one), checked against the step count and the budget (with ``w`` steps computed at most
     ``(n - w) / n`` of the work can go; ``"auto"`` takes fewer steps where the budget needs them)."""
-    from .candidates import warm_up_steps
-
     if warm_up == "auto":
         return min(warm_up_steps(n), int(n * (1.0 - budget) + 1e-9)) if flow else 0
     if isinstance(warm_up, bool) or not isinstance(warm_up, int) or not 0 <= warm_up < n:

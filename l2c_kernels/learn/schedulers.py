@@ -46,6 +46,15 @@ def is_flow_matching(scheduler_or_class) -> bool:
     return "FlowMatch" in cls.__name__
 
 
+def samples_flow_matching(scheduler) -> bool:
+    """Whether a scheduler instance samples a flow-matching model: a FlowMatch scheduler (SD3, Flux, Qwen-Image)
+    or a multistep solver configured for flow prediction or flow sigmas (Wan's UniPC). Unlike
+    :func:`is_flow_matching` it reads the instance's config, so it does not decide which scheduler classes fit."""
+    cfg = dict(scheduler.config)
+    return (is_flow_matching(scheduler) or cfg.get("prediction_type") == "flow_prediction"
+            or bool(cfg.get("use_flow_sigmas")))
+
+
 def scheduler_from_name(name: str, config: dict):
     """A fresh scheduler of kind ``name`` built from a model's scheduler ``config``."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler

@@ -334,11 +334,11 @@ def test_flow_matching_samplers_are_told_apart_from_ddpm_ones():
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
                            UniPCMultistepScheduler)
 
-    from l2c_kernels.learn.router import is_flow_matching
+    from l2c_kernels.learn.schedulers import samples_flow_matching
 
-    assert is_flow_matching(FlowMatchEulerDiscreteScheduler(shift=3.0))
-    assert is_flow_matching(UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                    flow_shift=3.0))
-    assert not is_flow_matching(DDIMScheduler())
-    assert not is_flow_matching(DPMSolverMultistepScheduler())
-    assert not is_flow_matching(UniPCMultistepScheduler())
+    assert samples_flow_matching(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert samples_flow_matching(UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                         flow_shift=3.0))
+    assert not samples_flow_matching(DDIMScheduler())
+    assert not samples_flow_matching(DPMSolverMultistepScheduler())
+    assert not samples_flow_matching(UniPCMultistepScheduler())
