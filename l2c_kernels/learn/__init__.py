@@ -8,8 +8,8 @@ block-level): :func:`register_soft_forward` (``soft_forward.py``).
 """
 from .conditioning import Request, denoiser_for, register_pipeline
 from .denoiser import Denoiser
-from .router import RouterResult, learn_schedule, schedule_from_scores, train_router
+from .router import RouterResult, learn_front, learn_schedule, schedule_from_scores, train_router
 from .soft_forward import register_soft_forward
 
-__all__ = ["learn_schedule", "train_router", "schedule_from_scores", "RouterResult", "Denoiser", "denoiser_for",
+__all__ = ["learn_schedule", "learn_front", "train_router", "schedule_from_scores", "RouterResult", "Denoiser", "denoiser_for",
            "register_pipeline", "register_soft_forward", "Request"]

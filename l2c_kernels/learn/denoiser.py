@@ -103,28 +103,45 @@ class Denoiser:
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, call, num_inference_steps: int, noise: torch.Tensor, *, after_step: Callable | None = None,
-            keep_path: bool = False, raw: bool = False) -> Sampled:
+            keep_path: bool = False, raw: bool = False, start: int = 0, stop: int | None = None,
+            scheduler=None) -> Sampled:
         """Sample from ``noise`` (``[N, C, H, W]``, N = ``num_samples``).
 
         ``call``: a module of the transformer's signature (the model, a compiled schedule), or a
         function ``(step, args) -> output tensor``. ``after_step(step, x, scheduler) -> x`` sees the
         latents after every step and may replace them (detach, record). Gradients flow unless the caller disables them.
         ``raw``: skip the final clamp to ``output_range`` (training losses).
+
+        A part of the trajectory: ``start`` > 0 runs steps ``start .. stop - 1`` only (``stop``: default the last
+        step), ``noise`` being the latents the step ``start`` takes (not scaled), ``scheduler`` the sampler in the
+        state it has before that step (a copy: see :meth:`scheduler_states`). The clamp then applies only when the
+        part ends with the last step.
         """
         if tuple(noise.shape[1:]) != tuple(self.latent_shape) or noise.shape[0] != self.num_samples:
             raise ValueError(f"noise must have shape {(self.num_samples, *self.latent_shape)}, "
                              f"got {tuple(noise.shape)}")
+        stop = num_inference_steps if stop is None else stop
+        if not 0 <= start < stop <= num_inference_steps:
+            raise ValueError(f"start and stop must satisfy 0 <= start < stop <= {num_inference_steps}, "
+                             f"got start={start}, stop={stop}")
+        if start > 0 and scheduler is None:
+            raise ValueError("a run that starts after step 0 needs the scheduler's state before that step "
+                             "(scheduler=, see Denoiser.scheduler_states)")
         fn = call
         if isinstance(call, torch.nn.Module):
             if hasattr(call, "reset"):
                 call.reset()
             fn = lambda s, args: call(**args).sample  # noqa: E731
-        sched = self.scheduler(num_inference_steps)
+        sched = self.scheduler(num_inference_steps) if scheduler is None else scheduler
         # flow-matching schedulers have neither: their pipelines start from unit noise and feed latents as they are
-        x = noise.to(self.device, torch.float32) * getattr(sched, "init_noise_sigma", 1.0)
+        x = noise.to(self.device, torch.float32)
+        if start == 0:
+            x = x * getattr(sched, "init_noise_sigma", 1.0)
         scale_input = getattr(sched, "scale_model_input", None) or (lambda sample, t: sample)
         path = []
         for s, t in enumerate(sched.timesteps):
+            if s < start or s >= stop:
+                continue
             inp = scale_input(self.batch(x), t)
             out = fn(s, self.model_args(inp, t)).float()
             x = sched.step(self.guided(out), t, x, return_dict=False)[0]
@@ -132,9 +149,29 @@ class Denoiser:
                 x = after_step(s, x, sched)
             if keep_path:
                 path.append(x)
-        if self.output_range is not None and not raw:
+        if self.output_range is not None and not raw and stop == num_inference_steps:
             x = x.clamp(*self.output_range)
         return Sampled(x, [float(t) for t in sched.timesteps], path)
+
+    def scheduler_states(self, num_inference_steps: int, noise: torch.Tensor, call=None) -> tuple:
+        """Full compute (or ``call``) from ``noise`` without gradients: ``(inputs, states)``, ``inputs[s]`` the
+        latents step ``s`` takes (``inputs[n]``: the final ones, unclamped) and ``states[s]`` a copy of the scheduler
+        before step ``s``, so that :meth:`run` can start at any step of this trajectory."""
+        import copy
+
+        states, inputs = [], []
+
+        def after(s, x, sched):
+            states.append(copy.deepcopy(sched))
+            inputs.append(x)
+            return x
+
+        sched0 = self.scheduler(num_inference_steps)
+        x0 = noise.to(self.device, torch.float32) * getattr(sched0, "init_noise_sigma", 1.0)
+        with torch.no_grad():
+            self.run(self.transformer if call is None else call, num_inference_steps, noise, after_step=after,
+                     raw=True, scheduler=copy.deepcopy(sched0))
+        return [x0] + inputs, [sched0] + states[:-1]
 
     def sample_with(self, transformer, num_inference_steps: int, noise: torch.Tensor, record=None) -> tuple:
         """``(final samples, timesteps)`` with ``transformer`` (no gradients); ``record(step)`` after each call."""

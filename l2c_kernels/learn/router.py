@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 from ..adapters import adapter_for
 from ..schedule import COMPUTE, FORECASTS, REUSE, Schedule, sampler_info
 from .candidates import (_Best, _budget_mask, _Calibration, _calibration_error, _confirm_screened,  # noqa: F401
-                         _consider, _refine_mask, _structured_masks, warm_up_steps)
+                         _consider, _mask_key, _refine_mask, _structured_masks, warm_up_steps)
 from .conditioning import denoiser_for
 from .denoiser import Denoiser
 from .rollouts import soft_rollout, stepwise_rollout
 from .schedulers import samples_flow_matching
 from .soft_branches import learning_units
+from .step_search import default_max_interval, measure_segment_costs, step_candidates, step_mask
 
 _rollout = soft_rollout  # the name earlier releases used
 TRAINING_MODES = ("stepwise", "trajectory")
@@ -55,6 +56,8 @@ class RouterResult:
     units: object = None               # soft_branches.LearningUnits: columns, per-unit costs, Schedule.from_mask args
     denoiser_info: dict = field(default_factory=dict)
     warm_up: int = 0                   # first steps computed in full by every schedule (step 0 included)
+    segment_costs: object = None       # step_search.SegmentCosts measured on the screening batch (step_search=True)
+    step_sets: list = field(default_factory=list)   # the computed-step sets the step-level search proposed
 
 
 #: router training iterations when none are asked (learn_schedule, train_router, ``l2c learn``)
@@ -75,11 +78,12 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                  seed: int = 0, labels=None, prompts=None, height: int | None = None, width: int | None = None,
                  conditions: dict | None = None, latent_shape=None, max_sequence_length: int | None = None,
                  progress: bool = True, log_every: int = 5,
-                 hard_fraction: float = 0.5, calibration_samples: int = 8, refine_evaluations: int = 0,
+                 hard_fraction: float = 0.5, calibration_samples: int = 16, refine_evaluations: int = 0,
                  structured_candidates: bool = True, forecast: str = "auto", training: str = "stepwise",
                  teacher_pool: int | None = 4, true_cfg_scale: float | None = None,
                  negative_prompt=None, branches: list | None = None, screen_top: int | None = 3,
-                 screen_samples: int | None = 4, warm_up: int | str = "auto") -> RouterResult:
+                 screen_samples: int | None = 4, warm_up: int | str = "auto", step_search: bool = True,
+                 max_interval: int | None = None, step_top: int = 2, shared: dict | None = None) -> RouterResult:
     """Train router logits for ``obj`` (pipeline, bundled model or its name, or a transformer: see
     :func:`learn_schedule`).
 
@@ -117,6 +121,17 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     digit redrawn, 15-25 dB where the rest are at 40-45), a rare event a batch of 8-10 seldom holds
     (``bench/NOTES.md``); TaylorSeer and cache-dit warm up for the same reason. The DDPM digits models' schedules
     were learned without one (not measured with).
+
+    ``step_search`` (default True): the global search over the step structure (``step_search.py``): segment
+    costs measured on the screening batch (segments up to ``max_interval`` steps; default
+    :func:`~l2c_kernels.learn.step_search.default_max_interval`), and the ``step_top`` best sets of computed steps
+    of each cost table (plain reuse, linear forecast), with and without the warm-up, screened every forecast way
+    as candidates. The pick is measured against them on the calibration batch, so it never scores below the best
+    of them there.
+
+    ``shared``: a dict that several calls on the same model, steps, seed and batches fill and reuse (the
+    calibration and screening batches with their references, the teacher pool, the segment costs):
+    :func:`learn_front` passes one across budgets.
 
     ``training``: ``"stepwise"`` (default; memory independent of the step count) or ``"trajectory"``
     (see the module docstring). ``teacher_pool``: draw the training noise (and, where the model draws
@@ -190,17 +205,23 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         cden._timesteps = timesteps
         cx = cden.noise(cseed)
         cref, _ = cden.sample_with(model, n, cx)
-        return _Calibration(cden, cx, cref, model, timesteps, forecasts, level, units.schedule_kwargs)
+        return _Calibration(cden, cx, cref, model, timesteps, forecasts, level, units.schedule_kwargs,
+                            (nb, len(branches)))
 
+    shared = {} if shared is None else shared
     calib = scal = None
     if calibration_samples and hard_fraction > 0:
-        calib = scal = calibration(calibration_samples, seed + 7919)
-        if screen is not None and screen_samples is not None and screen_samples < calibration_samples:
-            scal = calibration(screen_samples, seed + 7927)  # the screening batch: its own noise and conditions
+        key = ("calibration", calibration_samples, screen_samples if screen is not None else None)
+        if key not in shared:
+            calib = scal = calibration(calibration_samples, seed + 7919)
+            if screen is not None and screen_samples is not None and screen_samples < calibration_samples:
+                scal = calibration(screen_samples, seed + 7927)  # the screening batch: its own noise and conditions
+            shared[key] = (calib, scal)
+        calib, scal = shared[key]
     best, seen = _Best(), {}
     # candidates are measured on the screening batch (the calibration batch itself unless a smaller one is asked)
     sbest, sseen = (best, seen) if scal is calib else (_Best(), {})
-    pool: dict = {}
+    pool: dict = shared.setdefault(("pool", batch_size, teacher_pool), {})
 
     def batch(it):
         """(denoiser, noise, teacher path) of iteration ``it``."""
@@ -265,8 +286,22 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         sscreen = screen if screen is None or "taylor" not in forecasts else screen + ("taylor",)
         for mask in _structured_masks(model, timesteps, scores[1:].to(device), cost, hard_budget, warm_up=warm):
             _consider(scal, mask, sseen, sbest, sscreen)
+    costs, step_sets = None, []
+    if calib is not None and hard_fraction > 0 and step_search:
+        mi = max_interval if max_interval is not None else default_max_interval(n, shared.get("budgets", [budget]))
+        ckey = ("segment_costs", mi)
+        if ckey not in shared:
+            shared[ckey] = measure_segment_costs(scal, mi, progress=progress)
+        costs = shared[ckey]
+        step_sets = step_candidates(costs, budget, top=step_top)
+        if warm > 1:   # the best under the warm-up as well: measurement decides between them
+            step_sets += [st for st in step_candidates(costs, budget, warm_up=warm, top=1) if st not in step_sets]
+        for st in step_sets:   # every forecast way: the cost tables hold two of them
+            _consider(scal, step_mask(n, st, nb, len(branches)).to(device), sseen, sbest, None)
     if calib is not None and screen is not None:
-        _confirm_screened(calib, seen, best, screen_top, screened=(sseen, sbest))
+        _confirm_screened(calib, seen, best, screen_top, screened=(sseen, sbest),
+                          screen_calib=None if scal is calib else scal,
+                          always=tuple(_mask_key(step_mask(n, st, nb, len(branches))) for st in step_sets))
     if best.mask is not None and refine_evaluations > 0:
         best.mask, best.err, refine_hist = _refine_mask(calib, best.mask, best.err, ones, refine_evaluations,
                                                          best.forecast, train_forecast, fixed_rows=fixed)
@@ -276,7 +311,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         info["guidance_scale"] = den.cfg
     info.setdefault("sampler", sampler_info(den.make_scheduler()))  # what the schedule's timesteps come from
     res = RouterResult(scores=scores, timesteps=timesteps, history=hist, seconds=time.time() - t0,
-                       forecast=train_forecast, branch_flops=flops, denoiser_info=info, units=units, warm_up=warm)
+                       forecast=train_forecast, branch_flops=flops, denoiser_info=info, units=units, warm_up=warm,
+                       segment_costs=costs, step_sets=step_sets)
     if best.mask is not None:
         res.mask = torch.cat([torch.ones((1, nb, len(branches))), best.mask.cpu()]).bool()
         res.forecast = best.forecast
@@ -400,13 +436,43 @@ def schedule_from_scores(model, timesteps, scores: torch.Tensor, *, budget: floa
                     params=p, branch_flops=flops, attn2_cache=attn2_cache, forecast=forecast)
 
 
+def learn_front(obj, num_inference_steps: int = 20, budgets=(0.35, 0.5, 0.67, 0.75), **kwargs) -> list:
+    """Schedules for several ``budgets`` in one call (:func:`learn_schedule`'s arguments otherwise), smallest
+    budget first. The budgets share the calibration and screening batches with their full-compute references, the
+    teacher trajectories and the segment costs of the step-level search (measured once, for the longest
+    segments the largest budget needs).
+
+    The front is monotone on the calibration batch: where a larger budget's schedule scores better there than a
+    smaller budget's, the smaller budget takes it (it removes more than asked; ``params["front_from_budget"]``
+    says so), so a smaller budget never scores below a larger one."""
+    bs = sorted({float(b) for b in budgets})
+    if not bs:
+        raise ValueError("budgets is empty: give at least one fraction of the work to remove")
+    bad = [b for b in bs if not 0.0 < b < 1.0]
+    if bad:
+        raise ValueError(f"every budget is a fraction of the work to remove in (0, 1), got {bad}")
+    if kwargs.get("threshold") is not None:
+        raise ValueError("a front is learned at budgets, not at a threshold")
+    shared = dict(budgets=bs)
+    out = [learn_schedule(obj, num_inference_steps, b, shared=shared, **kwargs) for b in bs]
+    for k in range(len(out) - 2, -1, -1):
+        mine, larger = out[k].params.get("calibration_error_db"), out[k + 1].params.get("calibration_error_db")
+        if mine is not None and larger is not None and larger < mine:
+            s = Schedule.from_dict(out[k + 1].to_dict())
+            s.params = dict(s.params, budget=bs[k], front_from_budget=out[k + 1].params.get("front_from_budget",
+                                                                                          bs[k + 1]))
+            out[k] = s
+    return out
+
+
 def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, labels=None, prompts=None,
                    height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
                    scheduler=None, conditions: dict | None = None, latent_shape=None, cfg: float | None = None,
                    iterations: int = DEFAULT_ITERATIONS, batch_size: int = 4, seed: int = 0, threshold: float | None = None,
-                   progress: bool = True, **train_kwargs) -> Schedule:
+                   progress: bool = True, budgets=None, **train_kwargs):
     """Learn a static cache schedule that removes ``budget`` of the branch FLOPs (0 < budget < 1; exact
-    to one branch). ``threshold`` instead keeps every branch whose score exceeds it.
+    to one branch). ``threshold`` instead keeps every branch whose score exceeds it. ``budgets`` (a list) learns
+    a front instead and returns a list of schedules, smallest budget first (:func:`learn_front`).
 
     ``obj`` is one of:
 
@@ -424,6 +490,11 @@ def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, l
     The model learns where it is (device and dtype of its weights; the router is float32).
     ``cfg`` is another name for ``guidance_scale``. ``train_kwargs`` go to :func:`train_router`.
     """
+    if budgets is not None:
+        return learn_front(obj, num_inference_steps, budgets, labels=labels, prompts=prompts, height=height,
+                           width=width, guidance_scale=guidance_scale, scheduler=scheduler, conditions=conditions,
+                           latent_shape=latent_shape, cfg=cfg, iterations=iterations, batch_size=batch_size,
+                           seed=seed, threshold=threshold, progress=progress, **train_kwargs)
     if not 0.0 < budget < 1.0:
         raise ValueError(f"budget is the fraction of branch FLOPs to remove and must be in (0, 1), got {budget}")
     if isinstance(obj, str):

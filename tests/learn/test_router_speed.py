@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from l2c_kernels.learn import candidates, train_router
+from l2c_kernels.learn.step_search import step_mask
 from l2c_kernels.models import BundledModel
 from l2c_kernels.models.configs import NOISE_SCHEDULE
 from tests.tiny_models import tiny_dit
@@ -49,7 +50,7 @@ def test_screening_measures_each_candidate_once_and_confirms_the_best_linear_one
     """Screening: every candidate with the linear forecast, the step-structured ones with the Taylor forecast too;
     the 2 best by their best screened error are then measured the other ways."""
     calls = _counting(monkeypatch)
-    res = train_router(tiny_bundle(), 7, screen_top=2, **KW)
+    res = train_router(tiny_bundle(), 7, screen_top=2, step_search=False, **KW)   # step sets: every way (below)
     fcs = [f for f, _ in calls]
     assert fcs.count("linear") == res.candidates >= 3
     assert fcs.count("none") == fcs.count("quadratic") == 2
@@ -57,7 +58,7 @@ def test_screening_measures_each_candidate_once_and_confirms_the_best_linear_one
     assert res.calibration_error == min(e for _, e in calls)
     screened_calls = list(calls)
     calls.clear()
-    unscreened = train_router(tiny_bundle(), 7, screen_top=None, **KW)  # the same training: the same candidates, measured all ways
+    unscreened = train_router(tiny_bundle(), 7, screen_top=None, step_search=False, **KW)  # the same training: the same candidates, measured all ways
     assert unscreened.candidates == res.candidates
     # the linear measurements are the same; the screened pick is the best of a subset of the unscreened ones
     assert sorted(e for f, e in screened_calls if f == "linear") == sorted(e for f, e in calls if f == "linear")
@@ -71,11 +72,14 @@ def test_screen_top_is_checked():
         train_router(tiny_bundle(), 5, screen_samples=0, **KW)
 
 
-def test_a_smaller_screening_batch_screens_every_candidate_and_the_calibration_batch_measures_the_top_ones(
+def test_a_smaller_screening_batch_screens_every_candidate_and_the_calibration_batch_measures_the_top_pairs(
         monkeypatch):
-    """screen_samples < calibration_samples: every candidate is measured once (linear; the step-structured ones with
-    the Taylor forecast as well) on the screening batch; the screen_top best by their best screened error, and only
-    they, are measured every forecast way on the calibration batch, and the pick is the best of those measurements."""
+    """screen_samples < calibration_samples: every candidate is searched on the screening batch only (the router's and
+    the structured ones with the linear / Taylor forecast, the step-search sets every way); the screen_top best masks
+    by their best screened error are measured every remaining way there too, and only the screen_top best
+    (mask, forecast) pairs of those reach the calibration batch, one measurement each, with the best screened pair of
+    the step-level search. The pick is the best of those measurements: chosen on a batch no candidate was searched
+    on, and never worse there than the step-level search's best."""
     calls = []
     real = candidates._calibration_error
 
@@ -90,15 +94,20 @@ def test_a_smaller_screening_batch_screens_every_candidate_and_the_calibration_b
     screening = [c for c in calls if c[0] == 2]
     confirming = [c for c in calls if c[0] == 4]
     assert len(screening) + len(confirming) == len(calls)
-    linear = [c for c in screening if c[2] == "linear"]
-    assert {f for _, _, f, _ in screening} <= {"linear", "taylor"} and len(linear) == res.candidates >= 3
-    assert len({k for _, k, _, _ in linear}) == len(linear)   # each candidate once per forecast
+    pairs = [(k, f) for _, k, f, _ in screening]
+    assert len(set(pairs)) == len(pairs)   # each candidate once per forecast
+    step_keys = {candidates._mask_key(step_mask(7, st, 2, 2)) for st in res.step_sets}
+    assert step_keys and all((k, f) in pairs for k in step_keys for f in ("none", "linear", "quadratic", "taylor"))
     best = {}
     for _, k, _, e in screening:
         best[k] = min(e, best.get(k, float("inf")))
-    top2 = set(sorted(best, key=best.get)[:2])
-    assert {k for _, k, _, _ in confirming} == top2
-    assert sorted(f for _, _, f, _ in confirming) == sorted(["none", "linear", "quadratic", "taylor"] * 2)
+    top2 = sorted(best, key=best.get)[:2]
+    assert all((k, f) in pairs for k in top2 for f in ("none", "linear", "quadratic", "taylor"))
+    want = [(k, f) for _, k, f in sorted((e, k, f) for _, k, f, e in screening if k in top2)[:2]]
+    best_step = min((e, k, f) for _, k, f, e in screening if k in step_keys)
+    if (best_step[1], best_step[2]) not in want:   # the step-level optimum is always measured there too
+        want.append((best_step[1], best_step[2]))
+    assert sorted((k, f) for _, k, f, _ in confirming) == sorted(want)
     pick = min(confirming, key=lambda c: c[3])
     assert res.calibration_error == pick[3] and res.forecast == pick[2]
     assert candidates._mask_key(res.mask[1:]) == pick[1]
