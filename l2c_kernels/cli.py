@@ -205,18 +205,29 @@ def cmd_learn(a) -> int:
         cfg = a.guidance_scale if a.guidance_scale is not None else a.cfg
         kw = dict(labels=a.labels, guidance_scale=cfg if cfg is not None else target.recommended_cfg)
         scheduler = _bundled_scheduler(model, a.scheduler)
-    sched = learn_schedule(target, num_inference_steps=a.steps, budget=a.budget, scheduler=scheduler,
+    budgets = list(a.budget)
+    front = learn_schedule(target, num_inference_steps=a.steps, budgets=budgets, scheduler=scheduler,
                            seed=a.seed, forecast=a.forecast, **_learn_kwargs(a, model), **kw)
-    if a.pipeline:
-        sched.params["pipeline"] = str(a.pipeline)
-    else:
-        sched.params["model"] = a.model or "dit-digits"
-    sched.save(a.output)
-    print(sched.format_summary())
-    png = Path(a.output).with_suffix(".png")
-    schedule_heatmap(sched, png)
-    print(f"wrote {a.output} and {png}")
+    outputs = [Path(a.output)] if len(front) == 1 else [front_path(a.output, s.params["budget"]) for s in front]
+    for sched, path in zip(front, outputs):
+        if a.pipeline:
+            sched.params["pipeline"] = str(a.pipeline)
+        else:
+            sched.params["model"] = a.model or "dit-digits"
+        sched.save(path)
+        print(sched.format_summary())
+        png = path.with_suffix(".png")
+        schedule_heatmap(sched, png)
+        print(f"wrote {path} and {png}")
     return 0
+
+
+def front_path(output, budget: float) -> Path:
+    """Where ``l2c learn`` writes one budget of several: ``out.l2c.json`` -> ``out.b50.l2c.json`` (budget 0.5)."""
+    p = Path(output)
+    name = p.name
+    stem, ext = (name[:-len(".l2c.json")], ".l2c.json") if name.endswith(".l2c.json") else (p.stem, p.suffix)
+    return p.with_name(f"{stem}.b{round(100 * budget):02d}{ext}")
 
 
 def cmd_show(a) -> int:
@@ -391,7 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--steps", type=int, default=20)
     lp.add_argument("--scheduler", default=None, choices=list(SCHEDULER_NAMES),
                     help="sampler (default: the pipeline's own; ddim for bundled models, flow-euler for flux-digits)")
-    lp.add_argument("--budget", type=float, default=0.4, help="fraction of branch FLOPs to remove, in (0, 1)")
+    lp.add_argument("--budget", type=float, nargs="+", default=[0.4],
+                    help="fraction of branch FLOPs to remove, in (0, 1); several (e.g. 0.35 0.5 0.67 0.75) learn a "
+                         "front in one run, sharing its measurements, written as OUTPUT with .b35, .b50, ... before "
+                         ".l2c.json")
     lp.add_argument("--iterations", type=int, default=None, help="router training iterations (default: the learner's, 12)")
     lp.add_argument("--batch", type=int, default=None, help="images per training trajectory (default 4; flux-digits 2)")
     lp.add_argument("--calibration-samples", type=int, default=None,
@@ -426,8 +440,9 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     budget = getattr(args, "budget", None)
-    if budget is not None and not 0.0 < budget < 1.0:
-        print(f"l2c: error: --budget must be in (0, 1) (the fraction of branch FLOPs to remove), got {budget}",
+    bad = [b for b in (budget if isinstance(budget, list) else [budget]) if b is not None and not 0.0 < b < 1.0]
+    if bad:
+        print(f"l2c: error: --budget must be in (0, 1) (the fraction of branch FLOPs to remove), got {bad[0]}",
               file=sys.stderr)
         return 2
     model = getattr(args, "model", None)

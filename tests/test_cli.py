@@ -29,6 +29,23 @@ def test_learn_show_bench_on_the_bundled_dit(tmp_path, capsys):
     assert "branches" in capsys.readouterr().err
 
 
+def test_learn_several_budgets_writes_a_front(tmp_path):
+    """``--budget 0.3 0.6`` learns both in one run and writes one schedule per budget, named by it."""
+    from l2c_kernels.cli import front_path
+
+    out = tmp_path / "dit.l2c.json"
+    rc = main(["learn", "--model", "dit-digits", "--steps", "5", "--budget", "0.6", "0.3", "--iterations", "2",
+               "--batch", "2", "--threads", "2", "-o", str(out)])
+    assert rc == 0 and not out.exists()
+    paths = [tmp_path / "dit.b30.l2c.json", tmp_path / "dit.b60.l2c.json"]
+    assert [front_path(out, 0.3), front_path(out, 0.6)] == paths
+    front = [l2c.Schedule.load(p) for p in paths]
+    for s, b in zip(front, (0.3, 0.6)):
+        assert s.params["budget"] == b and s.flops_removed_fraction() >= b - 1e-9
+    assert front[0].params["calibration_error_db"] <= front[1].params["calibration_error_db"]
+    assert front_path(tmp_path / "x.json", 0.75) == tmp_path / "x.b75.json"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["learn", "--budget", "1.5"], "--budget must be in (0, 1)"),
     (["learn", "--budget", "0"], "--budget must be in (0, 1)"),

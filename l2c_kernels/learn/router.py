@@ -436,7 +436,8 @@ def schedule_from_scores(model, timesteps, scores: torch.Tensor, *, budget: floa
                     params=p, branch_flops=flops, attn2_cache=attn2_cache, forecast=forecast)
 
 
-def learn_front(obj, num_inference_steps: int = 20, budgets=(0.35, 0.5, 0.67, 0.75), **kwargs) -> list:
+def learn_front(obj, num_inference_steps: int = 20, budgets=(0.35, 0.5, 0.67, 0.75), shared: dict | None = None,
+                **kwargs) -> list:
     """Schedules for several ``budgets`` in one call (:func:`learn_schedule`'s arguments otherwise), smallest
     budget first. The budgets share the calibration and screening batches with their full-compute references, the
     teacher trajectories and the segment costs of the step-level search (measured once, for the longest
@@ -444,7 +445,8 @@ def learn_front(obj, num_inference_steps: int = 20, budgets=(0.35, 0.5, 0.67, 0.
 
     The front is monotone on the calibration batch: where a larger budget's schedule scores better there than a
     smaller budget's, the smaller budget takes it (it removes more than asked; ``params["front_from_budget"]``
-    says so), so a smaller budget never scores below a larger one."""
+    says so), so a smaller budget never scores below a larger one. ``shared``: a dict to keep those measurements in
+    (the segment costs under ``("segment_costs", max_interval)``), e.g. to run the static searchers on them."""
     bs = sorted({float(b) for b in budgets})
     if not bs:
         raise ValueError("budgets is empty: give at least one fraction of the work to remove")
@@ -453,7 +455,8 @@ def learn_front(obj, num_inference_steps: int = 20, budgets=(0.35, 0.5, 0.67, 0.
         raise ValueError(f"every budget is a fraction of the work to remove in (0, 1), got {bad}")
     if kwargs.get("threshold") is not None:
         raise ValueError("a front is learned at budgets, not at a threshold")
-    shared = dict(budgets=bs)
+    shared = {} if shared is None else shared
+    shared["budgets"] = bs
     out = [learn_schedule(obj, num_inference_steps, b, shared=shared, **kwargs) for b in bs]
     for k in range(len(out) - 2, -1, -1):
         mine, larger = out[k].params.get("calibration_error_db"), out[k + 1].params.get("calibration_error_db")
