@@ -65,7 +65,9 @@ def _bundled_scheduler(model: str, requested: str | None) -> str:
     """The sampler name for a bundled model: as asked, else flow-euler for flux-digits and ddim for the others."""
     if requested is not None:
         return requested
-    return "flow-euler" if model == "flux-digits" else "ddim"
+    from .models.registry import FLOW_MODELS
+
+    return "flow-euler" if model in FLOW_MODELS else "ddim"
 
 
 def _warm_up_arg(v: str):

@@ -33,7 +33,6 @@ from l2c_kernels.models.digits_data import augment, load_digits_tensor  # noqa: 
 from l2c_kernels.models.registry import build, save_bundle  # noqa: E402
 from train_loop import EmaTrainer, dropped_captions, warmup_cosine  # noqa: E402
 
-NAME = "flux-digits"
 
 
 def sample_t(n: int, how: str, gen: torch.Generator) -> torch.Tensor:
@@ -47,6 +46,9 @@ def sample_t(n: int, how: str, gen: torch.Generator) -> torch.Tensor:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="flux-digits", choices=["flux-digits", "flux-heldout"],
+                    help="which model of the family: flux-digits, or flux-heldout (the held-out model of the "
+                         "comparisons: another size, train it with another --seed)")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -67,6 +69,7 @@ def main(argv=None):
     random.seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
+    NAME = args.name
     bundle = build(NAME)
     model, text = bundle.transformer, bundle.text_encoder
     trainer = EmaTrainer([model, text], args.lr, args.ema)

@@ -160,6 +160,25 @@ def test_training_script_writes_loadable_weights_with_its_record(tmp_path):
     assert not b.transformer.training and not any(p.requires_grad for p in b.transformer.parameters())
 
 
+def test_training_script_trains_the_held_out_model_by_name(tmp_path):
+    """``--name flux-heldout``: the held-out model of the comparisons, its own size, loadable under its own name and
+    sampled with Euler flow matching like flux-digits."""
+    from l2c_kernels.models import configs
+
+    spec = importlib.util.spec_from_file_location("train_flux_digits", ROOT / "python" / "train_flux_digits.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--name", "flux-heldout", "--steps", "2", "--batch", "2", "--warmup", "1", "--threads", "1",
+              "--out", str(tmp_path), "--seed", "1"])
+    b = load("flux-heldout", weights_dir=tmp_path)
+    assert b.name == "flux-heldout" and b.is_flow_matching and b.info["seed"] == 1
+    assert len(b.transformer.transformer_blocks) == configs.FLUX_HELDOUT["num_layers"] == 1
+    assert len(b.transformer.single_transformer_blocks) == configs.FLUX_HELDOUT["num_single_layers"] == 4
+    assert not (tmp_path / "flux-digits.safetensors").exists()
+    imgs = flux_digits.sample(b, labels=[1, 2], steps=2, cfg=2.0, seed=0, progress=False)
+    assert imgs.shape == (2, 1, 16, 16) and bool(torch.isfinite(imgs).all())
+
+
 def _shipped():
     if not (WEIGHTS_DIR / "flux-digits.safetensors").exists():
         pytest.skip("flux-digits weights not present")

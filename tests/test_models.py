@@ -14,7 +14,7 @@ def _available(name):
         pytest.skip(f"{name} weights not present")
 
 
-@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "flux-digits"])  # flux: tests/test_flux_digits.py
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if not n.startswith("flux-")])  # flux: tests/test_flux_digits.py
 def test_load_shapes_modes_and_determinism(name):
     b = _available(name)
     tr = b.transformer

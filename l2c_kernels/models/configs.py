@@ -35,6 +35,11 @@ FLUX_DIGITS = dict(
     guidance_embeds=False, axes_dims_rope=(8, 12, 12),
 )
 
+# flux-heldout: the held-out model of the comparisons (no default of the package is chosen on it): the same family
+# and data as flux-digits, another size (1 double-stream and 4 single-stream blocks, hidden 64: 2 heads of 32) and
+# another training seed.
+FLUX_HELDOUT = dict(FLUX_DIGITS, num_layers=1, num_single_layers=4, num_attention_heads=2)
+
 # rectified flow: x_t = (1 - t) x0 + t noise, the model predicts noise - x0; sampled with
 # FlowMatchEulerDiscreteScheduler, no resolution shift (16x16 pixels, 64 tokens).
 FLOW_MATCH_SCHEDULE = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)

@@ -32,17 +32,18 @@ CHANNELS = 1  # pixel channels before packing
 LEARN_DEFAULTS = dict(iterations=12, batch_size=2, calibration_samples=4)
 
 
-def build_flux_digits():
-    """A freshly initialised flux-digits bundle (transformer + caption encoder), output layer zeroed."""
+def build_flux_digits(name: str = "flux-digits", config: dict | None = None):
+    """A freshly initialised flux-digits bundle (transformer + caption encoder), output layer zeroed; ``name`` and
+    ``config`` for another model of the family (``flux-heldout``)."""
     from diffusers import FluxTransformer2DModel
 
     from .registry import BundledModel
     from .text_encoder import DigitTextEncoder
 
-    tr = FluxTransformer2DModel(**configs.FLUX_DIGITS)
+    tr = FluxTransformer2DModel(**(configs.FLUX_DIGITS if config is None else config))
     torch.nn.init.zeros_(tr.proj_out.weight)
     torch.nn.init.zeros_(tr.proj_out.bias)
-    return BundledModel("flux-digits", tr, DigitTextEncoder(**configs.TEXT_ENCODER),
+    return BundledModel(name, tr, DigitTextEncoder(**configs.TEXT_ENCODER),
                         dict(configs.FLOW_MATCH_SCHEDULE))
 
 

@@ -10,11 +10,14 @@ import torch
 from . import configs
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MODEL_NAMES = ("dit-digits", "pixart-digits", "flux-digits")
+MODEL_NAMES = ("dit-digits", "pixart-digits", "flux-digits", "flux-heldout")
+#: the rectified-flow models (Euler flow matching) and their transformer configs
+FLOW_MODELS = {"flux-digits": "FLUX_DIGITS", "flux-heldout": "FLUX_HELDOUT"}
 #: the script that trains each bundled model
 TRAIN_COMMANDS = {"dit-digits": "python python/train_digits.py --model dit-digits",
                   "pixart-digits": "python python/train_digits.py --model pixart-digits",
-                  "flux-digits": "python python/train_flux_digits.py"}
+                  "flux-digits": "python python/train_flux_digits.py",
+                  "flux-heldout": "python python/train_flux_digits.py --name flux-heldout --seed 1"}
 
 
 @dataclass
@@ -38,8 +41,8 @@ class BundledModel:
 
     @property
     def is_flow_matching(self) -> bool:
-        """Rectified-flow model sampled with ``FlowMatchEulerDiscreteScheduler`` (``flux-digits``)."""
-        return self.name == "flux-digits"
+        """Rectified-flow model sampled with ``FlowMatchEulerDiscreteScheduler`` (``flux-digits``, ``flux-heldout``)."""
+        return self.name in FLOW_MODELS
 
     @property
     def recommended_cfg(self) -> float:
@@ -58,10 +61,10 @@ def build(name: str) -> BundledModel:
         from diffusers import DiTTransformer2DModel
 
         return BundledModel(name, DiTTransformer2DModel(**configs.DIT_DIGITS), None, dict(configs.NOISE_SCHEDULE))
-    if name == "flux-digits":
+    if name in FLOW_MODELS:
         from .flux_digits import build_flux_digits
 
-        return build_flux_digits()
+        return build_flux_digits(name, getattr(configs, FLOW_MODELS[name]))
     from diffusers import PixArtTransformer2DModel
 
     from .text_encoder import DigitTextEncoder
