@@ -53,10 +53,15 @@ from l2c_kernels.cli import _warm_up_arg  # noqa: E402
 
 import peers as peer_mod  # noqa: E402
 
-TARGETS = (1.5, 2.0)          # speedups the comparison is made at
+TARGETS = (1.5, 2.0, 3.0, 4.0)  # speedups the comparison is made at
 TOLERANCE = 0.05              # "within 5%": a point counts at target T if its speedup >= (1 - 5%) T
-FLOPS_TARGETS = (1 / 3, 1 / 2)  # FLOPs-removed fractions whose ideal speedups are 1.5x and 2x
-BASELINE_FAMILIES = ("uniform (FORA)", "DeepCache", "first blocks (static)", "T-GATE", "Block Caching", "random")
+FLOPS_TARGETS = (1 / 3, 1 / 2, 2 / 3, 3 / 4)  # FLOPs-removed fractions whose ideal speedups are 1.5x, 2x, 3x, 4x
+WARM_INTERVAL = "warm-up + interval + forecast (static)"   # TaylorSeer's structure as a static schedule
+BASELINE_FAMILIES = ("uniform (FORA)", "DeepCache", "first blocks (static)", "T-GATE", "Block Caching", "random",
+                     WARM_INTERVAL)
+#: the static searchers, re-implemented on the learner's own segment costs (l2c_kernels.learn.step_search)
+SEARCHER_FAMILIES = {"dpcache": "DPCache-style search (static)", "cem": "CEM-style search (static)",
+                     "lemica": "LeMiCa-style search (static)"}
 LEARNED = "learned (L2C)"
 #: our forecast on the FORA step pattern: not a baseline of the comparison but the ablation that shows
 #: how much of the learned schedule's lead is the forecast and how much the learned mask
@@ -118,6 +123,10 @@ def baseline_schedules(bundle, steps: int, budgets, change_curves=None, schedule
     for k in (2, 3):
         for fc in ("linear", "quadratic"):
             out.append((ABLATION, f"every {k} steps, {fc} forecast", schedules.uniform(tr, ts, k, forecast=fc)))
+    for k in (2, 3, 4, 5, 6):
+        for fc in ("linear", "taylor"):
+            out.append((WARM_INTERVAL, f"first 3 steps, then every {k}, {fc}",
+                        schedules.warm_up_interval(tr, ts, 3, k, forecast=fc)))
     nb = l2c.adapters.adapter_for(tr).num_blocks(tr)
     for k in (2, 3):
         if nb < 4:
@@ -145,31 +154,54 @@ def baseline_schedules(bundle, steps: int, budgets, change_curves=None, schedule
 
 
 def learned_schedules(bundle, steps: int, budgets, cfg: float, out_dir: Path | None, relearn: bool = False,
-                      scheduler: str = "ddim", log=print, no_warm_up=(), **learn_kwargs) -> list[tuple]:
-    """``(family, label, schedule)`` for a learned schedule at every budget (cached as JSON in ``out_dir``), and
-    at every budget of ``no_warm_up`` once more learned with ``warm_up=0`` (the learner's other setting on
-    flow-matching samplers: without its warm-up)."""
+                      scheduler: str = "ddim", log=print, **learn_kwargs) -> list[tuple]:
+    """``(family, label, schedule)`` for the learned front (every budget in one ``learn_schedule(budgets=...)`` call)
+    and, at every budget, the static searchers on the learner's own segment costs (DPCache-, CEM-, LeMiCa-style);
+    all cached as JSON in ``out_dir`` (learned again when one is missing, or with ``relearn``)."""
+    from l2c_kernels.learn import step_search
+
+    def path(name):
+        return None if out_dir is None else Path(out_dir) / f"{name}.l2c.json"
+
+    names = [f"learned_{round(100 * b)}" for b in budgets]
+    names += [f"{k}_{round(100 * b)}" for b in budgets for k in SEARCHER_FAMILIES]
+    cached = {}
+    if out_dir is not None and not relearn:
+        for nm in names:
+            if path(nm).exists():
+                sc = l2c.Schedule.load(path(nm))
+                if sc.num_steps == steps and (not nm.startswith("learned") or sc.params.get("cfg") == cfg):
+                    cached[nm] = sc
+    if any(nm not in cached for nm in names):
+        shared: dict = {}
+        t0 = time.time()
+        front = l2c.learn_front(bundle, steps, budgets, shared=shared, cfg=cfg, scheduler=_learn_scheduler(scheduler),
+                                progress=False, **learn_kwargs)
+        log(f"  learned the front {list(budgets)} in {time.time() - t0:.0f} s")
+        costs = next(v for k, v in shared.items() if isinstance(k, tuple) and k[0] == "segment_costs")
+        tr = bundle.transformer
+        ts = timesteps_for(bundle, steps, scheduler)
+        for b, sc in zip(sorted(budgets), front):
+            sc.params["front_seconds"] = round(time.time() - t0, 1)
+            cached[f"learned_{round(100 * b)}"] = sc
+            for k in SEARCHER_FAMILIES:
+                fc = step_search.SEARCHERS[k][0]
+                st = step_search.searcher_steps(costs, b, k)
+                cached[f"{k}_{round(100 * b)}"] = schedules.computed_steps(tr, ts, st, fc, method=f"{k}-style",
+                                                                           params=dict(budget=b))
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            for nm in names:
+                cached[nm].save(path(nm))
     out = []
-    for b, unwarmed in [(b, False) for b in budgets] + [(b, True) for b in no_warm_up]:
-        kw = dict(learn_kwargs, warm_up=0) if unwarmed else learn_kwargs
-        name = f"learned_{round(100 * b)}" + ("_no_warm_up" if unwarmed else "")
-        path = None if out_dir is None else Path(out_dir) / f"{name}.l2c.json"
-        sched = None
-        if path is not None and path.exists() and not relearn:
-            sched = l2c.Schedule.load(path)
-            if sched.params.get("cfg") != cfg or sched.num_steps != steps:
-                sched = None
-        if sched is None:
-            t0 = time.time()
-            sched = l2c.learn_schedule(bundle, num_inference_steps=steps, budget=b, cfg=cfg,
-                                       scheduler=_learn_scheduler(scheduler), progress=False, **kw)
-            log(f"  learned budget {b:.2f} in {time.time() - t0:.0f} s: "
-                f"{100 * sched.flops_removed_fraction():.1f}% of branch FLOPs removed")
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                sched.save(path)
-        out.append((LEARNED, f"budget {100 * b:.0f}%" + (", no warm-up" if unwarmed else "")
-                    + (f", {sched.forecast} forecast" if sched.forecast != "none" else ""), sched))
+    for b in budgets:
+        sc = cached[f"learned_{round(100 * b)}"]
+        taken = sc.params.get("front_from_budget")
+        out.append((LEARNED, f"budget {100 * b:.0f}%" + (f" (the {100 * taken:.0f}% schedule)" if taken else "")
+                    + (f", {sc.forecast} forecast" if sc.forecast != "none" else ""), sc))
+        for k, fam in SEARCHER_FAMILIES.items():
+            sc = cached[f"{k}_{round(100 * b)}"]
+            out.append((fam, f"budget {100 * b:.0f}%, {sc.forecast}", _block_weighted(sc, bundle.transformer)))
     return out
 
 
@@ -178,7 +210,8 @@ def _quality(images, ref, labels) -> dict:
     acc = None
     if images.shape[1:] == (1, 16, 16):  # the bundled digit classifier's input
         acc = metrics.class_accuracy(images, labels)
-    return dict(psnr=metrics.psnr(images, ref), ssim=metrics.ssim(images, ref), accuracy=acc)
+    return dict(psnr=metrics.psnr(images, ref), ssim=metrics.ssim(images, ref), accuracy=acc,
+                worst_psnr=float(metrics.psnr_per_image(images, ref).min()))
 
 
 def _sample(bundle, tr, labels, steps, cfg, seed, scheduler):
@@ -259,6 +292,8 @@ def _group(row) -> str:
         return "baseline"
     if row["family"] == ABLATION:
         return "ablation"
+    if row["family"] in SEARCHER_FAMILIES.values():
+        return "searcher"
     if row["family"] == "full compute":
         return "full"
     return "peer" if row.get("kind") == "peer" else "other"
@@ -294,24 +329,29 @@ def summarize(rows, targets=TARGETS, tol: float = TOLERANCE, flops_targets=FLOPS
                     per[f] = dict(unreachable=True, max_reached=max((r.get(key) or 0.0) for r in fam_rows))
             groups = {g: [f for f in fams if f in per and per[f] and not per[f].get("unreachable")
                           and _group(next(r for r in rows if r["family"] == f)) == g]
-                      for g in ("learned", "baseline", "peer", "ablation")}
+                      for g in ("learned", "baseline", "peer", "ablation", "searcher")}
 
             def best(g):
                 c = [(per[f]["psnr"], f) for f in groups[g]]
                 return max(c) if c else None
 
             bl, bb, bp, ba = best("learned"), best("baseline"), best("peer"), best("ablation")
+            bs = best("searcher")
             entry = dict(target=t, per_family=per,
                          ablation=None if ba is None else dict(family=ba[1], **per[ba[1]]),
                          margin_over_ablation_db=None if (bl is None or ba is None) else bl[0] - ba[0],
                          learned=None if bl is None else dict(family=bl[1], **per[bl[1]]),
                          best_baseline=None if bb is None else dict(family=bb[1], **per[bb[1]]),
-                         best_peer=None if bp is None else dict(family=bp[1], **per[bp[1]]))
+                         best_peer=None if bp is None else dict(family=bp[1], **per[bp[1]]),
+                         best_searcher=None if bs is None else dict(family=bs[1], **per[bs[1]]),
+                         margin_over_searcher_db=None if (bl is None or bs is None) else bl[0] - bs[0])
             others = [x for x in (bb, bp) if x is not None]
             entry["learned_wins"] = bool(bl is not None and all(bl[0] > o[0] for o in others))
             entry["margin_db"] = None if (bl is None or not others) else bl[0] - max(o[0] for o in others)
             if margin_db > 0 and entry["margin_db"] is not None:
                 entry["learned_wins"] = entry["learned_wins"] and entry["margin_db"] >= margin_db - 1e-9
+            if bs is not None:   # the static searchers: the learned schedule must be no lower
+                entry["learned_wins"] = entry["learned_wins"] and bl is not None and bl[0] >= bs[0]
             if key == "speedup" and full_accuracy is not None and bl is not None and per[bl[1]]["accuracy"] is not None:
                 entry["accuracy_drop_points"] = 100 * (full_accuracy - per[bl[1]]["accuracy"])
             out[dest].append(entry)
@@ -361,7 +401,7 @@ def markdown(result: dict) -> str:
              f"interleaved runs of {m['time_samples']} digits after a warm-up round"
              f"{' (methods in a new random order each round)' if m.get('round_order') == 'shuffled' else ''}; full compute "
              f"{full['seconds']:.2f} s per run = 1.00x." + _load_note(m),
-             "", "## At 1.5x and 2x measured speedup",
+             "", "## At " + ", ".join(f"{t:g}x" for t in TARGETS) + " measured speedup",
              "",
              f"Best PSNR each family reaches at a speedup of at least {100 * (1 - m['tolerance']):.0f}% of the target "
              "(\"cannot reach\": no setting of that method is that fast).",
@@ -378,9 +418,9 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {e['target']:.1f}x | {bold}{fam}{bold} | {v['label']} | {v['speedup']:.2f}x | "
                              f"{100 * v['flops_removed']:.0f}% | {bold}{_fmt(v['psnr'])}{bold} | {_fmt(v['ssim'], '{:.3f}')} "
                              f"| {_fmt(v['accuracy'], '{:.3f}')} |")
-    lines += ["", "| target | learned PSNR | best baseline | best peer | margin (dB) | learned wins | "
-              "ablation: FORA steps + our forecast | learned - ablation (dB) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| target | learned PSNR | best baseline | best peer | margin (dB) | best static searcher | "
+              "learned - searcher (dB) | learned wins | ablation: FORA steps + our forecast | learned - ablation (dB) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for e in result["summary"]["by_speedup"] + result["summary"]["by_flops"]:
         is_sp = e in result["summary"]["by_speedup"]
         tgt = f"{e['target']:.1f}x speedup" if is_sp else f"{100 * e['target']:.0f}% FLOPs removed"
@@ -389,11 +429,13 @@ def markdown(result: dict) -> str:
             return "—" if x is None else f"{_fmt(x['psnr'])} ({x['family']}: {x['label']}, {x['speedup']:.2f}x)"
 
         lines.append(f"| {tgt} | {cell(e['learned'])} | {cell(e['best_baseline'])} | {cell(e['best_peer'])} | "
-                     f"{_fmt(e['margin_db'], '{:+.2f}')} | {'yes' if e['learned_wins'] else 'no'} | "
+                     f"{_fmt(e['margin_db'], '{:+.2f}')} | {cell(e.get('best_searcher'))} | "
+                     f"{_fmt(e.get('margin_over_searcher_db'), '{:+.2f}')} | {'yes' if e['learned_wins'] else 'no'} | "
                      f"{cell(e.get('ablation'))} | {_fmt(e.get('margin_over_ablation_db'), '{:+.2f}')} |")
     s = result["summary"]
     win = ("best" if not s.get("margin_goal_db") else f"best by at least {s['margin_goal_db']:g} dB")
-    lines += ["", f"Goal (learned schedule {win} at 1.5x and 2x; accuracy within "
+    lines += ["", f"Goal (learned schedule {win} among baselines and peers, and no lower than the static "
+              f"searchers, at every target; accuracy within "
               f"{s.get('accuracy_goal_points', 2.0):g} point{'' if s.get('accuracy_goal_points') == 1 else 's'} of full "
               "at 1.5x): "
               f"**{'met' if s['goal_met'] else 'not met'}**.",
@@ -401,15 +443,16 @@ def markdown(result: dict) -> str:
               "learned schedules may: it is not one of the baselines above but shows how much of the learned "
               "schedule's lead comes from the forecast and how much from the learned choice of what to compute."]
     lines += ["", "## Every method", "",
-              "| family | setting | speedup | ideal | FLOPs removed | PSNR (dB) | SSIM | accuracy | s/run |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| family | setting | speedup | ideal | FLOPs removed | PSNR (dB) | worst digit (dB) | SSIM | accuracy | "
+              "s/run |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["family"] != "full compute", r["family"], -r["psnr"])):
         acc = _fmt(r['accuracy'], '{:.3f}')
         if r.get("accuracy_samples") and r["accuracy_samples"] != m["samples"]:
             acc += f" (n={r['accuracy_samples']})"
         lines.append(f"| {r['family']} | {r['label']} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
-                     f"{100 * r['flops_removed']:.1f}% | {_fmt(r['psnr'])} | {_fmt(r['ssim'], '{:.3f}')} | "
-                     f"{acc} | {r['seconds']:.2f} |")
+                     f"{100 * r['flops_removed']:.1f}% | {_fmt(r['psnr'])} | {_fmt(r.get('worst_psnr'))} | "
+                     f"{_fmt(r['ssim'], '{:.3f}')} | {acc} | {r['seconds']:.2f} |")
     if result.get("unavailable"):
         lines += ["", "## Peers that could not be applied", ""]
         for u in result["unavailable"]:
@@ -455,7 +498,7 @@ def magcache_ratios(bundle, steps: int, cfg: float, scheduler: str) -> list[floa
 
 
 def build_entries(bundle, steps: int, cfg: float, budgets, *, out_dir: Path | None, relearn: bool, scheduler: str,
-                  learn_kwargs: dict, curve_runs: int, peer_settings=None, log=print, no_warm_up=()):
+                  learn_kwargs: dict, curve_runs: int, peer_settings=None, log=print):
     tr = bundle.transformer
     entries = [dict(family="full compute", label="diffusers transformer", kind="full", transformer=tr)]
     full_sched = _block_weighted(schedules.full(tr, timesteps_for(bundle, steps, scheduler)), tr)
@@ -463,7 +506,7 @@ def build_entries(bundle, steps: int, cfg: float, budgets, *, out_dir: Path | No
                         schedule=full_sched, transformer=l2c.compile_schedule(tr, full_sched)))
     log("learning schedules ...")
     methods = learned_schedules(bundle, steps, budgets, cfg, out_dir, relearn, scheduler, log=log,
-                                no_warm_up=no_warm_up, **learn_kwargs)
+                                **learn_kwargs)
     curves = None
     unavailable = []
     if curve_runs > 0:
@@ -526,7 +569,7 @@ def guidance_scale(bundle, cfg: float | None) -> float:
 def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5, 0.6), samples: int = 20,
         accuracy_samples: int = 100, time_samples: int = 10, repeats: int = 3, seed: int = 100,
         out: Path | None = None, relearn: bool = False, scheduler: str | None = None, learn_kwargs: dict | None = None,
-        curve_runs: int = 2, peer_settings=None, log=print, no_warm_up=()) -> dict:
+        curve_runs: int = 2, peer_settings=None, log=print) -> dict:
     """The whole comparison for one bundled model and step count; writes the result files when ``out`` is set
     (``scheduler`` None: DDIM, or Euler flow matching for flux-digits)."""
     cfg = guidance_scale(bundle, cfg)
@@ -536,8 +579,7 @@ def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5,
     t0 = time.time()
     entries, unavailable = build_entries(bundle, steps, cfg, budgets, out_dir=sched_dir, relearn=relearn,
                                          scheduler=scheduler, learn_kwargs=dict(learn_kwargs or {}),
-                                         curve_runs=curve_runs, peer_settings=peer_settings, log=log,
-                                         no_warm_up=no_warm_up)
+                                         curve_runs=curve_runs, peer_settings=peer_settings, log=log)
     labels = [i % 10 for i in range(samples)]
     time_labels = [i % 10 for i in range(time_samples)]
     log(f"running {len(entries)} methods: quality on {samples} digits, {repeats} timed rounds on {time_samples}")
@@ -569,7 +611,7 @@ def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5,
     meta = dict(benchmark="learned schedules vs baselines and peers", model=bundle.name, steps=steps,
                 scheduler=scheduler, cfg=cfg, samples=samples, accuracy_samples=accuracy_samples,
                 time_samples=time_samples, repeats=repeats, round_order="shuffled", seed=seed,
-                budgets=list(budgets), no_warm_up_budgets=list(no_warm_up), tolerance=TOLERANCE, date=str(date.today()),
+                budgets=list(budgets), tolerance=TOLERANCE, date=str(date.today()),
                 device=f"CPU ({torch.get_num_threads()} threads, {platform.machine()})",
                 wall_seconds=None, load_average=dict(start_and_per_timed_round=loads, end=load_average()),
                 cpu_count=os.cpu_count(), magcache_calibration_seed=MAGCACHE_SEED, **_versions())
@@ -596,21 +638,18 @@ def recheck(bundle, result: dict, samples: int, seed: int, out: Path | None = No
     tr = bundle.transformer
     want = {(r["family"], r["label"]) for r in result["rows"] if r["family"] == LEARNED}
     for e in result["summary"]["by_speedup"]:
-        for k in ("best_baseline", "best_peer", "ablation"):
+        for k in ("best_baseline", "best_peer", "ablation", "best_searcher"):
             if e.get(k):
                 want.add((e[k]["family"], e[k]["label"]))
     sched_dir = None if out is None else Path(out) / f"{result_tag(bundle.name, steps)}_schedules"
     found = {}
-    learned = learned_schedules(bundle, steps, [b for b in m["budgets"]
-                                                if (sched_dir / f"learned_{round(100 * b)}.l2c.json").exists()],
-                                cfg, sched_dir, scheduler=scheduler, log=log,
-                                no_warm_up=[b for b in m.get("no_warm_up_budgets", [])
-                                            if (sched_dir / f"learned_{round(100 * b)}_no_warm_up.l2c.json").exists()]
-                                ) if sched_dir else []
+    learned = learned_schedules(bundle, steps, m["budgets"], cfg, sched_dir, scheduler=scheduler,
+                                log=log) if sched_dir else []
     for fam, label, sch in learned + baseline_schedules(bundle, steps, m["budgets"], None, scheduler):
         if (fam, label) in want:
             found[(fam, label)] = l2c.compile_schedule(tr, sch)
-    if any(f not in (LEARNED,) + BASELINE_FAMILIES + (ABLATION,) for f, _ in want):
+    if any(f not in (LEARNED,) + BASELINE_FAMILIES + (ABLATION,) + tuple(SEARCHER_FAMILIES.values())
+           for f, _ in want):
         settings = peer_settings
         if settings is None:
             mag = (magcache_ratios(bundle, steps, cfg, scheduler)
@@ -657,7 +696,8 @@ def main(argv=None):
     ap.add_argument("--model", default="dit-digits", choices=["dit-digits", "pixart-digits", "flux-digits"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommended one)")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.35, 0.5, 0.67, 0.75],
+                    help="budgets of the learned front (one learn_schedule(budgets=...) call)")
     ap.add_argument("--samples", type=int, default=20, help="digits for PSNR/SSIM (and accuracy of every method)")
     ap.add_argument("--accuracy-samples", type=int, default=100,
                     help="digits for the accuracy of full compute, the learned schedules and the best other methods")
@@ -670,9 +710,6 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=None, help="router training batch (default: learn_schedule's)")
     ap.add_argument("--calibration-samples", type=int, default=None,
                     help="samples the learner measures its candidate schedules on (default: learn_schedule's)")
-    ap.add_argument("--no-warm-up", type=float, nargs="*", default=[], metavar="BUDGET",
-                    help="budgets learned once more with warm_up=0 (rows 'no warm-up'): on flow-matching samplers the "
-                         "learner's default computes the first 10%% of the steps in full")
     ap.add_argument("--warm-up", type=_warm_up_arg, default=None, metavar="N|auto",
                     help="first steps the learned schedules compute in full (default: learn_schedule's, auto)")
     ap.add_argument("--relearn", action="store_true", help="learn again even if saved schedules exist")
@@ -716,12 +753,12 @@ def main(argv=None):
         learned_schedules(bundle, a.steps, a.budgets, guidance_scale(bundle, a.cfg),
                           Path(a.out) / f"{result_tag(bundle.name, a.steps)}_schedules",
                           a.relearn, scheduler=default_sampler(bundle), log=lambda s: print(s, flush=True),
-                          no_warm_up=a.no_warm_up, **learn_kwargs)
+                          **learn_kwargs)
         return None
     res = run(bundle, a.steps, cfg=a.cfg, budgets=a.budgets, samples=a.samples, accuracy_samples=a.accuracy_samples,
               time_samples=a.time_samples,
               repeats=a.repeats, seed=a.seed, out=Path(a.out), relearn=a.relearn, learn_kwargs=learn_kwargs,
-              curve_runs=a.curve_runs, log=lambda s: print(s, flush=True), no_warm_up=a.no_warm_up)
+              curve_runs=a.curve_runs, log=lambda s: print(s, flush=True))
     print(markdown(res).split("## Every method")[0])
     return res
 

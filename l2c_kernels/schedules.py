@@ -30,14 +30,40 @@ def full(model, timesteps: Sequence[int]) -> Schedule:
     return _make(model, timesteps, [[COMPUTE * len(branches)] * nb for _ in timesteps], "full", {})
 
 
+def computed_steps(model, timesteps: Sequence[int], computed, forecast: str = "none", method: str = "steps",
+                   params: dict | None = None) -> Schedule:
+    """Every branch (block) computed at the steps in ``computed`` (step 0 among them), reused -- or forecast -- at
+    every other step."""
+    steps = sorted({int(s) for s in computed})
+    n = len(timesteps)
+    if not steps or steps[0] != 0 or steps[-1] >= n:
+        raise ValueError(f"computed steps must include step 0 and lie in [0, {n - 1}], got {list(computed)[:8]}")
+    nb, branches, _ = _facts(model)
+    on = set(steps)
+    plan = [[(COMPUTE if i in on else REUSE) * len(branches)] * nb for i in range(n)]
+    return _make(model, timesteps, plan, method, dict(params or {}, computed=steps), forecast=forecast)
+
+
 def uniform(model, timesteps: Sequence[int], interval: int = 2, forecast: str = "none") -> Schedule:
     """FORA: recompute every branch every ``interval`` steps, reuse all of them in between
     (``forecast="linear"``: extrapolated from the last two computations, see :class:`Schedule`)."""
     if interval < 1:
         raise ValueError(f"interval must be >= 1, got {interval}")
-    nb, branches, _ = _facts(model)
-    plan = [[(COMPUTE if i % interval == 0 else REUSE) * len(branches)] * nb for i in range(len(timesteps))]
-    return _make(model, timesteps, plan, "uniform", dict(interval=interval), forecast=forecast)
+    s = computed_steps(model, timesteps, range(0, len(timesteps), interval), forecast, "uniform",
+                       dict(interval=interval))
+    s.params.pop("computed")
+    return s
+
+
+def warm_up_interval(model, timesteps: Sequence[int], warm_up: int, interval: int, forecast: str = "linear") -> Schedule:
+    """TaylorSeer's structure as a static schedule: the first ``warm_up`` steps computed, then every ``interval``-th
+    from step ``warm_up``, with ``forecast`` in between."""
+    if warm_up < 1 or interval < 1:
+        raise ValueError(f"warm_up and interval must be >= 1, got {warm_up} and {interval}")
+    n = len(timesteps)
+    steps = [s for s in range(n) if s < warm_up or (s - warm_up) % interval == 0]
+    return computed_steps(model, timesteps, steps, forecast, "warm_up_interval",
+                          dict(warm_up=warm_up, interval=interval))
 
 
 def deepcache(model, timesteps: Sequence[int], interval: int = 3, keep_first: int = 2, keep_last: int = 1,

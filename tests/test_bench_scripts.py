@@ -67,7 +67,7 @@ def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
     res = bp.run(bundle, 3, budgets=(0.5,), samples=1, accuracy_samples=0, time_samples=1, repeats=1, out=tmp_path,
                  learn_kwargs=dict(iterations=2, batch_size=1, calibration_samples=1, structured_candidates=False,
                                    forecast="none"), curve_runs=1,
-                 peer_settings=settings, log=lambda s: None, no_warm_up=(0.5,))
+                 peer_settings=settings, log=lambda s: None)
     m = res["meta"]
     assert m["scheduler"] == "flow-euler" and m["cfg"] == bundle.recommended_cfg
     rows = {(r["family"], r["label"]): r for r in res["rows"]}
@@ -85,12 +85,16 @@ def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
         2 * sum(costs[1:]) / total)
     learned = Schedule.load(tmp_path / "pareto_flux-digits_3_schedules" / "learned_50.l2c.json")
     assert learned.branches == ["block"] and learned.params.get("cfg") == bundle.recommended_cfg
-    unwarmed = Schedule.load(tmp_path / "pareto_flux-digits_3_schedules" / "learned_50_no_warm_up.l2c.json")
-    assert learned.params["warm_up"] == 1 and unwarmed.params["warm_up"] == 0   # "auto" at 3 steps and 50%: step 0
-    assert m["no_warm_up_budgets"] == [0.5]
+    assert learned.params["warm_up"] == 1   # "auto" at 3 steps and 50%: step 0
     assert {r["label"]: r["flops_removed"] for r in res["rows"] if r["family"] == bp.LEARNED} == {
-        "budget 50%": pytest.approx(learned.flops_removed_fraction(), abs=1e-12),
-        "budget 50%, no warm-up": pytest.approx(unwarmed.flops_removed_fraction(), abs=1e-12)}
+        "budget 50%": pytest.approx(learned.flops_removed_fraction(), abs=1e-12)}
+    # the static searchers at the same budget: at 3 steps and 50% only step 0 can be computed (2 of 3 steps reused)
+    for name, fam in bp.SEARCHER_FAMILIES.items():
+        sc = Schedule.load(tmp_path / "pareto_flux-digits_3_schedules" / f"{name}_50.l2c.json")
+        assert sc.params["computed"] == [0]
+        assert rows[(fam, f"budget 50%, {sc.forecast}")]["flops_removed"] == pytest.approx(2 / 3)
+    assert rows[(bp.WARM_INTERVAL, "first 3 steps, then every 2, linear")]["flops_removed"] == 0.0
+    assert all(r["worst_psnr"] <= r["psnr"] + 1e-9 for r in res["rows"])
     md = (tmp_path / "pareto_flux-digits_3.md").read_text()
     assert "Euler flow matching 3 steps, CFG 7.0" in md and "best by at least 1 dB" in md and "Load average" in md
     assert (tmp_path / "pareto_flux-digits_3.png").exists()
@@ -101,7 +105,7 @@ def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
 
     res = bp.recheck(bundle, res, 2, 5, out=tmp_path, peer_settings=settings, log=lambda s: None)
     rc = {(r["family"], r["label"]): r for r in res["recheck"]["rows"]}
-    assert {lb for f, lb in rc if f == bp.LEARNED} == {"budget 50%", "budget 50%, no warm-up"}
+    assert {lb for f, lb in rc if f == bp.LEARNED} == {"budget 50%"}
     lrow = rc[(bp.LEARNED, "budget 50%")]
     ref = sampling.sample(bundle, labels=[0, 1], steps=3, seed=5, progress=False)
     mine = sampling.sample(bundle, labels=[0, 1], steps=3, seed=5, progress=False,

@@ -219,10 +219,11 @@ def computed_count(num_steps: int, budget: float) -> int:
 
 
 def default_max_interval(num_steps: int, budgets) -> int:
-    """Longest segment measured: twice the mean interval of the largest budget, at least 4 (and fewer than the
-    steps)."""
+    """Longest segment measured: twice the mean interval of the largest budget, at least 4, at least what that
+    budget's fewest computed steps need to reach the end, and at most the step count."""
     b = max(budgets)
-    return max(1, min(num_steps - 1, max(4, math.ceil(2.0 / max(1e-6, 1.0 - b)))))
+    need = math.ceil(num_steps / computed_count(num_steps, b))
+    return max(1, min(num_steps, max(4, math.ceil(2.0 / max(1e-6, 1.0 - b)), need)))
 
 
 def step_candidates(costs: SegmentCosts, budget: float, warm_up: int = 0, top: int = 2,
