@@ -36,28 +36,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 import l2c_kernels as l2c  # noqa: E402
-from l2c_kernels import metrics, models  # noqa: E402
+from l2c_kernels import metrics, models, schedules  # noqa: E402
 from l2c_kernels.learn import step_search  # noqa: E402
 from l2c_kernels.learn.conditioning import denoiser_for  # noqa: E402
-from l2c_kernels.learn.soft_branches import learning_units  # noqa: E402
-
-
-def step_schedule(model, timesteps, units, steps, forecast):
-    n = len(timesteps)
-    mask = torch.zeros(n, units.num_blocks, len(units.names), dtype=torch.bool)
-    for s in steps:
-        mask[s] = True
-    return l2c.Schedule.from_mask(model, list(timesteps), mask, forecast=forecast, **units.schedule_kwargs)
-
-
-def fixed_steps(n, warm, k):
-    """The first ``warm`` steps, then every ``k``-th from step ``warm``."""
-    return tuple(s for s in range(n) if s < warm or (s - warm) % k == 0)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="flux-digits", choices=["dit-digits", "pixart-digits", "flux-digits"])
+    ap.add_argument("--model", default="flux-digits", choices=list(models.MODEL_NAMES))
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.35, 0.5, 0.67, 0.75])
     ap.add_argument("--samples", type=int, default=40, help="held-out digits scored (labels stratified, own noise)")
@@ -75,7 +61,6 @@ def main(argv=None) -> int:
     costs = next(v for k, v in shared.items() if isinstance(k, tuple) and k[0] == "segment_costs")
     den = denoiser_for(bundle, a.samples, None, None, seed=a.seed)
     ts = den.timesteps(a.steps)
-    units = learning_units(den, None)
     noise = den.noise(a.seed)
     ref, _ = den.sample_with(model, a.steps, noise)
     rows = []
@@ -98,12 +83,12 @@ def main(argv=None) -> int:
     for warm in (1, 3):
         for k in (2, 3, 4, 5, 6):
             for fc in ("linear", "taylor"):
-                score("fixed interval", f"first {warm}, every {k}, {fc}", step_schedule(
-                    model, ts, units, fixed_steps(a.steps, warm, k), fc))
+                score("fixed interval", f"first {warm}, every {k}, {fc}",
+                      schedules.warm_up_interval(model, ts, warm, k, forecast=fc))
     for b in a.budgets:
         for name, (fc, _, _) in step_search.SEARCHERS.items():
             st = step_search.searcher_steps(costs, b, name)
-            score(f"{name}-style search", f"budget {b:.2f}, {fc}", step_schedule(model, ts, units, st, fc))
+            score(f"{name}-style search", f"budget {b:.2f}, {fc}", schedules.computed_steps(model, ts, st, fc))
     info = dict(model=a.model, steps=a.steps, budgets=a.budgets, samples=a.samples, seed=a.seed,
                 learn_seconds=round(learn_s, 1), learn_seconds_per_budget=round(learn_s / len(a.budgets), 1),
                 segment_cost_runs=costs.runs, segment_cost_seconds=round(costs.seconds, 1),

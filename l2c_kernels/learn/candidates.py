@@ -31,6 +31,7 @@ class _Calibration:
     branches: list | None = None   # the units learned when not the model's default level (SD3 / Flux branch level)
     schedule_kwargs: dict = field(default_factory=dict)   # Schedule.from_mask's branches= and unit costs
     units_shape: tuple = ()   # (blocks, units) of a mask row
+    logs: dict = field(default_factory=dict)   # (mask key, forecast) -> per-sample 10 log10(MSE) of each measurement
 
 
 @dataclass
@@ -62,7 +63,27 @@ def _calibration_error(calib: _Calibration, mask: torch.Tensor, forecast: str) -
     fast = compile_schedule(model, Schedule.from_mask(model, calib.timesteps, full, forecast=forecast,
                                                       **calib.schedule_kwargs))
     x, _ = calib.den.sample_with(fast, len(calib.timesteps), calib.noise)
+    per_sample = (x - calib.reference).pow(2).flatten(1).mean(1).double().clamp_min(1e-20)
+    calib.logs[(_mask_key(mask), forecast)] = (10.0 * torch.log10(per_sample)).cpu()
     return error_db(x, calib.reference)
+
+
+#: standard errors by which a candidate must beat the step-level optimum on the calibration batch to replace it
+SIGNIFICANCE_Z = 2.0
+
+
+def significantly_better(calib: _Calibration, a: tuple, b: tuple, z: float = SIGNIFICANCE_Z) -> bool:
+    """Whether measurement ``a`` = ``(mask key, forecast)`` beats ``b`` on ``calib`` beyond its noise: the mean of
+    the paired per-sample differences of ``10 log10(MSE)`` plus ``z`` standard errors is below zero (``z = 2``: a
+    one-sided test at about 98%). A pick made on a batch of 16 transfers only where the difference it rests on is
+    larger than what another batch of 16 would move."""
+    la, lb = calib.logs.get(a), calib.logs.get(b)
+    if la is None or lb is None:
+        raise KeyError(f"no per-sample measurement of {'a' if la is None else 'b'} on this batch")
+    d = (la - lb).double()
+    if d.numel() < 2:
+        return bool(d.mean() < 0)
+    return bool(d.mean() + z * d.std() / d.numel() ** 0.5 < 0)
 
 
 def error_db(x: torch.Tensor, reference: torch.Tensor) -> float:

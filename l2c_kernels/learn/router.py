@@ -36,7 +36,8 @@ from .denoiser import Denoiser
 from .rollouts import soft_rollout, stepwise_rollout
 from .schedulers import samples_flow_matching
 from .soft_branches import learning_units
-from .step_search import default_max_interval, measure_segment_costs, step_candidates, step_mask
+from .candidates import significantly_better
+from .step_search import default_max_interval, local_step_search, measure_segment_costs, step_candidates, step_mask
 
 _rollout = soft_rollout  # the name earlier releases used
 TRAINING_MODES = ("stepwise", "trajectory")
@@ -83,7 +84,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                  teacher_pool: int | None = 4, true_cfg_scale: float | None = None,
                  negative_prompt=None, branches: list | None = None, screen_top: int | None = 3,
                  screen_samples: int | None = 4, warm_up: int | str = "auto", step_search: bool = True,
-                 max_interval: int | None = None, step_top: int = 2, shared: dict | None = None) -> RouterResult:
+                 max_interval: int | None = None, step_top: int = 2, step_refine: int = 12,
+                 shared: dict | None = None) -> RouterResult:
     """Train router logits for ``obj`` (pipeline, bundled model or its name, or a transformer: see
     :func:`learn_schedule`).
 
@@ -126,8 +128,13 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     costs measured on the screening batch (segments up to ``max_interval`` steps; default
     :func:`~l2c_kernels.learn.step_search.default_max_interval`), and the ``step_top`` best sets of computed steps
     of each cost table (plain reuse, linear forecast), with and without the warm-up, screened every forecast way
-    as candidates. The pick is measured against them on the calibration batch, so it never scores below the best
-    of them there.
+    as candidates; from the best of them on the screening batch, a local search of ``step_refine`` real rollouts
+    there (one computed step moved by one or two steps at a time: where the segment costs do not add up). On the
+    calibration batch the step-level optimum -- the best set of the linear forecast's path-aware costs, with that
+    forecast (what the DPCache-style searcher picks) -- is measured too, and the pick replaces it only where it is
+    better there by more than two standard errors of the paired per-sample differences
+    (:func:`~l2c_kernels.learn.candidates.significantly_better`): a pick that wins by less than the batch's noise
+    does not transfer to other samples.
 
     ``shared``: a dict that several calls on the same model, steps, seed and batches fill and reuse (the
     calibration and screening batches with their references, the teacher pool, the segment costs):
@@ -298,10 +305,25 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             step_sets += [st for st in step_candidates(costs, budget, warm_up=warm, top=1) if st not in step_sets]
         for st in step_sets:   # every forecast way: the cost tables hold two of them
             _consider(scal, step_mask(n, st, nb, len(branches)).to(device), sseen, sbest, None)
+        if step_sets and step_refine > 0:
+            keys = {_mask_key(step_mask(n, st, nb, len(branches))): st for st in step_sets}
+            e0, k0, f0 = min((e, k, f) for (k, f), e in sseen.items() if k in keys)
+            found = local_step_search(scal, keys[k0], f0, sseen, sbest, step_refine)
+            if found not in step_sets:
+                step_sets.append(found)
     if calib is not None and screen is not None:
         _confirm_screened(calib, seen, best, screen_top, screened=(sseen, sbest),
                           screen_calib=None if scal is calib else scal,
                           always=tuple(_mask_key(step_mask(n, st, nb, len(branches))) for st in step_sets))
+    if best.mask is not None and costs is not None:
+        optimum = step_candidates(costs, budget, top=1, forecasts=("linear",))
+        if optimum:   # the step-level optimum stays unless the pick beats it beyond the calibration batch's noise
+            om = step_mask(n, optimum[0], nb, len(branches)).to(device)
+            _consider(calib, om, seen, best, ("linear",))
+            okey, bkey = (_mask_key(om), "linear"), (_mask_key(best.mask), best.forecast)
+            if bkey != okey and not significantly_better(calib, bkey, okey):
+                hist.append(dict(kept_step_optimum=True, pick_error=best.err, optimum_error=seen[okey]))
+                best.mask, best.err, best.forecast = best.masks[okey[0]], seen[okey], "linear"
     if best.mask is not None and refine_evaluations > 0:
         best.mask, best.err, refine_hist = _refine_mask(calib, best.mask, best.err, ones, refine_evaluations,
                                                          best.forecast, train_forecast, fixed_rows=fixed)

@@ -249,6 +249,52 @@ def step_candidates(costs: SegmentCosts, budget: float, warm_up: int = 0, top: i
     return out
 
 
+def local_step_search(calib, steps, forecast: str, seen: dict, best, evaluations: int, warm_up: int = 0) -> tuple:
+    """Hill climbing on the measured error of ``calib`` (real rollouts, not the additive costs) from the computed
+    ``steps``: each move shifts one computed step (not step 0, nor a warm-up step) by one or two steps, keeping the
+    count; the first move that lowers the error is taken, until no move does or ``evaluations`` rollouts are spent.
+    Every measurement goes through ``candidates._consider`` (``seen`` / ``best``). Returns the final steps."""
+    from .candidates import _consider, _mask_key
+
+    n = len(calib.timesteps)
+    nb, nu = calib.units_shape
+    dev = calib.noise.device
+
+    def err(st):
+        m = step_mask(n, st, nb, nu).to(dev)
+        _consider(calib, m, seen, best, (forecast,))
+        return seen[(_mask_key(m), forecast)]
+
+    cur = tuple(sorted(steps))
+    cur_err = err(cur)
+    used = 0
+    tried = {cur}
+    improved = True
+    while improved and used < evaluations:
+        improved = False
+        for k, s in enumerate(cur):
+            if s == 0 or s < warm_up:
+                continue
+            for delta in (-1, 1, -2, 2):
+                t = s + delta
+                if t <= 0 or t >= n or t in cur or t < warm_up:
+                    continue
+                cand = tuple(sorted(cur[:k] + (t,) + cur[k + 1:]))
+                if cand in tried:
+                    continue
+                tried.add(cand)
+                e = err(cand)
+                used += 1
+                if e < cur_err:
+                    cur, cur_err, improved = cand, e, True
+                    break
+                if used >= evaluations:
+                    break
+            if improved or used >= evaluations:
+                break
+    return cur
+
+
 #: the static searchers re-implemented on the segment tables: (forecast table, path-aware, combine)
 SEARCHERS = {
     "dpcache": ("linear", True, "sum"),
