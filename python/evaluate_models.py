@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from l2c_kernels import metrics, sampling  # noqa: E402
 from l2c_kernels._machine import cpu_name  # noqa: E402
 from l2c_kernels.models import flux_digits, load  # noqa: E402
-from l2c_kernels.models.registry import WEIGHTS_DIR  # noqa: E402
+from l2c_kernels.models.registry import MODEL_NAMES, WEIGHTS_DIR  # noqa: E402
 
 
 FLOW_EULER = "flow-euler"
@@ -57,7 +57,7 @@ def _draw(model, weights_dir, scheduler, labels, steps, cfg, noise, batch_size=N
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, choices=["dit-digits", "pixart-digits", "flux-digits"])
+    ap.add_argument("--model", required=True, choices=list(MODEL_NAMES))
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--scheduler", default=None, choices=sampling.SCHEDULERS + (FLOW_EULER,),
@@ -80,7 +80,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = _bundle(args.model, str(args.weights_dir))
-    flow = args.model == "flux-digits"
+    flow = bundle.is_flow_matching
     if args.scheduler is None:
         args.scheduler = FLOW_EULER if flow else "ddim"
     if flow != (args.scheduler == FLOW_EULER):

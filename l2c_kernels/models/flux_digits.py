@@ -178,7 +178,7 @@ def sample(bundle, labels=None, prompts=None, steps: int = 28, cfg: float | None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps * len(chunks), desc="sampling flux-digits", unit="step", leave=False)
+        bar = tqdm(total=steps * len(chunks), desc=f"sampling {bundle.name}", unit="step", leave=False)
     out = []
     for start in chunks:
         sl = slice(start, min(n, start + bs))
