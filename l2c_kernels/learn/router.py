@@ -179,6 +179,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                    max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale,
                    negative_prompt=negative_prompt)
 
+    shared = {} if shared is None else shared
     torch.manual_seed(seed)
     den = _denoiser(obj, batch_size, cfg, scheduler, seed, labels, prompts, **cond_kw)
     model = den.transformer
@@ -194,6 +195,11 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     cost = (cost / cost[0].sum()).expand(n - 1, nb, len(branches))
     logits = torch.full((n - 1, nb, len(branches)), init_logit, device=device, dtype=torch.float32,
                         requires_grad=True)
+    warm_start = shared.get("router_logits")   # a front: the previous budget's router, trained on for fewer iterations
+    if warm_start is not None and tuple(warm_start.shape) == tuple(logits.shape):
+        with torch.no_grad():
+            logits.copy_(warm_start.to(device))
+        iterations = shared.get("warm_iterations", iterations)
     opt = torch.optim.Adam([logits], lr=lr)
     lam = torch.tensor(1e-2)
     gen = torch.Generator().manual_seed(seed)
@@ -215,7 +221,6 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         return _Calibration(cden, cx, cref, model, timesteps, forecasts, level, units.schedule_kwargs,
                             (nb, len(branches)))
 
-    shared = {} if shared is None else shared
     calib = scal = None
     if calibration_samples and hard_fraction > 0:
         key = ("calibration", calibration_samples, screen_samples if screen is not None else None)
@@ -245,6 +250,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             pool[key] = entry
         return entry
 
+    phases = {}   # seconds per phase of this call (router, candidates, step search, choice)
+    tic = time.time()
     bar = tqdm(range(iterations), desc="learning schedule", disable=not progress)
     for it in bar:
         d, x, tpath = batch(it)
@@ -283,6 +290,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                 h["calibration_error_best"] = sbest.err
             hist.append(h)
         bar.set_postfix(final=f"{final_v:.2e}", keep=f"{keep_v:.2f}")
+    phases["router"], tic = time.time() - tic, time.time()
+    shared["router_logits"] = logits.detach().clone()
     scores = torch.cat([torch.ones((1, nb, len(branches))), _pinned(torch.sigmoid(logits.detach()), fixed).cpu()])
     if calib is not None and hard_fraction > 0:  # the schedule the final scores rank to is a candidate too
         mask = _budget_mask(scores[1:].to(device), cost, hard_budget)
@@ -293,6 +302,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         sscreen = screen if screen is None or "taylor" not in forecasts else screen + ("taylor",)
         for mask in _structured_masks(model, timesteps, scores[1:].to(device), cost, hard_budget, warm_up=warm):
             _consider(scal, mask, sseen, sbest, sscreen)
+    phases["candidates"], tic = time.time() - tic, time.time()
     costs, step_sets = None, []
     if calib is not None and hard_fraction > 0 and step_search:
         mi = max_interval if max_interval is not None else default_max_interval(n, shared.get("budgets", [budget]))
@@ -311,6 +321,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             found = local_step_search(scal, keys[k0], f0, sseen, sbest, step_refine)
             if found not in step_sets:
                 step_sets.append(found)
+    phases["step_search"], tic = time.time() - tic, time.time()
     if calib is not None and screen is not None:
         _confirm_screened(calib, seen, best, screen_top, screened=(sseen, sbest),
                           screen_calib=None if scal is calib else scal,
@@ -328,6 +339,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         best.mask, best.err, refine_hist = _refine_mask(calib, best.mask, best.err, ones, refine_evaluations,
                                                          best.forecast, train_forecast, fixed_rows=fixed)
         hist.append(dict(refined=True, evaluations=len(refine_hist), calibration_error_best=best.err))
+    phases["choice"] = time.time() - tic
+    hist.append(dict(phase_seconds={k: round(v, 1) for k, v in phases.items()}))
     info = dict(den.info)
     if "true_cfg_scale" not in info:  # FluxPipeline's true CFG keeps its guidance embedding's scale apart
         info["guidance_scale"] = den.cfg
@@ -465,6 +478,9 @@ def learn_front(obj, num_inference_steps: int = 20, budgets=(0.35, 0.5, 0.67, 0.
     teacher trajectories and the segment costs of the step-level search (measured once, for the longest
     segments the largest budget needs).
 
+    The router of each budget after the first starts from the one before it (smallest budget first) and trains a
+    third of the iterations.
+
     The front is monotone on the calibration batch: where a larger budget's schedule scores better there than a
     smaller budget's, the smaller budget takes it (it removes more than asked; ``params["front_from_budget"]``
     says so), so a smaller budget never scores below a larger one. ``shared``: a dict to keep those measurements in
@@ -479,7 +495,11 @@ def learn_front(obj, num_inference_steps: int = 20, budgets=(0.35, 0.5, 0.67, 0.
         raise ValueError("a front is learned at budgets, not at a threshold")
     shared = {} if shared is None else shared
     shared["budgets"] = bs
-    out = [learn_schedule(obj, num_inference_steps, b, shared=shared, **kwargs) for b in bs]
+    out = []
+    for k, b in enumerate(bs):
+        if k == 1:   # later budgets start from the router of the one before, a third of the iterations
+            shared["warm_iterations"] = max(2, int(kwargs.get("iterations", DEFAULT_ITERATIONS)) // 3)
+        out.append(learn_schedule(obj, num_inference_steps, b, shared=shared, **kwargs))
     for k in range(len(out) - 2, -1, -1):
         mine, larger = out[k].params.get("calibration_error_db"), out[k + 1].params.get("calibration_error_db")
         if mine is not None and larger is not None and larger < mine:

@@ -227,8 +227,9 @@ def test_the_pick_is_never_below_the_step_level_optimum_on_the_calibration_batch
 
 
 def test_a_front_shares_its_measurements_and_is_monotone(monkeypatch):
-    """learn_front: segment costs measured once for all budgets (for the largest budget's segments), every schedule
-    meets its budget, and a smaller budget never scores below a larger one on the calibration batch."""
+    """learn_front: segment costs measured once for all budgets (for the largest budget's segments), the routers warm
+    started, every schedule meets its budget, and a smaller budget never scores below a larger one on the calibration
+    batch."""
     import l2c_kernels as l2c
     from l2c_kernels.learn import router
 
@@ -241,8 +242,16 @@ def test_a_front_shares_its_measurements_and_is_monotone(monkeypatch):
 
     monkeypatch.setattr(router, "measure_segment_costs", once)
     budgets = [0.3, 0.5, 0.7]
-    front = l2c.learn_schedule(tiny_bundle(), 7, budgets=budgets, **KW)
+    shared = {}
+    front = l2c.learn_front(tiny_bundle(), 7, budgets, shared=shared, **KW)
     assert measured == [ss.default_max_interval(7, budgets)]
+    # later budgets start from the router before them and train a third of the iterations (at least 2)
+    assert shared["warm_iterations"] == 2
+
+    def last_iteration(s):
+        return max(h["iteration"] for h in s.params["history"] if "iteration" in h)
+
+    assert [last_iteration(s) for s in front] == [KW["iterations"] - 1, 1, 1]
     assert [s.params["budget"] for s in front] == budgets
     errs = [s.params["calibration_error_db"] for s in front]
     assert all(a <= b + 1e-12 for a, b in zip(errs, errs[1:]))
