@@ -331,6 +331,9 @@ class BlockCachedTransformer(BlockSteps, BlockGraphs, DropInModule):
 
     # ------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+        if x is not None:
+            self._check_latents(x)   # before the step is counted: a refused call leaves the module as it was
         step, p = self._resolve(args, kwargs)
         if self._graphs.mode is not False and self._graphs.applies(self._weight()):
             return self._graph_forward(step, p, args, kwargs)

@@ -257,22 +257,6 @@ class CachedTransformer(DropInModule):
             return (out,)
         return _output(out)
 
-    def _check_latents(self, x) -> None:
-        """The latents fit the weights (dtype and device: metadata, free) and are finite (a read of the data:
-        done where it costs no device sync -- CPU tensors -- or with ``timestep_check="strict"``)."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"hidden_states must be a tensor, got {type(x).__name__}")
-        w = self._weight()
-        if x.dtype != w.dtype:
-            raise ValueError(f"hidden_states are {str(x.dtype).removeprefix('torch.')} but the model's weights are "
-                             f"{str(w.dtype).removeprefix('torch.')}: cast the latents (or the model) so they match")
-        if x.device != w.device:
-            raise ValueError(f"hidden_states are on {x.device} but the model's weights are on {w.device}")
-        if self.timestep_check == "strict" or (self.timestep_check == "host" and x.device.type == "cpu"):
-            if not bool(torch.isfinite(x).all()):
-                bad = "NaN" if bool(torch.isnan(x).any()) else "infinite values"
-                raise ValueError(f"hidden_states contain {bad}: the sampler diverged or the inputs are corrupt")
-
     def _end(self, step: int, caches: CacheSet) -> None:
         self._step = step
         self._ran.add(step)
