@@ -245,6 +245,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "diffusers==0.42.1",
+        # run time: diffusers' PixArt / SD3 / Flux / Wan pipelines (``l2c learn --pipeline``,
+        # ``flux_digits.flux_pipeline``) build their text encoders and tokenizers with it
+        "transformers",
         "safetensors",
         "scikit-learn",
         "tqdm",
@@ -253,10 +256,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        # transformers: diffusers' PixArt pipelines are placeholders without it; cache-dit and tgate:
-        # the dynamic-cache and T-GATE packages the comparison tests and benchmarks run against
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers", "cache-dit", "tgate"],
-        "bench": ["pytest-benchmark", "transformers", "cache-dit", "tgate"],
+        # cache-dit and tgate: the dynamic-cache and T-GATE packages the comparison tests and benchmarks run against
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "cache-dit", "tgate"],
+        "bench": ["pytest-benchmark", "cache-dit", "tgate"],
     },
     entry_points={"console_scripts": ["l2c = l2c_kernels.cli:main"]},
     ext_modules=ext_modules,
