@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l2c_kernels._machine import cpu_name  # noqa: E402
-from l2c_kernels.parallel.comm import free_port  # noqa: E402
+from l2c_kernels.parallel.comm import local_init_method  # noqa: E402
 
 NULL_CLASS = 1000
 
@@ -138,11 +138,11 @@ def allgather_fit(sizes=(8, 4096, 65536, 262144, 1048576, 4194304), repeats: int
 
 
 # ----------------------------------------------------------------------------- the two ranks
-def rank_main(rank: int, world: int, port: int, args, outdir: str) -> None:
+def rank_main(rank: int, world: int, init_method: str, args, outdir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=1800))
     from l2c_kernels import parallel
 
@@ -468,7 +468,7 @@ def main(argv=None):
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as outdir:
-        mp.start_processes(rank_main, args=(2, free_port(), args, outdir), nprocs=2, start_method="spawn")
+        mp.start_processes(rank_main, args=(2, local_init_method(outdir), args, outdir), nprocs=2, start_method="spawn")
         res = json.loads(Path(outdir, "result.json").read_text())
     med = {k: statistics.median(v) for k, v in res["times_s"].items()}
     print(json.dumps(dict(median_s=med, psnr_db=res["psnr_2p_vs_1p"], single_thread=res["single_thread"],

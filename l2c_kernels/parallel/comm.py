@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import zlib
 from typing import Sequence
 
@@ -51,13 +50,13 @@ def ensure_process_group(device: torch.device, timeout_s: float, backend: str | 
     return True
 
 
-def free_port() -> int:
-    """A TCP port free on this host now: the rendezvous port of a process group spawned locally."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+def local_init_method(directory) -> str:
+    """The rendezvous of a process group spawned on this host: a file in ``directory`` (an empty folder the ranks
+    share, e.g. a temporary one). No TCP port is picked beforehand, so no other process can take it between the
+    pick and the bind."""
+    import pathlib
+
+    return (pathlib.Path(directory).resolve() / "process_group_rendezvous").as_uri()
 
 
 def crc(text: str) -> int:

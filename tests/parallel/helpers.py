@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from l2c_kernels.parallel.comm import free_port
+from l2c_kernels.parallel.comm import local_init_method
 
 NULL_CLASS = 1000
 
@@ -52,13 +52,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
 
 
 # ------------------------------------------------------------------------ spawned ranks
-def _worker(rank: int, world: int, port: int, outdir: str, fn, args, pg_timeout_s: float):
+def _worker(rank: int, world: int, init_method: str, outdir: str, fn, args, pg_timeout_s: float):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     result = {}
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
         result = {"ok": True, "value": fn(rank, world, *args)}
     except BaseException as exc:  # report, then leave quickly
@@ -79,7 +79,8 @@ def run_ranks(fn, world: int, *args, deadline_s: float = 90.0, pg_timeout_s: flo
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(_worker, args=(world, free_port(), outdir, fn, args, pg_timeout_s), nprocs=world,
+        ctx = mp.start_processes(_worker, args=(world, local_init_method(outdir), outdir, fn, args, pg_timeout_s),
+                                 nprocs=world,
                                  start_method="spawn", join=False)
         end = time.time() + deadline_s
         procs = ctx.processes
