@@ -127,7 +127,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     ``step_search`` (default True): the global search over the step structure (``step_search.py``): segment
     costs measured on the screening batch (segments up to ``max_interval`` steps; default
     :func:`~l2c_kernels.learn.step_search.default_max_interval`), and the ``step_top`` best sets of computed steps
-    of each cost table (plain reuse, linear forecast), with and without the warm-up, screened every forecast way
+    of each cost table (plain reuse, linear and Taylor forecasts), with and without the warm-up, screened every forecast way
     as candidates; from the best of them on the screening batch, a local search of ``step_refine`` real rollouts
     there (one computed step moved by one or two steps at a time: where the segment costs do not add up). On the
     calibration batch the step-level optimum -- the best set of the linear forecast's path-aware costs, with that

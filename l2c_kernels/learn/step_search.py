@@ -8,7 +8,8 @@ path-aware cost tensor): the latents entering step ``p`` and step ``i`` are the 
 schedule's own runtime (``compile_schedule`` on the steps ``p .. j - 1``) computes ``p`` and ``i`` and reuses the
 rest, and the cost is the squared error of the latents entering step ``j`` against full compute. One run per
 ``(p, i)`` gives every ``j`` up to ``i + max_interval``. With plain reuse (``forecast="none"``) the cost does not
-depend on ``p`` and one run per ``i`` is enough.
+depend on ``p`` and one run per ``i`` is enough; the Taylor forecast's third computed step is taken one interval
+before ``p`` (:data:`SEGMENT_FORECASTS`).
 
 The sum of the segment costs along a schedule approximates its final error to first order (each segment's
 error measured from the exact state), so the best set of computed steps for every count is a shortest path,
@@ -31,8 +32,11 @@ import torch
 
 from ..schedule import Schedule
 
-#: forecasts whose segment costs are measured (path-aware for "linear"); the others are measured on the picks
-SEGMENT_FORECASTS = ("none", "linear")
+#: forecasts whose segment costs are measured (path-aware for "linear" and "taylor"); "quadratic" is measured on the
+#: picks only. The Taylor forecast reads three computed steps: its segment ``(p, i, j)`` is measured with the third
+#: one step ``p - (i - p)`` (the interval before ``p`` repeated; ``p`` alone where that is before step 0), an
+#: approximation of the path the real schedule has there -- the picks are measured for real.
+SEGMENT_FORECASTS = ("none", "linear", "taylor")
 
 
 @dataclass
@@ -54,7 +58,7 @@ class SegmentCosts:
         """The cost of segment ``(p, i, j)`` (``inf`` when not measured: longer than ``max_interval``)."""
         if j == i + 1:
             return 0.0
-        key = (p if forecast == "linear" else -1, i)
+        key = (p if forecast != "none" else -1, i)
         t = self.per_sample.get(forecast, {}).get(key)
         if t is None or j - i - 1 >= t.shape[0]:
             return math.inf
@@ -72,13 +76,23 @@ def _span_schedule(calib, start: int, stop: int, computed: tuple, forecast: str)
                               **calib.schedule_kwargs)
 
 
+def _anchors(forecast: str, p: int, i: int) -> tuple:
+    """The computed steps a segment run computes before reusing (see :data:`SEGMENT_FORECASTS`)."""
+    if p < 0:
+        return (i,)
+    if forecast == "taylor" and 2 * p - i >= 0:
+        return (2 * p - i, p, i)
+    return (p, i)
+
+
 def _segment_run(calib, teacher, p: int, i: int, stop: int, forecast: str) -> torch.Tensor:
     """Errors ``[stop - i, N]`` of the latents entering steps ``i + 1 .. stop`` (see :class:`SegmentCosts`)."""
     from ..runtime import compile_schedule
 
     inputs, states = teacher
-    start = i if p < 0 else p
-    fast = compile_schedule(calib.model, _span_schedule(calib, start, stop, (start, i), forecast))
+    anchors = _anchors(forecast, p, i)
+    start = anchors[0]
+    fast = compile_schedule(calib.model, _span_schedule(calib, start, stop, anchors, forecast))
     errs = []
 
     def after(s, x, sched):
@@ -118,7 +132,7 @@ def measure_segment_costs(calib, max_interval: int, forecasts=SEGMENT_FORECASTS,
     for fc in forecasts:
         for i in range(first, n - 1):
             ps = [-1] if fc == "none" or i == 0 else list(range(max(0, i - max_interval), i))
-            if fc == "linear" and i > 0 and i < warm_up:
+            if fc != "none" and 0 < i < warm_up:
                 ps = [i - 1]
             jobs += [(fc, p, i) for p in ps]
     for fc, p, i in tqdm(jobs, desc="segment costs", disable=not progress):

@@ -125,7 +125,7 @@ def _calibration(n=7, samples=2):
 def test_a_segment_cost_is_the_error_of_the_schedule_that_reuses_only_that_segment():
     """A schedule computing every step but ``i + 1 .. j - 1`` follows full compute up to step ``i``, so the error of
     the latents entering ``j`` in its real rollout is the teacher-forced segment cost (linear: anchors ``i - 1, i``;
-    plain reuse: ``i``). Bound: both rollouts run the same runtime from latents that differ by what the runtime's
+    Taylor: ``i - 2, i - 1, i``, the third the one the measurement assumes; plain reuse: ``i``). Bound: both rollouts run the same runtime from latents that differ by what the runtime's
     computed steps differ from the plain model's, ``delta`` (measured here); the squared error then differs by at
     most ``2 rms(d) rms(delta) + rms(delta)^2`` per sample (``d`` the segment's error), with a factor 10 for the
     reused steps' propagation of ``delta``."""
@@ -143,7 +143,7 @@ def test_a_segment_cost_is_the_error_of_the_schedule_that_reuses_only_that_segme
         r = calib.den.run(full, n, calib.noise, keep_path=True, raw=True)
     delta = max(float((a - b).pow(2).flatten(1).mean(1).max()) for a, b in zip(r.path, inputs[1:])) ** 0.5
     checked = 0
-    for fc in ("none", "linear"):
+    for fc in ("none", "linear", "taylor"):
         for i, j in ((2, 4), (2, 5), (3, 7), (1, 4)):
             mask = torch.ones(n, nb, nu, dtype=torch.bool)
             mask[i + 1:j] = False
@@ -151,7 +151,7 @@ def test_a_segment_cost_is_the_error_of_the_schedule_that_reuses_only_that_segme
             with torch.no_grad():
                 path = calib.den.run(fast, n, calib.noise, keep_path=True, raw=True).path
             real = (path[j - 1] - inputs[j]).pow(2).flatten(1).mean(1).double()
-            p = i - 1 if fc == "linear" else -1
+            p = i - 1 if fc != "none" else -1   # taylor: the third computed step i - 2, as measured
             measured = costs.per_sample[fc][(p, i)][j - i - 1]
             d = measured.max() ** 0.5
             bound = 10 * (2 * d * delta + delta ** 2) + 1e-12
@@ -159,23 +159,24 @@ def test_a_segment_cost_is_the_error_of_the_schedule_that_reuses_only_that_segme
             assert costs.cost(fc, p, i, j) == pytest.approx(float(measured.mean()))
             assert costs.cost(fc, p, i, j, reduce="max") == pytest.approx(float(measured.max()))
             checked += 1
-    assert checked == 8
+    assert checked == 12
     assert costs.cost("linear", 0, 1, 2) == 0.0             # no step reused
     assert math.isinf(costs.cost("linear", 0, 1, 6))       # longer than max_interval: not measured
 
 
 def test_segment_costs_are_measured_once_per_anchor_pair():
-    """Plain reuse: one run per computed step that can start a segment; linear: one per (previous, computed) pair with
-    the previous at most max_interval back (the first computed step has none)."""
+    """Plain reuse: one run per computed step that can start a segment; linear and Taylor: one per (previous, computed)
+    pair with the previous at most max_interval back (the first computed step has none)."""
     calib = _calibration(n=7, samples=1)
     costs = ss.measure_segment_costs(calib, 3)
     n, mi = 7, 3
     want_none = n - 1
     want_linear = 1 + sum(min(i, mi) for i in range(1, n - 1))
     assert len(costs.per_sample["none"]) == want_none and len(costs.per_sample["linear"]) == want_linear
-    assert costs.runs == want_none + want_linear
+    assert len(costs.per_sample["taylor"]) == want_linear
+    assert costs.runs == want_none + 2 * want_linear
     with pytest.raises(ValueError, match="segment costs are measured for forecasts"):
-        ss.measure_segment_costs(calib, 3, forecasts=("taylor",))
+        ss.measure_segment_costs(calib, 3, forecasts=("quadratic",))
     with pytest.raises(ValueError, match="max_interval"):
         ss.measure_segment_costs(calib, 0)
 
