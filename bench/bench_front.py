@@ -18,7 +18,9 @@ speedup follows the work removed, see its tables).
     python bench/bench_front.py --model flux-digits --steps 50
     python bench/bench_front.py --model dit-digits --steps 50 --budgets 0.35 0.5 0.67 0.75
 
-writes ``bench/results/front_<model>_<steps>.{json,md}``.
+writes ``bench/results/front_<model>_<steps>.{json,md}``; the learned and searched schedules go where
+``bench_pareto.py`` reads them (``bench/results/pareto_<model>_<steps>_schedules/``), so the timed comparison
+measures the same schedules without learning them again.
 """
 from __future__ import annotations
 
@@ -34,11 +36,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 
 import l2c_kernels as l2c  # noqa: E402
 from l2c_kernels import metrics, models, schedules  # noqa: E402
-from l2c_kernels.learn import step_search  # noqa: E402
 from l2c_kernels.learn.conditioning import denoiser_for  # noqa: E402
+
+import bench_pareto  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,16 +53,20 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=40, help="held-out digits scored (labels stratified, own noise)")
     ap.add_argument("--seed", type=int, default=777, help="seed of the held-out labels and noise")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--relearn", action="store_true",
+                    help="learn the front again even if bench/results/pareto_<model>_<steps>_schedules holds it")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     bundle = models.load(a.model)
     model = bundle.transformer
-    shared: dict = {}
+    tag = bench_pareto.result_tag(a.model, a.steps)
     t0 = time.time()
-    front = l2c.learn_front(bundle, a.steps, a.budgets, shared=shared, progress=True)
+    methods = bench_pareto.learned_schedules(bundle, a.steps, a.budgets, bench_pareto.guidance_scale(bundle, None),
+                                             Path(a.out) / f"{tag}_schedules", a.relearn,
+                                             bench_pareto.default_sampler(bundle), log=print)
     learn_s = time.time() - t0
-    costs = next(v for k, v in shared.items() if isinstance(k, tuple) and k[0] == "segment_costs")
+    front = [sc for fam, _, sc in methods if fam == bench_pareto.LEARNED]
     den = denoiser_for(bundle, a.samples, None, None, seed=a.seed)
     ts = den.timesteps(a.steps)
     noise = den.noise(a.seed)
@@ -75,24 +83,22 @@ def main(argv=None) -> int:
         print(f"{family:28s} {label:48s} removed {r['removed']:.3f}  PSNR {r['psnr']:6.2f}  worst {r['worst']:6.2f}",
               flush=True)
 
-    for s in front:
-        p = s.params
-        label = f"budget {p['budget']:.2f}, {s.forecast}" + (f" (from {p['front_from_budget']:.2f})"
-                                                             if "front_from_budget" in p else "")
-        score("learned (L2C)", label, s)
+    for fam, label, sc in methods:
+        if fam == bench_pareto.LEARNED:
+            score(fam, label, sc)
     for warm in (1, 3):
         for k in (2, 3, 4, 5, 6):
             for fc in ("linear", "taylor"):
                 score("fixed interval", f"first {warm}, every {k}, {fc}",
                       schedules.warm_up_interval(model, ts, warm, k, forecast=fc))
-    for b in a.budgets:
-        for name, (fc, _, _) in step_search.SEARCHERS.items():
-            st = step_search.searcher_steps(costs, b, name)
-            score(f"{name}-style search", f"budget {b:.2f}, {fc}", schedules.computed_steps(model, ts, st, fc))
+    for fam, label, sc in methods:
+        if fam != bench_pareto.LEARNED:
+            score(fam, label, sc)
+    phases = [next((h["phase_seconds"] for h in sc.params.get("history", []) if "phase_seconds" in h), None)
+              for sc in front]
     info = dict(model=a.model, steps=a.steps, budgets=a.budgets, samples=a.samples, seed=a.seed,
-                learn_seconds=round(learn_s, 1), learn_seconds_per_budget=round(learn_s / len(a.budgets), 1),
-                segment_cost_runs=costs.runs, segment_cost_seconds=round(costs.seconds, 1),
-                max_interval=costs.max_interval, threads=a.threads, torch=torch.__version__,
+                learned_now=learn_s > 1.0, front_seconds=front[0].params.get("front_seconds"),
+                phase_seconds=phases, threads=a.threads, torch=torch.__version__,
                 machine=f"{platform.machine()} CPU", date=str(date.today()),
                 load=round(os.getloadavg()[0], 2), command="python bench/" + " ".join([Path(__file__).name] + (
                     argv if argv is not None else sys.argv[1:])), rows=rows,
@@ -104,9 +110,9 @@ def main(argv=None) -> int:
     lines = [f"# Learned front vs fixed intervals and static searchers: {a.model}, {a.steps} steps", "",
              f"{info['machine']}, {a.threads} threads, torch {info['torch']}, {info['date']}, load {info['load']}. "
              f"Quality on {a.samples} held-out digits (seed {a.seed}: labels and noise the learner never saw) against "
-             f"full compute. Learning the front of {len(a.budgets)} budgets: {info['learn_seconds']} s "
-             f"({info['learn_seconds_per_budget']} s per budget; segment costs {info['segment_cost_seconds']} s, "
-             f"{costs.runs} runs). Searchers use the learner's own segment costs.", "",
+             f"full compute. Learning the front of {len(a.budgets)} budgets in one call: {info['front_seconds']} s "
+             f"(seconds per phase and budget: {phases}; the first budget's step search includes measuring the segment "
+             f"costs). Searchers use the learner's own segment costs.", "",
              f"Regenerate: `{info['command']}`", "",
              "| family | setting | work removed | mean PSNR (dB) | worst sample (dB) |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["removed"], -r["psnr"])):

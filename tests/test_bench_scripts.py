@@ -134,3 +134,23 @@ def test_branch_latency_benchmark_runs_at_two_tiny_sizes(tmp_path):
         assert split["reused_step_ms"] > 0 and split["computed_step_ms"] > 0
     md = (tmp_path / "compile_schedule_cpu_flux_branches.md").read_text()
     assert md.count("## ") == 2 and "fully reused step ms" in md
+
+
+def test_front_benchmark_tiny_run_writes_its_tables_and_the_schedules_bench_pareto_reads(tmp_path):
+    """bench_front at 4 flux-digits steps and one budget: the learned row, the fixed intervals and the three static
+    searchers on 2 held-out digits; the schedules land where bench_pareto looks for them, with the command."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_front.py"), "--model", "flux-digits", "--steps", "4",
+                        "--budgets", "0.5", "--samples", "2", "--threads", "1", "--relearn", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "front_flux-digits_4.json").read_text())
+    fams = {row["family"] for row in res["rows"]}
+    assert {"learned (L2C)", "fixed interval", "DPCache-style search (static)", "CEM-style search (static)",
+            "LeMiCa-style search (static)"} <= fams
+    assert res["command"].startswith("python bench/bench_front.py --model flux-digits --steps 4")
+    for row in res["rows"]:
+        assert row["worst"] <= row["psnr"] + 1e-9
+    sched_dir = tmp_path / "pareto_flux-digits_4_schedules"
+    assert {p.name for p in sched_dir.iterdir()} == {"learned_50.l2c.json", "dpcache_50.l2c.json", "cem_50.l2c.json",
+                                                    "lemica_50.l2c.json"}
+    assert "Regenerate: `python bench/bench_front.py" in (tmp_path / "front_flux-digits_4.md").read_text()
