@@ -327,7 +327,7 @@ class PeerTransformer(nn.Module):
 
 
 def default_settings(model, num_inference_steps: int, mag_ratios=None) -> list[PeerSetting]:
-    """The grid of settings each peer is run at (chosen to span ~1.1x to ~3x where the peer can).
+    """The grid of settings each peer is run at (chosen to span ~1.1x to ~4x where the peer can).
 
     Models cached per block (Flux) get :func:`block_level_settings` (``mag_ratios``: MagCache's calibrated
     ratios for this step count; without them MagCache is left out)."""
@@ -336,10 +336,10 @@ def default_settings(model, num_inference_steps: int, mag_ratios=None) -> list[P
         return block_level_settings(model, n, mag_ratios)
     has_cross = "attn2" in _adapter(model).branches(model)
     warm = max(1, n // 10)
-    out = [PeerSetting("fbc", dict(threshold=t)) for t in (0.05, 0.1, 0.2, 0.3, 0.5)]
+    out = [PeerSetting("fbc", dict(threshold=t)) for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)]
     for skip, rng in ((2, (100, 800)), (2, (-1, 1001)), (3, (-1, 1001)), (5, (-1, 1001))):
         out.append(PeerSetting("pab", dict(skip=skip, timestep_range=rng, cross_skip=2 * skip if has_cross else None)))
-    for interval, order in ((2, 1), (3, 1), (3, 2), (5, 2)):
+    for interval, order in ((2, 1), (3, 1), (3, 2), (4, 1), (5, 1), (5, 2), (6, 1)):
         out.append(PeerSetting("taylorseer", dict(interval=interval, order=order, warmup=warm)))
     for fn, thresholds in ((1, (0.1, 0.2, 0.4)), (2, (0.1, 0.2, 0.4)), (4, (0.05, 0.1, 0.2, 0.4, 0.8))):
         for t in thresholds:
@@ -354,16 +354,18 @@ def block_level_settings(model, num_inference_steps: int, mag_ratios=None) -> li
     n = int(num_inference_steps)
     nb = _adapter(model).num_blocks(model)
     warm = max(1, n // 10)
-    out = [PeerSetting("fbc", dict(threshold=t)) for t in (0.05, 0.1, 0.2, 0.3)]
+    out = [PeerSetting("fbc", dict(threshold=t)) for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)]
     for interval in (3, 5):
         out.append(PeerSetting("taylorseer", dict(interval=interval, order=1, warmup=warm, targets="default")))
-    for interval, order in ((2, 1), (3, 1), (3, 2), (4, 2)):
-        out.append(PeerSetting("taylorseer", dict(interval=interval, order=order, warmup=warm, targets="blocks")))
+    # TaylorSeer on whole blocks at its best phase, order and interval: warm-up 3 (its default) and 10% of the steps
+    for w in sorted({3, warm}):
+        for interval, order in ((2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (6, 1)):
+            out.append(PeerSetting("taylorseer", dict(interval=interval, order=order, warmup=w, targets="blocks")))
     if mag_ratios is not None:
-        for t, k in ((0.06, 3), (0.12, 3), (0.24, 4)):
+        for t, k in ((0.06, 3), (0.12, 3), (0.24, 4), (0.5, 6), (1.0, 8)):
             out.append(PeerSetting("magcache", dict(threshold=t, max_skip_steps=k, retention_ratio=0.2,
                                                     mag_ratios=[float(r) for r in mag_ratios])))
-    for fn, thresholds in ((1, (0.1, 0.2, 0.4)), (min(4, nb - 1), (0.2, 0.4))):
+    for fn, thresholds in ((1, (0.1, 0.2, 0.4, 0.8)), (min(4, nb - 1), (0.2, 0.4))):
         for t in thresholds:
             for cal in (None, "taylorseer"):
                 out.append(PeerSetting("dbcache", dict(Fn=fn, Bn=0, threshold=t, warmup=warm, calibrator=cal)))
