@@ -216,7 +216,7 @@ def test_save_leaves_an_existing_file_whole_when_it_fails(tmp_path):
     before = p.read_text()
     bad = Schedule.full(m, TS)
     bad.params["when"] = object()  # set after validation: not serialisable
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="not JSON serializable"):
         bad.save(p)
     assert p.read_text() == before and Schedule.load(p) == good
     assert [f.name for f in tmp_path.iterdir()] == ["s.l2c.json"]  # no temporary file left behind

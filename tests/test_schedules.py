@@ -18,7 +18,7 @@ def test_uniform_and_deepcache():
     assert d.plan[1] == ["CC", "B", "B", "CC"] and d.plan[2] == ["CC"] * 4
     f = schedules.first_blocks(m, TS, keep_first=2, interval=2)
     assert f.plan[1] == ["CC", "CC", "RR", "RR"]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"keep_first \+ keep_last must be within 0\.\.4"):
         schedules.deepcache(m, TS, keep_first=3, keep_last=2)
 
 

@@ -86,7 +86,7 @@ def test_select_gate_on_synthetic_curve():
     assert select_gate([inf, 0.2, float("nan"), 0.01], 0.05) == 3   # nan counts as not converged
     bump = [inf] + [0.01] * 10 + [0.2] + [0.01] * 5                  # a late spike pushes the gate past it
     assert select_gate(bump, 0.05) == 12
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="tol must be > 0, got 0.0"):
         select_gate(curve, 0.0)
 
 

@@ -46,7 +46,7 @@ def test_uniform_split_and_errors():
     assert uniform_split(12, 2) == [(0, 6), (6, 12)]
     assert uniform_split(12, 3) == [(0, 4), (4, 8), (8, 12)]
     assert [b - a for a, b in uniform_split(7, 3)] in ([3, 2, 2], [2, 3, 2], [2, 2, 3])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot split 2 blocks into 3 non-empty components"):
         balanced_split([1.0, 1.0], 3)
 
 
@@ -95,9 +95,9 @@ def test_given_costs_and_uniform_balance():
     assert ad.component_ranges == [(0, 2), (2, 4), (4, 6)]
     same = parallel.AsyncDenoiser(m, num_components=3, warm_up=1, emulate=True, balance=ad.split)
     assert same.split is ad.split
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="balance has 2 costs for 6 blocks"):
         parallel.AsyncDenoiser(m, num_components=2, emulate=True, balance=[1, 2])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="balance must be 'measure', 'uniform' or a list of 6 block costs; got 'fastest'"):
         parallel.AsyncDenoiser(m, num_components=2, emulate=True, balance="fastest")
 
 
@@ -138,7 +138,7 @@ def test_invalid_settings():
         parallel.AsyncDenoiser(m, num_components=4, emulate=True)
     with pytest.raises(ValueError, match="warm_up"):
         parallel.AsyncDenoiser(m, num_components=2, warm_up=0, emulate=True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_components and stride must be >= 1"):
         parallel.AsyncDenoiser(m, num_components=0)
 
 
