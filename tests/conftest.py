@@ -12,6 +12,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+try:  # Hypothesis: the same examples on every run (CI included), no example database carried between runs
+    from hypothesis import settings
+
+    settings.register_profile("l2c", derandomize=True, database=None, deadline=None, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "l2c"))
+except ImportError:  # the test extra installs it; without it the property tests are skipped by their modules
+    pass
+
 
 @pytest.fixture
 def one_thread():
