@@ -75,12 +75,15 @@ SIGNIFICANCE_Z = 2.0
 def significantly_better(calib: _Calibration, a: tuple, b: tuple, z: float = SIGNIFICANCE_Z) -> bool:
     """Whether measurement ``a`` = ``(mask key, forecast)`` beats ``b`` on ``calib`` beyond its noise: the mean of
     the paired per-sample differences of ``10 log10(MSE)`` plus ``z`` standard errors is below zero (``z = 2``: a
-    one-sided test at about 98%). A pick made on a batch of 16 transfers only where the difference it rests on is
-    larger than what another batch of 16 would move."""
+    one-sided test at about 98%), and ``a``'s worst sample is no worse than ``b``'s. A pick made on a batch of 16
+    transfers only where the difference it rests on is larger than what another batch of 16 would move; and a
+    schedule that is better on average but ruins a sample the other keeps is not a better schedule."""
     la, lb = calib.logs.get(a), calib.logs.get(b)
     if la is None or lb is None:
         raise KeyError(f"no per-sample measurement of {'a' if la is None else 'b'} on this batch")
     d = (la - lb).double()
+    if float(la.max()) > float(lb.max()):
+        return False
     if d.numel() < 2:
         return bool(d.mean() < 0)
     return bool(d.mean() + z * d.std() / d.numel() ** 0.5 < 0)

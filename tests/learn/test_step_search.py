@@ -300,7 +300,7 @@ def test_a_learned_schedule_beats_uniform_and_random_ones_on_held_out_digits():
 
 def test_significantly_better_needs_a_paired_difference_beyond_two_standard_errors():
     """The rule the pick transfers by: a candidate replaces the step-level optimum on the calibration batch only if
-    mean(d) + 2 se(d) < 0, d the paired per-sample differences of 10 log10(MSE)."""
+    mean(d) + 2 se(d) < 0, d the paired per-sample differences of 10 log10(MSE), and its worst sample is no worse."""
     from types import SimpleNamespace
 
     from l2c_kernels.learn.candidates import significantly_better
@@ -310,12 +310,18 @@ def test_significantly_better_needs_a_paired_difference_beyond_two_standard_erro
     lucky = base.clone()
     lucky[:8] -= 6.0
     lucky[8:] += 5.0                                                         # 0.5 dB better on average, by chance
-    calib = SimpleNamespace(logs={("b", "linear"): base, ("s", "taylor"): steady, ("l", "taylor"): lucky})
+    ruins = steady.clone()
+    ruins[15] = -28.0                                                        # better on average, its worst sample worse
+    calib = SimpleNamespace(logs={("b", "linear"): base, ("s", "taylor"): steady, ("l", "taylor"): lucky,
+                                  ("r", "taylor"): ruins})
     d = lucky - base
     assert float(d.mean()) < 0 and float(d.mean() + 2 * d.std() / 4) > 0
     assert significantly_better(calib, ("s", "taylor"), ("b", "linear"))
     assert not significantly_better(calib, ("l", "taylor"), ("b", "linear"))
     assert not significantly_better(calib, ("b", "linear"), ("b", "linear"))
+    d = ruins - base
+    assert float(d.mean() + 2 * d.std() / 4) < 0   # the mean alone would let it through
+    assert not significantly_better(calib, ("r", "taylor"), ("b", "linear"))
     with pytest.raises(KeyError, match="no per-sample measurement"):
         significantly_better(calib, ("x", "none"), ("b", "linear"))
 
