@@ -68,7 +68,7 @@ def _calibration_error(calib: _Calibration, mask: torch.Tensor, forecast: str) -
     return error_db(x, calib.reference)
 
 
-#: standard errors by which a candidate must beat the step-level optimum on the calibration batch to replace it
+#: standard errors by which a candidate must beat the static searchers' best pick on the calibration batch to replace it
 SIGNIFICANCE_Z = 2.0
 
 

@@ -37,7 +37,8 @@ from .rollouts import soft_rollout, stepwise_rollout
 from .schedulers import samples_flow_matching
 from .soft_branches import learning_units
 from .candidates import significantly_better
-from .step_search import default_max_interval, local_step_search, measure_segment_costs, step_candidates, step_mask
+from .step_search import (SEARCHERS, default_max_interval, local_step_search, measure_segment_costs, searcher_steps,
+                          step_candidates, step_mask)
 
 _rollout = soft_rollout  # the name earlier releases used
 TRAINING_MODES = ("stepwise", "trajectory")
@@ -130,9 +131,9 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     of each cost table (plain reuse, linear and Taylor forecasts), with and without the warm-up, screened every forecast way
     as candidates; from the best of them on the screening batch, a local search of ``step_refine`` real rollouts
     there (one computed step moved by one or two steps at a time: where the segment costs do not add up). On the
-    calibration batch the step-level optimum -- the best set of the linear forecast's path-aware costs, with that
-    forecast (what the DPCache-style searcher picks) -- is measured too, and the pick replaces it only where it is
-    better there by more than two standard errors of the paired per-sample differences
+    calibration batch the static searchers' picks on the same costs (DPCache-, CEM- and LeMiCa-style, each with its
+    forecast) are measured too, and the pick replaces the best of them only where it is better there by more than
+    two standard errors of the paired per-sample differences, with no worse a worst sample
     (:func:`~l2c_kernels.learn.candidates.significantly_better`): a pick that wins by less than the batch's noise
     does not transfer to other samples.
 
@@ -327,14 +328,23 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                           screen_calib=None if scal is calib else scal,
                           always=tuple(_mask_key(step_mask(n, st, nb, len(branches))) for st in step_sets))
     if best.mask is not None and costs is not None:
-        optimum = step_candidates(costs, budget, top=1, forecasts=("linear",))
-        if optimum:   # the step-level optimum stays unless the pick beats it beyond the calibration batch's noise
-            om = step_mask(n, optimum[0], nb, len(branches)).to(device)
-            _consider(calib, om, seen, best, ("linear",))
-            okey, bkey = (_mask_key(om), "linear"), (_mask_key(best.mask), best.forecast)
+        # the static searchers' picks on the same costs, measured on the calibration batch; the best of them stays
+        # unless the pick beats it beyond the calibration batch's noise
+        searched = []
+        for name, (fc, _, _) in SEARCHERS.items():
+            try:
+                st = searcher_steps(costs, budget, name)
+            except ValueError:   # no set of segments this long reaches the end at this budget
+                continue
+            m = step_mask(n, st, nb, len(branches)).to(device)
+            _consider(calib, m, seen, best, (fc,))
+            searched.append((seen[(_mask_key(m), fc)], _mask_key(m), fc))
+        if searched:
+            _, okey0, ofc = min(searched)
+            okey, bkey = (okey0, ofc), (_mask_key(best.mask), best.forecast)
             if bkey != okey and not significantly_better(calib, bkey, okey):
-                hist.append(dict(kept_step_optimum=True, pick_error=best.err, optimum_error=seen[okey]))
-                best.mask, best.err, best.forecast = best.masks[okey[0]], seen[okey], "linear"
+                hist.append(dict(kept_searcher_pick=True, pick_error=best.err, searcher_error=seen[okey]))
+                best.mask, best.err, best.forecast = best.masks[okey0], seen[okey], ofc
     if best.mask is not None and refine_evaluations > 0:
         best.mask, best.err, refine_hist = _refine_mask(calib, best.mask, best.err, ones, refine_evaluations,
                                                          best.forecast, train_forecast, fixed_rows=fixed)

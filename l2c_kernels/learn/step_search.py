@@ -15,7 +15,7 @@ The sum of the segment costs along a schedule approximates its final error to fi
 error measured from the exact state), so the best set of computed steps for every count is a shortest path,
 solved by dynamic programming over ``(previous computed step, computed step, count)``; :func:`best_step_sets`
 returns the ``top`` best sets per count, every phase and interval included. The learner measures the best
-few for real (every forecast way) before anything else, so the step-level optimum is the floor of the pick.
+few for real (every forecast way), and the searchers below are measured beside the pick: their best is the floor.
 
 The same tables give the static searchers this package compares against (``searcher_steps``): DPCache-style
 (path-aware sum, the learner's own DP with one pick), CEM-style (a DP over a path-unaware timestep x interval
