@@ -68,8 +68,10 @@ def test_learned_schedule_with_true_cfg_records_both_guidances(pipe):
     assert sched.timesteps == pytest.approx(ts) and sched.sampler == sampler and "mu" in sched.sampler
     assert sched.params["guidance_scale"] == KW["guidance_scale"]             # the distilled embedding
     assert sched.params["true_cfg_scale"] == TRUE_CFG and sched.params["negative_prompt"] == NEG
-    # 2 learnable steps x 3 blocks of unequal cost (1 double-, 2 single-stream): the budget is met to one cell
-    assert abs(sched.flops_removed_fraction() - 0.5) < 0.2 and "R" in str(sched.plan)
+    # 2 learnable steps x 3 blocks of unequal cost (1 double-, 2 single-stream): the budget is met, and overshot by
+    # at most one step's work (a step-level schedule removes whole steps; a per-block one, one block's share of a step)
+    frac = sched.flops_removed_fraction()
+    assert 0.5 - 1e-9 <= frac <= 0.5 + 1.0 / STEPS + 1e-9 and "R" in str(sched.plan)
 
 
 def test_flux_digits_pipeline_true_cfg_is_the_bundled_learner(pipe):
