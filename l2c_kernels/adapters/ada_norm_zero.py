@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.capture import capturing
 from .base import BlockAdapter, StepContext, StepInputs
 
 
@@ -114,11 +115,12 @@ def _timestep_embeddings(model, timestep, dtype) -> dict | None:
     call, ~12 small ops per block that depend on nothing but ``t``; a sampler passes the same few
     timesteps to every generation. Used in CPU inference (reading ``t`` on the host is free there), eager or
     compiled (the compiled block work takes its block's entry as an input: ``traced_context``); never on GPU
-    (the CUDA graph replays the embedding), inside a traced function, with autograd recording, or when the
+    (the CUDA graph replays the embedding), inside a graph capture (emulated ones included: a graph would freeze
+    the capture's lookup), inside a traced function, with autograd recording, or when the
     batch mixes timesteps. In-place weight updates invalidate the
     entry (parameter version counters are part of the key)."""
     if (not isinstance(timestep, torch.Tensor) or timestep.device.type != "cpu" or torch.is_grad_enabled()
-            or torch.compiler.is_compiling() or timestep.numel() == 0):
+            or torch.compiler.is_compiling() or timestep.numel() == 0 or capturing()):
         return None
     t = timestep.reshape(-1)
     if t.numel() > 1 and not bool((t == t[0]).all()):

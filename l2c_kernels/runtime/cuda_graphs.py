@@ -11,16 +11,23 @@ Capture is explicit (:meth:`GraphCache.capture`, called by ``CachedTransformer.c
 start of a signature's second generation); a capture failure raises :class:`CudaGraphError` instead
 of falling back to eager in silence.
 
-``EmulatedBackend`` replays on the CPU with the same bookkeeping: capture runs the function once to
-learn its output but leaves every cache as it was (a real capture executes nothing), and a replay
-runs the function on the *static* buffers only, so an input the bookkeeping forgot to copy shows up
-as a wrong result in tests without a GPU.
+``EmulatedBackend`` replays on the CPU with the same bookkeeping and the same freezing: capture runs the function
+once under a dispatch recorder -- every operator with its arguments, host numbers included, and the tensor it wrote
+-- and then leaves every cache as it was (a real capture executes nothing); a replay re-executes the recorded
+operators on the same buffers and never runs the Python function again. So an input the bookkeeping forgot to copy,
+and a host value (a Python float, a step index, a forecast weight) that changed after capture, show up as wrong
+results in tests without a GPU, as they would on one; a host read of a device value during capture is refused, as
+a CUDA graph capture refuses it.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..ops.capture import emulated_capture
 
 
 class CudaGraphError(RuntimeError):
@@ -96,9 +103,47 @@ class CudaBackend:
         graph.replay()
 
 
+class _Recorder(TorchDispatchMode):
+    """Records every operator a captured function dispatches: ``(op, args, kwargs, output)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise CudaGraphError("the step reads a device value on the host during capture (.item(), bool(tensor), "
+                                 "a Python branch on a tensor): a CUDA graph cannot record that")
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
 class _EmulatedGraph:
-    def __init__(self, fn: Callable, args: dict):
-        self.fn, self.args = fn, args  # the static buffers: all a replay may read
+    """The operators of one capture, replayed on the tensors they used and wrote then (a CUDA graph's kernels with
+    their frozen arguments)."""
+
+    def __init__(self, ops: list):
+        self.ops = []
+        for func, args, kwargs, out in ops:
+            ins = {_storage(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+            # outputs that are views of an input or written in place need no copy: the op updates them itself
+            fresh = tuple(i for i, o in enumerate(outs) if _storage(o) not in ins)
+            self.ops.append((func, args, kwargs, outs, fresh))
+
+    def replay(self) -> None:
+        for func, args, kwargs, outs, fresh in self.ops:
+            new = func(*args, **kwargs)
+            if fresh:
+                news = [o for o in tree_flatten(new)[0] if isinstance(o, torch.Tensor)]
+                for i in fresh:
+                    outs[i].copy_(news[i])
 
 
 class EmulatedBackend:
@@ -119,17 +164,21 @@ class EmulatedBackend:
 
     def capture(self, fn: Callable, args: dict, pool, state: list) -> tuple[Any, torch.Tensor]:
         saved = [t.clone() for t in state]
-        out = fn(args)
+        # compiled functions are recorded as their eager operators (a dispatch recorder cannot see inside a compiled
+        # graph): the same arithmetic, frozen the same way
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"), emulated_capture(), _Recorder() as rec:
+            out = fn(args)
         self.captured_runs += 1
         for t, s in zip(state, saved):  # a capture records work; it does not do it
             t.copy_(s)
         if out.is_floating_point():
             out.fill_(float("nan"))
-        return _EmulatedGraph(fn, args), out
+        return _EmulatedGraph(rec.ops), out
 
     def replay(self, graph: _EmulatedGraph, out: torch.Tensor) -> None:
         self.replays += 1
-        out.copy_(graph.fn(graph.args))
+        with torch.no_grad():
+            graph.replay()   # writes the captured output tensor, ``out``
 
 
 # ---------------------------------------------------------------------------------------------- the cache

@@ -1,5 +1,6 @@
 """CUDA-graph bookkeeping, replayed on the CPU (``cuda_graphs="emulate"``): graphs captured ahead of the steps,
-one pool, replays that read only the static input buffers, unchanged inputs not copied, failures raised.
+one pool, replays that re-execute the recorded operators on the static input buffers (host values frozen at
+capture, as on a GPU), unchanged inputs not copied, failures raised.
 The real-GPU versions at the end run where CUDA is available."""
 from __future__ import annotations
 
@@ -64,6 +65,54 @@ def test_unchanged_inputs_not_copied_changed_ones_are():
     enc.mul_(1.5)
     inp = dict(base, timestep=torch.full((2,), TS[0]))
     assert rel_err(emu(**inp).sample, eager(**inp).sample) < 1e-6
+
+
+def test_a_host_value_changed_after_capture_is_frozen_in_the_replay_as_on_a_gpu():
+    """The emulation replays recorded operators, not the Python function: a host number read at capture (a Python
+    float, a forecast weight) stays what it was, as a CUDA graph keeps it; eager sees the new one. A runtime that
+    read such a value inside a graph would differ from eager here -- the compiled schedules do not (the test above,
+    and the one below with every forecast)."""
+    from l2c_kernels.runtime.cuda_graphs import GraphCache
+
+    host = {"w": 2.0}
+
+    def fn(args):
+        return args["x"] * host["w"] + 1.0
+
+    g = GraphCache.for_mode("emulate")
+    x = torch.arange(4.0)
+    g.capture(("step",), {"x": x}, fn, state=[])
+    assert torch.equal(g.run(("step",), {"x": x}, fn), x * 2 + 1)
+    host["w"] = 3.0                                       # changed after capture
+    assert torch.equal(g.run(("step",), {"x": x}, fn), x * 2 + 1)   # the graph still multiplies by 2
+    assert torch.equal(fn({"x": x}), x * 3 + 1)           # eager sees 3
+    y = torch.ones(4)
+    assert torch.equal(g.run(("step",), {"x": y}, fn), y * 2 + 1)   # new input values do reach the replay
+
+
+def test_a_host_read_of_a_device_value_during_capture_is_refused():
+    from l2c_kernels.runtime.cuda_graphs import GraphCache
+
+    def fn(args):
+        return args["x"] * 2 if bool(args["x"].sum() > 0) else args["x"]
+
+    with pytest.raises(CudaGraphError, match="reads a device value on the host during capture"):
+        GraphCache.for_mode("emulate").capture(("s",), {"x": torch.ones(3)}, fn, state=[])
+
+
+@pytest.mark.parametrize("forecast", ["linear", "quadratic", "taylor"])
+def test_forecast_weights_are_not_host_values_a_graph_freezes_wrongly(forecast):
+    """Every forecast's weights differ from step to step; with graphs (frozen at capture) the schedule's outputs equal
+    eager ones over two generations, so no weight is read on the host inside a step's graph."""
+    m = tiny_dit(layers=2)
+    s = schedules.uniform(m, TS, 3, forecast=forecast)
+    inputs = dit_inputs(batch=2)
+    eager = l2c.compile_schedule(m, s, cuda_graphs=False)
+    emu = l2c.compile_schedule(m, s, cuda_graphs="emulate")
+    for _ in range(2):
+        for k, (a, b) in enumerate(zip(run_steps(emu, s, inputs), run_steps(eager, s, inputs))):
+            assert rel_err(a, b) < 1e-6, k
+    assert emu._graphs.backend.replays >= len(TS) - 1
 
 
 def test_capture_failure_is_raised_not_eager(monkeypatch):
