@@ -38,7 +38,7 @@ from .schedulers import samples_flow_matching
 from .soft_branches import learning_units
 from .candidates import significantly_better
 from .step_search import (SEARCHERS, default_max_interval, local_step_search, measure_segment_costs, searcher_steps,
-                          step_candidates, step_mask)
+                          step_candidate_pairs, step_mask)
 
 _rollout = soft_rollout  # the name earlier releases used
 TRAINING_MODES = ("stepwise", "trajectory")
@@ -128,8 +128,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     ``step_search`` (default True): the global search over the step structure (``step_search.py``): segment
     costs measured on the screening batch (segments up to ``max_interval`` steps; default
     :func:`~l2c_kernels.learn.step_search.default_max_interval`), and the ``step_top`` best sets of computed steps
-    of each cost table (plain reuse, linear and Taylor forecasts), with and without the warm-up, screened every forecast way
-    as candidates; from the best of them on the screening batch, a local search of ``step_refine`` real rollouts
+    of each cost table (plain reuse, linear and Taylor forecasts), with and without the warm-up, screened with their
+    table's forecast as candidates (the best masks are measured every way before the choice); from the best of them on the screening batch, a local search of ``step_refine`` real rollouts
     there (one computed step moved by one or two steps at a time: where the segment costs do not add up). On the
     calibration batch the static searchers' picks on the same costs (DPCache-, CEM- and LeMiCa-style, each with its
     forecast) are measured too, and the pick replaces the best of them only where it is better there by more than
@@ -311,15 +311,18 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         if ckey not in shared:
             shared[ckey] = measure_segment_costs(scal, mi, progress=progress)
         costs = shared[ckey]
-        step_sets = step_candidates(costs, budget, top=step_top)
+        pairs = step_candidate_pairs(costs, budget, top=step_top)
         if warm > 1:   # the best under the warm-up as well: measurement decides between them
-            step_sets += [st for st in step_candidates(costs, budget, warm_up=warm, top=1) if st not in step_sets]
-        for st in step_sets:   # every forecast way: the cost tables hold two of them
-            _consider(scal, step_mask(n, st, nb, len(branches)).to(device), sseen, sbest, None)
+            pairs += step_candidate_pairs(costs, budget, warm_up=warm, top=1)
+        for st, fc in pairs:   # each with its table's forecast; the best masks get every way in the confirmation
+            _consider(scal, step_mask(n, st, nb, len(branches)).to(device), sseen, sbest,
+                      (fc,) if screen is not None else None)   # no screening: every candidate every way
+            if st not in step_sets:
+                step_sets.append(st)
         if step_sets and step_refine > 0:
             keys = {_mask_key(step_mask(n, st, nb, len(branches))): st for st in step_sets}
             e0, k0, f0 = min((e, k, f) for (k, f), e in sseen.items() if k in keys)
-            found = local_step_search(scal, keys[k0], f0, sseen, sbest, step_refine)
+            found = local_step_search(scal, keys[k0], f0, sseen, sbest, step_refine, every_way=screen is None)
             if found not in step_sets:
                 step_sets.append(found)
     phases["step_search"], tic = time.time() - tic, time.time()
@@ -337,7 +340,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             except ValueError:   # no set of segments this long reaches the end at this budget
                 continue
             m = step_mask(n, st, nb, len(branches)).to(device)
-            _consider(calib, m, seen, best, (fc,))
+            _consider(calib, m, seen, best, (fc,) if screen is not None else None)
             searched.append((seen[(_mask_key(m), fc)], _mask_key(m), fc))
         if searched:
             _, okey0, ofc = min(searched)

@@ -240,34 +240,42 @@ def default_max_interval(num_steps: int, budgets) -> int:
     return max(1, min(num_steps, max(4, math.ceil(2.0 / max(1e-6, 1.0 - b)), need)))
 
 
-def step_candidates(costs: SegmentCosts, budget: float, warm_up: int = 0, top: int = 2,
-                    forecasts=SEGMENT_FORECASTS) -> list:
-    """The best step sets at ``budget`` (at most :func:`computed_count` steps): the ``top`` best of each forecast's
-    cost table (path-aware for the linear one), distinct, best first by their own table."""
+def step_candidate_pairs(costs: SegmentCosts, budget: float, warm_up: int = 0, top: int = 2,
+                         forecasts=SEGMENT_FORECASTS) -> list:
+    """``(steps, forecast)``: the ``top`` best step sets at ``budget`` (at most :func:`computed_count` steps) of each
+    forecast's cost table, with the forecast of the table, best first within a table."""
     n = costs.num_steps
     mmax = computed_count(n, budget)
     lo = max(1, warm_up)
     if mmax < lo:
         return []
-    seen, out = set(), []
+    out = []
     for fc in forecasts:
         if fc not in costs.per_sample:
             continue
         res = best_step_sets(n, lambda p, i, j: costs.cost(fc, p, i, j), range(lo, mmax + 1),
                              max_interval=costs.max_interval, warm_up=warm_up, top=top)
-        ranked = sorted((s for sets in res.values() for s in sets), key=lambda s: s.cost)[:top]
-        for s in ranked:
-            if s.steps not in seen:
-                seen.add(s.steps)
-                out.append(s.steps)
+        out += [(s.steps, fc) for s in sorted((s for sets in res.values() for s in sets), key=lambda s: s.cost)[:top]]
     return out
 
 
-def local_step_search(calib, steps, forecast: str, seen: dict, best, evaluations: int, warm_up: int = 0) -> tuple:
+def step_candidates(costs: SegmentCosts, budget: float, warm_up: int = 0, top: int = 2,
+                    forecasts=SEGMENT_FORECASTS) -> list:
+    """The distinct step sets of :func:`step_candidate_pairs`, in its order."""
+    out = []
+    for st, _ in step_candidate_pairs(costs, budget, warm_up, top, forecasts):
+        if st not in out:
+            out.append(st)
+    return out
+
+
+def local_step_search(calib, steps, forecast: str, seen: dict, best, evaluations: int, warm_up: int = 0,
+                      every_way: bool = False) -> tuple:
     """Hill climbing on the measured error of ``calib`` (real rollouts, not the additive costs) from the computed
     ``steps``: each move shifts one computed step (not step 0, nor a warm-up step) by one or two steps, keeping the
     count; the first move that lowers the error is taken, until no move does or ``evaluations`` rollouts are spent.
-    Every measurement goes through ``candidates._consider`` (``seen`` / ``best``). Returns the final steps."""
+    Every measurement goes through ``candidates._consider`` (``seen`` / ``best``; ``every_way``: each set with every
+    forecast of ``calib`` as well, the moves still judged by ``forecast``). Returns the final steps."""
     from .candidates import _consider, _mask_key
 
     n = len(calib.timesteps)
@@ -276,7 +284,7 @@ def local_step_search(calib, steps, forecast: str, seen: dict, best, evaluations
 
     def err(st):
         m = step_mask(n, st, nb, nu).to(dev)
-        _consider(calib, m, seen, best, (forecast,))
+        _consider(calib, m, seen, best, None if every_way else (forecast,))
         return seen[(_mask_key(m), forecast)]
 
     cur = tuple(sorted(steps))
