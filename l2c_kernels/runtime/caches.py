@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from .plan import StepPlan
+from .plan import StepPlan, slot_key
 
 
 class BlockCall(NamedTuple):
@@ -74,10 +74,7 @@ class CacheSet:
             buf = self.slots[(block, branch, slot)] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return buf
 
-    @staticmethod
-    def slot_key(block: int, branch: int, slot: int) -> tuple:
-        """The key of a slot (slot 0 shares the plain branch cache's key)."""
-        return (block, branch) if slot == 0 else ("slot", block, branch, slot)
+    slot_key = staticmethod(slot_key)   # the key of a slot: plan.slot_key
 
     def delta_buffer(self, block: int) -> torch.Tensor:
         buf = self.delta.get(block)

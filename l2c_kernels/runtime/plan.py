@@ -168,12 +168,15 @@ def collapsible_steps(schedule: Schedule) -> list[bool]:
     return out
 
 
+def slot_key(block: int, branch: int, slot: int) -> tuple:
+    """The cache key of a branch's ring slot (slot 0 shares the plain branch cache's key)."""
+    return (block, branch) if slot == 0 else ("slot", block, branch, slot)
+
+
 def cache_reads_writes(plan: StepPlan) -> tuple[frozenset, frozenset]:
     """The cache keys step ``plan`` reads and writes: ``(block, branch)`` for slot 0 of a branch (and the
     CFG-mean cache), ``("slot", block, branch, k)`` for ring slot ``k > 0``, ``("delta", block)`` for a block
-    residual (the keys of :meth:`CacheSet.slot_key`)."""
-    from .caches import CacheSet
-
+    residual (the keys of :func:`slot_key`)."""
     reads, writes = set(), set()
     for b, bp in enumerate(plan.blocks):
         if bp.reuse_block:
@@ -185,11 +188,11 @@ def cache_reads_writes(plan: StepPlan) -> tuple[frozenset, frozenset]:
             cfg_mean = plan.attn2_cfg_mean and name == "attn2"
             if bp.compute[i]:
                 if bp.store[i]:
-                    writes.add(CacheSet.slot_key(b, i, 0 if cfg_mean else bp.slot[i]))
+                    writes.add(slot_key(b, i, 0 if cfg_mean else bp.slot[i]))
             elif cfg_mean:
-                reads.add(CacheSet.slot_key(b, i, 0))
+                reads.add(slot_key(b, i, 0))
             else:
-                reads.update(CacheSet.slot_key(b, i, j) for j in bp.reads(i))
+                reads.update(slot_key(b, i, j) for j in bp.reads(i))
     return frozenset(reads), frozenset(writes)
 
 
