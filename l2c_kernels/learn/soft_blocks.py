@@ -33,7 +33,8 @@ from torch import nn
 
 from ..adapters.patterns import HIDDEN, PATTERNS, find_blocks, pattern_for
 from ..runtime.block_runtime import BlockStandIn, shadow_with
-from .soft_forward import SoftCaches, register_soft_forward
+from .soft_caches import SoftCaches
+from .soft_forward import register_soft_forward
 
 
 class _SoftState:

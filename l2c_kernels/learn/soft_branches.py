@@ -35,7 +35,7 @@ from ..adapters.patterns import find_blocks, pattern_for
 from ..runtime.block_runtime import shadow_with
 from ..runtime.branch_wrappers import _WRAPPERS
 from ..schedule import BLOCK_UNIT
-from .soft_forward import SoftCaches
+from .soft_caches import SoftCaches
 
 
 class _SoftState:
