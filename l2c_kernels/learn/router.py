@@ -316,7 +316,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             pairs += step_candidate_pairs(costs, budget, warm_up=warm, top=1)
         for st, fc in pairs:   # each with its table's forecast; the best masks get every way in the confirmation
             _consider(scal, step_mask(n, st, nb, len(branches)).to(device), sseen, sbest,
-                      (fc,) if screen is not None else None)   # no screening: every candidate every way
+                      _ways(fc, forecasts, screen))
             if st not in step_sets:
                 step_sets.append(st)
         if step_sets and step_refine > 0:
@@ -340,8 +340,9 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             except ValueError:   # no set of segments this long reaches the end at this budget
                 continue
             m = step_mask(n, st, nb, len(branches)).to(device)
-            _consider(calib, m, seen, best, (fc,) if screen is not None else None)
-            searched.append((seen[(_mask_key(m), fc)], _mask_key(m), fc))
+            ways = _ways(fc, forecasts, screen)
+            _consider(calib, m, seen, best, ways)
+            searched.append(min((seen[(_mask_key(m), f)], _mask_key(m), f) for f in (ways or forecasts)))
         if searched:
             _, okey0, ofc = min(searched)
             okey, bkey = (okey0, ofc), (_mask_key(best.mask), best.forecast)
@@ -367,6 +368,14 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         res.calibration_error = best.err
         res.candidates = len({key for key, _ in sseen})  # distinct masks (each measured per forecast mode)
     return res
+
+
+def _ways(forecast: str, forecasts: tuple, screen) -> tuple | None:
+    """The forecasts a searched set is measured with: its own, where the caller allows it (``forecasts``), else every
+    allowed one; every allowed one (None) without screening."""
+    if screen is None:
+        return None
+    return (forecast,) if forecast in forecasts else tuple(forecasts)
 
 
 def _warm_up(warm_up, n: int, budget: float, flow: bool) -> int:

@@ -374,3 +374,21 @@ def test_the_pick_keeps_the_best_searcher_pick_unless_it_is_significantly_better
         assert mine == (a if v else b)
     else:
         assert mine in picks
+
+
+@pytest.mark.parametrize("forecast", ["none", "quadratic"])
+def test_a_forecast_the_caller_fixed_is_the_only_one_measured(monkeypatch, forecast):
+    """``forecast="none"`` (or any one way): the step search's sets and the searchers' picks are measured that way
+    only, whatever their cost table's forecast, and the schedule uses it."""
+    from l2c_kernels.learn import candidates, train_router
+
+    used = set()
+    real = candidates._calibration_error
+
+    def counted(c, mask, fc):
+        used.add(fc)
+        return real(c, mask, fc)
+
+    monkeypatch.setattr(candidates, "_calibration_error", counted)
+    res = train_router(tiny_bundle(), 7, budget=0.4, forecast=forecast, **KW)
+    assert used == {forecast} and res.forecast == forecast and res.step_sets
