@@ -367,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="router training iterations (default: the learner's, 12)")
     d.add_argument("--batch", type=int, default=None, help="images per training trajectory (default 4; flux-digits 2)")
     d.add_argument("--calibration-samples", type=int, default=None,
-                   help="images the learner measures candidate schedules on (default 8; flux-digits 4)")
+                   help="images the learner chooses among its best candidates on, never searched on (default 16; "
+                         "candidates are searched on 4 others)")
     d.add_argument("--samples", type=int, default=16, help="images to sample for the comparison")
     d.add_argument("--repeats", type=int, default=3, help="timed sampling runs (median reported)")
     d.add_argument("--out", default="l2c-demo", help="output folder")
@@ -411,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--iterations", type=int, default=None, help="router training iterations (default: the learner's, 12)")
     lp.add_argument("--batch", type=int, default=None, help="images per training trajectory (default 4; flux-digits 2)")
     lp.add_argument("--calibration-samples", type=int, default=None,
-                    help="images the learner measures candidate schedules on (default 8; flux-digits 4)")
+                    help="images the learner chooses among its best candidates on, never searched on (default 16; "
+                         "candidates are searched on 4 others)")
     lp.add_argument("-o", "--output", default="schedule.l2c.json")
     lp.set_defaults(func=cmd_learn)
 

@@ -27,9 +27,9 @@ from . import configs
 CHANNELS = 1  # pixel channels before packing
 
 #: ``learn_schedule`` settings for flux-digits on CPU (``l2c learn --model flux-digits`` uses them):
-#: its transformer call costs several DiT-digits calls, so fewer iterations on 2 images, 4 calibration images.
+#: its transformer call costs several DiT-digits calls, so router batches of 2 images; candidates chosen on 16.
 #: ``l2c_kernels.learn_schedule("flux-digits", 28, 0.5, **flux_digits.LEARN_DEFAULTS)``
-LEARN_DEFAULTS = dict(iterations=12, batch_size=2, calibration_samples=4)
+LEARN_DEFAULTS = dict(iterations=12, batch_size=2, calibration_samples=16)
 
 
 def build_flux_digits(name: str = "flux-digits", config: dict | None = None):
