@@ -115,10 +115,11 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     samples with its own noise and reference, and measure only the ``screen_top`` best on the calibration batch,
     every forecast way; the pick is the best of those (about half the measuring again).
 
-    ``warm_up``: the first steps (step 0 included) that every schedule computes in full: an integer, or
-    ``"auto"`` (default): with a flow-matching sampler (:func:`~l2c_kernels.learn.schedulers.samples_flow_matching`)
-    10% of the steps, at least 2 (:func:`~l2c_kernels.learn.candidates.warm_up_steps`; fewer where the budget
-    needs them), otherwise none.
+    ``warm_up``: the first steps (step 0 included) that every schedule computes in full: an integer (binding every
+    candidate, the step search's included), or ``"auto"`` (default): the router's and the structured candidates, with
+    a flow-matching sampler (:func:`~l2c_kernels.learn.schedulers.samples_flow_matching`), compute 10% of the steps,
+    at least 2 (:func:`~l2c_kernels.learn.candidates.warm_up_steps`; fewer where the budget needs them), otherwise
+    none; the step search measures sets with and without that warm-up and lets the measurement choose.
     The router neither trains nor reuses them. The calibration batch cannot show what such a warm-up buys: on
     flux-digits at 50 steps, schedules that reuse the second or third step ruin about one sample in 10-40 (a
     digit redrawn, 15-25 dB where the rest are at 40-45), a rare event a batch of 8-10 seldom holds
@@ -191,6 +192,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     n = len(timesteps)
     warm = _warm_up(warm_up, n, budget, flow=samples_flow_matching(den.make_scheduler()))
     fixed = max(0, warm - 1)   # rows of the [steps - 1] masks that the warm-up computes
+    step_warm = warm if warm_up != "auto" else 0   # a warm-up asked for binds the step search too; "auto" does not
     device = den.device
     cost = units.cost.to(device=device, dtype=torch.float32)  # [blocks, columns]; DiT / PixArt: every row alike
     cost = (cost / cost[0].sum()).expand(n - 1, nb, len(branches))
@@ -311,8 +313,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         if ckey not in shared:
             shared[ckey] = measure_segment_costs(scal, mi, progress=progress)
         costs = shared[ckey]
-        pairs = step_candidate_pairs(costs, budget, top=step_top)
-        if warm > 1:   # the best under the warm-up as well: measurement decides between them
+        pairs = step_candidate_pairs(costs, budget, warm_up=step_warm, top=step_top)
+        if warm > 1 and not step_warm:   # the best under the router's warm-up as well: measurement decides
             pairs += step_candidate_pairs(costs, budget, warm_up=warm, top=1)
         for st, fc in pairs:   # each with its table's forecast; the best masks get every way in the confirmation
             _consider(scal, step_mask(n, st, nb, len(branches)).to(device), sseen, sbest,
@@ -322,7 +324,8 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         if step_sets and step_refine > 0:
             keys = {_mask_key(step_mask(n, st, nb, len(branches))): st for st in step_sets}
             e0, k0, f0 = min((e, k, f) for (k, f), e in sseen.items() if k in keys)
-            found = local_step_search(scal, keys[k0], f0, sseen, sbest, step_refine, every_way=screen is None)
+            found = local_step_search(scal, keys[k0], f0, sseen, sbest, step_refine, warm_up=step_warm,
+                                      every_way=screen is None)
             if found not in step_sets:
                 step_sets.append(found)
     phases["step_search"], tic = time.time() - tic, time.time()
@@ -336,7 +339,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         searched = []
         for name, (fc, _, _) in SEARCHERS.items():
             try:
-                st = searcher_steps(costs, budget, name)
+                st = searcher_steps(costs, budget, name, warm_up=step_warm)
             except ValueError:   # no set of segments this long reaches the end at this budget
                 continue
             m = step_mask(n, st, nb, len(branches)).to(device)

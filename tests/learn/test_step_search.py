@@ -392,3 +392,14 @@ def test_a_forecast_the_caller_fixed_is_the_only_one_measured(monkeypatch, forec
     monkeypatch.setattr(candidates, "_calibration_error", counted)
     res = train_router(tiny_bundle(), 7, budget=0.4, forecast=forecast, **KW)
     assert used == {forecast} and res.forecast == forecast and res.step_sets
+
+
+def test_a_warm_up_asked_for_binds_the_step_search_and_the_searchers():
+    """``warm_up=3``: every step set the search proposes and the schedule returned compute steps 0-2."""
+    from l2c_kernels.learn import train_router
+
+    res = train_router(tiny_bundle(), 8, budget=0.5, warm_up=3, **KW)
+    assert res.step_sets and all(set(range(3)) <= set(st) for st in res.step_sets)
+    assert bool(res.mask[:3].all())
+    for name in ss.SEARCHERS:
+        assert set(range(3)) <= set(ss.searcher_steps(res.segment_costs, 0.5, name, warm_up=3))
