@@ -115,7 +115,9 @@ def test_summary_picks_best_reaching_point_and_flags_unreachable():
             _row("cache-dit DBCache", "t=0.1", 1.55, 38.0, 0.35, kind="peer"),
             _row("cache-dit DBCache", "t=0.4", 2.1, 32.0, 0.52, kind="peer")]
     s = bp.summarize(rows, full_accuracy=1.0)
-    at15, at2 = s["by_speedup"]
+    at15, at2, at3, at4 = s["by_speedup"]
+    assert [e["target"] for e in s["by_speedup"]] == [1.5, 2.0, 3.0, 4.0]
+    assert at3["learned"] is None and not at3["learned_wins"] and at4["best_peer"] is None   # nothing reaches them
     assert at15["learned"]["psnr"] == 40.0 and at15["best_peer"]["psnr"] == 38.0
     assert at15["best_baseline"]["label"] == "every 2"  # 1.9x counts at 1.5x (at least as fast)
     assert at15["learned_wins"] and at15["margin_db"] == pytest.approx(2.0)
@@ -160,7 +162,7 @@ def test_tiny_end_to_end_run_writes_json_table_and_plot(tmp_path):
     data = json.loads((tmp_path / "pareto_dit-digits_4.json").read_text())
     assert data["summary"]["by_speedup"][0]["target"] == 1.5
     md = (tmp_path / "pareto_dit-digits_4.md").read_text()
-    assert "## At 1.5x and 2x measured speedup" in md and "| family | setting | speedup |" in md
+    assert "## At 1.5x, 2x, 3x, 4x measured speedup" in md and "| family | setting | speedup |" in md
     assert "could not be applied" in md
 
 

@@ -24,9 +24,9 @@ def test_learned_block_schedule_runs_in_the_unchanged_pipeline(fam, tmp_path):
     assert sched.method == "learned" and sched.branches == ["block"]
     assert sched.model_class == type(model).__name__ and len(sched.unit_flops) == sched.num_blocks
     assert all(e == "C" for e in sched.plan[0])                     # the first step fills every cache
-    # all three sample with flow matching: warm_up="auto" computes 10% of the steps, at least 2, in full -- at 4
-    # steps and 40%, steps 0 and 1
-    assert sched.params["warm_up"] == 2 and all(e == "C" for e in sched.plan[1])
+    # all three sample with flow matching: warm_up="auto" gives the router's candidates 10% of the steps, at least 2,
+    # in full -- at 4 steps and 40%, steps 0 and 1; the step search measures sets with and without it
+    assert sched.params["warm_up"] == 2
     assert 0.0 < sched.flops_removed_fraction() < 1.0
     sched.validate_for(model)
     sched.save(tmp_path / "s.l2c.json")
