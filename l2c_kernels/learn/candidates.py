@@ -63,9 +63,9 @@ def _calibration_error(calib: _Calibration, mask: torch.Tensor, forecast: str) -
     fast = compile_schedule(model, Schedule.from_mask(model, calib.timesteps, full, forecast=forecast,
                                                       **calib.schedule_kwargs))
     x, _ = calib.den.sample_with(fast, len(calib.timesteps), calib.noise)
-    per_sample = (x - calib.reference).pow(2).flatten(1).mean(1).double().clamp_min(1e-20)
-    calib.logs[(_mask_key(mask), forecast)] = (10.0 * torch.log10(per_sample)).cpu()
-    return error_db(x, calib.reference)
+    mse = _sample_mse(x, calib.reference)
+    calib.logs[(_mask_key(mask), forecast)] = (10.0 * torch.log10(mse)).cpu()
+    return _error_from_mse(mse)
 
 
 #: standard errors by which a candidate must beat the static searchers' best pick on the calibration batch to replace it
@@ -93,7 +93,16 @@ def error_db(x: torch.Tensor, reference: torch.Tensor) -> float:
     """The calibration error of samples ``x`` (``[N, ...]``) against ``reference``: the mean of three terms in dB,
     the mean per-sample ``10 log10(MSE)`` (the typical image), ``10 log10`` of the MSE over all samples (the batch
     as the comparison tables report it) and the worst sample's ``10 log10(MSE)`` (see :func:`_calibration_error`)."""
-    per_sample = (x - reference).pow(2).flatten(1).mean(1).double().clamp_min(1e-20)
+    return _error_from_mse(_sample_mse(x, reference))
+
+
+def _sample_mse(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error (float64, floored at 1e-20) of ``x`` against ``reference``."""
+    return (x - reference).pow(2).flatten(1).mean(1).double().clamp_min(1e-20)
+
+
+def _error_from_mse(per_sample: torch.Tensor) -> float:
+    """:func:`error_db` from the per-sample errors."""
     logs = 10.0 * torch.log10(per_sample)
     pooled = 10.0 * torch.log10(per_sample.mean())
     return ((logs.mean() + pooled + logs.max()) / 3.0).item()

@@ -30,13 +30,12 @@ from tqdm.auto import tqdm
 from ..adapters import adapter_for
 from ..schedule import COMPUTE, FORECASTS, REUSE, Schedule, sampler_info
 from .candidates import (_Best, _budget_mask, _Calibration, _calibration_error, _confirm_screened,  # noqa: F401
-                         _consider, _mask_key, _refine_mask, _structured_masks, warm_up_steps)
+                         _consider, _mask_key, _refine_mask, _structured_masks, significantly_better, warm_up_steps)
 from .conditioning import denoiser_for
 from .denoiser import Denoiser
 from .rollouts import soft_rollout, stepwise_rollout
 from .schedulers import samples_flow_matching
 from .soft_branches import learning_units
-from .candidates import significantly_better
 from .step_search import (SEARCHERS, default_max_interval, local_step_search, measure_segment_costs, searcher_steps,
                           step_candidate_pairs, step_mask)
 
@@ -307,6 +306,10 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             _consider(scal, mask, sseen, sbest, sscreen)
     phases["candidates"], tic = time.time() - tic, time.time()
     costs, step_sets = None, []
+
+    def set_mask(st):   # a step set as the learner's mask, on the model's device
+        return step_mask(n, st, nb, len(branches)).to(device)
+
     if calib is not None and hard_fraction > 0 and step_search:
         mi = max_interval if max_interval is not None else default_max_interval(n, shared.get("budgets", [budget]))
         ckey = ("segment_costs", mi)
@@ -317,13 +320,12 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         if warm > 1 and not step_warm:   # the best under the router's warm-up as well: measurement decides
             pairs += step_candidate_pairs(costs, budget, warm_up=warm, top=1)
         for st, fc in pairs:   # each with its table's forecast; the best masks get every way in the confirmation
-            _consider(scal, step_mask(n, st, nb, len(branches)).to(device), sseen, sbest,
-                      _ways(fc, forecasts, screen))
+            _consider(scal, set_mask(st), sseen, sbest, _ways(fc, forecasts, screen))
             if st not in step_sets:
                 step_sets.append(st)
         if step_sets and step_refine > 0:
-            keys = {_mask_key(step_mask(n, st, nb, len(branches))): st for st in step_sets}
-            e0, k0, f0 = min((e, k, f) for (k, f), e in sseen.items() if k in keys)
+            keys = {_mask_key(set_mask(st)): st for st in step_sets}
+            _, k0, f0 = min((e, k, f) for (k, f), e in sseen.items() if k in keys)
             found = local_step_search(scal, keys[k0], f0, sseen, sbest, step_refine, warm_up=step_warm,
                                       every_way=screen is None)
             if found not in step_sets:
@@ -332,7 +334,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     if calib is not None and screen is not None:
         _confirm_screened(calib, seen, best, screen_top, screened=(sseen, sbest),
                           screen_calib=None if scal is calib else scal,
-                          always=tuple(_mask_key(step_mask(n, st, nb, len(branches))) for st in step_sets))
+                          always=tuple(_mask_key(set_mask(st)) for st in step_sets))
     if best.mask is not None and costs is not None:
         # the static searchers' picks on the same costs, measured on the calibration batch; the best of them stays
         # unless the pick beats it beyond the calibration batch's noise
@@ -342,10 +344,10 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                 st = searcher_steps(costs, budget, name, warm_up=step_warm)
             except ValueError:   # no set of segments this long reaches the end at this budget
                 continue
-            m = step_mask(n, st, nb, len(branches)).to(device)
-            ways = _ways(fc, forecasts, screen)
+            m = set_mask(st)
+            ways, key = _ways(fc, forecasts, screen), _mask_key(m)
             _consider(calib, m, seen, best, ways)
-            searched.append(min((seen[(_mask_key(m), f)], _mask_key(m), f) for f in (ways or forecasts)))
+            searched.append(min((seen[(key, f)], key, f) for f in (ways or forecasts)))
         if searched:
             _, okey0, ofc = min(searched)
             okey, bkey = (okey0, ofc), (_mask_key(best.mask), best.forecast)

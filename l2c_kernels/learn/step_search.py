@@ -96,8 +96,9 @@ def _segment_run(calib, teacher, p: int, i: int, stop: int, forecast: str) -> to
     errs = []
 
     def after(s, x, sched):
-        if s < i:   # teacher forcing up to the computed step i: its input, and the sampler's state, are exact
-            sched.__dict__.update(copy.deepcopy(states[s + 1].__dict__))
+        if s < i:   # teacher forcing up to the computed step i: its input, and (before it) the sampler's state
+            if s == i - 1:   # the steps before only advance the runtime; their sampler state is never read
+                sched.__dict__.update(copy.deepcopy(states[i].__dict__))
             return inputs[s + 1]
         errs.append((x - inputs[s + 1]).pow(2).flatten(1).mean(1).double().cpu())
         return x
@@ -256,16 +257,6 @@ def step_candidate_pairs(costs: SegmentCosts, budget: float, warm_up: int = 0, t
         res = best_step_sets(n, lambda p, i, j: costs.cost(fc, p, i, j), range(lo, mmax + 1),
                              max_interval=costs.max_interval, warm_up=warm_up, top=top)
         out += [(s.steps, fc) for s in sorted((s for sets in res.values() for s in sets), key=lambda s: s.cost)[:top]]
-    return out
-
-
-def step_candidates(costs: SegmentCosts, budget: float, warm_up: int = 0, top: int = 2,
-                    forecasts=SEGMENT_FORECASTS) -> list:
-    """The distinct step sets of :func:`step_candidate_pairs`, in its order."""
-    out = []
-    for st, _ in step_candidate_pairs(costs, budget, warm_up, top, forecasts):
-        if st not in out:
-            out.append(st)
     return out
 
 
