@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l2c_kernels._machine import cpu_name  # noqa: E402
+from l2c_kernels.models import classifier  # noqa: E402
 from l2c_kernels.parallel.comm import local_init_method  # noqa: E402
 
 NULL_CLASS = 1000
@@ -239,10 +240,11 @@ class Workload:
         if self.name == "dit-digits":
             return sample(transformer, self.bundle.scheduler_config, self.args.images, steps, self.cfg,
                           step_times=step_times)
-        from l2c_kernels import sampling
 
         tr = transformer if step_times is None else _StepTimer(transformer, step_times)
-        return sampling.sample(self.bundle, labels=[i % 10 for i in range(self.args.images)], steps=steps,
+        from l2c_kernels import models
+
+        return models.sample(self.bundle, labels=[i % 10 for i in range(self.args.images)], steps=steps,
                                cfg=self.cfg, seed=0, transformer=tr, progress=False)
 
     def call_args(self) -> dict:
@@ -394,7 +396,7 @@ def quality_sweep(args, out: Path | None) -> list[dict]:
     """PSNR / SSIM against the single-process images and the digit classifier's accuracy, for
     several numbers of components, strides and warm-ups; the asynchronous schedule of all ranks
     is computed in one process (``emulate=True``: the same images as separate processes)."""
-    from l2c_kernels import metrics, models, parallel, sampling
+    from l2c_kernels import metrics, models, parallel
 
     torch.set_num_threads(os.cpu_count() or 1)
     bundle = models.load("dit-digits")
@@ -402,23 +404,23 @@ def quality_sweep(args, out: Path | None) -> list[dict]:
     labels = [i % 10 for i in range(40)]
     rows = []
     for steps in (20, 50):
-        ts = sampling.timesteps_for(bundle, steps)
-        ref = sampling.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, progress=False)
-        other = sampling.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=1, progress=False)
+        ts = models.timesteps_for(bundle, steps)
+        ref = models.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, progress=False)
+        other = models.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=1, progress=False)
         rows.append(dict(steps=steps, setting="single process (reference)", psnr_db=float("inf"), ssim=1.0,
-                         accuracy=metrics.class_accuracy(ref, labels)))
+                         accuracy=classifier.class_accuracy(ref, labels)))
         rows.append(dict(steps=steps, setting="another seed (unrelated images)", psnr_db=metrics.psnr(other, ref),
-                         ssim=metrics.ssim(other, ref), accuracy=metrics.class_accuracy(other, labels)))
+                         ssim=metrics.ssim(other, ref), accuracy=classifier.class_accuracy(other, labels)))
         for n, stride in ((2, 1), (3, 1), (4, 1), (2, 2)):
             for warm in (3, 5):
                 ad = parallel.AsyncDenoiser(bundle.transformer, num_components=n, stride=stride, warm_up=warm,
                                             emulate=True, balance="uniform", timesteps=ts)
-                img = sampling.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, progress=False,
+                img = models.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, progress=False,
                                       transformer=ad)
                 rows.append(dict(steps=steps, setting=f"{n} components, stride {stride}, warm-up {warm} "
                                  f"({n + stride - 1} processes)", num_components=n, stride=stride, warm_up=warm,
                                  psnr_db=metrics.psnr(img, ref), ssim=metrics.ssim(img, ref),
-                                 accuracy=metrics.class_accuracy(img, labels)))
+                                 accuracy=classifier.class_accuracy(img, labels)))
                 print(rows[-1], flush=True)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

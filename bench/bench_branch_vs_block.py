@@ -34,6 +34,7 @@ import l2c_kernels as l2c  # noqa: E402
 from l2c_kernels import metrics, models  # noqa: E402
 from l2c_kernels.adapters.mmdit_branches import branch_names  # noqa: E402
 from l2c_kernels.models import flux_digits  # noqa: E402
+from l2c_kernels.models.text_encoder import caption_for  # noqa: E402
 from l2c_kernels.runtime.block_flops import _CUSTOM, measure_block_flops  # noqa: E402
 from l2c_kernels.runtime.branch_wrappers import measure_branch_flops  # noqa: E402
 
@@ -84,7 +85,7 @@ def record(bundle, labels, steps, seed):
             cur.clear()
     handles.append(tr.register_forward_pre_hook(on_call, with_kwargs=True))
     try:
-        flux_digits.sample(bundle, labels=labels, steps=steps, seed=seed, progress=False)
+        models.sample(bundle, labels=labels, steps=steps, seed=seed, progress=False)
     finally:
         for h in handles:
             h.remove()
@@ -156,10 +157,10 @@ def main(argv=None):
     tr = bundle.transformer
     labels, seed = list(range(10)), 0
     ts = flux_digits.timesteps_for(bundle, args.steps)
-    full = flux_digits.sample(bundle, labels=labels, steps=args.steps, seed=seed, progress=False)
+    full = models.sample(bundle, labels=labels, steps=args.steps, seed=seed, progress=False)
 
     # one call's inputs, for counting FLOPs per unit / block (CFG batch of 2 x 10)
-    cond = flux_digits.conditions(bundle, flux_digits._prompts(labels, None), bundle.recommended_cfg)
+    cond = flux_digits.conditions(bundle, [caption_for(v, i) for i, v in enumerate(labels)], bundle.recommended_cfg)
     x = torch.zeros(2 * len(labels), (bundle.image_size) ** 2 // 4, tr.config.in_channels)
     call = dict(hidden_states=x, timestep=torch.full((2 * len(labels),), 1.0), **cond)
     ubf = measure_branch_flops(tr, **call)
@@ -173,7 +174,7 @@ def main(argv=None):
         if hasattr(fn, "reset"):
             fn.reset()
         with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:
-            imgs = flux_digits.sample(bundle, labels=labels, steps=args.steps, seed=seed, transformer=fn,
+            imgs = models.sample(bundle, labels=labels, steps=args.steps, seed=seed, transformer=fn,
                                       progress=False)
         return fc.get_total_flops(), imgs
 
@@ -197,7 +198,7 @@ def main(argv=None):
                   date=str(date.today()), device=f"CPU ({args.threads} threads)", torch=torch.__version__,
                   dtype="fp32", model="flux-digits (FluxTransformer2DModel, 2 double + 6 single blocks, trained)",
                   steps=args.steps, cfg=bundle.recommended_cfg, labels=labels, seed=seed,
-                  sampler="FlowMatchEulerDiscreteScheduler (flux_digits.sample)", unit_branch_flops=ubf,
+                  sampler="FlowMatchEulerDiscreteScheduler (models.sample)", unit_branch_flops=ubf,
                   block_flops=bf, rows=rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

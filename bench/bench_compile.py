@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import l2c_kernels as l2c  # noqa: E402
-from l2c_kernels import models, sampling, schedules  # noqa: E402
+from l2c_kernels import models, schedules  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -53,7 +53,7 @@ def _generation(bundle, tr, steps: int, labels, cfg: float, reset=None) -> float
     if reset is not None:
         reset()
     t0 = time.perf_counter()
-    sampling.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, transformer=tr, progress=False)
+    models.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, transformer=tr, progress=False)
     return time.perf_counter() - t0
 
 
@@ -67,7 +67,7 @@ def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | 
     bundle = models.load(name)
     tr = bundle.transformer
     cfg = bundle.recommended_cfg
-    ts = sampling.timesteps_for(bundle, steps)  # DDIM, or Euler flow matching for flux-digits
+    ts = models.timesteps_for(bundle, steps)  # DDIM, or Euler flow matching for flux-digits
     scheds = {"0%": schedules.full(tr, ts), "50% (FORA 2)": schedules.uniform(tr, ts, 2)}
     if learned_path is not None and learned_path.exists():
         learned = l2c.Schedule.load(learned_path)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import l2c_kernels as l2c
+from l2c_kernels import models  # noqa: E402
 from l2c_kernels import metrics
 from l2c_kernels.models import flux_digits, load
 
@@ -48,7 +49,7 @@ def main(argv=None):
     ts = flux_digits.timesteps_for(bundle, a.steps)
 
     def sample(seed, n, tr=None):
-        return flux_digits.sample(bundle, labels=[i % 10 for i in range(n)], steps=a.steps, cfg=a.cfg, seed=seed,
+        return models.sample(bundle, labels=[i % 10 for i in range(n)], steps=a.steps, cfg=a.cfg, seed=seed,
                                   transformer=tr, progress=False)
 
     refs = {seed: sample(seed, n) for seed, n in EVAL}

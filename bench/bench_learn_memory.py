@@ -51,7 +51,6 @@ def worker(model: str, steps: int, mode: str) -> dict:
 
     import torch
 
-    import l2c_kernels as l2c
     from l2c_kernels.models import BundledModel, load
     from l2c_kernels.models.configs import NOISE_SCHEDULE
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import l2c_kernels as l2c
-from l2c_kernels import metrics, models, sampling
+from l2c_kernels import metrics, models
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -32,7 +32,7 @@ def main():
     torch.set_num_threads(2)
     bundle = models.load("dit-digits")
     labels = [i % 10 for i in range(a.samples)]
-    full = sampling.sample(bundle, labels=labels, steps=a.steps, cfg=a.cfg, seed=123, progress=False)
+    full = models.sample(bundle, labels=labels, steps=a.steps, cfg=a.cfg, seed=123, progress=False)
     rows = []
     for mode in a.modes:
         t0 = time.time()
@@ -40,7 +40,7 @@ def main():
                                training=mode)
         sec = time.time() - t0
         fast = l2c.compile_schedule(bundle.transformer, s)
-        imgs = sampling.sample(bundle, labels=labels, steps=a.steps, cfg=a.cfg, seed=123, progress=False,
+        imgs = models.sample(bundle, labels=labels, steps=a.steps, cfg=a.cfg, seed=123, progress=False,
                                transformer=fast)
         rows.append(dict(mode=mode, seconds=round(sec, 1), calibration_error_db=s.params["calibration_error_db"],
                          heldout_psnr_db=round(float(metrics.psnr(imgs, full)), 2), forecast=s.forecast,

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 import l2c_kernels as l2c
-from l2c_kernels import metrics, models, sampling
+from l2c_kernels import metrics, models
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: learn_schedule keywords of each variant
@@ -59,7 +59,7 @@ def _load() -> list[float]:
 
 def evaluate(bundle, schedule, steps: int, cfg: float, ref: torch.Tensor, labels) -> dict:
     fast = l2c.compile_schedule(bundle.transformer, schedule)
-    imgs = sampling.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=EVAL_SEED, transformer=fast,
+    imgs = models.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=EVAL_SEED, transformer=fast,
                            progress=False)
     return dict(psnr=round(metrics.psnr(imgs, ref), 2), ssim=round(metrics.ssim(imgs, ref), 4),
                 flops_removed=round(schedule.flops_removed_fraction(), 4), forecast=schedule.forecast)
@@ -95,7 +95,7 @@ def main():
     cfg = bundle.recommended_cfg
     labels = [i % 10 for i in range(a.samples)]
     c0, w0 = time.process_time(), time.perf_counter()
-    ref = sampling.sample(bundle, labels=labels, steps=a.steps, cfg=cfg, seed=EVAL_SEED, progress=False)
+    ref = models.sample(bundle, labels=labels, steps=a.steps, cfg=cfg, seed=EVAL_SEED, progress=False)
     unit = dict(what=f"full compute of the {a.samples} evaluation digits ({a.steps} steps, CFG {cfg})",
                 cpu_s=round(time.process_time() - c0, 2), wall_s=round(time.perf_counter() - w0, 2), load=_load())
     print("unit:", unit, flush=True)

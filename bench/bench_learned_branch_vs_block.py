@@ -128,9 +128,10 @@ class FluxDigits:
                                   progress=False)
 
     def generate(self, transformer):
-        from l2c_kernels import sampling
 
-        return sampling.sample(self.bundle, labels=self.labels, steps=self.steps, seed=1000, transformer=transformer,
+        from l2c_kernels import models
+
+        return models.sample(self.bundle, labels=self.labels, steps=self.steps, seed=1000, transformer=transformer,
                                progress=False)
 
     def peak(self, ref):

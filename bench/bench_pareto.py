@@ -48,10 +48,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import l2c_kernels as l2c  # noqa: E402
-from l2c_kernels import metrics, sampling, schedules  # noqa: E402
+from l2c_kernels import models  # noqa: E402
+from l2c_kernels.models import classifier  # noqa: E402
+from l2c_kernels import metrics, schedules  # noqa: E402
 from l2c_kernels.cli import _warm_up_arg  # noqa: E402
 
 import peers as peer_mod  # noqa: E402
+from l2c_kernels.learn.change_curves import measure_change_curves  # noqa: E402
 from l2c_kernels.models import MODEL_NAMES  # noqa: E402
 
 TARGETS = (1.5, 2.0, 3.0, 4.0)  # speedups the comparison is made at
@@ -92,7 +95,7 @@ def timesteps_for(bundle, steps: int, scheduler: str) -> list[float]:
         from l2c_kernels.models import flux_digits
 
         return flux_digits.timesteps_for(bundle, steps)
-    return sampling.timesteps_for(bundle, steps, scheduler)
+    return models.timesteps_for(bundle, steps, scheduler)
 
 
 def _learn_scheduler(scheduler: str):
@@ -210,13 +213,25 @@ def learned_schedules(bundle, steps: int, budgets, cfg: float, out_dir: Path | N
 def _quality(images, ref, labels) -> dict:
     acc = None
     if images.shape[1:] == (1, 16, 16):  # the bundled digit classifier's input
-        acc = metrics.class_accuracy(images, labels)
+        acc = classifier.class_accuracy(images, labels)
+    per = metrics.psnr_per_image(images, ref)
     return dict(psnr=metrics.psnr(images, ref), ssim=metrics.ssim(images, ref), accuracy=acc,
-                worst_psnr=float(metrics.psnr_per_image(images, ref).min()))
+                worst_psnr=float(per.min()), psnr_per_image=[round(float(v), 3) for v in per])
+
+
+def paired_margin(a: list | None, b: list | None) -> tuple | None:
+    """``(mean, standard error)`` of the per-image PSNR differences ``a - b`` (same images, same noise): a margin
+    within two standard errors is a tie on these samples. None where either row lacks per-image values."""
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    var = sum((x - m) ** 2 for x in d) / (len(d) - 1)
+    return m, math.sqrt(var / len(d))
 
 
 def _sample(bundle, tr, labels, steps, cfg, seed, scheduler):
-    return sampling.sample(bundle, labels=labels, steps=steps, scheduler=scheduler, cfg=cfg, seed=seed,
+    return models.sample(bundle, labels=labels, steps=steps, scheduler=scheduler, cfg=cfg, seed=seed,
                            transformer=tr, progress=False)
 
 
@@ -319,13 +334,14 @@ def summarize(rows, targets=TARGETS, tol: float = TOLERANCE, flops_targets=FLOPS
                by_flops=[])
     for key, tgts, dest in (("speedup", targets, "by_speedup"), ("flops_removed", flops_targets, "by_flops")):
         for t in tgts:
-            per = {}
+            per, images = {}, {}
             for f in fams:
                 b = best_at(rows, f, key, t, tol if key == "speedup" else 0.0)
                 fam_rows = [r for r in rows if r["family"] == f]
                 per[f] = None if b is None else dict(label=b["label"], speedup=b["speedup"], psnr=b["psnr"],
                                                      ssim=b["ssim"], accuracy=b["accuracy"],
                                                      flops_removed=b["flops_removed"])
+                images[f] = None if b is None else b.get("psnr_per_image")
                 if b is None:
                     per[f] = dict(unreachable=True, max_reached=max((r.get(key) or 0.0) for r in fam_rows))
             groups = {g: [f for f in fams if f in per and per[f] and not per[f].get("unreachable")
@@ -349,6 +365,10 @@ def summarize(rows, targets=TARGETS, tol: float = TOLERANCE, flops_targets=FLOPS
             others = [x for x in (bb, bp) if x is not None]
             entry["learned_wins"] = bool(bl is not None and all(bl[0] > o[0] for o in others))
             entry["margin_db"] = None if (bl is None or not others) else bl[0] - max(o[0] for o in others)
+            if bl is not None and others:   # the paired per-image difference to the best other row, with its noise
+                pm = paired_margin(images[bl[1]], images[max(others)[1]])
+                if pm is not None:
+                    entry["paired_margin_db"], entry["paired_margin_se_db"] = round(pm[0], 3), round(pm[1], 3)
             if margin_db > 0 and entry["margin_db"] is not None:
                 entry["learned_wins"] = entry["learned_wins"] and entry["margin_db"] >= margin_db - 1e-9
             if bs is not None:   # the static searchers: the learned schedule must be no lower
@@ -387,6 +407,30 @@ def _load_note(m: dict) -> str:
             f"this model's speed).")
 
 
+def _speed_note(m: dict) -> str:
+    sp = m.get("speed_targets")
+    if not sp:
+        return ""
+    c = sp["costs"]
+    return (f" Budgets placed at the speed targets {', '.join(f'{t:g}x' for t in sp['speedups'])} before learning, "
+            f"from step costs timed on this machine over a plain step (reused / computed under a schedule: "
+            + ", ".join(f"{k} {v['reused']:.3f} / {v['computed']:.3f}" for k, v in c.items())
+            + f"; the linear forecast's used): budgets {', '.join(f'{b:.2f}' for b in m['budgets'])} (the learner "
+            "and the static searchers both).")
+
+
+def _paired(e: dict) -> str:
+    """The paired margin cell: mean per-image difference ± two standard errors, and "tie" inside them."""
+    if e.get("paired_margin_db") is None:
+        return "—"
+    m, se = e["paired_margin_db"], e["paired_margin_se_db"]
+    return f"{m:+.2f} ± {2 * se:.2f}" + (" (tie)" if abs(m) <= 2 * se else "")
+
+
+def _command_note(m: dict) -> str:
+    return f"\n\nRegenerate: `{m['command']}`" if m.get("command") else ""
+
+
 def markdown(result: dict) -> str:
     m = result["meta"]
     rows = result["rows"]
@@ -401,7 +445,7 @@ def markdown(result: dict) -> str:
              f"each target, on the {m['samples']} for the others. Speed: median of {m['repeats']} "
              f"interleaved runs of {m['time_samples']} digits after a warm-up round"
              f"{' (methods in a new random order each round)' if m.get('round_order') == 'shuffled' else ''}; full compute "
-             f"{full['seconds']:.2f} s per run = 1.00x." + _load_note(m),
+             f"{full['seconds']:.2f} s per run = 1.00x." + _load_note(m) + _speed_note(m) + _command_note(m),
              "", "## At " + ", ".join(f"{t:g}x" for t in TARGETS) + " measured speedup",
              "",
              f"Best PSNR each family reaches at a speedup of at least {100 * (1 - m['tolerance']):.0f}% of the target "
@@ -419,9 +463,10 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {e['target']:.1f}x | {bold}{fam}{bold} | {v['label']} | {v['speedup']:.2f}x | "
                              f"{100 * v['flops_removed']:.0f}% | {bold}{_fmt(v['psnr'])}{bold} | {_fmt(v['ssim'], '{:.3f}')} "
                              f"| {_fmt(v['accuracy'], '{:.3f}')} |")
-    lines += ["", "| target | learned PSNR | best baseline | best peer | margin (dB) | best static searcher | "
-              "learned - searcher (dB) | learned wins | ablation: FORA steps + our forecast | learned - ablation (dB) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| target | learned PSNR | best baseline | best peer | margin (dB) | paired per-image margin "
+              "(dB, ± 2 SE) | best static searcher | learned - searcher (dB) | learned wins | ablation: FORA steps + "
+              "our forecast | learned - ablation (dB) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in result["summary"]["by_speedup"] + result["summary"]["by_flops"]:
         is_sp = e in result["summary"]["by_speedup"]
         tgt = f"{e['target']:.1f}x speedup" if is_sp else f"{100 * e['target']:.0f}% FLOPs removed"
@@ -430,7 +475,7 @@ def markdown(result: dict) -> str:
             return "—" if x is None else f"{_fmt(x['psnr'])} ({x['family']}: {x['label']}, {x['speedup']:.2f}x)"
 
         lines.append(f"| {tgt} | {cell(e['learned'])} | {cell(e['best_baseline'])} | {cell(e['best_peer'])} | "
-                     f"{_fmt(e['margin_db'], '{:+.2f}')} | {cell(e.get('best_searcher'))} | "
+                     f"{_fmt(e['margin_db'], '{:+.2f}')} | {_paired(e)} | {cell(e.get('best_searcher'))} | "
                      f"{_fmt(e.get('margin_over_searcher_db'), '{:+.2f}')} | {'yes' if e['learned_wins'] else 'no'} | "
                      f"{cell(e.get('ablation'))} | {_fmt(e.get('margin_over_ablation_db'), '{:+.2f}')} |")
     s = result["summary"]
@@ -513,7 +558,7 @@ def build_entries(bundle, steps: int, cfg: float, budgets, *, out_dir: Path | No
     if curve_runs > 0:
         log("measuring change curves for Block Caching ...")
         try:
-            curves = schedules.measure_change_curves(bundle, steps, scheduler=_learn_scheduler(scheduler), cfg=cfg,
+            curves = measure_change_curves(bundle, steps, scheduler=_learn_scheduler(scheduler), cfg=cfg,
                                                      num_runs=curve_runs, seed=7)
         except (TypeError, ValueError, NotImplementedError) as e:  # no soft forward for this model: say so
             unavailable.append(dict(family="Block Caching", setting="all budgets",
@@ -557,9 +602,33 @@ def _versions() -> dict:
     return dict(torch=torch.__version__, diffusers=diffusers.__version__, cache_dit=cd)
 
 
-def result_tag(model: str, steps: int) -> str:
-    """File stem of one comparison's results under ``--out`` (``<tag>.json/.md/.png``, ``<tag>_schedules/``)."""
-    return f"pareto_{model}_{steps}"
+def result_tag(model: str, steps: int, suffix: str = "") -> str:
+    """File stem of one comparison's results under ``--out`` (``<tag>.json/.md/.png``, ``<tag>_schedules/``);
+    ``suffix`` ``"speed"`` for fronts learned at speed targets."""
+    return f"pareto_{model}_{steps}" + (f"_{suffix}" if suffix else "")
+
+
+def speed_budgets(bundle, steps: int, cfg: float, scheduler: str, speedups, time_samples: int, log=print):
+    """``(budgets, speed)``: the budgets that reach ``speedups`` on this machine at the timed batch
+    (``l2c_kernels.learn.speed``: reused and computed steps under a schedule timed against plain ones, linear
+    forecast); targets out of reach are left out, and said so."""
+    from l2c_kernels.learn.conditioning import denoiser_for
+    from l2c_kernels.learn.speed import budgets_for_speedups, measure_step_costs
+
+    labels = [i % 10 for i in range(time_samples)]
+    den = denoiser_for(bundle, time_samples, cfg, _learn_scheduler(scheduler), seed=0, labels=labels)
+    # timed as the table times a method: one models.sample call of the timed digits
+    costs = measure_step_costs(den, steps, sample=lambda m: _sample(bundle, m, labels, steps, cfg, 0, scheduler))
+    log("  step costs over a plain step: " + ", ".join(
+        f"{k} reused {c.reused:.3f} computed {c.computed:.3f}" for k, c in costs.items()))
+    budgets, targets = [], []
+    for t in sorted(speedups):
+        try:
+            budgets += budgets_for_speedups([t], costs["linear"], steps)
+            targets.append(t)
+        except ValueError as e:
+            log(f"  {e}: left out")
+    return [round(b, 4) for b in budgets], dict(costs={k: c.to_dict() for k, c in costs.items()}, speedups=targets)
 
 
 def guidance_scale(bundle, cfg: float | None) -> float:
@@ -570,12 +639,12 @@ def guidance_scale(bundle, cfg: float | None) -> float:
 def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5, 0.6), samples: int = 20,
         accuracy_samples: int = 100, time_samples: int = 10, repeats: int = 3, seed: int = 100,
         out: Path | None = None, relearn: bool = False, scheduler: str | None = None, learn_kwargs: dict | None = None,
-        curve_runs: int = 2, peer_settings=None, log=print) -> dict:
+        curve_runs: int = 2, peer_settings=None, speed: dict | None = None, log=print) -> dict:
     """The whole comparison for one bundled model and step count; writes the result files when ``out`` is set
     (``scheduler`` None: DDIM, or Euler flow matching for flux-digits)."""
     cfg = guidance_scale(bundle, cfg)
     scheduler = scheduler or default_sampler(bundle)
-    tag = result_tag(bundle.name, steps)
+    tag = result_tag(bundle.name, steps, "speed" if speed else "")
     sched_dir = None if out is None else Path(out) / f"{tag}_schedules"
     t0 = time.time()
     entries, unavailable = build_entries(bundle, steps, cfg, budgets, out_dir=sched_dir, relearn=relearn,
@@ -607,7 +676,7 @@ def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5,
                 tr.reset()
             imgs = _sample(bundle, tr, acc_labels, steps, cfg, seed + 1, scheduler)
             rows[i]["accuracy_small"] = rows[i]["accuracy"]
-            rows[i]["accuracy"] = metrics.class_accuracy(imgs, acc_labels)
+            rows[i]["accuracy"] = classifier.class_accuracy(imgs, acc_labels)
             rows[i]["accuracy_samples"] = accuracy_samples
     meta = dict(benchmark="learned schedules vs baselines and peers", model=bundle.name, steps=steps,
                 scheduler=scheduler, cfg=cfg, samples=samples, accuracy_samples=accuracy_samples,
@@ -615,7 +684,10 @@ def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5,
                 budgets=list(budgets), tolerance=TOLERANCE, date=str(date.today()),
                 device=f"CPU ({torch.get_num_threads()} threads, {platform.machine()})",
                 wall_seconds=None, load_average=dict(start_and_per_timed_round=loads, end=load_average()),
-                cpu_count=os.cpu_count(), magcache_calibration_seed=MAGCACHE_SEED, **_versions())
+                cpu_count=os.cpu_count(), magcache_calibration_seed=MAGCACHE_SEED, command="python " + " ".join(sys.argv),
+                **_versions())
+    if speed:
+        meta["speed_targets"] = speed
     result = dict(meta=meta, rows=rows, unavailable=unavailable,
                   summary=summarize(rows, full_accuracy=rows[0]["accuracy"], **GOALS.get(bundle.name, DEFAULT_GOAL)))
     meta["wall_seconds"] = round(time.time() - t0, 1)
@@ -699,6 +771,9 @@ def main(argv=None):
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommended one)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.35, 0.5, 0.67, 0.75],
                     help="budgets of the learned front (one learn_schedule(budgets=...) call)")
+    ap.add_argument("--speedups", type=float, nargs="+", default=None,
+                    help="instead of --budgets: speed targets; the budgets that reach them on this machine are "
+                         "measured first (learn.speed), and the results are written as pareto_<model>_<steps>_speed")
     ap.add_argument("--samples", type=int, default=20, help="digits for PSNR/SSIM (and accuracy of every method)")
     ap.add_argument("--accuracy-samples", type=int, default=100,
                     help="digits for the accuracy of full compute, the learned schedules and the best other methods")
@@ -750,16 +825,21 @@ def main(argv=None):
         learn_kwargs["refine_evaluations"] = a.refine
     if a.warm_up is not None:
         learn_kwargs["warm_up"] = a.warm_up
+    speed = None
+    if a.speedups:
+        a.budgets, speed = speed_budgets(bundle, a.steps, guidance_scale(bundle, a.cfg), default_sampler(bundle),
+                                            a.speedups, a.time_samples, log=lambda s: print(s, flush=True))
+        print(f"speed targets {speed['speedups']} -> budgets {a.budgets}", flush=True)
     if a.learn_only:
         learned_schedules(bundle, a.steps, a.budgets, guidance_scale(bundle, a.cfg),
-                          Path(a.out) / f"{result_tag(bundle.name, a.steps)}_schedules",
+                          Path(a.out) / f"{result_tag(bundle.name, a.steps, 'speed' if speed else '')}_schedules",
                           a.relearn, scheduler=default_sampler(bundle), log=lambda s: print(s, flush=True),
                           **learn_kwargs)
         return None
     res = run(bundle, a.steps, cfg=a.cfg, budgets=a.budgets, samples=a.samples, accuracy_samples=a.accuracy_samples,
               time_samples=a.time_samples,
               repeats=a.repeats, seed=a.seed, out=Path(a.out), relearn=a.relearn, learn_kwargs=learn_kwargs,
-              curve_runs=a.curve_runs, log=lambda s: print(s, flush=True))
+              curve_runs=a.curve_runs, speed=speed, log=lambda s: print(s, flush=True))
     print(markdown(res).split("## Every method")[0])
     return res
 

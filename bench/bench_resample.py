@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import l2c_kernels as l2c
-from l2c_kernels import metrics, models, sampling, schedules
+from l2c_kernels import metrics, models, schedules
 from l2c_kernels.runtime import resample_schedule
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -34,11 +34,11 @@ def main(argv=None):
     bundle = models.load(a.model)
     tr = bundle.transformer
     labels = [i % 10 for i in range(a.samples)]
-    ts = sampling.timesteps_for(bundle, a.to, "ddim")
+    ts = models.timesteps_for(bundle, a.to, "ddim")
 
     def run(sched):
         fast = None if sched is None else l2c.compile_schedule(tr, sched, cuda_graphs=False)
-        return sampling.sample(bundle, labels=labels, steps=a.to, seed=0, transformer=fast, progress=False)
+        return models.sample(bundle, labels=labels, steps=a.to, seed=0, transformer=fast, progress=False)
 
     full = run(None)
     rows = []

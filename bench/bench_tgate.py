@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import l2c_kernels as l2c  # noqa: E402
+from l2c_kernels.models import classifier  # noqa: E402
 from l2c_kernels import metrics, models, schedules  # noqa: E402
 from l2c_kernels.learn.gate import DEFAULT_OUTPUT_TOL, DEFAULT_TOL, auto_gate  # noqa: E402
 from l2c_kernels.models.pipelines import pixart_pipeline  # noqa: E402
@@ -229,7 +230,7 @@ def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
                  macs_removed=round(1 - macs[r.name] / macs[rows[0].name], 4),
                  psnr=round(metrics.psnr(img, ref), 2) if r is not rows[0] else math.inf,
                  ssim=round(metrics.ssim(img, ref), 4),
-                 accuracy=round(metrics.class_accuracy(img, labels), 4))
+                 accuracy=round(classifier.class_accuracy(img, labels), 4))
         if r.kind == "official":
             d["psnr_vs_ours_collapse"] = round(metrics.psnr(img, images[rows[2].name]), 2)
         out_rows.append(d)
@@ -249,7 +250,7 @@ def _tgate_version() -> str:
 
 
 def write_markdown(result: dict) -> str:
-    md = [f"# T-GATE on pixart-digits: our schedule with CFG collapse, automatic gate, learned, official package",
+    md = ["# T-GATE on pixart-digits: our schedule with CFG collapse, automatic gate, learned, official package",
           "",
           f"{result['device']}, torch {result['torch']}, diffusers {result['diffusers']}, tgate {result['tgate']}, "
           f"{result['date']}. Unchanged `PixArtAlphaPipeline` around the bundled model; "

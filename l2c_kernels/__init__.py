@@ -7,6 +7,7 @@
 from .learn import learn_front, learn_schedule
 from .runtime import CachedTransformer, compile_schedule, disable, enable, summary
 from .schedule import Schedule, ScheduleError
+from . import models  # noqa: F401,E402  (the bundled digits models register themselves: a plug-in on top)
 
 __version__ = "0.1.0"
 

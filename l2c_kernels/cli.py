@@ -138,8 +138,8 @@ def _conditions(a) -> dict:
 def cmd_demo(a) -> int:
     import torch
 
-    from . import compile_schedule
-    from .evaluate import compare, default_labels, strip_images
+    from .runtime import compile_schedule
+    from .models.evaluate import compare, default_labels, strip_images
     from .learn import learn_schedule
     from .models import load
     from .plots import schedule_heatmap, side_by_side
@@ -207,10 +207,17 @@ def cmd_learn(a) -> int:
         cfg = a.guidance_scale if a.guidance_scale is not None else a.cfg
         kw = dict(labels=a.labels, guidance_scale=cfg if cfg is not None else target.recommended_cfg)
         scheduler = _bundled_scheduler(model, a.scheduler)
-    budgets = list(a.budget)
-    front = learn_schedule(target, num_inference_steps=a.steps, budgets=budgets, scheduler=scheduler,
-                           seed=a.seed, forecast=a.forecast, **_learn_kwargs(a, model), **kw)
-    outputs = [Path(a.output)] if len(front) == 1 else [front_path(a.output, s.params["budget"]) for s in front]
+    if a.speedup is not None and a.budget is not None:
+        raise ValueError("give --budget or --speedup, not both")
+    targets = dict(speedups=list(a.speedup)) if a.speedup is not None else dict(budgets=list(a.budget or [0.4]))
+    front = learn_schedule(target, num_inference_steps=a.steps, scheduler=scheduler, seed=a.seed,
+                           forecast=a.forecast, **targets, **_learn_kwargs(a, model), **kw)
+    if len(front) == 1:
+        outputs = [Path(a.output)]
+    elif a.speedup is not None:
+        outputs = [front_path(a.output, speedup=s.params["target_speedup"]) for s in front]
+    else:
+        outputs = [front_path(a.output, s.params["budget"]) for s in front]
     for sched, path in zip(front, outputs):
         if a.pipeline:
             sched.params["pipeline"] = str(a.pipeline)
@@ -224,12 +231,14 @@ def cmd_learn(a) -> int:
     return 0
 
 
-def front_path(output, budget: float) -> Path:
-    """Where ``l2c learn`` writes one budget of several: ``out.l2c.json`` -> ``out.b50.l2c.json`` (budget 0.5)."""
+def front_path(output, budget: float | None = None, speedup: float | None = None) -> Path:
+    """Where ``l2c learn`` writes one budget of several: ``out.l2c.json`` -> ``out.b50.l2c.json`` (budget 0.5), or
+    one speed target: ``out.2x.l2c.json`` (``--speedup 2``), ``out.1.5x.l2c.json``."""
     p = Path(output)
     name = p.name
     stem, ext = (name[:-len(".l2c.json")], ".l2c.json") if name.endswith(".l2c.json") else (p.stem, p.suffix)
-    return p.with_name(f"{stem}.b{round(100 * budget):02d}{ext}")
+    tag = f"{speedup:g}x" if speedup is not None else f"b{round(100 * budget):02d}"
+    return p.with_name(f"{stem}.{tag}{ext}")
 
 
 def cmd_show(a) -> int:
@@ -245,14 +254,14 @@ def cmd_show(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from . import compile_schedule
+    from .runtime import compile_schedule
     from .schedule import Schedule
 
     _threads(a.threads)
     sched = Schedule.load(a.schedule)
     if a.pipeline:
         return _bench_pipeline(a, sched)
-    from .evaluate import compare, default_labels, strip_images
+    from .models.evaluate import compare, default_labels, strip_images
 
     name = a.model or sched.params.get("model") or _bundled_name(sched)
     bundle = _model_for_schedule(sched, name)
@@ -282,7 +291,7 @@ def _bench_pipeline(a, sched) -> int:
 
     import torch
 
-    from . import compile_schedule
+    from .runtime import compile_schedule
     from .learn import denoiser_for
 
     pipe = load_pipeline(a.pipeline, a.device, a.dtype)
@@ -405,10 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--steps", type=int, default=20)
     lp.add_argument("--scheduler", default=None, choices=list(SCHEDULER_NAMES),
                     help="sampler (default: the pipeline's own; ddim for bundled models, flow-euler for flux-digits)")
-    lp.add_argument("--budget", type=float, nargs="+", default=[0.4],
-                    help="fraction of branch FLOPs to remove, in (0, 1); several (e.g. 0.35 0.5 0.67 0.75) learn a "
-                         "front in one run, sharing its measurements, written as OUTPUT with .b35, .b50, ... before "
-                         ".l2c.json")
+    lp.add_argument("--budget", type=float, nargs="+", default=None,
+                    help="fraction of branch FLOPs to remove, in (0, 1) (default 0.4); several (e.g. 0.35 0.5 0.67 "
+                         "0.75) learn a front in one run, sharing its measurements, written as OUTPUT with .b35, "
+                         ".b50, ... before .l2c.json")
+    lp.add_argument("--speedup", type=float, nargs="+", default=None,
+                    help="instead of --budget: speed targets (e.g. 1.5 2 3 4), each turned into the budget that "
+                         "runs that many times faster than full compute on this device and batch (a fully reused "
+                         "step is timed against a full one first; a target out of reach is refused before "
+                         "learning); written as OUTPUT with .1.5x, .2x, ... before .l2c.json")
     lp.add_argument("--iterations", type=int, default=None, help="router training iterations (default: the learner's, 12)")
     lp.add_argument("--batch", type=int, default=None, help="images per training trajectory (default 4; flux-digits 2)")
     lp.add_argument("--calibration-samples", type=int, default=None,
@@ -447,6 +461,11 @@ def main(argv=None) -> int:
     bad = [b for b in (budget if isinstance(budget, list) else [budget]) if b is not None and not 0.0 < b < 1.0]
     if bad:
         print(f"l2c: error: --budget must be in (0, 1) (the fraction of branch FLOPs to remove), got {bad[0]}",
+              file=sys.stderr)
+        return 2
+    slow = [s for s in (getattr(args, "speedup", None) or []) if not s > 1.0]
+    if slow:
+        print(f"l2c: error: --speedup is a factor above 1 (times faster than full compute), got {slow[0]:g}",
               file=sys.stderr)
         return 2
     model = getattr(args, "model", None)

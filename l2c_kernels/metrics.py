@@ -1,4 +1,4 @@
-"""Image metrics for cached vs full-compute samples, and the accuracy of the bundled digit classifier.
+"""Image metrics for cached vs full-compute samples (the digits classifier lives with the bundled models).
 
 Images are ``[B, C, H, W]`` tensors in [-1, 1] (``data_range`` 2) unless said otherwise.
 """
@@ -62,30 +62,3 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, window: int 
     sab = conv(a * b) - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
     return float(s.mean())
-
-
-_CLASSIFIER = None
-
-
-def digit_classifier():
-    """The bundled digit classifier (loaded once)."""
-    global _CLASSIFIER
-    if _CLASSIFIER is None:
-        from .models.classifier import load_classifier
-
-        _CLASSIFIER = load_classifier()
-    return _CLASSIFIER
-
-
-@torch.no_grad()
-def predict_digits(images: torch.Tensor, classifier=None) -> torch.Tensor:
-    clf = classifier or digit_classifier()
-    return clf(images.detach().float().cpu()).argmax(1)
-
-
-def class_accuracy(images: torch.Tensor, labels, classifier=None) -> float:
-    """Fraction of generated ``images`` the bundled classifier reads as the digit they were asked for."""
-    labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels).long().cpu()
-    if labels.numel() != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.numel()} labels")
-    return float((predict_digits(images, classifier) == labels).float().mean())

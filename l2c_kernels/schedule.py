@@ -57,27 +57,38 @@ class ScheduleError(ValueError):
     """A schedule that is malformed or does not fit the model it is used with."""
 
 
-def _model_facts(model, block_level: bool = False, branch_level: bool = False) -> tuple[str, int, list[str], dict]:
-    from .adapters import adapter_for
+#: the families layer (``l2c_kernels.adapters``) that reads a model's layout; it registers itself on import, so the
+#: format imports no adapter
+_FAMILIES = None
 
-    ad = adapter_for(model, block_level=block_level, branch_level=branch_level)
+
+def register_families(adapter_for, opt_in_branch_adapters) -> None:
+    """How the format reads a model's layout: ``adapter_for(model, block_level=, branch_level=)`` and the opt-in
+    branch adapters (``l2c_kernels.adapters`` registers them when imported; ``import l2c_kernels`` does)."""
+    global _FAMILIES
+    _FAMILIES = (adapter_for, list(opt_in_branch_adapters))
+
+
+def _families() -> tuple:
+    assert _FAMILIES is not None, "no model families are registered to read the model's layout: import l2c_kernels"
+    return _FAMILIES
+
+
+def _model_facts(model, block_level: bool = False, branch_level: bool = False) -> tuple[str, int, list[str], dict]:
+    ad = _families()[0](model, block_level=block_level, branch_level=branch_level)
     inner = getattr(model, "original_model", model)
     return type(inner).__name__, ad.num_blocks(inner), ad.branches(inner), ad.branch_flops(inner)
 
 
 def _branch_adapter(model, branch_level: bool):
     """The opt-in branch adapter (SD3 / Flux units) a branch-level schedule of ``model`` uses, else None."""
-    from .adapters import OPT_IN_BRANCH_ADAPTERS
-
     inner = getattr(model, "original_model", model)
-    return next((ad for ad in OPT_IN_BRANCH_ADAPTERS if branch_level and ad.matches(inner)), None)
+    return next((ad for ad in _families()[1] if branch_level and ad.matches(inner)), None)
 
 
 def _unit_flops(model) -> list:
     """Per-block cost estimate of a block-level model (see ``adapters.patterns.estimate_block_flops``)."""
-    from .adapters import adapter_for
-
-    return adapter_for(model, block_level=True).unit_flops(getattr(model, "original_model", model))
+    return _families()[0](model, block_level=True).unit_flops(getattr(model, "original_model", model))
 
 
 @dataclass

@@ -87,7 +87,7 @@ def deepcache(model, timesteps: Sequence[int], interval: int = 3, keep_first: in
 
 
 def tgate(model, timesteps: Sequence[int], gate_step=15, sp_interval: int = 3, fi_interval: int = 1,
-          warm_up: int = 2, **auto_kwargs) -> Schedule:
+          warm_up: int = 2) -> Schedule:
     """T-GATE (TGATE-V2, as its authors' ``tgate`` package runs it).
 
     Cross-attention is computed at steps ``0 .. gate_step - 1``; at step ``gate_step - 1`` the mean of its
@@ -97,10 +97,9 @@ def tgate(model, timesteps: Sequence[int], gate_step=15, sp_interval: int = 3, f
     ``i % fi_interval == 0`` after it; in between its last output is reused. The MLP is always computed.
     The authors' PixArt setting is ``gate_step=15, sp_interval=3, fi_interval=1, warm_up=2`` for 25 steps.
 
-    ``gate_step="auto"`` picks the gate from measurements on calibration prompts
-    (:func:`l2c_kernels.learn.gate.auto_gate`); pass ``calibration=`` (a bundled model, its name, or a
-    PixArt pipeline) and optionally ``prompts=``, ``criterion=``, ``tol=``, ``scheduler=`` for it. A
-    :class:`~l2c_kernels.learn.gate.GateResult` is accepted as ``gate_step`` too.
+    A :class:`~l2c_kernels.learn.gate.GateResult` is accepted as ``gate_step`` (its gate, checked against these
+    timesteps); :func:`l2c_kernels.learn.gate.auto_tgate` measures one on calibration prompts and builds the
+    schedule.
     """
     nb, branches, _ = _facts(model)
     if "attn2" not in branches:
@@ -108,23 +107,11 @@ def tgate(model, timesteps: Sequence[int], gate_step=15, sp_interval: int = 3, f
     n = len(timesteps)
     gate_info = None
     if isinstance(gate_step, str):
-        if gate_step != "auto":
-            raise ValueError(f"gate_step must be an int, 'auto' or a GateResult, got {gate_step!r}")
-        from .learn.gate import auto_gate
-
-        calibration = auto_kwargs.pop("calibration", None)
-        if calibration is None:
-            raise ValueError("gate_step='auto' measures the cross-attention of a model with its text encoder: "
-                             "pass calibration=<bundled model, its name, or a PixArt pipeline>")
-        auto_kwargs = dict(dict(sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up), **auto_kwargs)
-        gate_info = auto_gate(calibration, n, **auto_kwargs)
-        gate_info.check_timesteps(timesteps)
-        auto_kwargs = {}
-    elif hasattr(gate_step, "gate_step") and hasattr(gate_step, "curve"):
+        raise ValueError(f"gate_step must be an int or a GateResult, got {gate_step!r}; to measure the gate on "
+                         "calibration prompts use l2c_kernels.learn.gate.auto_tgate")
+    if hasattr(gate_step, "gate_step") and hasattr(gate_step, "curve"):
         gate_info = gate_step
         gate_info.check_timesteps(timesteps)
-    if auto_kwargs:
-        raise TypeError(f"unexpected arguments {sorted(auto_kwargs)} (they are for gate_step='auto')")
     if gate_info is not None:
         gate_step = gate_info.gate_step
     if isinstance(gate_step, bool) or not isinstance(gate_step, int) or not 1 <= gate_step <= n:
@@ -181,7 +168,7 @@ def block_caching(model, timesteps: Sequence[int], change_curves, budget: float)
     """Block Caching (Wimbauer et al.): each branch is recomputed once its accumulated relative change
     since its last computation exceeds a threshold; the threshold is searched so that ``budget`` of the
     branch FLOPs is removed. ``change_curves[step][block][branch]`` is the measured relative change of the
-    branch output from the previous step (see :func:`measure_change_curves`)."""
+    branch output from the previous step (see :func:`l2c_kernels.learn.change_curves.measure_change_curves`)."""
     _check_budget(budget)
     nb, branches, flops = _facts(model)
     w = [float(flops[b]) for b in branches]
@@ -213,56 +200,9 @@ def block_caching(model, timesteps: Sequence[int], change_curves, budget: float)
                  dict(budget=budget, threshold=hi))
 
 
-def measure_change_curves(obj, num_inference_steps: int = 20, *, scheduler: str = "ddim", cfg: float | None = None,
-                          num_runs: int = 2, batch_size: int = 4, seed: int = 0, labels=None,
-                          prompts=None) -> list[list[list[float]]]:
-    """Per-branch change curves for :func:`block_caching`, measured on full-compute sampling runs.
-
-    ``obj`` is anything :func:`~l2c_kernels.learn_schedule` takes (``cfg`` None: the model's default guidance
-    scale). Returns
-    ``curves[step][block][branch]``: the mean relative L1 change ``mean|y_s - y_{s-1}| / mean|y_{s-1}|``
-    of each branch's raw output from the previous step, averaged over ``num_runs`` runs of
-    ``batch_size`` samples (step 0 is 0).
-    """
-    import torch
-
-    from .learn.conditioning import denoiser_for
-    from .learn.soft_forward import SoftCaches, soft_forward
-
-    if num_runs < 1 or batch_size < 1:
-        raise ValueError("num_runs and batch_size must be >= 1")
-    acc = None
-    for r in range(num_runs):
-        den = denoiser_for(obj, batch_size, cfg, scheduler, seed=seed + r, labels=labels, prompts=prompts)
-        model = den.transformer
-        ad = adapter_for(model)
-        nb, nbr = ad.num_blocks(model), len(ad.branches(model))
-        if acc is None:
-            acc = [[[0.0] * nbr for _ in range(nb)] for _ in range(num_inference_steps)]
-        caches = SoftCaches(nb, nbr)
-        prev: dict = {}
-
-        def call(s, args, model=model, caches=caches, prev=prev):
-            rec: list = []
-            out = soft_forward(model, args, None, caches, record=rec)
-            cur = {(b, i): y for b, i, y in rec}
-            if prev:
-                for (b, i), y in cur.items():
-                    p = prev[(b, i)]
-                    acc[s][b][i] += float((y - p).abs().mean() / p.abs().mean().clamp_min(1e-12)) / num_runs
-            prev.clear()
-            prev.update(cur)
-            return out
-
-        with torch.no_grad():
-            den.run(call, num_inference_steps, den.noise(seed + 1000 * r))
-    return acc
-
-
 def _check_budget(budget: float) -> None:
     if not 0.0 < budget < 1.0:
         raise ValueError(f"budget is the fraction of branch FLOPs to remove and must be in (0, 1), got {budget}")
 
 
-__all__ = ["full", "uniform", "deepcache", "tgate", "first_blocks", "random_schedule", "block_caching",
-           "measure_change_curves"]
+__all__ = ["full", "uniform", "deepcache", "tgate", "first_blocks", "random_schedule", "block_caching"]

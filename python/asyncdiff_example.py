@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from l2c_kernels import metrics, models, parallel, sampling  # noqa: E402
+from l2c_kernels.models import classifier  # noqa: E402
 from l2c_kernels.models.pipelines import dit_pipeline  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def main(argv=None):
         print(f"{world} process(es), {n} component(s) {ad.component_ranges}, stride {ad.stride}, "
               f"{ad.warm_up} warm-up steps: {args.images} images, {args.steps} DDIM steps in {seconds:.2f} s")
         sampling.save_grid(images, args.out, nrow=10)
-        print(f"saved {args.out}; digit classifier accuracy {metrics.class_accuracy(images, labels):.2f}")
+        print(f"saved {args.out}; digit classifier accuracy {classifier.class_accuracy(images, labels):.2f}")
     if args.compare and world > 1:
         import torch.distributed as dist
 
@@ -77,7 +78,7 @@ def main(argv=None):
             ref, ref_s = run(pipe, labels, args)
             print(f"1 process, plain model: {ref_s:.2f} s ({ref_s / seconds:.2f}x slower); AsyncDiff images vs "
                   f"these: PSNR {metrics.psnr(images, ref):.1f} dB; accuracy of these "
-                  f"{metrics.class_accuracy(ref, labels):.2f}")
+                  f"{classifier.class_accuracy(ref, labels):.2f}")
         dist.barrier()
     if world > 1:
         import torch.distributed as dist

@@ -29,9 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from l2c_kernels import metrics, sampling  # noqa: E402
+from l2c_kernels import sampling  # noqa: E402
+from l2c_kernels import models  # noqa: E402
+from l2c_kernels.models import classifier  # noqa: E402
 from l2c_kernels._machine import cpu_name  # noqa: E402
-from l2c_kernels.models import flux_digits, load  # noqa: E402
+from l2c_kernels.models import load  # noqa: E402
 from l2c_kernels.models.registry import MODEL_NAMES, WEIGHTS_DIR  # noqa: E402
 
 
@@ -49,9 +51,8 @@ def _draw(model, weights_dir, scheduler, labels, steps, cfg, noise, batch_size=N
         torch.set_num_threads(threads)
     bundle = _bundle(model, str(weights_dir))
     if scheduler == FLOW_EULER:
-        return flux_digits.sample(bundle, labels=labels, steps=steps, cfg=cfg, noise=noise, batch_size=batch_size,
-                                  progress=progress)
-    return sampling.sample(bundle, labels=labels, steps=steps, scheduler=scheduler, cfg=cfg, noise=noise,
+        scheduler = "flow-euler"
+    return models.sample(bundle, labels=labels, steps=steps, scheduler=scheduler, cfg=cfg, noise=noise,
                            batch_size=batch_size, progress=progress)
 
 
@@ -106,7 +107,7 @@ def main(argv=None):
         few = [d for d in range(10) for _ in range(args.sweep_per_class)]
         for c in sorted(float(v) for v in args.cfg_sweep.split(",")):
             im = draw(few, args.steps, c, args.seed + 1, batch_size=args.batch_size)
-            sweep[c] = float((metrics.predict_digits(im) == torch.tensor(few)).float().mean())
+            sweep[c] = float((classifier.predict_digits(im) == torch.tensor(few)).float().mean())
             print(f"cfg {c}: accuracy {sweep[c]:.3f} on {len(few)}", flush=True)
         args.cfg = max(sweep, key=lambda c: (sweep[c], -c))
         meta_file = args.weights_dir / f"{args.model}.json"
@@ -119,7 +120,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     imgs = draw(labels, args.steps, args.cfg, args.seed, batch_size=args.batch_size)
     total_s = time.perf_counter() - t0
-    pred = metrics.predict_digits(imgs)
+    pred = classifier.predict_digits(imgs)
     lab = torch.tensor(labels)
     per_class = {d: float((pred[lab == d] == d).float().mean()) for d in range(10)}
     acc = float((pred == lab).float().mean())

@@ -44,12 +44,16 @@ def test_learn_several_budgets_writes_a_front(tmp_path):
         assert s.params["budget"] == b and s.flops_removed_fraction() >= b - 1e-9
     assert front[0].params["calibration_error_db"] <= front[1].params["calibration_error_db"]
     assert front_path(tmp_path / "x.json", 0.75) == tmp_path / "x.b75.json"
+    assert front_path(out, speedup=1.5) == tmp_path / "dit.1.5x.l2c.json"
+    assert front_path(out, speedup=2.0) == tmp_path / "dit.2x.l2c.json"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["learn", "--budget", "1.5"], "--budget must be in (0, 1)"),
     (["learn", "--budget", "0"], "--budget must be in (0, 1)"),
     (["learn", "--model", "sd3"], "unknown model 'sd3'"),
+    (["learn", "--speedup", "1"], "--speedup is a factor above 1"),
+    (["learn", "--speedup", "2", "--budget", "0.5"], "give --budget or --speedup, not both"),
     (["show", "no-such-file.json"], "no-such-file.json"),
 ])
 def test_bad_input_named(argv, message, capsys):

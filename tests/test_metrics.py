@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from l2c_kernels import metrics
+from l2c_kernels.models import classifier  # noqa: E402
 
 
 def test_psnr_of_identical_images_is_inf():
@@ -98,7 +99,7 @@ def test_classifier_reads_real_digits():
     from l2c_kernels.models.digits_data import load_digits_tensor
 
     x, y = load_digits_tensor(16)
-    acc = metrics.class_accuracy(x[:400], y[:400])
+    acc = classifier.class_accuracy(x[:400], y[:400])
     assert acc > 0.97
     with pytest.raises(ValueError, match="labels"):
-        metrics.class_accuracy(x[:4], y[:3])
+        classifier.class_accuracy(x[:4], y[:3])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from l2c_kernels.schedule import Schedule
+from l2c_kernels import models
 from tests.tiny_models import dit_inputs, pixart_inputs, tiny_dit, tiny_pixart
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -178,9 +179,8 @@ def flux():
 
 
 def _flux_generate(bundle, transformer, seed=0, labels=(3,)):
-    from l2c_kernels import sampling
 
-    return sampling.sample(bundle, labels=list(labels), steps=FLUX_STEPS, seed=seed, transformer=transformer,
+    return models.sample(bundle, labels=list(labels), steps=FLUX_STEPS, seed=seed, transformer=transformer,
                            progress=False)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from l2c_kernels import sampling
+from l2c_kernels import models
 from l2c_kernels.models import load
 
 
@@ -14,9 +15,9 @@ def dit():
 
 
 def test_same_seed_same_images_and_chunking_does_not_matter(dit):
-    a = sampling.sample(dit, labels=[3, 7, 1], steps=4, cfg=2.0, seed=5, progress=False)
-    b = sampling.sample(dit, labels=[3, 7, 1], steps=4, cfg=2.0, seed=5, progress=False, batch_size=2)
-    c = sampling.sample(dit, labels=[3, 7, 1], steps=4, cfg=2.0, seed=6, progress=False)
+    a = models.sample(dit, labels=[3, 7, 1], steps=4, cfg=2.0, seed=5, progress=False)
+    b = models.sample(dit, labels=[3, 7, 1], steps=4, cfg=2.0, seed=5, progress=False, batch_size=2)
+    c = models.sample(dit, labels=[3, 7, 1], steps=4, cfg=2.0, seed=6, progress=False)
     assert a.shape == (3, 1, 16, 16) and a.dtype == torch.float32
     assert a.min() >= -1 and a.max() <= 1
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -25,7 +26,7 @@ def test_same_seed_same_images_and_chunking_does_not_matter(dit):
 
 @pytest.mark.parametrize("name", sampling.SCHEDULERS)
 def test_every_scheduler_runs_its_timesteps(dit, name):
-    ts = sampling.timesteps_for(dit, 5, name)
+    ts = models.timesteps_for(dit, 5, name)
     assert len(ts) == 5 and ts[0] > ts[-1]
     seen = []
     orig = dit.transformer.forward
@@ -35,7 +36,7 @@ def test_every_scheduler_runs_its_timesteps(dit, name):
             seen.append(float(kw["timestep"][0]))
             return orig(*args, **kw)
 
-    imgs = sampling.sample(dit, labels=[0, 1], steps=5, scheduler=name, cfg=1.5, progress=False, transformer=Spy())
+    imgs = models.sample(dit, labels=[0, 1], steps=5, scheduler=name, cfg=1.5, progress=False, transformer=Spy())
     assert torch.isfinite(imgs).all()
     assert seen == pytest.approx(ts)
 
@@ -47,20 +48,20 @@ def test_pixart_sampling_from_labels_and_prompts():
         pytest.skip("pixart-digits weights not present")
     from l2c_kernels.models.text_encoder import caption_for
 
-    a = sampling.sample(pix, labels=[2, 9], steps=3, cfg=2.0, seed=1, progress=False)
-    b = sampling.sample(pix, prompts=[caption_for(2, 0), caption_for(9, 1)], steps=3, cfg=2.0, seed=1, progress=False)
+    a = models.sample(pix, labels=[2, 9], steps=3, cfg=2.0, seed=1, progress=False)
+    b = models.sample(pix, prompts=[caption_for(2, 0), caption_for(9, 1)], steps=3, cfg=2.0, seed=1, progress=False)
     torch.testing.assert_close(a, b)
 
 
 def test_sampling_errors(dit):
     with pytest.raises(ValueError, match="scheduler"):
-        sampling.sample(dit, labels=[1], steps=2, scheduler="heun", progress=False)
+        models.sample(dit, labels=[1], steps=2, scheduler="heun", progress=False)
     with pytest.raises(ValueError, match="steps"):
-        sampling.sample(dit, labels=[1], steps=0, progress=False)
+        models.sample(dit, labels=[1], steps=0, progress=False)
     with pytest.raises(ValueError, match="0-9"):
-        sampling.sample(dit, labels=[12], steps=2, progress=False)
+        models.sample(dit, labels=[12], steps=2, progress=False)
     with pytest.raises(ValueError, match="class-conditional"):
-        sampling.sample(dit, prompts=["a 7"], steps=2, progress=False)
+        models.sample(dit, prompts=["a 7"], steps=2, progress=False)
 
 
 def test_save_grid(tmp_path, dit):
@@ -74,7 +75,7 @@ def test_save_grid(tmp_path, dit):
 
 def test_timesteps_of_a_flow_matching_bundle_are_the_ones_sample_calls_with():
     flux = load("flux-digits")
-    ts = sampling.timesteps_for(flux, 4)
+    ts = models.timesteps_for(flux, 4)
     seen = []
     orig = flux.transformer.forward
 
@@ -83,7 +84,7 @@ def test_timesteps_of_a_flow_matching_bundle_are_the_ones_sample_calls_with():
             seen.append(1000.0 * float(kw["timestep"][0]))  # FluxPipeline passes t / 1000
             return orig(*args, **kw)
 
-    sampling.sample(flux, labels=[3], steps=4, cfg=1.0, progress=False, transformer=Spy())
+    models.sample(flux, labels=[3], steps=4, cfg=1.0, progress=False, transformer=Spy())
     assert seen == pytest.approx(ts, abs=1e-3)
     with pytest.raises(ValueError, match="flow-matching"):
-        sampling.timesteps_for(flux, 4, "dpm++")
+        models.timesteps_for(flux, 4, "dpm++")

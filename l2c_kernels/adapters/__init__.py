@@ -1,6 +1,7 @@
 """Block-family adapters: one file per family of diffusers transformer blocks."""
 from __future__ import annotations
 
+from ..schedule import register_families
 from .ada_norm_single import AdaNormSingleAdapter
 from .ada_norm_zero import AdaNormZeroAdapter
 from .base import BlockAdapter, StepContext, StepInputs
@@ -41,3 +42,6 @@ def adapter_for(model, block_level: bool = False, branch_level: bool = False) ->
 
 
 __all__ = ["BLOCK_BRANCH", "BlockLevelAdapter", "TwoStreamBranchAdapter", "OPT_IN_BRANCH_ADAPTERS", "BlockAdapter", "StepContext", "StepInputs", "adapter_for", "register_adapter", "ADAPTERS"]
+
+
+register_families(adapter_for, OPT_IN_BRANCH_ADAPTERS)   # the schedule format reads a model's layout through these

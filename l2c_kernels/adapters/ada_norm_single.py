@@ -6,7 +6,6 @@ One shared timestep embedding gives ``[B, 6C]``; each block adds its ``scale_shi
 """
 from __future__ import annotations
 
-import torch
 
 from .. import ops
 from .base import BlockAdapter, StepContext, StepInputs
@@ -73,10 +72,9 @@ class AdaNormSingleAdapter(BlockAdapter):
         if name == "attn2":
             return block.attn2(h, encoder_hidden_states=v["encoder_hidden_states"],
                                attention_mask=v["encoder_attention_mask"], **kw)
-        if name == "ff":
-            n = ops.adaln_modulate(h, bctx["shift_mlp"], bctx["scale_mlp"], block.norm2.eps)
-            return block.ff(n)
-        raise KeyError(name)
+        assert name == "ff", f"unknown branch {name!r}"
+        n = ops.adaln_modulate(h, bctx["shift_mlp"], bctx["scale_mlp"], block.norm2.eps)
+        return block.ff(n)
 
     def branch_gate(self, name, bctx):
         return {"attn1": bctx["gate_msa"], "ff": bctx["gate_mlp"]}.get(name)

@@ -86,10 +86,9 @@ class AdaNormZeroAdapter(BlockAdapter):
         if name == "attn1":
             n = ops.adaln_modulate(h, bctx["shift_msa"], bctx["scale_msa"], block.norm1.norm.eps)
             return block.attn1(n, encoder_hidden_states=None, attention_mask=None, **kw)
-        if name == "ff":
-            n = ops.adaln_modulate(h, bctx["shift_mlp"], bctx["scale_mlp"], block.norm3.eps)
-            return block.ff(n)
-        raise KeyError(name)
+        assert name == "ff", f"unknown branch {name!r}"
+        n = ops.adaln_modulate(h, bctx["shift_mlp"], bctx["scale_mlp"], block.norm3.eps)
+        return block.ff(n)
 
     def branch_gate(self, name, bctx):
         return bctx["gate_msa"] if name == "attn1" else bctx["gate_mlp"]

@@ -6,10 +6,10 @@ conditioning); on SD3 / Flux, ``branches=branch_names(model)`` learns a branch-l
 Supporting another pipeline: :func:`register_pipeline` (``conditioning.py``); another soft forward (e.g.
 block-level): :func:`register_soft_forward` (``soft_forward.py``).
 """
-from .conditioning import Request, denoiser_for, register_pipeline
+from .conditioning import Request, denoiser_for, register_model_names, register_pipeline
 from .denoiser import Denoiser
 from .router import RouterResult, learn_front, learn_schedule, schedule_from_scores, train_router
 from .soft_forward import register_soft_forward
 
 __all__ = ["learn_schedule", "learn_front", "train_router", "schedule_from_scores", "RouterResult", "Denoiser", "denoiser_for",
-           "register_pipeline", "register_soft_forward", "Request"]
+           "register_pipeline", "register_model_names", "register_soft_forward", "Request"]

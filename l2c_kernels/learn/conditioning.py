@@ -9,9 +9,10 @@ pipeline class name.
 Supporting another pipeline is one builder, ``builder(pipe, request) -> Denoiser`` registered with
 :func:`register_pipeline` under the pipeline's class name (``request`` is a :class:`Request`: labels
 or prompts, height/width, guidance scale, scheduler, seed). Builders live next to the conditioning
-they know: DiT and PixArt here, the bundled digits models in ``bundled.py``, the MMDiT pipelines
-(SD3, Flux, Wan) in ``mmdit_conditions.py``; the modules named in :data:`PLUGIN_MODULES` are imported
-(and register themselves) the first time a class name is not found.
+they know: DiT and PixArt here, the MMDiT pipelines (SD3, Flux, Wan) in ``mmdit_conditions.py`` (imported,
+and registering itself, the first time a class name is not found: :data:`PLUGIN_MODULES`), the bundled digits
+models in their own package (``l2c_kernels.models.denoisers``, a plug-in on top of the library). Models can be
+given by name where a plug-in registered the name (:func:`register_model_names`).
 
 Every builder reads the facts from the model instead of assuming them: the null class and label
 range from ``num_embeds_ada_norm``, the latent shape from height/width and the VAE scale factor
@@ -51,12 +52,27 @@ class Request:
 
 _BUILDERS: dict[str, Callable] = {}
 #: Modules (in this package) imported on a miss; each calls :func:`register_pipeline` for what it supports.
-PLUGIN_MODULES = ["bundled", "mmdit_conditions"]
+PLUGIN_MODULES = ["mmdit_conditions"]
+_NAMED: dict[str, Callable] = {}
 
 
 def register_pipeline(name: str, builder: Callable) -> None:
     """Support objects whose class is called ``name``: ``builder(obj, request: Request) -> Denoiser``."""
     _BUILDERS[name] = builder
+
+
+def register_model_names(names, loader: Callable) -> None:
+    """Let the library take these model names where it takes a model: ``loader(name) -> model``."""
+    for n in names:
+        _NAMED[str(n)] = loader
+
+
+def load_named(name: str):
+    """The model a plug-in registered under ``name`` (:func:`register_model_names`)."""
+    if name not in _NAMED:
+        known = ", ".join(sorted(_NAMED)) or "none"
+        raise ValueError(f"unknown model name {name!r}; models known by name: {known}")
+    return _NAMED[name](name)
 
 
 def _builder(obj) -> Callable:
@@ -88,9 +104,7 @@ def denoiser_for(obj, num_samples: int = 4, cfg: float | None = None, scheduler=
     for the whole model batch: with ``cfg > 1`` the unconditional half first unless ``cond_first``) and
     ``latent_shape`` ``(C, H, W)``."""
     if isinstance(obj, str):
-        from .bundled import load_bundled
-
-        obj = load_bundled(obj)
+        obj = load_named(obj)
     if isinstance(obj, torch.nn.Module) and conditions is not None:
         return _from_transformer(obj, scheduler, conditions, latent_shape, cfg, cond_first)
     if isinstance(obj, torch.nn.Module):

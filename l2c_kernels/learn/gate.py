@@ -16,7 +16,7 @@ cross-attention is computed at steps ``0 .. gate_step - 1`` and the CFG mean of 
 
     from l2c_kernels.learn.gate import auto_gate
     g = auto_gate("pixart-digits", 25, "dpm++")
-    sched = schedules.tgate(bundle.transformer, g.timesteps, gate_step=g)    # or gate_step="auto", calibration=...
+    sched = schedules.tgate(bundle.transformer, g.timesteps, gate_step=g)    # or auto_tgate("pixart-digits", 25, "dpm++")
 """
 from __future__ import annotations
 
@@ -116,11 +116,11 @@ def _denoiser(obj, num_inference_steps, scheduler, prompts, labels, num_samples,
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise ValueError(f"num_inference_steps must be an integer >= 2, got {num_inference_steps!r}")
     if isinstance(obj, str):
-        from .bundled import load_bundled
+        from .conditioning import load_named
 
-        obj = load_bundled(obj)
-    if scheduler is None and type(obj).__name__ == "BundledModel":
-        scheduler = "dpm++"  # what the bundled models' T-GATE settings were measured with
+        obj = load_named(obj)
+    if scheduler is None:   # a model may say which sampler its T-GATE settings were measured with
+        scheduler = getattr(obj, "tgate_scheduler", None)
     den = denoiser_for(obj, num_samples, cfg, scheduler, seed=seed, labels=labels, prompts=prompts)
     if den.cfg <= 1.0:
         raise ValueError("T-GATE's gate is measured with classifier-free guidance on (cfg > 1)")
@@ -239,10 +239,10 @@ def auto_tgate(obj, num_inference_steps: int, scheduler=None, *, sp_interval: in
     measures with these self-attention intervals). The chosen gate and its curves are kept in the
     schedule's ``params["auto_gate"]``."""
     from ..schedules import tgate
-    from .bundled import load_bundled
+    from .conditioning import load_named
 
     if isinstance(obj, str):
-        obj = load_bundled(obj)
+        obj = load_named(obj)
     g = auto_gate(obj, num_inference_steps, scheduler, sp_interval=sp_interval, fi_interval=fi_interval,
                   warm_up=warm_up, **gate_kwargs)
     model = getattr(obj.transformer, "original_model", obj.transformer)

@@ -498,8 +498,12 @@ def schedule_from_scores(model, timesteps, scores: torch.Tensor, *, budget: floa
                     params=p, branch_flops=flops, attn2_cache=attn2_cache, forecast=forecast)
 
 
-def learn_front(obj, num_inference_steps: int = 20, budgets=(0.35, 0.5, 0.67, 0.75), shared: dict | None = None,
-                **kwargs) -> list:
+#: the budgets :func:`learn_front` learns when given none
+DEFAULT_BUDGETS = (0.35, 0.5, 0.67, 0.75)
+
+
+def learn_front(obj, num_inference_steps: int = 20, budgets=None, shared: dict | None = None,
+                *, speedups=None, step_cost=None, **kwargs) -> list:
     """Schedules for several ``budgets`` in one call (:func:`learn_schedule`'s arguments otherwise), smallest
     budget first. The budgets share the calibration and screening batches with their full-compute references, the
     teacher trajectories and the segment costs of the step-level search (measured once, for the longest
@@ -511,7 +515,32 @@ def learn_front(obj, num_inference_steps: int = 20, budgets=(0.35, 0.5, 0.67, 0.
     The front is monotone on the calibration batch: where a larger budget's schedule scores better there than a
     smaller budget's, the smaller budget takes it (it removes more than asked; ``params["front_from_budget"]``
     says so), so a smaller budget never scores below a larger one. ``shared``: a dict to keep those measurements in
-    (the segment costs under ``("segment_costs", max_interval)``), e.g. to run the static searchers on them."""
+    (the segment costs under ``("segment_costs", max_interval)``), e.g. to run the static searchers on them.
+
+    ``speedups`` (e.g. ``[1.5, 2, 3, 4]``, instead of ``budgets``): learn at the budgets that run that many times
+    faster than full compute on this device (:mod:`~l2c_kernels.learn.speed`): what a reused and a computed step
+    cost under a schedule over a plain step (``step_cost``: a :class:`~l2c_kernels.learn.speed.StepCost`, or the
+    reused step's cost alone; None: timed here on the model, batch and device the learner uses, with the linear
+    forecast) turn each target into a budget before anything is learned; a target out of reach is refused then.
+    Each schedule's ``params`` keep ``target_speedup``, ``step_cost`` and ``predicted_speedup`` (with its own
+    forecast's costs where they were timed)."""
+    targets = None
+    if speedups is not None:
+        if budgets is not None:
+            raise ValueError("give budgets= or speedups=, not both")
+        from .speed import _cost, budgets_for_speedups, measure_step_costs, predicted_speedup
+
+        targets = sorted({float(s) for s in speedups})
+        if not targets:
+            raise ValueError("speedups is empty: give at least one factor above 1")
+        costs = None
+        if step_cost is None:
+            costs = measure_step_costs(_front_denoiser(obj, kwargs), num_inference_steps)
+            step_cost = costs["linear"]
+        step_cost = _cost(step_cost)
+        budgets = budgets_for_speedups(targets, step_cost, num_inference_steps)
+    elif budgets is None:
+        budgets = DEFAULT_BUDGETS
     bs = sorted({float(b) for b in budgets})
     if not bs:
         raise ValueError("budgets is empty: give at least one fraction of the work to remove")
@@ -534,17 +563,39 @@ def learn_front(obj, num_inference_steps: int = 20, budgets=(0.35, 0.5, 0.67, 0.
             s.params = dict(s.params, budget=bs[k], front_from_budget=out[k + 1].params.get("front_from_budget",
                                                                                           bs[k + 1]))
             out[k] = s
+    if targets is not None:
+        for s, target in zip(out, targets):
+            c = step_cost if costs is None else costs.get(s.forecast or "none", step_cost)
+            s.params.update(target_speedup=target, step_cost=step_cost.to_dict(),
+                            predicted_speedup=round(predicted_speedup(s.flops_removed_fraction(), c), 3))
     return out
+
+
+def _front_denoiser(obj, kwargs: dict):
+    """The learner's training batch (its model, conditions, device) for timing a step: :func:`learn_front`'s
+    arguments as :func:`train_router` reads them."""
+    if isinstance(obj, str):
+        from .conditioning import load_named
+
+        obj = load_named(obj)
+    g = kwargs.get("guidance_scale")
+    return _denoiser(obj, kwargs.get("batch_size", 4), g if g is not None else kwargs.get("cfg"),
+                     kwargs.get("scheduler"), kwargs.get("seed", 0), kwargs.get("labels"), kwargs.get("prompts"),
+                     kwargs.get("height"), kwargs.get("width"), kwargs.get("conditions"), kwargs.get("latent_shape"),
+                     kwargs.get("max_sequence_length"), kwargs.get("true_cfg_scale"), kwargs.get("negative_prompt"))
 
 
 def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, labels=None, prompts=None,
                    height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
                    scheduler=None, conditions: dict | None = None, latent_shape=None, cfg: float | None = None,
                    iterations: int = DEFAULT_ITERATIONS, batch_size: int = 4, seed: int = 0, threshold: float | None = None,
-                   progress: bool = True, budgets=None, **train_kwargs):
+                   progress: bool = True, budgets=None, speedups=None, step_cost=None,
+                   **train_kwargs):
     """Learn a static cache schedule that removes ``budget`` of the branch FLOPs (0 < budget < 1; exact
     to one branch). ``threshold`` instead keeps every branch whose score exceeds it. ``budgets`` (a list) learns
-    a front instead and returns a list of schedules, smallest budget first (:func:`learn_front`).
+    a front instead and returns a list of schedules, smallest budget first (:func:`learn_front`); so does
+    ``speedups`` (e.g. ``[1.5, 2, 3]``: the budgets that run that many times faster on this device, from
+    ``step_cost`` or timed here).
 
     ``obj`` is one of:
 
@@ -562,17 +613,18 @@ def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, l
     The model learns where it is (device and dtype of its weights; the router is float32).
     ``cfg`` is another name for ``guidance_scale``. ``train_kwargs`` go to :func:`train_router`.
     """
-    if budgets is not None:
-        return learn_front(obj, num_inference_steps, budgets, labels=labels, prompts=prompts, height=height,
+    if budgets is not None or speedups is not None:
+        return learn_front(obj, num_inference_steps, budgets, speedups=speedups, step_cost=step_cost,
+                           labels=labels, prompts=prompts, height=height,
                            width=width, guidance_scale=guidance_scale, scheduler=scheduler, conditions=conditions,
                            latent_shape=latent_shape, cfg=cfg, iterations=iterations, batch_size=batch_size,
                            seed=seed, threshold=threshold, progress=progress, **train_kwargs)
     if not 0.0 < budget < 1.0:
         raise ValueError(f"budget is the fraction of branch FLOPs to remove and must be in (0, 1), got {budget}")
     if isinstance(obj, str):
-        from .bundled import load_bundled
+        from .conditioning import load_named
 
-        obj = load_bundled(obj)
+        obj = load_named(obj)
     res = train_router(obj, num_inference_steps, budget=budget, scheduler=scheduler, cfg=cfg,
                        guidance_scale=guidance_scale, iterations=iterations, batch_size=batch_size, seed=seed,
                        progress=progress, labels=labels, prompts=prompts, height=height, width=width,

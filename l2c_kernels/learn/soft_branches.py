@@ -78,7 +78,8 @@ class _SoftUnitRunner:
         return x + (mixed if gate is None else gate[:, None, :] * mixed)
 
     def reuse(self, unit: str, stream: int, x: torch.Tensor, gate) -> torch.Tensor:
-        raise RuntimeError("the soft forward computes every unit; nothing is reused outright")
+        # never called: computes() says True for every unit, so the wrappers never take their reuse path
+        assert False, "the soft forward computes every unit; nothing is reused outright"
 
     def apply(self, unit: str, stream: int, x: torch.Tensor, gate, compute_fn) -> torch.Tensor:
         return self.add(unit, stream, x, compute_fn(), gate)

@@ -1,4 +1,4 @@
-"""A small CNN that reads the 16x16 digits: the judge of generated samples (``metrics.class_accuracy``).
+"""A small CNN that reads the 16x16 digits: the judge of generated samples (:func:`class_accuracy`).
 
 Trained by ``python/train_classifier.py`` on the scikit-learn digits (held-out split reported in
 ``weights/digit-classifier.json``), shipped beside the diffusion models.
@@ -45,3 +45,28 @@ def load_classifier(weights_dir: Path | None = None) -> DigitClassifier:
     model = DigitClassifier(**meta.get("config", {}))
     model.load_state_dict(load_file(str(wfile)))
     return model.eval().requires_grad_(False)
+
+
+_CLASSIFIER = None
+
+
+def digit_classifier():
+    """The bundled digit classifier (loaded once)."""
+    global _CLASSIFIER
+    if _CLASSIFIER is None:
+        _CLASSIFIER = load_classifier()
+    return _CLASSIFIER
+
+
+@torch.no_grad()
+def predict_digits(images: torch.Tensor, classifier=None) -> torch.Tensor:
+    clf = classifier or digit_classifier()
+    return clf(images.detach().float().cpu()).argmax(1)
+
+
+def class_accuracy(images: torch.Tensor, labels, classifier=None) -> float:
+    """Fraction of generated ``images`` the bundled classifier reads as the digit they were asked for."""
+    labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels).long().cpu()
+    if labels.numel() != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.numel()} labels")
+    return float((predict_digits(images, classifier) == labels).float().mean())

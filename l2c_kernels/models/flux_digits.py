@@ -32,21 +32,6 @@ CHANNELS = 1  # pixel channels before packing
 LEARN_DEFAULTS = dict(iterations=12, batch_size=2, calibration_samples=16)
 
 
-def build_flux_digits(name: str = "flux-digits", config: dict | None = None):
-    """A freshly initialised flux-digits bundle (transformer + caption encoder), output layer zeroed; ``name`` and
-    ``config`` for another model of the family (``flux-heldout``)."""
-    from diffusers import FluxTransformer2DModel
-
-    from .registry import BundledModel
-    from .text_encoder import DigitTextEncoder
-
-    tr = FluxTransformer2DModel(**(configs.FLUX_DIGITS if config is None else config))
-    torch.nn.init.zeros_(tr.proj_out.weight)
-    torch.nn.init.zeros_(tr.proj_out.bias)
-    return BundledModel(name, tr, DigitTextEncoder(**configs.TEXT_ENCODER),
-                        dict(configs.FLOW_MATCH_SCHEDULE))
-
-
 def _flux():
     from diffusers import FluxPipeline
 
@@ -121,87 +106,6 @@ def timesteps_for(bundle_or_config, steps: int) -> list[float]:
     sc = make_scheduler(bundle_or_config)
     set_timesteps(sc, steps)
     return [float(t) for t in sc.timesteps]
-
-
-def _prompts(labels, prompts) -> list[str]:
-    from .text_encoder import caption_for
-
-    if prompts is not None:
-        if isinstance(prompts, str):
-            raise ValueError("prompts must be a list of captions, not one string")
-        return [str(p) for p in prompts]
-    if labels is None:
-        raise ValueError("pass labels (digit classes 0-9) or prompts (captions)")
-    labels = [int(l) for l in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
-    bad = [l for l in labels if not 0 <= l <= 9]
-    if bad:
-        raise ValueError(f"labels must be digit classes 0-9, got {bad[:5]}")
-    return [caption_for(l, i) for i, l in enumerate(labels)]
-
-
-@torch.no_grad()
-def sample(bundle, labels=None, prompts=None, steps: int = 28, cfg: float | None = None, seed: int = 0,
-           transformer: torch.nn.Module | None = None, batch_size: int | None = None, progress: bool = True,
-           noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Sample digits from flux-digits with Euler flow matching and classifier-free guidance.
-
-    ``labels``: digit classes (captions are made from them) or ``prompts``: captions. ``cfg``: guidance scale
-    (default: the model's recommended one; ``<= 1``: no guidance). The starting noise of sample ``i`` is
-    ``sampling.initial_noise(n, (1, 16, 16), seed)[i]`` in pixel layout, packed; chunking does not change
-    images. Returns ``[B, 1, 16, 16]`` float32 in [-1, 1].
-    """
-    from ..sampling import initial_noise
-    from .registry import load
-
-    if isinstance(bundle, str):
-        bundle = load(bundle)
-    if not getattr(bundle, "is_flow_matching", False):
-        raise ValueError(f"flux_digits.sample samples flux-digits, got {getattr(bundle, 'name', bundle)!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    prompts = _prompts(labels, prompts)
-    n = len(prompts)
-    if n == 0:
-        raise ValueError("nothing to sample: labels/prompts is empty")
-    cfg = bundle.recommended_cfg if cfg is None else float(cfg)
-    size = bundle.image_size
-    shape = (CHANNELS, size, size)
-    if noise is None:
-        noise = initial_noise(n, shape, seed)
-    elif tuple(noise.shape) != (n, *shape):
-        raise ValueError(f"noise must have shape {(n, *shape)}, got {tuple(noise.shape)}")
-    tr = transformer if transformer is not None else bundle.transformer
-    p = next(bundle.transformer.parameters())
-    bs = batch_size or n
-    chunks = list(range(0, n, bs))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps * len(chunks), desc=f"sampling {bundle.name}", unit="step", leave=False)
-    out = []
-    for start in chunks:
-        sl = slice(start, min(n, start + bs))
-        cond = conditions(bundle, prompts[sl], cfg)
-        sc = make_scheduler(bundle)
-        set_timesteps(sc, steps)
-        x = pack(noise[sl].to(p.device, torch.float32))
-        if hasattr(tr, "reset"):
-            tr.reset()
-        for t in sc.timesteps:
-            inp = torch.cat([x, x]) if cfg > 1 else x
-            ts = (t / 1000).to(p.device, p.dtype).reshape(1).expand(inp.shape[0])
-            v = tr(hidden_states=inp.to(p.dtype), timestep=ts, **cond).sample.float()
-            if cfg > 1:
-                vu, vc = v.chunk(2)
-                v = vu + cfg * (vc - vu)
-            x = sc.step(v, t, x).prev_sample
-            if bar is not None:
-                bar.update(1)
-        out.append(unpack(x, size).clamp(-1, 1).cpu())
-    if bar is not None:
-        bar.close()
-    return torch.cat(out)
 
 
 class _PooledCaptionEncoder(torch.nn.Module):

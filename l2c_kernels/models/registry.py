@@ -48,6 +48,12 @@ class BundledModel:
     def recommended_cfg(self) -> float:
         return float(self.info.get("recommended_cfg", 4.0))
 
+    @property
+    def tgate_scheduler(self) -> str | None:
+        """The sampler T-GATE's gate is measured with when none is asked (``learn.gate``): DPM-Solver++ for the
+        DDPM models, as their T-GATE settings were measured; None (the model's own) for flow matching."""
+        return None if self.is_flow_matching else "dpm++"
+
 
 def _check_name(name: str) -> None:
     if name not in MODEL_NAMES:
@@ -61,13 +67,16 @@ def build(name: str) -> BundledModel:
         from diffusers import DiTTransformer2DModel
 
         return BundledModel(name, DiTTransformer2DModel(**configs.DIT_DIGITS), None, dict(configs.NOISE_SCHEDULE))
-    if name in FLOW_MODELS:
-        from .flux_digits import build_flux_digits
-
-        return build_flux_digits(name, getattr(configs, FLOW_MODELS[name]))
-    from diffusers import PixArtTransformer2DModel
-
     from .text_encoder import DigitTextEncoder
+
+    if name in FLOW_MODELS:   # output layer zeroed: the flow starts as the identity
+        from diffusers import FluxTransformer2DModel
+
+        tr = FluxTransformer2DModel(**getattr(configs, FLOW_MODELS[name]))
+        torch.nn.init.zeros_(tr.proj_out.weight)
+        torch.nn.init.zeros_(tr.proj_out.bias)
+        return BundledModel(name, tr, DigitTextEncoder(**configs.TEXT_ENCODER), dict(configs.FLOW_MATCH_SCHEDULE))
+    from diffusers import PixArtTransformer2DModel
 
     return BundledModel(name, PixArtTransformer2DModel(**configs.PIXART_DIGITS),
                         DigitTextEncoder(**configs.TEXT_ENCODER), dict(configs.NOISE_SCHEDULE))

@@ -68,10 +68,9 @@ def _fact(key: str) -> object:
         value = has_cuda_kernels()
     elif key == "cuda_available":
         value = bool(torch.cuda.is_available())
-    elif key == "triton_installed":
-        value = importlib.util.find_spec("triton") is not None
     else:
-        raise KeyError(key)
+        assert key == "triton_installed", f"unknown fact {key!r}"
+        value = importlib.util.find_spec("triton") is not None
     _facts[key] = value
     return value
 

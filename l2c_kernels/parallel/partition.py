@@ -111,8 +111,6 @@ def example_inputs(model, batch: int = 2, text_tokens: int = 8) -> dict:
         return dict(hidden_states=x, timestep=t, encoder_hidden_states=enc,
                     encoder_attention_mask=torch.ones(batch, text_tokens, device=p.device),
                     added_cond_kwargs=added)
-    raise TypeError(f"no built-in sample input for {name}; pass sample_inputs=dict(...) (the forward's keyword "
-                    f"arguments) or balance='uniform'")
 
 
 # ------------------------------------------------------------------------------ timing

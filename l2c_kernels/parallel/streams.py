@@ -19,7 +19,7 @@ import inspect
 
 import torch
 
-from ..adapters import BlockLevelAdapter, adapter_for
+from ..adapters import adapter_for
 from ..adapters.patterns import HIDDEN, PATTERNS, REFUSED, BlockPatternError, find_blocks
 
 
@@ -54,9 +54,7 @@ class BlockStreams:
             self.blocks = [r.module for r in refs]
             self.names = [tuple(r.pattern.returns) for r in refs]
             self.labels = [f"{r.list_name}[{r.list_index}]" for r in refs]
-        elif isinstance(adapter, BlockLevelAdapter):  # pragma: no cover - the adapter only matches table entries
-            raise _refuse(inner, "it is not in the block pattern table")
-        else:  # a registered branch adapter: the residual stream alone
+        else:  # a registered branch adapter (the block-level one matches table entries only): the residual stream
             self.blocks = list(adapter.blocks(inner))
             self.names = [(HIDDEN,)] * len(self.blocks)
             self.labels = [f"block {b}" for b in range(len(self.blocks))]

@@ -22,7 +22,6 @@ import inspect
 import torch
 from torch import nn
 
-from ..adapters.mmdit_branches import is_two_stream
 from ..adapters.patterns import BlockPatternError, BlockRef, FamilyPattern, find_blocks, pattern_for
 from ..schedule import BLOCK_UNIT, Schedule, ScheduleError
 from .drop_in import DropInModule
@@ -379,13 +378,3 @@ class BlockCachedTransformer(BlockSteps, BlockGraphs, DropInModule):
         if step == self.schedule.num_steps - 1:
             caches.generations += 1
             self.generations += p == 0
-
-
-def compile_blocks(model: nn.Module, schedule: Schedule, **kwargs) -> BlockCachedTransformer:
-    """:class:`BlockCachedTransformer` for ``model`` (or a compiled module's original) and ``schedule``."""
-    model = getattr(model, "original_model", model)
-    if schedule.branches != [BLOCK_UNIT] and is_two_stream(model):  # SD3 / Flux at branch level
-        from .branch_wrappers import BranchCachedTransformer
-
-        return BranchCachedTransformer(model, schedule, **kwargs)
-    return BlockCachedTransformer(model, schedule, **kwargs)

@@ -27,7 +27,7 @@ from ..adapters.base import BlockAdapter, StepInputs
 from ..schedule import BLOCK, REUSE, Schedule, ScheduleError, same_timestep
 from .drop_in import DropInModule
 from .caches import CacheSet
-from .cuda_graphs import CudaGraphError, GraphCache
+from .cuda_graphs import GraphCache
 from .plan import StepEntry, StepPlan, collapsible_steps, compile_plans, step_table
 from .step_work import run_block, run_reuse_step
 from .warm_steps import WarmSteps, same_structure, signature
@@ -501,9 +501,22 @@ def compile_schedule(model: nn.Module, schedule: Schedule, *, cuda_graphs: bool 
 
     if schedule.branches == ["block"] or isinstance(adapter_for(model), BlockLevelAdapter):
         # block level: families without a branch adapter (Flux, SD3, Wan, ...), or a ["block"] schedule
-        from .block_runtime import compile_blocks
-
         return compile_blocks(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
                               timestep_check=timestep_check)
     return CachedTransformer(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
                              cfg_collapse=cfg_collapse, timestep_check=timestep_check)
+
+
+def compile_blocks(model: nn.Module, schedule: Schedule, **kwargs):
+    """The pattern-table runtime for ``model`` (or a compiled module's original) and ``schedule``:
+    :class:`~l2c_kernels.runtime.block_runtime.BlockCachedTransformer`, or for SD3 / Flux at branch level
+    :class:`~l2c_kernels.runtime.branch_wrappers.BranchCachedTransformer`."""
+    from ..adapters.mmdit_branches import is_two_stream
+    from ..schedule import BLOCK_UNIT
+    from .block_runtime import BlockCachedTransformer
+    from .branch_wrappers import BranchCachedTransformer
+
+    model = getattr(model, "original_model", model)
+    if schedule.branches != [BLOCK_UNIT] and is_two_stream(model):  # SD3 / Flux at branch level
+        return BranchCachedTransformer(model, schedule, **kwargs)
+    return BlockCachedTransformer(model, schedule, **kwargs)

@@ -3,7 +3,6 @@ whole generation, and a 50% block-reuse schedule (and forecasts) equals an indep
 from __future__ import annotations
 
 import pytest
-import torch
 
 import l2c_kernels as l2c
 from tests.family_configs import FAMILIES

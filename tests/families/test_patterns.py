@@ -13,7 +13,7 @@ from l2c_kernels.adapters.patterns import BlockPatternError, FamilyPattern, HID,
 from l2c_kernels.runtime.block_flops import measure_block_flops
 from tests.family_configs import FAMILIES
 from tests.families.block_reference import HookBlockReference
-from tests.families.conftest import TIMESTEPS, built, generate, max_err
+from tests.families.conftest import TIMESTEPS, built, max_err
 
 
 # ---------------------------------------------------------------- toy models for patterns that do not fit
@@ -248,7 +248,7 @@ def test_to_dtype_reaches_the_shared_weights():
 def test_device_timesteps_are_counted_not_read():
     """A timestep on an accelerator is not read (no host sync): calls are counted, passes_per_step per step,
     wrapping to step 0 after the last step. (A meta tensor stands for a device tensor here.)"""
-    from l2c_kernels.runtime.block_runtime import compile_blocks
+    from l2c_kernels.runtime.cached_transformer import compile_blocks
 
     wan = built("wan2.1-t2v")
     fast = compile_blocks(wan, l2c.Schedule.full(wan, TIMESTEPS[:2]), passes_per_step=2)

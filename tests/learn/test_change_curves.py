@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from l2c_kernels import schedules
+from l2c_kernels.learn.change_curves import measure_change_curves
 from l2c_kernels.models import BundledModel
 from l2c_kernels.models.configs import NOISE_SCHEDULE
 from tests.tiny_models import tiny_dit
@@ -16,7 +16,7 @@ def test_change_curves_equal_hooks_on_the_plain_model():
     model = tiny_dit(layers=2)
     bundle = BundledModel("dit-digits", model, None, dict(NOISE_SCHEDULE), info=dict(recommended_cfg=2.0))
     steps, seed, n = 3, 5, 2
-    curves = schedules.measure_change_curves(bundle, steps, cfg=2.0, num_runs=1, batch_size=n, seed=seed)
+    curves = measure_change_curves(bundle, steps, cfg=2.0, num_runs=1, batch_size=n, seed=seed)
     # reference: hooks on attn1 / ff, a plain DDIM loop (no clipping step trick needed: same config, same step)
     rec = {}
     hooks = [getattr(blk, name).register_forward_hook(

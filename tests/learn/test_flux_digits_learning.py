@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import l2c_kernels as l2c
-from l2c_kernels import sampling
+from l2c_kernels import models  # noqa: E402
 from l2c_kernels.learn import denoiser_for
 from l2c_kernels.models import flux_digits, load
 from l2c_kernels.models.text_encoder import caption_for
@@ -52,7 +52,7 @@ class _Stepped(torch.nn.Module):
 
 
 def _sample(bundle, transformer=None):
-    return sampling.sample(bundle, labels=LABELS, steps=STEPS, seed=5, transformer=transformer, progress=False)
+    return models.sample(bundle, labels=LABELS, steps=STEPS, seed=5, transformer=transformer, progress=False)
 
 
 def test_denoiser_samples_what_sampling_sample_samples(bundle):

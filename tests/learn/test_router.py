@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import l2c_kernels as l2c
+from l2c_kernels import models  # noqa: E402
 from l2c_kernels.learn import schedule_from_scores, train_router
 from l2c_kernels.learn.soft_forward import SoftCaches, soft_forward
 from l2c_kernels.models import BundledModel
@@ -133,7 +134,6 @@ def _independent_error(bundle, timesteps, mask, forecast, samples=2, seed=7919):
     and noise from the same seed; the schedule is built with ``Schedule.from_mask``, sampled with
     ``sampling.sample`` against full compute, and scored as the mean of the mean over samples of 10 log10(MSE),
     10 log10 of the MSE over all samples and the worst sample's 10 log10(MSE)."""
-    from l2c_kernels import sampling
 
     model = bundle.transformer
     g = torch.Generator().manual_seed(seed)
@@ -142,9 +142,9 @@ def _independent_error(bundle, timesteps, mask, forecast, samples=2, seed=7919):
     noise = torch.randn((samples, cfg.in_channels, cfg.sample_size, cfg.sample_size),
                         generator=torch.Generator().manual_seed(seed))
     kw = dict(labels=labels, steps=len(timesteps), cfg=CFG, noise=noise, progress=False)
-    full = sampling.sample(bundle, **kw)
+    full = models.sample(bundle, **kw)
     fast = l2c.compile_schedule(model, l2c.Schedule.from_mask(model, timesteps, mask.bool(), forecast=forecast))
-    x = sampling.sample(bundle, transformer=fast, **kw)
+    x = models.sample(bundle, transformer=fast, **kw)
     per_sample = (x.double() - full.double()).pow(2).flatten(1).mean(1).clamp_min(1e-20)
     logs = 10.0 * torch.log10(per_sample)
     return float(logs.mean() + 10.0 * torch.log10(per_sample.mean()) + logs.max()) / 3

@@ -3,7 +3,6 @@ per-unit FLOPs at the real token counts (counted vs arithmetic), the saved forma
 from __future__ import annotations
 
 import pytest
-import torch
 
 import l2c_kernels as l2c
 from l2c_kernels.adapters.mmdit_branches import applicable, branch_names, estimate_branch_flops

@@ -205,15 +205,15 @@ def _sigmas(steps: int) -> list[float]:
 
 
 def sample(spec: dict, transformer) -> torch.Tensor:
-    """Euler flow matching (sigmas 1 .. 1/steps, as FluxPipeline) for a family config; ``sampling.sample`` (CFG
+    """Euler flow matching (sigmas 1 .. 1/steps, as FluxPipeline) for a family config; ``models.sample`` (CFG
     batch) for flux-digits. Returns the final latents / images."""
     if hasattr(transformer, "reset"):
         transformer.reset()
     if spec["model"] == "flux-digits":
-        from l2c_kernels import sampling
+        from l2c_kernels import models
 
-        return sampling.sample(model_for(spec), labels=spec["labels"], steps=spec["steps"], seed=spec.get("seed", 0),
-                               transformer=transformer, progress=False)
+        return models.sample(model_for(spec), labels=spec["labels"], steps=spec["steps"], seed=spec.get("seed", 0),
+                             transformer=transformer, progress=False)
     fam = FAMILIES[spec["model"]]
     b, seed = spec.get("batch", 2), spec.get("seed", 0)
     x, cond = fam.latents(b, seed), fam.inputs(b, seed)
@@ -311,7 +311,7 @@ def test_two_processes_match_emulation_and_the_independent_reference(two, name):
         print(f"\nflux-digits, 2 processes: {db:.2f} dB against full compute, split {ranges}")
         assert db >= DIGITS_PSNR_FLOOR_DB
         # still the same digits: the bundled classifier reads them as it reads the full-compute images
-        from l2c_kernels.metrics import predict_digits
+        from l2c_kernels.models.classifier import predict_digits
 
         assert torch.equal(predict_digits(got), predict_digits(full))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from l2c_kernels.metrics import predict_digits
+from l2c_kernels.models.classifier import predict_digits
 
 from . import workers
 from .helpers import psnr, raise_failures, run_ranks

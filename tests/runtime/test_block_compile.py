@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import l2c_kernels as l2c
-from l2c_kernels.runtime.block_runtime import compile_blocks
+from l2c_kernels.runtime.cached_transformer import compile_blocks
 from tests.families.block_reference import HookBlockReference
 from tests.families.conftest import TIMESTEPS, generate, max_err
 from tests.family_configs import FAMILIES, init_weights

@@ -9,7 +9,7 @@ import torch
 
 import l2c_kernels as l2c
 from l2c_kernels.runtime import CudaGraphError
-from l2c_kernels.runtime.block_runtime import compile_blocks
+from l2c_kernels.runtime.cached_transformer import compile_blocks
 from tests.families.conftest import TIMESTEPS, built, generate, max_err
 from tests.family_configs import FAMILIES
 

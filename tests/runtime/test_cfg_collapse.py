@@ -1,7 +1,6 @@
 """T-GATE CFG collapse: after the gate, identical CFG halves run as one half, exactly."""
 from __future__ import annotations
 
-import torch
 
 import l2c_kernels as l2c
 from l2c_kernels import schedules

@@ -6,7 +6,7 @@ import time
 
 
 def timed_sample(bundle, transformer, labels, steps, scheduler, cfg, seed, prompts=None):
-    from .sampling import sample
+    from .sample import sample
 
     t0 = time.perf_counter()
     imgs = sample(bundle, labels=labels, prompts=prompts, steps=steps, scheduler=scheduler, cfg=cfg, seed=seed,
@@ -18,7 +18,7 @@ def compare(bundle, runners: dict, labels, steps: int, scheduler: str = "ddim", 
             repeats: int = 3, prompts=None, reference: str = "full") -> dict:
     """Sample with every runner (``{name: transformer}``; ``reference`` must be one of them), interleaved
     ``repeats`` times; report median wall time, speedup over the reference and PSNR/SSIM against it."""
-    from .metrics import psnr, ssim
+    from ..metrics import psnr, ssim
 
     if reference not in runners:
         raise ValueError(f"runners must include the reference {reference!r}")

@@ -1,9 +1,11 @@
-"""The bundled digits models as one more registered case (see ``conditioning.py``).
+"""The bundled digits models as one more registered case of the library's denoisers
+(:func:`~l2c_kernels.learn.conditioning.register_pipeline`), and their names as models the library loads by name
+(:func:`~l2c_kernels.learn.conditioning.register_model_names`).
 
 They sample in pixel space: labels are digits 0-9 (null class from the config), captions come from
 the caption encoder bundled with ``pixart-digits`` and ``flux-digits``, and final samples are clamped
 to the pixel range [-1, 1]. The DDPM models (``dit-digits``, ``pixart-digits``) default to the clipped
-DDIM of their noise schedule; ``flux-digits`` is sampled as ``sampling.sample`` samples it: Euler flow
+DDIM of their noise schedule; ``flux-digits`` is sampled as ``models.sample`` samples it: Euler flow
 matching over FluxPipeline's sigmas on packed 2x2 tokens, the timestep passed as ``t / 1000``, and
 classifier-free guidance in one batch ``[uncond; cond]`` at the model's recommended scale. Nothing here
 is used for other models.
@@ -14,18 +16,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .conditioning import Request, class_labels_for, register_pipeline
-from .denoiser import Denoiser
-from .mmdit_conditions import PipelineDenoiser
-from .schedulers import resolve_scheduler, scheduler_from_name
+from ..learn.conditioning import Request, class_labels_for, register_model_names, register_pipeline
+from ..learn.denoiser import Denoiser
+from ..learn.mmdit_conditions import PipelineDenoiser
+from ..learn.schedulers import resolve_scheduler, scheduler_from_name
+from . import flux_digits
+from .registry import MODEL_NAMES, load
+from .text_encoder import caption_for
 
 DIGITS = 10
-
-
-def load_bundled(name: str):
-    from ..models import load
-
-    return load(name)
 
 
 def _digit_labels(req: Request, n: int, seed: int) -> list[int]:
@@ -47,8 +46,6 @@ def _check_size(bundle, req: Request, side: int) -> None:
 
 
 def _captions(req: Request) -> list[str]:
-    from ..models.text_encoder import caption_for
-
     if req.prompts is not None:
         return [str(p) for p in req.prompts]
     return [caption_for(v, i) for i, v in enumerate(_digit_labels(req, req.num_samples, req.seed))]
@@ -64,21 +61,18 @@ def _flux_digits_timesteps(sched, steps: int, tokens: int) -> dict:
 @dataclass
 class FluxDigitsDenoiser(PipelineDenoiser):
     """flux-digits' packed ``(64 tokens, 4)`` latents; the starting noise of sample ``i`` is ``sampling.initial_noise``'s
-    pixel noise ``pixel_shape`` packed 2x2, so ``noise(seed)`` is what ``sampling.sample`` starts from with that seed."""
+    pixel noise ``pixel_shape`` packed 2x2, so ``noise(seed)`` is what ``models.sample`` starts from with that seed."""
 
     pixel_shape: tuple = ()
 
     def noise(self, seed: int, num_samples: int | None = None) -> torch.Tensor:
-        from ..models.flux_digits import pack
         from ..sampling import initial_noise
 
-        return pack(initial_noise(num_samples or self.num_samples, self.pixel_shape, seed))
+        return flux_digits.pack(initial_noise(num_samples or self.num_samples, self.pixel_shape, seed))
 
 
 def flux_digits_denoiser(bundle, req: Request) -> Denoiser:
     """``flux-digits``: Euler flow matching over FluxPipeline's sigmas, CFG in one batch ``[uncond; cond]``."""
-    from ..models import flux_digits
-
     tr = bundle.transformer
     cfg = float(req.guidance_scale if req.guidance_scale is not None else bundle.recommended_cfg)
     size = bundle.image_size
@@ -86,7 +80,7 @@ def flux_digits_denoiser(bundle, req: Request) -> Denoiser:
     factory = resolve_scheduler(flux_digits.make_scheduler(bundle), req.scheduler, bundle.name)
     prompts = _captions(req)
     if not prompts:
-        raise ValueError("prompts is empty")
+        raise ValueError("nothing to sample: the prompts (or labels) are empty, or num_samples is 0")
     args = flux_digits.conditions(bundle, prompts, cfg)
     tokens = (size // 2) ** 2
     dtype = tr.dtype
@@ -121,8 +115,6 @@ def bundled_denoiser(bundle, req: Request) -> Denoiser:
         args = dict(class_labels=torch.cat([torch.full_like(cond, null), cond]) if cfg > 1 else cond)
         n, info = len(labels), dict(model=bundle.name, labels=labels)
     else:
-        from ..models.text_encoder import caption_for
-
         prompts = req.prompts
         if prompts is None:
             lab = _digit_labels(req, req.num_samples, req.seed)
@@ -141,3 +133,4 @@ def bundled_denoiser(bundle, req: Request) -> Denoiser:
 
 
 register_pipeline("BundledModel", bundled_denoiser)
+register_model_names(MODEL_NAMES, load)

@@ -1,0 +1,133 @@
+"""Speed targets: the budget a schedule needs to run ``s`` times faster than full compute on this device.
+
+A schedule removes a fraction of the units' FLOPs, but part of every step stays whatever a schedule does (the
+patch and timestep embeddings, the output layer, the sampler step, guidance, the forecasts' arithmetic), and a
+computed step under a schedule costs a little more than a plain one (it stores what later steps reuse). With
+``reused`` the time of a step whose every unit is reused and ``computed`` the time of a computed step under the
+schedule, both over the plain model's step (measured once, on the device and batch the schedules will run at),
+a schedule that removes ``b`` of the unit work costs per step ``reused + (1 - b) (computed - reused)`` of full
+compute; the budget for a speedup ``s`` is ``b = 1 - (1 / s - reused) / (computed - reused)``. On a large model
+on a GPU ``reused`` is a few percent and ``computed`` close to 1, so the budget is close to ``1 - 1 / s``; on the
+bundled CPU models the same speedup needs more removed.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+from .denoiser import Denoiser
+
+#: the forecasts whose step costs are measured (the step-level search's cost tables)
+SPEED_FORECASTS = ("none", "linear", "taylor")
+#: computed steps that open every timed schedule: enough anchors for every forecast (Taylor needs three)
+_ANCHORS = 3
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """A step under a schedule, over a step of the plain model: every unit reused, and computed (with storing)."""
+
+    reused: float
+    computed: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.reused < self.computed:
+            raise ValueError(f"a reused step costs less than a computed one and at least 0, got reused "
+                             f"{self.reused} and computed {self.computed} (of a plain step)")
+
+    def to_dict(self) -> dict:
+        return dict(reused=round(self.reused, 4), computed=round(self.computed, 4))
+
+
+def _cost(c) -> StepCost:
+    return c if isinstance(c, StepCost) else StepCost(float(c))
+
+
+def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_FORECASTS,
+                       rounds: int = 3, sample=None) -> dict:
+    """``{forecast: StepCost}`` for ``den``'s model and batch on its device. One warm-up round, then ``rounds``
+    interleaved rounds of the plain model and, per forecast, two schedules through the runtime: the first three
+    steps computed and the rest reused (``k1`` computed), and every second step computed besides (``k2``); from the
+    medians ``t = k t_computed + (n - k) t_reused`` solved on the two, over the plain model's step time.
+
+    ``sample(transformer)`` (default: ``den``'s loop from fixed noise) is one generation as it will be served, so
+    what a call costs besides the steps (encoding prompts, building the sampler) is in the times: it is spread over
+    the steps, as it is in the speedups the costs predict."""
+    from ..runtime import compile_schedule
+    from ..schedules import computed_steps
+
+    n = int(num_inference_steps)
+    if n <= _ANCHORS + 2:
+        raise ValueError(f"timing a step's cost needs more than {_ANCHORS + 2} steps, got {n}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    model = getattr(den.transformer, "original_model", den.transformer)
+    timesteps = den.timesteps(n)
+    den._timesteps = timesteps
+    sets = (sorted(range(_ANCHORS)), sorted(set(range(_ANCHORS)) | set(range(0, n, 2))))
+    runs = {"full": model}
+    for f in forecasts:
+        for i, st in enumerate(sets):
+            runs[(f, i)] = compile_schedule(model, computed_steps(model, timesteps, st, forecast=f))
+    if sample is None:
+        noise = den.noise(0)
+
+        def sample(m):
+            den.sample_with(m, n, noise)
+    times: dict = {k: [] for k in runs}
+    for r in range(rounds + 1):
+        for k, m in runs.items():
+            if hasattr(m, "reset"):
+                m.reset()
+            t0 = time.perf_counter()
+            sample(m)
+            if r > 0:
+                times[k].append(time.perf_counter() - t0)
+    step = statistics.median(times["full"]) / n
+    (k1, k2) = (len(sets[0]), len(sets[1]))
+    out = {}
+    for f in forecasts:
+        t1, t2 = (statistics.median(times[(f, i)]) for i in range(2))
+        # t1 = k1 c + (n - k1) r, t2 = k2 c + (n - k2) r  ->  c - r = (t2 - t1) / (k2 - k1)
+        diff = (t2 - t1) / (k2 - k1)
+        reused = (t1 - k1 * diff) / n
+        computed = reused + diff
+        reused = max(0.0, reused / step)
+        computed = max(reused + 1e-6, computed / step)
+        out[f] = StepCost(reused, computed)
+    return out
+
+
+def budget_for_speedup(speedup: float, cost) -> float:
+    """The fraction of unit work to remove for ``speedup`` (``cost``: a :class:`StepCost`, or the reused step's
+    cost alone with computed steps as plain ones)."""
+    if not speedup > 1.0:
+        raise ValueError(f"a speedup target is a factor above 1, got {speedup}")
+    c = _cost(cost)
+    return 1.0 - (1.0 / speedup - c.reused) / (c.computed - c.reused)
+
+
+def predicted_speedup(removed: float, cost) -> float:
+    """The speedup of a schedule that removes ``removed`` of the unit work (the inverse of
+    :func:`budget_for_speedup`)."""
+    c = _cost(cost)
+    return 1.0 / (c.reused + (1.0 - removed) * (c.computed - c.reused))
+
+
+def budgets_for_speedups(speedups, cost, num_inference_steps: int) -> list:
+    """One budget per speedup target (in the order given). Refuses a target that needs fewer than two computed
+    steps in ``num_inference_steps``, naming the fastest reachable."""
+    n = int(num_inference_steps)
+    most = (n - 2) / n   # step 0 and one more computed
+    c = _cost(cost)
+    out = []
+    for s in speedups:
+        b = budget_for_speedup(float(s), c)
+        if b > most:
+            raise ValueError(
+                f"a {float(s):g}x speedup is out of reach at {n} steps on this device: a step with every unit reused "
+                f"costs {c.reused:.2f} of a full step, so computing two of {n} steps runs at most "
+                f"{predicted_speedup(most, c):.2f}x")
+        out.append(max(b, 1.0 / n))
+    return out

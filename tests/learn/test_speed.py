@@ -1,0 +1,88 @@
+"""Speed targets: the budget for a speedup from the measured cost of a reused step, the timing arithmetic on a
+clock the model's own work advances, and fronts learned at speed targets."""
+from __future__ import annotations
+
+import pytest
+
+from l2c_kernels.learn import speed
+from l2c_kernels.learn.conditioning import denoiser_for
+from tests.learn.test_step_search import KW, tiny_bundle
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.05, 0.2, 0.5])
+@pytest.mark.parametrize("s", [1.25, 1.5, 2.0, 3.0])
+def test_budget_and_predicted_speedup_are_inverse(ratio, s):
+    """Per step a schedule removing b of the unit work costs ratio + (1 - ratio)(1 - b) of full compute: with no
+    fixed part the budget is 1 - 1/s; the prediction inverts the budget to rounding (1e-12)."""
+    b = speed.budget_for_speedup(s, ratio)
+    if ratio == 0.0:
+        assert b == pytest.approx(1 - 1 / s, abs=1e-12)
+    if b < 1.0:
+        assert speed.predicted_speedup(b, ratio) == pytest.approx(s, rel=1e-12)
+
+
+def test_a_fixed_part_needs_more_removed():
+    """reused 0.2, 2x: 1/2 = 0.2 + 0.8 (1 - b) -> b = 0.625 (against 0.5 with no fixed part); computed steps that
+    cost 1.1 of a plain one: 1/2 = 0.2 + 0.9 (1 - b) -> b = 2/3."""
+    assert speed.budget_for_speedup(2.0, 0.2) == pytest.approx(0.625, abs=1e-12)
+    assert speed.budget_for_speedup(2.0, speed.StepCost(0.2, 1.1)) == pytest.approx(2 / 3, abs=1e-12)
+    with pytest.raises(ValueError, match="a reused step costs less than a computed one"):
+        speed.StepCost(1.2, 1.1)
+
+
+def test_out_of_reach_targets_are_refused_naming_the_fastest():
+    # 50 steps, ratio 0.2: two computed steps run 1 / (0.2 + 0.8 * 2/50) = 1 / 0.232 = 4.31x at most
+    assert speed.budgets_for_speedups([1.5, 4.0], 0.2, 50) == pytest.approx(
+        [1 - (1 / 1.5 - 0.2) / 0.8, 1 - (0.25 - 0.2) / 0.8])
+    with pytest.raises(ValueError, match=r"a 5x speedup is out of reach at 50 steps .* at most 4.31x"):
+        speed.budgets_for_speedups([2.0, 5.0], 0.2, 50)
+    with pytest.raises(ValueError, match="a speedup target is a factor above 1"):
+        speed.budget_for_speedup(1.0, 0.1)
+    with pytest.raises(ValueError, match="a reused step costs less than a computed one"):
+        speed.budget_for_speedup(2.0, 1.0)
+
+
+def test_step_costs_come_from_the_model_work(monkeypatch):
+    """A clock that only the model's work advances: 1 per attention or MLP branch computed, 0.5 per output layer
+    call (every step). Two blocks: a plain step costs 4.5, a reused one 0.5 (1/9 of it), a computed one 4.5 (1):
+    for every forecast, whatever the anchors' share of the timed runs."""
+    bundle = tiny_bundle()
+    model = bundle.transformer
+    clock = [0.0]
+
+    def tick(cost):
+        def hook(*_):
+            clock[0] += cost
+        return hook
+
+    for blk in model.transformer_blocks:
+        blk.attn1.register_forward_hook(tick(1.0))
+        blk.ff.register_forward_hook(tick(1.0))
+    model.proj_out_2.register_forward_hook(tick(0.5))
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
+    den = denoiser_for(bundle, 2, 1.5, "ddim", seed=0)
+    costs = speed.measure_step_costs(den, 8, rounds=1)
+    assert set(costs) == set(speed.SPEED_FORECASTS)
+    for c in costs.values():
+        assert c.reused == pytest.approx(0.5 / 4.5, abs=1e-12) and c.computed == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="more than 5 steps"):
+        speed.measure_step_costs(den, 5)
+
+
+def test_a_front_at_speed_targets():
+    """learn_front(speedups=...) learns at the budgets the targets need and records the target, the ratio and the
+    speed its pick predicts (from the FLOPs it removes); budgets and speedups together are refused."""
+    import l2c_kernels as l2c
+
+    front = l2c.learn_front(bundle := tiny_bundle(), 7, speedups=[2.0, 1.5], step_cost=0.1, **KW)
+    want = [speed.budget_for_speedup(s, 0.1) for s in (1.5, 2.0)]
+    assert [s.params["budget"] for s in front] == pytest.approx(want)
+    for s, target, b in zip(front, (1.5, 2.0), want):
+        assert s.params["target_speedup"] == target and s.params["step_cost"] == dict(reused=0.1, computed=1.0)
+        assert s.removed_fraction() >= b - 1e-6
+        assert s.params["predicted_speedup"] == pytest.approx(
+            speed.predicted_speedup(s.flops_removed_fraction(), 0.1), abs=1e-3)
+    with pytest.raises(ValueError, match="budgets= or speedups=, not both"):
+        l2c.learn_front(bundle, 7, budgets=[0.5], speedups=[2.0], step_cost=0.1)
+    with pytest.raises(ValueError, match="out of reach at 7 steps"):
+        l2c.learn_front(bundle, 7, speedups=[8.0], step_cost=0.1)
