@@ -14,24 +14,18 @@ transformer; ``T_ag(D, m) = latency + (D - 1) * m / bandwidth``: an all_gather o
 rank over D ranks (ring); ``bytes_msg``: the larger of the residual stream and the output;
 ``T_book``: AsyncDenoiser's own work per round (packing, header checks, a host sync).
 
-1. CPU check: the model is fed with what ``bench/bench_asyncdiff.py`` measured (components timed
-   alone on one thread, gloo all_gather fitted on loopback) and its prediction is set against the
-   measured speedup of 2 processes x 1 thread over 1 process x 1 thread.
-2. H100 predictions for 2/4/8 GPUs over NVLink (NVSwitch), from FLOPs and stated assumptions
-   (``H100``, ``MODELS`` below); with measured per-component times of a real GPU run (a JSON file
-   like the CPU one, ``--gpu-json``) those replace the FLOP estimate.
+Checked against what ``bench/bench_asyncdiff.py`` measured on CPU; H100 predictions for 2/4/8 GPUs from FLOPs and
+the assumptions below (``--gpu-json``: measured per-component times instead). bench/NOTES.md ("AsyncDiff on CPU").
 
     python bench/asyncdiff_cost_model.py     # writes bench/results/asyncdiff_cost_model.{json,md}
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import math
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import harness
 
 # ----------------------------------------------------------------------------- assumptions (H100)
 H100 = dict(
@@ -147,62 +141,45 @@ def gpu_predictions(hw: dict, steps: int, warm_up: int, measured: dict | None = 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu-json", default=str(ROOT / "bench" / "results" / "asyncdiff_cpu.json"))
+    ap = harness.parser(__doc__, threads=None)
+    ap.add_argument("--cpu-json", default=str(harness.RESULTS / "asyncdiff_cpu.json"))
     ap.add_argument("--gpu-json", default=None, help="measured GPU times {model name: {full_s, block_s}}")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warm-up", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
-
+    args = harness.parse(ap, argv)
     cpu = json.loads(Path(args.cpu_json).read_text())
     check = cpu_check(cpu)
     measured = json.loads(Path(args.gpu_json).read_text()) if args.gpu_json else None
     gpu = gpu_predictions(H100, args.steps, args.warm_up, measured)
-
-    a, c = check["predicted_from_components_alone"], check["predicted_from_components_concurrent"]
-    print(f"CPU, 2 processes x 1 thread ({cpu['cpu']}): predicted {a['speedup']:.2f}x from components timed alone, "
-          f"{c['speedup']:.2f}x from components timed while both ran; measured {check['measured_speedup']:.2f}x "
-          f"(ideal {a['ideal_speedup']:.2f}x with {cpu['warm_up']} warm-up steps)")
-    print(f"\nH100 predictions, {args.steps} steps, {args.warm_up} warm-up steps ({H100['name']}):")
-    print(f"{'model':22s} {'images':>6s} {'GPUs':>4s} {'N':>2s} {'stride':>6s} {'step ms':>8s} {'speedup':>8s} "
-          f"{'ideal':>6s} {'comm %':>7s}")
-    for r in gpu:
-        print(f"{r['model']:22s} {r['images']:6d} {r['devices']:4d} {r['components']:2d} {r['stride']:6d} "
-              f"{r['t_full_ms']:8.2f} {r['speedup']:7.2f}x {r['ideal_speedup']:5.2f}x {100 * r['comm_fraction']:6.1f}%")
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    res = dict(model="bench/asyncdiff_cost_model.py", date=datetime.date.today().isoformat(),
-               formula=__doc__.split("\n\n")[1], cpu_check=check, h100_assumptions=H100, h100_models=MODELS,
-               steps=args.steps, warm_up=args.warm_up, h100_predictions=gpu)
-    (out / "asyncdiff_cost_model.json").write_text(json.dumps(res, indent=1))
-    md = ["# AsyncDiff cost model (`bench/asyncdiff_cost_model.py`)", "",
-          "```", __doc__.split("\n\n")[1].strip(), "```", "",
+    a, c, i = check["predicted_from_components_alone"], check["predicted_from_components_concurrent"], check["inputs"]
+    formula = __doc__.split("\n\n")[1]
+    res = dict(model="bench/asyncdiff_cost_model.py", formula=formula, cpu_check=check, h100_assumptions=H100,
+               h100_models=MODELS, steps=args.steps, warm_up=args.warm_up, h100_predictions=gpu)
+    md = ["# AsyncDiff cost model (`bench/asyncdiff_cost_model.py`)", "", "```", formula.strip(), "```", "",
           "## Check against the CPU measurement", "",
-          f"From `asyncdiff_cpu.json` ({cpu['cpu']}, {cpu['date']}): transformer call "
-          f"{check['inputs']['t_full_s'] * 1e3:.1f} ms, components alone "
-          + ", ".join(f"{x * 1e3:.1f}" for x in check["inputs"]["t_components_alone_s"]) + " ms, while both ran "
-          + ", ".join(f"{x * 1e3:.1f}" for x in check["inputs"]["t_components_concurrent_s"]) + " ms; gloo all_gather "
-          f"{check['inputs']['allgather_latency_s'] * 1e6:.0f} us + {check['inputs']['bytes_msg'] / 1e6:.2f} MB at "
-          f"{check['inputs']['allgather_bandwidth_Bps'] / 1e9:.2f} GB/s.", "",
-          "| | speedup, 2 processes vs 1 process x 1 thread |", "|---|---:|",
-          f"| ideal ({cpu['warm_up']} of {cpu['steps']} steps whole) | {a['ideal_speedup']:.2f}x |",
-          f"| predicted, components timed alone | {a['speedup']:.2f}x |",
-          f"| predicted, components timed while both processes ran | {c['speedup']:.2f}x |",
-          f"| measured | {check['measured_speedup']:.2f}x |", "",
-          "## Predictions for H100s over NVLink", "",
-          "Assumptions: " + "; ".join(f"`{k}` = {v}" for k, v in H100.items()) + ". Block time = FLOPs / "
-          "(peak x MFU) + launches; the components split the blocks evenly; one all_gather per round of the "
-          "larger of residual stream and output per rank; "
-          f"{args.steps} steps, {args.warm_up} warm-up steps. N components on N + stride - 1 GPUs.", "",
-          "| model | images | GPUs | components | stride | transformer call (1 GPU) | predicted speedup | ideal | "
-          "collective share |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    md += [f"| {r['model']} | {r['images']} | {r['devices']} | {r['components']} | {r['stride']} | "
-           f"{r['t_full_ms']:.2f} ms | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
-           f"{100 * r['comm_fraction']:.1f}% |" for r in gpu]
-    (out / "asyncdiff_cost_model.md").write_text("\n".join(md) + "\n")
-    print(f"\nwrote {out}/asyncdiff_cost_model.json and .md")
+          f"From `asyncdiff_cpu.json` ({cpu['cpu']}, {cpu['date']}): transformer call {i['t_full_s'] * 1e3:.1f} ms, "
+          "components alone " + ", ".join(f"{x * 1e3:.1f}" for x in i["t_components_alone_s"]) + " ms, while both ran "
+          + ", ".join(f"{x * 1e3:.1f}" for x in i["t_components_concurrent_s"]) + " ms; gloo all_gather "
+          f"{i['allgather_latency_s'] * 1e6:.0f} us + {i['bytes_msg'] / 1e6:.2f} MB at "
+          f"{i['allgather_bandwidth_Bps'] / 1e9:.2f} GB/s.", ""]
+    md += harness.table(["", "speedup, 2 processes vs 1 process x 1 thread"], [
+        [f"ideal ({cpu['warm_up']} of {cpu['steps']} steps whole)", f"{a['ideal_speedup']:.2f}x"],
+        ["predicted, components timed alone", f"{a['speedup']:.2f}x"],
+        ["predicted, components timed while both processes ran", f"{c['speedup']:.2f}x"],
+        ["measured", f"{check['measured_speedup']:.2f}x"]], ["---", "---:"])
+    md += ["", "## Predictions for H100s over NVLink", "",
+           "Assumptions: " + "; ".join(f"`{k}` = {v}" for k, v in H100.items()) + ". Block time = FLOPs / "
+           "(peak x MFU) + launches; the components split the blocks evenly; one all_gather per round of the "
+           f"larger of residual stream and output per rank; {args.steps} steps, {args.warm_up} warm-up steps. N "
+           "components on N + stride - 1 GPUs.", ""]
+    md += harness.table(["model", "images", "GPUs", "components", "stride", "transformer call (1 GPU)",
+                         "predicted speedup", "ideal", "collective share"],
+                        [[r["model"], r["images"], r["devices"], r["components"], r["stride"],
+                          f"{r['t_full_ms']:.2f} ms", f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
+                          f"{100 * r['comm_fraction']:.1f}%"]
+                         for r in gpu], ["---"] + ["---:"] * 8)
+    harness.write_result(args.out, "asyncdiff_cost_model", res, "\n".join(md))
+    print("\n".join(md))
 
 
 if __name__ == "__main__":

@@ -1,50 +1,31 @@
 """AsyncDiff on CPU: two processes with one thread each against one process.
 
-The bundled, trained ``dit-digits`` samples a CFG batch with 50 DDIM steps, three ways:
+The bundled ``dit-digits`` (or ``--model flux-digits``) samples a CFG batch three ways: 1 process x 1 thread, 1
+process x 2 threads, and ``parallel.AsyncDenoiser`` with 2 components over gloo on loopback (2 processes x 1
+thread), interleaved round by round in the same two processes; medians over the rounds, PSNR of the AsyncDiff images
+against one process. Also measured, for ``asyncdiff_cost_model.py``: every component's time, the step time, the
+sampler's work per step and gloo all_gather latency and bandwidth. Notes: bench/NOTES.md ("AsyncDiff on CPU").
 
-* ``1 process x 1 thread``  - the plain model (the analogue of one device);
-* ``1 process x 2 threads`` - the plain model using both cores (what a CPU user runs instead);
-* ``2 processes x 1 thread`` - ``parallel.AsyncDenoiser`` with 2 components, stride 1, 3 warm-up
-  steps, over a gloo group on loopback (the analogue of one device per component).
-
-The three are interleaved (one generation of each per round) in the same two processes, so a
-change in background load hits all of them alike; medians over the rounds. The single-process
-runs happen on rank 0 while rank 1 waits in a barrier (blocked, not spinning). The AsyncDiff
-images are compared with the single-process images from the same noise (PSNR, images in
-[-1, 1]). Also measured, for ``bench/asyncdiff_cost_model.py``: every component's compute time,
-the full model's step time, the per-step work outside the transformer, and gloo all_gather
-latency and bandwidth on this machine.
-
-    python bench/bench_asyncdiff.py            # writes bench/results/asyncdiff_cpu.{json,md}
+    python bench/bench_asyncdiff.py            # writes asyncdiff_cpu.{json,md}
     python bench/bench_asyncdiff.py --model flux-digits   # -> asyncdiff_cpu_flux-digits.{json,md}
-
-``--model flux-digits``: the bundled Flux model (2 double + 6 single blocks, split together by measured
-cost; the boundary state is its text and image streams), sampled by ``sampling.sample`` (Euler flow
-matching, CFG batch); the rest is the same.
     python bench/bench_asyncdiff.py --quick    # 10 steps, 2 rounds: a smoke run (no files written)
     python bench/bench_asyncdiff.py --quality  # image quality for 2-4 components and stride 2 (emulated)
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from l2c_kernels._machine import cpu_name  # noqa: E402
-from l2c_kernels.models import classifier  # noqa: E402
-from l2c_kernels.parallel.comm import local_init_method  # noqa: E402
+from l2c_kernels.models import classifier
+from l2c_kernels.parallel.comm import local_init_method
 
 NULL_CLASS = 1000
 
@@ -95,7 +76,7 @@ def timed(fn):
 # ----------------------------------------------------------------------------- measurements
 def component_seconds(model, ranges, args: dict, repeats: int = 5) -> dict:
     """One thread: fastest-of-``repeats`` time of every component and of the whole model on one call's
-    arguments ``args`` (a CFG batch)."""
+    arguments ``args`` (a CFG batch), interleaved."""
     from l2c_kernels.parallel.runners import ModelRunner
 
     runner = ModelRunner(model)
@@ -103,15 +84,10 @@ def component_seconds(model, ranges, args: dict, repeats: int = 5) -> dict:
     with torch.no_grad():
         _, captured = runner.full(args, caps, 0)
         inputs = [None] + [captured[c] for c in caps]
-        comp = [float("inf")] * len(ranges)
-        full = float("inf")
-        for _ in range(repeats):
-            _, dt = timed(lambda: model(**args))
-            full = min(full, dt)
-            for i, (a, e) in enumerate(ranges):
-                _, dt = timed(lambda: runner.component(args, a, e, inputs[i], 0))
-                comp[i] = min(comp[i], dt)
-    return dict(full_s=full, component_s=comp)
+        t = harness.interleave({"full": lambda: model(**args), **{
+            i: (lambda i=i, a=a, e=e: runner.component(args, a, e, inputs[i], 0)) for i, (a, e) in enumerate(ranges)}},
+            repeats, warmup=0)
+    return dict(full_s=min(t["full"]), component_s=[min(t[i]) for i in range(len(ranges))])
 
 
 def allgather_fit(sizes=(8, 4096, 65536, 262144, 1048576, 4194304), repeats: int = 30) -> dict:
@@ -210,7 +186,7 @@ def rank_main(rank: int, world: int, init_method: str, args, outdir: str) -> Non
             single_thread=comps, outside_transformer_s=statistics.median(s[1] for s in step_times),
             transformer_call_s=statistics.median(s[0] for s in step_times), allgather=fit,
             hidden_bytes=payload_bytes(ad._shapes["states"][0]), output_bytes=payload_bytes([ad._shapes["out"]]),
-            state_shapes=[list(sh) for sh, _ in ad._shapes["states"][0]], loadavg=_loadavg())
+            state_shapes=[list(sh) for sh, _ in ad._shapes["states"][0]], loadavg=harness.load_average() or [])
         Path(outdir, "result.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()
@@ -289,23 +265,13 @@ class _StepTimer(torch.nn.Module):
         return out
 
 
-def _loadavg() -> list[float]:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return []
-
-
 def _sample_inputs(images: int) -> dict:
     b = 2 * images
     return dict(hidden_states=torch.randn(b, 1, 16, 16, generator=torch.Generator().manual_seed(2)),
                 timestep=torch.full((b,), 500), class_labels=torch.arange(b) % 10)
 
 
-
 # ----------------------------------------------------------------------------- report
-
-
 MODELS = {
     "dit-digits": dict(stem="asyncdiff_cpu", scheduler="DDIM",
                        model="dit-digits (bundled, trained): DiTTransformer2DModel, 12 blocks, hidden 128, 64 tokens",
@@ -323,8 +289,8 @@ def write_report(res: dict, args, out: Path) -> dict:
     m = MODELS[args.model]
     report = dict(
         benchmark="AsyncDiff (l2c_kernels.parallel.AsyncDenoiser) on CPU", date=datetime.date.today().isoformat(),
-        cpu=cpu_name(), logical_cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
-        model=m["model"], dtype="float32", images=args.images, transformer_batch=2 * args.images,
+        cpu=harness.machine()["cpu"], logical_cpus=os.cpu_count(), model=m["model"], dtype="float32",
+        images=args.images, transformer_batch=2 * args.images,
         shapes=dict(latents=[args.images, 1, 16, 16], transformer_input=m["transformer_input"](2 * args.images),
                     boundary_state=res.get("state_shapes")),
         loadavg_1_5_15_at_end=res.get("loadavg"),
@@ -342,100 +308,83 @@ def write_report(res: dict, args, out: Path) -> dict:
                       async_round_comm_s=res["async_round_comm_s"], transformer_call_s=res["transformer_call_s"],
                       outside_transformer_s=res["outside_transformer_s"], allgather_gloo_loopback=res["allgather"],
                       hidden_bytes=res["hidden_bytes"], output_bytes=res["output_bytes"]),
-        command="python bench/bench_asyncdiff.py " + " ".join(sys.argv[1:]),
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{m['stem']}.json").write_text(json.dumps(report, indent=1))
-    st = res["single_thread"]
-    ag = res["allgather"]
-    md = [
-        f"# AsyncDiff on CPU, {args.model} (`{report['command']}`)", "",
-        f"{report['date']}, {report['cpu']} ({report['logical_cpus']} logical CPUs), torch {report['torch']}, "
-        f"float32. Model: {report['model']}. {args.images} images per generation (transformer batch "
-        f"{2 * args.images} with classifier-free guidance, cfg {res['cfg']:g}), {args.steps} {m['scheduler']} steps; "
-        f"AsyncDiff with 2 components (blocks {res['ranges'][0]} and {res['ranges'][1]}"
-        f"{', in forward order: double blocks 0-1, single blocks 2-7' if args.model == 'flux-digits' else ''}), "
-        f"stride 1, {args.warm_up} warm-up steps, gloo on loopback. Medians of {args.rounds} interleaved rounds."
-        + (f" Load average at the end (1/5/15 min): {' / '.join(f'{x:.1f}' for x in res['loadavg'])} on "
-           f"{report['logical_cpus']} logical CPUs." if res.get("loadavg") else ""), "",
-        "| configuration | seconds per generation (median) | speedup vs 1 process x 1 thread: ratio of medians "
-        "| median of per-round ratios | PSNR vs 1 process |",
-        "|---|---:|---:|---:|---:|",
-        f"| 1 process x 1 thread | {med['1p1t']:.2f} | 1.00x | 1.00x | reference |",
-        *([f"| 1 process x 2 threads | {med['1p2t']:.2f} | {med['1p1t'] / med['1p2t']:.2f}x | "
-           f"{_paired(res['times_s'], '1p1t', '1p2t'):.2f}x | {_db(res['psnr_1p2t_vs_1p1t'])} |"] if two else []),
-        f"| 2 processes x 1 thread (AsyncDiff) | {med['2p1t']:.2f} | **{med['1p1t'] / med['2p1t']:.2f}x** | "
-        f"**{report['paired_speedup_2p_vs_1p1t']:.2f}x** | {_db(res['psnr_2p_vs_1p'])} |", "",
-        *([f"AsyncDiff against one process with both cores: **{med['1p2t'] / med['2p1t']:.2f}x**.", ""] if two else
-          ["1 process x 2 threads was left out (`--skip-two-threads`): with the cores busy it measures thread "
-           "oversubscription.", ""]),
-        f"Round by round (the configurations run back to back in every round; median over rounds of "
-        f"the per-round ratio): AsyncDiff vs 1 process x 1 thread {report['paired_speedup_2p_vs_1p1t']:.2f}x"
-        + (f", vs 1 process x 2 threads {report['paired_speedup_2p_vs_1p2t']:.2f}x." if two else "."), "",
-        "Compute-bound: at this batch one transformer call takes "
-        f"{st['full_s'] * 1e3:.1f} ms on one thread; the asynchronous rounds' collective moves "
-        f"{res['hidden_bytes'] / 1e6:.2f} MB per rank (the state {res.get('state_shapes')}; gloo all_gather: "
-        f"latency {ag['latency_s'] * 1e6:.0f} us, "
-        f"{ag['bandwidth_Bps'] / 1e9:.2f} GB/s on loopback).", "",
-        "| measured (one thread) | ms |", "|---|---:|",
-        f"| whole transformer call | {st['full_s'] * 1e3:.2f} |",
-        *[f"| component {i} (blocks {a}-{b - 1}{', embedding' if i == 0 else ''}"
-          f"{', final layer' if i == len(res['ranges']) - 1 else ''}) | {c * 1e3:.2f} |"
-          for i, ((a, b), c) in enumerate(zip(res["ranges"], st["component_s"]))],
-        *[f"| asynchronous round compute, rank {r} (median) | {c * 1e3:.2f} |"
-          for r, c in enumerate(res["async_round_compute_s"])],
-        *[f"| asynchronous round collective, rank {r} (median, includes waiting) | {c * 1e3:.2f} |"
-          for r, c in enumerate(res["async_round_comm_s"])],
-        f"| sampler work per step outside the transformer | {res['outside_transformer_s'] * 1e3:.2f} |", "",
-    ]
-    (out / f"{m['stem']}.md").write_text("\n".join(md))
+        command=harness.command())
+    st, ag, ranges = res["single_thread"], res["allgather"], res["ranges"]
+    md = [f"# AsyncDiff on CPU, {args.model}", "",
+          f"{harness.describe(harness.meta())}, float32. Model: {report['model']}. {args.images} images per generation "
+          f"(transformer batch {2 * args.images} with CFG {res['cfg']:g}), {args.steps} {m['scheduler']} steps; "
+          f"AsyncDiff with 2 components (blocks {ranges[0]} and {ranges[1]}), stride 1, {args.warm_up} warm-up steps, "
+          f"gloo on loopback. Medians of {args.rounds} interleaved rounds; per-round ratios: the configurations run "
+          "back to back in every round, median over rounds of the ratio.", ""]
+    rows = [["1 process x 1 thread", f"{med['1p1t']:.2f}", "1.00x", "1.00x", "reference"]]
+    if two:
+        rows.append(["1 process x 2 threads", f"{med['1p2t']:.2f}", f"{med['1p1t'] / med['1p2t']:.2f}x",
+                     f"{_paired(res['times_s'], '1p1t', '1p2t'):.2f}x", _db(res["psnr_1p2t_vs_1p1t"])])
+    rows.append(["2 processes x 1 thread (AsyncDiff)", f"{med['2p1t']:.2f}", f"**{med['1p1t'] / med['2p1t']:.2f}x**",
+                 f"**{report['paired_speedup_2p_vs_1p1t']:.2f}x**", _db(res["psnr_2p_vs_1p"])])
+    md += harness.table(["configuration", "seconds per generation (median)", "speedup vs 1 process x 1 thread: ratio "
+                         "of medians", "median of per-round ratios", "PSNR vs 1 process"], rows,
+                        ["---"] + ["---:"] * 4) + [""]
+    md += [f"AsyncDiff against one process with both cores: **{med['1p2t'] / med['2p1t']:.2f}x** (per round "
+           f"{report['paired_speedup_2p_vs_1p2t']:.2f}x)." if two else "1 process x 2 threads was left out "
+           "(`--skip-two-threads`): with the cores busy it measures thread oversubscription.", "",
+           f"The asynchronous rounds' collective moves {res['hidden_bytes'] / 1e6:.2f} MB per rank (the state "
+           f"{res.get('state_shapes')}; gloo all_gather: latency {ag['latency_s'] * 1e6:.0f} us, "
+           f"{ag['bandwidth_Bps'] / 1e9:.2f} GB/s on loopback).", ""]
+    md += harness.table(["measured (one thread)", "ms"], [["whole transformer call", f"{st['full_s'] * 1e3:.2f}"]] + [
+        [f"component {i} (blocks {a}-{b - 1}{', embedding' if i == 0 else ''}"
+         f"{', final layer' if i == len(ranges) - 1 else ''})", f"{c * 1e3:.2f}"]
+        for i, ((a, b), c) in enumerate(zip(ranges, st["component_s"]))] + [
+        [f"asynchronous round compute, rank {r} (median)", f"{c * 1e3:.2f}"]
+        for r, c in enumerate(res["async_round_compute_s"])] + [
+        [f"asynchronous round collective, rank {r} (median, includes waiting)", f"{c * 1e3:.2f}"]
+        for r, c in enumerate(res["async_round_comm_s"])] + [
+        ["sampler work per step outside the transformer", f"{res['outside_transformer_s'] * 1e3:.2f}"]],
+        ["---", "---:"])
+    harness.write_result(out, m["stem"], report, "\n".join(md))
     return report
 
 
 def quality_sweep(args, out: Path | None) -> list[dict]:
-    """PSNR / SSIM against the single-process images and the digit classifier's accuracy, for
-    several numbers of components, strides and warm-ups; the asynchronous schedule of all ranks
-    is computed in one process (``emulate=True``: the same images as separate processes)."""
+    """PSNR / SSIM against the single-process images and the digit classifier's accuracy, for several numbers of
+    components, strides and warm-ups; the asynchronous schedule of all ranks is computed in one process
+    (``emulate=True``: the same images as separate processes)."""
     from l2c_kernels import metrics, models, parallel
 
     torch.set_num_threads(os.cpu_count() or 1)
     bundle = models.load("dit-digits")
     cfg = args.cfg if args.cfg is not None else bundle.recommended_cfg
     labels = [i % 10 for i in range(40)]
+
+    def row(steps, setting, img, ref, **kw):
+        return dict(steps=steps, setting=setting, **kw, psnr_db=metrics.psnr(img, ref), ssim=metrics.ssim(img, ref),
+                    accuracy=classifier.class_accuracy(img, labels))
     rows = []
     for steps in (20, 50):
         ts = models.timesteps_for(bundle, steps)
         ref = models.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, progress=False)
         other = models.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=1, progress=False)
-        rows.append(dict(steps=steps, setting="single process (reference)", psnr_db=float("inf"), ssim=1.0,
-                         accuracy=classifier.class_accuracy(ref, labels)))
-        rows.append(dict(steps=steps, setting="another seed (unrelated images)", psnr_db=metrics.psnr(other, ref),
-                         ssim=metrics.ssim(other, ref), accuracy=classifier.class_accuracy(other, labels)))
+        rows += [row(steps, "single process (reference)", ref, ref),
+                 row(steps, "another seed (unrelated images)", other, ref)]
         for n, stride in ((2, 1), (3, 1), (4, 1), (2, 2)):
             for warm in (3, 5):
                 ad = parallel.AsyncDenoiser(bundle.transformer, num_components=n, stride=stride, warm_up=warm,
                                             emulate=True, balance="uniform", timesteps=ts)
-                img = models.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, progress=False,
-                                      transformer=ad)
-                rows.append(dict(steps=steps, setting=f"{n} components, stride {stride}, warm-up {warm} "
-                                 f"({n + stride - 1} processes)", num_components=n, stride=stride, warm_up=warm,
-                                 psnr_db=metrics.psnr(img, ref), ssim=metrics.ssim(img, ref),
-                                 accuracy=classifier.class_accuracy(img, labels)))
-                print(rows[-1], flush=True)
+                img = models.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=0, progress=False, transformer=ad)
+                rows.append(row(steps, f"{n} components, stride {stride}, warm-up {warm} ({n + stride - 1} processes)",
+                                img, ref, num_components=n, stride=stride, warm_up=warm))
+                harness.log(rows[-1])
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, model="dit-digits",
-                    images=len(labels), labels="0-9 cycled", cfg=cfg, scheduler="DDIM", dtype="float32",
-                    command="python bench/bench_asyncdiff.py --quality", rows=rows)
-        (out / "asyncdiff_quality.json").write_text(json.dumps(meta, indent=1))
-        md = ["# AsyncDiff image quality (`bench/bench_asyncdiff.py --quality`)", "",
-              f"{meta['date']}, torch {meta['torch']}. dit-digits, {len(labels)} images (labels 0-9 cycled), "
-              f"cfg {cfg:g}, DDIM, same noise. PSNR and SSIM against the single-process images (images in "
-              f"[-1, 1]); accuracy: the bundled digit classifier reads the digit that was asked for.", "",
-              "| steps | setting | PSNR | SSIM | class accuracy |", "|---:|---|---:|---:|---:|"]
-        md += [f"| {r['steps']} | {r['setting']} | {_db(r['psnr_db'])} | {r['ssim']:.3f} | {r['accuracy']:.3f} |"
-               for r in rows]
-        (out / "asyncdiff_quality.md").write_text("\n".join(md) + "\n")
+        res = dict(model="dit-digits", images=len(labels), labels="0-9 cycled", cfg=cfg, scheduler="DDIM",
+                   dtype="float32", rows=rows)
+        md = ["# AsyncDiff image quality", "",
+              f"{harness.describe(harness.meta())}. dit-digits, {len(labels)} images (labels 0-9 cycled), cfg {cfg:g}, "
+              "DDIM, same noise. PSNR and SSIM against the single-process images (images in [-1, 1]); accuracy: the "
+              "bundled digit classifier reads the digit that was asked for.", ""]
+        md += harness.table(["steps", "setting", "PSNR", "SSIM", "class accuracy"],
+                            [[r["steps"], r["setting"], _db(r["psnr_db"]), f"{r['ssim']:.3f}", f"{r['accuracy']:.3f}"]
+                             for r in rows], ["---:", "---", "---:", "---:", "---:"])
+        harness.write_result(out, "asyncdiff_quality", res, "\n".join(md))
     return rows
 
 
@@ -444,7 +393,7 @@ def _db(x: float) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__, threads=None)
     ap.add_argument("--model", choices=sorted(MODELS), default="dit-digits")
     ap.add_argument("--images", type=int, default=16, help="images per generation (transformer batch is twice this)")
     ap.add_argument("--steps", type=int, default=50)
@@ -457,8 +406,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="10 steps, 2 rounds, print only")
     ap.add_argument("--quality", action="store_true",
                     help="instead of timing: image quality for 2-4 components and stride 2 (one process)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
+    args = harness.parse(ap, argv)
     if args.quick:
         args.steps, args.rounds = 10, 2
     if args.quality:
@@ -473,12 +421,9 @@ def main(argv=None):
         mp.start_processes(rank_main, args=(2, local_init_method(outdir), args, outdir), nprocs=2, start_method="spawn")
         res = json.loads(Path(outdir, "result.json").read_text())
     med = {k: statistics.median(v) for k, v in res["times_s"].items()}
-    print(json.dumps(dict(median_s=med, psnr_db=res["psnr_2p_vs_1p"], single_thread=res["single_thread"],
-                          async_round_compute_s=res["async_round_compute_s"],
-                          async_round_comm_s=res["async_round_comm_s"]), indent=1))
     vs2 = f"; vs 1 process x 2 threads: {med['1p2t'] / med['2p1t']:.2f}x" if "1p2t" in med else ""
     print(f"2 processes x 1 thread vs 1 process x 1 thread: {med['1p1t'] / med['2p1t']:.2f}x{vs2}; "
-          f"PSNR {res['psnr_2p_vs_1p']:.1f} dB")
+          f"PSNR {res['psnr_2p_vs_1p']:.1f} dB; medians {med}")
     if not args.quick:
         write_report(res, args, Path(args.out))
         print(f"wrote {args.out}/{MODELS[args.model]['stem']}.json and .md")

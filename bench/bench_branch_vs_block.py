@@ -1,44 +1,37 @@
-"""Branch level vs block level at equal FLOPs on the bundled, trained flux-digits model (Flux.1 structure:
-2 double + 6 single blocks), PSNR against full compute from the same noise.
+"""Branch level vs block level at equal FLOPs on Flux.1-structured models, PSNR against full compute.
 
-Both levels get their schedule by the same calibrated greedy rule (a static, Block-Caching-like choice, not
-the L2C router, which does not drive branch-level MMDiT schedules yet): one full-compute generation records,
-at every step, what reusing each unit would add to its stream instead of what computing it adds --
+``--schedules greedy`` (default; writes ``branch_vs_block_flux-digits.{json,md}``): on the bundled flux-digits, both
+levels get their schedule by the same calibrated greedy rule: one full-compute generation records each unit's (or
+block's) reuse error at every step, and units are reused in increasing order of error per FLOP saved until the
+budget is removed. ``--schedules learned`` (``learned_branch_vs_block.{json,md}``; ``--out`` is the files' path
+without suffix): the same ``l2c.learn_schedule`` settings learn both levels, on the tiny ``FluxPipeline`` of
+``tests/tiny_pipelines.py`` (``tiny-flux``) and / or flux-digits, evaluated on held-out prompts / digits and noise.
+Budgets are fractions of FLOPs counted per unit / block on a real call; each generation's FLOPs are counted again.
+Notes: bench/NOTES.md ("SD3 / Flux at branch level", "Learned branch level vs learned block level").
 
-- a unit (``attn1``, ``ff``, ``ff_context``, a single block's attention / MLP half): ``gate_s * (y_s - y_{s-1})``
-  for its raw output ``y`` (the runtime reuses the raw output under the current step's gate);
-- a block: ``(out - in)_s - (out - in)_{s-1}`` per stream --
-
-and its L2 norm is the unit's reuse error at that step. Units (or blocks) are then reused in increasing order of
-error per FLOP saved until the budget of unit (block) FLOPs is removed; step 0 computes everything. Each schedule
-runs through ``compile_schedule``; the whole generation's FLOPs are counted with FlopCounterMode for both, so
-"equal FLOPs" is checked on what really ran.
-
-    nice -n 10 python bench/bench_branch_vs_block.py   # writes bench/results/branch_vs_block_flux-digits.{json,md}
+    nice -n 10 python bench/bench_branch_vs_block.py
+    nice -n 10 python bench/bench_branch_vs_block.py --schedules learned --models tiny-flux flux-digits
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from datetime import date
+import time
 from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import l2c_kernels as l2c  # noqa: E402
-from l2c_kernels import metrics, models  # noqa: E402
-from l2c_kernels.adapters.mmdit_branches import branch_names  # noqa: E402
-from l2c_kernels.models import flux_digits  # noqa: E402
-from l2c_kernels.models.text_encoder import caption_for  # noqa: E402
-from l2c_kernels.runtime.block_flops import _CUSTOM, measure_block_flops  # noqa: E402
-from l2c_kernels.runtime.branch_wrappers import measure_branch_flops  # noqa: E402
+import l2c_kernels as l2c
+from l2c_kernels import metrics, models
+from l2c_kernels.adapters.mmdit_branches import branch_names
+from l2c_kernels.models import flux_digits
+from l2c_kernels.models.text_encoder import caption_for
+from l2c_kernels.runtime.block_flops import _CUSTOM, measure_block_flops
+from l2c_kernels.runtime.branch_wrappers import measure_branch_flops
 
 
+# ---------------------------------------------------------------------------------------------- greedy schedules
 def record(bundle, labels, steps, seed):
     """Per step: each unit's gated contribution and raw output, and each block's residual, from hooks."""
     tr = bundle.transformer
@@ -145,77 +138,284 @@ def greedy(errors, costs, budget):
     return compute
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def greedy_comparison(args) -> tuple[str, dict, str]:
     bundle = models.load("flux-digits")
     tr = bundle.transformer
     labels, seed = list(range(10)), 0
     ts = flux_digits.timesteps_for(bundle, args.steps)
     full = models.sample(bundle, labels=labels, steps=args.steps, seed=seed, progress=False)
-
     # one call's inputs, for counting FLOPs per unit / block (CFG batch of 2 x 10)
     cond = flux_digits.conditions(bundle, [caption_for(v, i) for i, v in enumerate(labels)], bundle.recommended_cfg)
     x = torch.zeros(2 * len(labels), (bundle.image_size) ** 2 // 4, tr.config.in_channels)
     call = dict(hidden_states=x, timestep=torch.full((2 * len(labels),), 1.0), **cond)
-    ubf = measure_branch_flops(tr, **call)
-    bf = measure_block_flops(tr, **call)
+    ubf, bf = measure_branch_flops(tr, **call), measure_block_flops(tr, **call)
     blocks, names, rec = record(bundle, labels, args.steps, seed)
     assert len(rec) == args.steps, len(rec)
     uerr, berr = reuse_errors(blocks, names, rec)
     nb, nbr = len(blocks), len(names)
 
-    def generation_flops(fn):
+    def generation(fn):
         if hasattr(fn, "reset"):
             fn.reset()
-        with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:
-            imgs = models.sample(bundle, labels=labels, steps=args.steps, seed=seed, transformer=fn,
-                                      progress=False)
-        return fc.get_total_flops(), imgs
-
-    full_flops, _ = generation_flops(tr)
+        out = []
+        fl = harness.flops(lambda: out.append(models.sample(bundle, labels=labels, steps=args.steps, seed=seed,
+                                                            transformer=fn, progress=False)))
+        return fl, out[0]
+    full_flops, _ = generation(tr)
     rows = []
     for budget in args.budgets:
-        flat_costs = [c for row in ubf for c in row]
-        m = greedy([[e for row in srow for e in row] for srow in uerr], flat_costs, budget)
+        m = greedy([[e for row in srow for e in row] for srow in uerr], [c for row in ubf for c in row], budget)
         mask = [[m[s][b * nbr:(b + 1) * nbr] for b in range(nb)] for s in range(args.steps)]
         s_branch = l2c.Schedule.from_mask(tr, ts, mask, branches=names, unit_branch_flops=ubf, method="greedy")
-        mb = greedy(berr, bf, budget)
-        s_block = l2c.Schedule.from_mask(tr, ts, mb, branches=["block"], unit_flops=bf, method="greedy")
+        s_block = l2c.Schedule.from_mask(tr, ts, greedy(berr, bf, budget), branches=["block"], unit_flops=bf,
+                                         method="greedy")
         for level, sched in (("branch", s_branch), ("block", s_block)):
-            fl, imgs = generation_flops(l2c.compile_schedule(tr, sched))
-            rows.append(dict(budget=budget, level=level, flops_removed_schedule=round(sched.flops_removed_fraction(), 4),
+            fl, imgs = generation(l2c.compile_schedule(tr, sched))
+            rows.append(dict(budget=budget, level=level,
+                             flops_removed_schedule=round(sched.flops_removed_fraction(), 4),
                              generation_flops_removed=round(1 - fl / full_flops, 4),
                              psnr_db=round(metrics.psnr(imgs, full), 2),
                              removed_per_branch=sched.summary()["removed_per_branch"]))
-            print(rows[-1], flush=True)
-    result = dict(benchmark="branch level vs block level at equal FLOPs, calibrated greedy schedules",
-                  date=str(date.today()), device=f"CPU ({args.threads} threads)", torch=torch.__version__,
-                  dtype="fp32", model="flux-digits (FluxTransformer2DModel, 2 double + 6 single blocks, trained)",
-                  steps=args.steps, cfg=bundle.recommended_cfg, labels=labels, seed=seed,
-                  sampler="FlowMatchEulerDiscreteScheduler (models.sample)", unit_branch_flops=ubf,
-                  block_flops=bf, rows=rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "branch_vs_block_flux-digits.json").write_text(json.dumps(result, indent=1) + "\n")
+            harness.log(rows[-1])
+    result = dict(benchmark="branch level vs block level at equal FLOPs, calibrated greedy schedules", dtype="fp32",
+                  model="flux-digits (FluxTransformer2DModel, 2 double + 6 single blocks, trained)", steps=args.steps,
+                  cfg=bundle.recommended_cfg, labels=labels, seed=seed,
+                  sampler="FlowMatchEulerDiscreteScheduler (models.sample)", unit_branch_flops=ubf, block_flops=bf,
+                  rows=rows)
     md = [f"# Branch level vs block level at equal FLOPs, flux-digits, {args.steps} Euler steps, CFG "
           f"{bundle.recommended_cfg}, digits 0-9, seed {seed}",
-          f"CPU, torch {torch.__version__}, fp32, {date.today()}. Both schedules by the same calibrated greedy rule "
-          f"(`bench/bench_branch_vs_block.py` docstring); PSNR of the 10 images against full compute from the same noise; "
-          f"`generation FLOPs removed` counted with FlopCounterMode over the whole generation.", "",
-          "| budget | level | FLOPs removed (schedule) | generation FLOPs removed | PSNR (dB) | removed per branch |",
-          "|---|---|---|---|---|---|"]
-    for r in rows:
-        per = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["removed_per_branch"].items())
-        md.append(f"| {100 * r['budget']:.0f}% | {r['level']} | {100 * r['flops_removed_schedule']:.1f}% | "
-                  f"{100 * r['generation_flops_removed']:.1f}% | {r['psnr_db']} | {per} |")
-    (out / "branch_vs_block_flux-digits.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+          f"{harness.describe(harness.meta())}, fp32. Both schedules by the same calibrated greedy rule (this script's "
+          "docstring); PSNR of the 10 images against full compute from the same noise; `generation FLOPs removed` "
+          "counted with FlopCounterMode over the whole generation.", ""]
+    md += harness.table(["budget", "level", "FLOPs removed (schedule)", "generation FLOPs removed", "PSNR (dB)",
+                         "removed per branch"], [_cells(r, "flops_removed_schedule", "generation_flops_removed")
+                                                 + [r["psnr_db"], _per_branch(r)] for r in rows])
+    return "branch_vs_block_flux-digits", result, "\n".join(md)
+
+
+def _cells(r, sched_key, gen_key) -> list:
+    return [f"{100 * r['budget']:.0f}%", r["level"], f"{100 * r[sched_key]:.1f}%", f"{100 * r[gen_key]:.1f}%"]
+
+
+def _per_branch(r) -> str:
+    return ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["removed_per_branch"].items())
+
+
+# ---------------------------------------------------------------------------------------------- learned schedules
+TRAIN_PROMPTS = ["a red fox in the snow", "the city at night", "a bowl of fruit on a table", "waves at sunset"]
+EVAL_PROMPTS = ["a lighthouse on a cliff", "an old car in the rain", "a cat asleep on a sofa",
+                "mountains under stars", "a market full of people", "a small boat on a lake"]
+
+
+def counted_calls(module):
+    """Hooks that count, with FlopCounterMode, the FLOPs of every call of ``module``; returns (totals, remove)."""
+    totals, stack = [0.0], []
+
+    def pre(m, a, kw):
+        fc = torch.utils.flop_counter.FlopCounterMode(display=False, custom_mapping=_CUSTOM)
+        fc.__enter__()
+        stack.append(fc)
+
+    def post(m, a, kw, out):
+        fc = stack.pop()
+        fc.__exit__(None, None, None)
+        totals[0] += float(fc.get_total_flops())
+
+    h1 = module.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = module.register_forward_hook(post, with_kwargs=True)
+    return totals, lambda: (h1.remove(), h2.remove())
+
+
+def psnr_per_image(x, ref, peak) -> list:
+    mse = (x.double() - ref.double()).pow(2).flatten(1).mean(1)
+    return [float(10 * torch.log10(peak ** 2 / m)) if m > 0 else float("inf") for m in mse]
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+class TinyFlux:
+    name = "tiny-flux"
+
+    def __init__(self, steps):
+        from tests.tiny_pipelines import CALL_KW, tiny_flux_pipeline
+
+        self.pipe = tiny_flux_pipeline(seed=0, layers=2, single_layers=4)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.model = self.pipe.transformer
+        self.kw = dict(CALL_KW["flux"])
+        self.steps = steps
+        self.describe = (f"tiny FluxPipeline (tests/tiny_pipelines.py, random weights), 2 double + 4 single blocks, "
+                         f"{self.kw['height']}x{self.kw['width']} px, guidance embedding {self.kw['guidance_scale']}, "
+                         f"{steps} Euler steps; trained on {len(TRAIN_PROMPTS)} prompts, evaluated on "
+                         f"{len(EVAL_PROMPTS)} others (seed 1000)")
+
+    def learn(self, budget, branches, args):
+        return l2c.learn_schedule(self.pipe, num_inference_steps=self.steps, budget=budget, prompts=TRAIN_PROMPTS,
+                                  height=self.kw["height"], width=self.kw["width"],
+                                  guidance_scale=self.kw["guidance_scale"],
+                                  max_sequence_length=self.kw["max_sequence_length"], branches=branches,
+                                  iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
+                                  calibration_samples=args.calibration_samples, forecast=args.forecast,
+                                  progress=False)
+
+    def generate(self, transformer):
+        model = self.pipe.transformer
+        self.pipe.transformer = transformer
+        try:
+            out = self.pipe(prompt=EVAL_PROMPTS, num_inference_steps=self.steps,
+                            generator=torch.Generator().manual_seed(1000), output_type="latent", **self.kw)
+        finally:
+            self.pipe.transformer = model
+        return out.images.float()
+
+    def peak(self, ref):
+        return float(ref.max() - ref.min())
+
+
+class FluxDigits:
+    name = "flux-digits"
+
+    def __init__(self, steps):
+        from l2c_kernels import models
+
+        self.bundle = models.load("flux-digits")
+        self.model = self.bundle.transformer
+        self.steps = steps
+        self.labels = [d for d in range(10) for _ in range(2)]
+        self.describe = (f"bundled flux-digits (trained; 2 double + 6 single blocks), {steps} Euler steps, CFG "
+                         f"{self.bundle.recommended_cfg}; evaluated on 20 digits (2 per class, seed 1000)")
+
+    def learn(self, budget, branches, args):
+        return l2c.learn_schedule(self.bundle, num_inference_steps=self.steps, budget=budget, branches=branches,
+                                  iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
+                                  calibration_samples=args.calibration_samples, forecast=args.forecast,
+                                  progress=False)
+
+    def generate(self, transformer):
+
+        from l2c_kernels import models
+
+        return models.sample(self.bundle, labels=self.labels, steps=self.steps, seed=1000, transformer=transformer,
+                               progress=False)
+
+    def peak(self, ref):
+        return 2.0
+
+
+MODELS = {"tiny-flux": TinyFlux, "flux-digits": FluxDigits}
+
+
+def evaluate(m, sched, ref, full_flops):
+    fast = l2c.compile_schedule(m.model, sched)
+    totals, remove = counted_calls(fast)
+    try:
+        with torch.no_grad():
+            out = m.generate(fast)
+    finally:
+        remove()
+    per = psnr_per_image(out, ref, m.peak(ref))
+    s = sched.summary()
+    return dict(level="block" if sched.branches == ["block"] else "branch",
+                flops_removed_schedule=round(sched.flops_removed_fraction(), 4),
+                flops_removed_generation=round(1.0 - totals[0] / full_flops, 4),
+                psnr_db=round(sum(per) / len(per), 2), psnr_min_db=round(min(per), 2),
+                psnr_per_image=[round(v, 3) for v in per],
+                removed_per_branch=s["removed_per_branch"], forecast=sched.forecast,
+                calibration_error_db=sched.params.get("calibration_error_db"),
+                train_seconds=sched.params.get("train_seconds"), plan=sched.plan)
+
+
+def learned_comparison(args) -> tuple[dict, str]:
+    rows, described = [], {}
+    for name in args.models:
+        m = MODELS[name](args.steps)
+        described[name] = m.describe
+        totals, remove = counted_calls(m.model)
+        try:
+            with torch.no_grad():
+                ref = m.generate(m.model)
+        finally:
+            remove()
+        for budget in args.budgets:
+            for branches in (["block"], branch_names(m.model)):
+                t0 = time.time()
+                sched = m.learn(budget, branches, args)
+                rows.append(dict(model=name, budget=budget, **evaluate(m, sched, ref, totals[0]),
+                                 learn_wall_s=round(time.time() - t0, 1)))
+                harness.log(json.dumps({k: v for k, v in rows[-1].items() if k not in ("plan", "psnr_per_image")}))
+    meta = harness.meta(dtype="float32", models=described, learner=dict(
+        steps=args.steps, iterations=args.iterations, batch_size=args.batch_size,
+        calibration_samples=args.calibration_samples, forecast=args.forecast, seed=args.seed))
+    runs, rows = merged(Path(args.out + ".json"), meta, rows, args.models)
+    return dict(runs=runs, rows=rows), report(runs, rows)
+
+
+def merged(path: Path, meta: dict, rows: list, models: list) -> tuple:
+    """This run's results with those of other models already in ``path`` (one model per run keeps a long
+    comparison resumable): (runs, rows)."""
+    runs, old = [], []
+    if path.exists():
+        d = json.loads(path.read_text())
+        runs = [r for r in d.get("runs", [d["meta"]] if "meta" in d else []) if not set(r["models"]) & set(models)]
+        old = [r for r in d.get("rows", []) if r["model"] not in models]
+    return runs + [meta], old + rows
+
+
+def report(runs, rows) -> str:
+    lines = ["# Learned branch level vs learned block level at equal FLOPs", ""]
+    for meta in runs:
+        lines += _run_header(meta)
+    lines += harness.table(["model", "budget", "level", "FLOPs removed (schedule)", "FLOPs removed (generation)",
+                            "PSNR dB mean (min)", "removed per branch", "learn s"],
+                           [[r["model"], *_cells(r, "flops_removed_schedule", "flops_removed_generation"),
+                             f"{r['psnr_db']} ({r['psnr_min_db']})", _per_branch(r), r["learn_wall_s"]] for r in rows])
+    lines.append("")
+    for name in dict.fromkeys(r["model"] for r in rows):
+        for b in sorted({r["budget"] for r in rows if r["model"] == name}):
+            pair = {r["level"]: r for r in rows if r["model"] == name and r["budget"] == b}
+            if len(pair) == 2:
+                d = pair["branch"]["psnr_db"] - pair["block"]["psnr_db"]
+                lines.append(f"- {name} at {100 * b:.0f}%: branch level {d:+.2f} dB against block level")
+    return "\n".join(lines) + "\n"
+
+
+def _run_header(meta) -> list:
+    lr = meta["learner"]
+    m = dict(meta, load_average_start=meta.get("load_average_start", meta.get("loadavg_start")),
+             load_average_end=meta.get("load_average_end", meta.get("loadavg_end")))  # runs recorded before the harness
+    lines = [f"{harness.describe(m)}, {meta['dtype']} (shared machine). Both levels learned by `l2c.learn_schedule` "
+             f"with the same settings: {lr['steps']} steps, {lr['iterations']} iterations, batch {lr['batch_size']}, "
+             f"{lr['calibration_samples']} calibration samples, forecast `{lr['forecast']}`, seed {lr['seed']}. "
+             f"Budgets are fractions of FLOPs counted per unit / per block on a real call; `generation` is counted "
+             f"again with FlopCounterMode over the evaluation run. PSNR: mean (min) over the held-out images against "
+             f"full compute from the same noise.", ""]
+    return lines + [f"- **{name}**: {d}" for name, d in meta["models"].items()] + [""]
+
+
+def main(argv=None):
+    ap = harness.parser(__doc__, threads=None, out=None)
+    ap.add_argument("--schedules", default="greedy", choices=["greedy", "learned"])
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5])
+    ap.add_argument("--steps", type=int, default=None, help="default 16 (greedy), 12 (learned)")
+    ap.add_argument("--threads", type=int, default=None, help="default 2 (greedy), 1 (learned)")
+    ap.add_argument("--out", default=None, help="greedy: the results folder; learned: the files' path without suffix")
+    ap.add_argument("--models", nargs="+", default=["tiny-flux"], choices=sorted(MODELS), help="learned only")
+    ap.add_argument("--iterations", type=int, default=24, help="learned only")
+    ap.add_argument("--batch-size", type=int, default=2, help="learned only")
+    ap.add_argument("--calibration-samples", type=int, default=4, help="learned only")
+    ap.add_argument("--forecast", default="none", choices=["none", "linear", "quadratic", "auto"], help="learned only")
+    ap.add_argument("--seed", type=int, default=0, help="learned only")
+    args = harness.parse(ap, argv)
+    learned = args.schedules == "learned"
+    args.steps = args.steps or (12 if learned else 16)
+    torch.set_num_threads(args.threads or (1 if learned else 2))
+    if learned:
+        args.out = args.out or str(harness.RESULTS / "learned_branch_vs_block")
+        res, md = learned_comparison(args)
+        harness.write_result(Path(args.out).parent, Path(args.out).name, res, md)
+    else:
+        name, res, md = greedy_comparison(args)
+        harness.write_result(args.out or harness.RESULTS, name, res, md)
+    print(md)
 
 
 if __name__ == "__main__":

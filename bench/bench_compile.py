@@ -1,17 +1,12 @@
 """First-generation and steady-state time per generation under torch.compile, and per-step host overhead.
 
-For each bundled model (DDIM; Euler flow matching for flux-digits, at block level), CFG batch of ``2 * len(labels)``: the original transformer eager and under
-``torch.compile``; ``compile_schedule`` eager and with ``torch_compile=True`` at 0% (full schedule), 50%
-(FORA every 2nd step) and a learned schedule; cache-dit DBCache with the transformer under ``torch.compile``
-(graph breaks and graphs counted by dynamo). "first" is each runner's first generation (compilation
-included; every compiled runner has its own dynamo cache); "steady" the median of ``--steady`` later rounds in
-which every runner samples once, in a random order per round. Inductor's on-disk caches
-are off (``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``) so every compiled row pays its compilation.
+For each bundled model (CFG batch of ``2 * len(labels)``): the original transformer eager and under
+``torch.compile``; ``compile_schedule`` eager and with ``torch_compile=True`` at 0%, 50% (FORA 2) and a learned
+schedule; cache-dit DBCache under ``torch.compile``. "first": each runner's first generation (compilation included,
+inductor's disk caches off); "steady": the median of ``--steady`` interleaved rounds. Host overhead: a 2-block DiT
+where a call is almost all host work. Notes: bench/NOTES.md ("Serving runtime").
 
-Host overhead: a 2-block DiT from a tiny config (16 tokens, batch 1, one thread), where a call is almost
-all host work: median per call of the original model and of the cached module (eager).
-
-    nice -n 10 python bench/bench_compile.py                       # writes bench/results/compile_cpu.{json,md}
+    nice -n 10 python bench/bench_compile.py                       # writes compile_cpu.{json,md}
     nice -n 10 python bench/bench_compile.py --models dit-digits --steps 20 --steady 1   # quicker
 """
 from __future__ import annotations
@@ -20,26 +15,17 @@ import os
 
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import harness  # noqa: E402
 import torch  # noqa: E402
 
 import l2c_kernels as l2c  # noqa: E402
 from l2c_kernels import models, schedules  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
-sys.path.insert(0, str(ROOT))
-
-
-def log(*a):
-    print(*a, flush=True)
+log = harness.log
 
 
 def _dynamo_counts() -> dict:
@@ -62,8 +48,6 @@ def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | 
     """First generations one after another (each compiled runner in its own dynamo cache), then ``steady``
     rounds in which every runner samples once, in a new random order each round (a slow stretch of a shared
     machine then hits different runners); steady = the median of a runner's rounds."""
-    import random
-
     bundle = models.load(name)
     tr = bundle.transformer
     cfg = bundle.recommended_cfg
@@ -104,18 +88,18 @@ def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | 
         fast = l2c.compile_schedule(tr, s, cuda_graphs=False, torch_compile=True)
         first(dict(label=f"cached {tag}, torch.compile", kind="cached", compiled=True, flops_removed=round(
             s.flops_removed_fraction(), 3), distinct_plans=fast.distinct_plans()), fast, counts=True)
-    rng = random.Random(0)
-    times = {id(r): [] for r, _, _ in runners}
-    for rnd in range(steady):
-        order = list(runners)
-        rng.shuffle(order)
-        for row, runner, reset in order:
-            times[id(row)].append(_generation(bundle, runner, steps, labels, cfg, reset))
-        log(f"  steady round {rnd + 1}/{steady}: " + ", ".join(f"{r['label']} {times[id(r)][-1]:.1f} s"
-                                                            for r, _, _ in runners))
+
+    def steady_run(runner, reset):
+        return lambda: _generation(bundle, runner, steps, labels, cfg, reset)
+
+    def after_round(k, times):
+        log(f"  steady round {k + 1}/{steady}: " + ", ".join(f"{r['label']} {times[i][-1]:.1f} s"
+                                                          for i, (r, _, _) in enumerate(runners)))
+    times = harness.interleave({i: steady_run(r, reset) for i, (_, r, reset) in enumerate(runners)}, steady,
+                               warmup=0, order="shuffle", after_round=after_round)
     rows = []
-    for row, _, _ in runners:
-        row.update(steady_s=round(statistics.median(times[id(row)]), 3), steady_runs=[round(t, 3) for t in times[id(row)]])
+    for i, (row, _, _) in enumerate(runners):
+        row.update(steady_s=round(statistics.median(times[i]), 3), steady_runs=[round(t, 3) for t in times[i]])
         rows.append(row)
     if save is not None:
         save(rows)
@@ -159,18 +143,10 @@ def host_overhead(calls: int = 300) -> dict:
                "cached, 50% (FORA 2)": l2c.compile_schedule(m, schedules.uniform(m, ts, 2), cuda_graphs=False),
                "cached, full schedule, timestep_check='off'": l2c.compile_schedule(
                    m, l2c.Schedule.full(m, ts), cuda_graphs=False, timestep_check="off")}
-    out = {}
     with torch.no_grad():
-        per = {k: [] for k in runners}
-        for rnd in range(calls // len(ts) + 2):
-            for k, r in runners.items():
-                t0 = time.perf_counter()
-                for t in tts:
-                    r(x, timestep=t, class_labels=lab)
-                if rnd >= 2:
-                    per[k].append((time.perf_counter() - t0) / len(ts))
-        for k, v in per.items():
-            out[k] = round(1e6 * statistics.median(v), 1)
+        per = harness.interleave({k: (lambda r=r: [r(x, timestep=t, class_labels=lab) for t in tts])
+                                  for k, r in runners.items()}, calls // len(ts), warmup=2)
+    out = {k: round(1e6 * statistics.median(v) / len(ts), 1) for k, v in per.items()}
     base = out["original"]
     return dict(model="DiTTransformer2DModel, 2 blocks, hidden 16, 16 tokens, batch 1", us_per_call=out,
                 ratio_to_original={k: round(v / base, 3) for k, v in out.items()})
@@ -179,7 +155,7 @@ def host_overhead(calls: int = 300) -> dict:
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"# torch.compile and host overhead, CPU ({m['date']})", "",
-             f"{m['device']}; torch {m['torch']}; {m['threads']} thread(s); {m['steps']} steps (DDIM; Euler flow matching "
+             f"{harness.describe(m)}; {m['steps']} steps (DDIM; Euler flow matching "
              f"for flux-digits), CFG batch {m['batch']}, fp32; load average at the end of each model's rows: "
              f"{m.get('load_average', '')}. First = first generation in a fresh dynamo state (compilation included, inductor disk caches "
              f"off); steady = median of {m['steady']} interleaved rounds (random order per round). {m['note']}", ""]
@@ -208,39 +184,31 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, threads=1, out=harness.RESULTS / "compile_cpu")
     p.add_argument("--models", nargs="+", default=["dit-digits", "pixart-digits", "flux-digits"])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--labels", type=int, nargs="+", default=[3, 7])
     p.add_argument("--steady", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-host", action="store_true")
     p.add_argument("--no-dbcache", action="store_true", help="leave out the cache-dit row (its compilation is the slowest)")
     p.add_argument("--cpp-wrapper-original", action="store_true",
                    help="add a row: the original under torch.compile with inductor's C++ wrapper (which compile_schedule's "
                         "compiled blocks use on CPU)")
     p.add_argument("--note", default="")
-    p.add_argument("--out", default=str(RESULTS / "compile_cpu"))
-    a = p.parse_args(argv)
+    a = harness.parse(p, argv)  # --out: the result files' path without suffix
     torch.set_num_threads(a.threads)
-    from l2c_kernels._machine import cpu_name
+    res = dict(meta=harness.meta(steps=a.steps, batch=2 * len(a.labels), steady=a.steady, models=a.models,
+                                 note=a.note), rows=[])
 
-    res = dict(meta=dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device=f"CPU ({cpu_name()})",
-                         torch=torch.__version__,
-                         threads=a.threads, steps=a.steps, batch=2 * len(a.labels), steady=a.steady, models=a.models,
-                         note=a.note), rows=[])
-    out = Path(a.out)
-
-    def save():
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-        out.with_suffix(".md").write_text(markdown(res))
+    def save():  # after every model (and part of one), so a long run keeps what it measured
+        harness.write_result(Path(a.out).parent, Path(a.out).name, res, markdown(res))
 
     if not a.skip_host:
         res["host_overhead"] = host_overhead()
-        log(json.dumps(res["host_overhead"], indent=1))
+        log(res["host_overhead"])
         save()
     for name in a.models:
-        learned = RESULTS / f"pareto_{name}_{a.steps}_schedules" / "learned_50.l2c.json"
+        learned = harness.RESULTS / f"pareto_{name}_{a.steps}_schedules" / "learned_50.l2c.json"
         done = list(res["rows"])
 
         def partial(rows, done=done):
@@ -249,7 +217,7 @@ def main(argv=None):
 
         res["rows"] = done + model_rows(name, a.steps, a.labels, a.steady, learned, save=partial,
                                         dbcache=not a.no_dbcache, cpp_wrapper_original=a.cpp_wrapper_original)
-        res["meta"].setdefault("load_average", {})[name] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+        res["meta"].setdefault("load_average", {})[name] = " ".join(f"{v:.1f}" for v in harness.load_average() or [])
         save()
     log(markdown(res))
 

@@ -1,59 +1,29 @@
-"""End-to-end sampling latency: the original diffusers transformer, its ``torch.compile``, the dynamic
-caches (diffusers FirstBlockCache, cache-dit DBCache, at their default settings) and ``compile_schedule``
-at 0 / 25 / 50% of branch FLOPs removed (CUDA graphs on a GPU, optionally ``torch.compile`` too).
-
-The model has the DiT-XL/2 shape (28 blocks, hidden 1152, 16 heads, 4 latent channels, learned sigma,
-256 tokens = 256px images) with random weights: speed does not depend on the weights, and PSNR against
-full compute is reported only to show that every runner computes the same kind of thing (random
-weights say nothing about image quality). The sampling loop is DiTPipeline's without the VAE: DDIM,
-classifier-free guidance (transformer batch = 2 x images), the learned-sigma half dropped.
-
-Every runner samples from the same noise; rounds are interleaved (each round runs every runner once
-per batch size, in a new order) and the table reports the median latency per image.
+"""End-to-end sampling latency: the original diffusers transformer, its ``torch.compile``, the dynamic caches
+(diffusers FirstBlockCache, cache-dit DBCache, at their defaults) and ``compile_schedule`` at 0 / 25 / 50% of branch
+FLOPs removed (CUDA graphs on a GPU, optionally ``torch.compile`` too), on a DiT-XL/2-shaped model with random
+weights, DiTPipeline's sampling loop without the VAE (DDIM, CFG). Rounds interleaved (every runner once per batch
+size, in a new order each round); median latency per image. bench/NOTES.md ("The GPU check").
 
     python bench/bench_e2e.py --device cuda --dtype bf16 --images 2,8 --steps 50 --out OUT
     python bench/bench_e2e.py --tiny            # CPU, 2-block model, 4 steps: checks the script runs
 """
 from __future__ import annotations
 
-import argparse
-import json
-import random
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
+import harness
 import torch
+from bench_compile_schedule import uniform_branches
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import l2c_kernels as l2c  # noqa: E402
+import l2c_kernels as l2c
 
 XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
           sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
 TINY = dict(XL, num_attention_heads=2, attention_head_dim=16, num_layers=2, sample_size=8)
-#: fraction of branch FLOPs removed -> (period, steps of each period that reuse every branch)
-REMOVE = {0.0: None, 0.25: (4, {3}), 0.5: (2, {1})}
-
-
-def ours_schedule(model, timesteps, removed: float) -> l2c.Schedule:
-    nb = len(model.transformer_blocks)
-    rule = REMOVE[removed]
-    plan = [["RR" if rule is not None and i > 0 and (i % rule[0]) in rule[1] else "CC"] * nb
-            for i in range(len(timesteps))]
-    ad = l2c.adapters.adapter_for(model)
-    return l2c.Schedule(timesteps=timesteps, plan=plan, branches=ad.branches(model), num_blocks=nb,
-                        model_class=type(model).__name__, method=f"uniform-{int(removed * 100)}",
-                        branch_flops=ad.branch_flops(model))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+REMOVE = (0.0, 0.25, 0.5)  #: fractions of branch FLOPs our schedules remove (bench_compile_schedule.PATTERNS)
+DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
+T_START = time.time()
 
 
 @torch.no_grad()
@@ -98,7 +68,7 @@ def build_runners(model, timesteps, steps: int, device, use_compile: bool, compi
             log(f"  {label}: unavailable ({e})")
     graphs = device.type == "cuda"
     for frac in REMOVE:
-        s = ours_schedule(model, timesteps, frac)
+        s = uniform_branches(model, timesteps, frac)
         name = f"ours {int(frac * 100)}%" + (" + CUDA graphs" if graphs else "")
         runners[name] = l2c.compile_schedule(model, s, cuda_graphs=graphs)
         removed[name] = s.flops_removed_fraction()
@@ -109,10 +79,50 @@ def build_runners(model, timesteps, steps: int, device, use_compile: bool, compi
     return runners, removed, missing
 
 
+def measure(runners: dict, removed: dict, missing: dict, n: int, args, model_cfg, scheduler, clock, log) -> list[dict]:
+    """Rows of every runner at ``n`` images: its first generation (compilation, capture), then interleaved rounds."""
+    g = torch.Generator().manual_seed(0)
+    size, device, dtype = model_cfg["sample_size"], torch.device(args.device), DTYPES[args.dtype]
+    noise = torch.randn(n, model_cfg["in_channels"], size, size, generator=g).to(device=device).to(dtype)
+    labels = torch.randint(0, 1000, (n,), generator=g).to(device)
+    outs, first = {}, {}
+    for name, fn in runners.items():
+        t0 = clock()
+        try:
+            outs[name] = generate(fn, noise, labels, scheduler, args.steps)
+        except Exception as e:  # noqa: BLE001 - a runner that fails is reported, the others go on
+            missing[name] = f"{type(e).__name__}: {e}"
+            log(f"  {name}: FAILED ({missing[name][:200]})")
+            continue
+        first[name] = clock() - t0
+        log(f"  images={n} {name}: first generation {first[name]:.2f} s")
+    live = {k: (lambda fn=runners[k]: generate(fn, noise, labels, scheduler, args.steps)) for k in runners if k in outs}
+    times = harness.interleave(live, args.rounds, warmup=0, order="shuffle", clock=clock,
+                               stop=lambda r: r >= 2 and time.time() - T_START > args.budget_s)
+    base = statistics.median(times["diffusers eager"])
+    ref0 = "ours 0%" + (" + CUDA graphs" if device.type == "cuda" else "")
+    rows = []
+    for name, t in times.items():
+        med = statistics.median(t)
+        row = dict(images=n, runner=name, first_generation_s=round(first[name], 3), generation_s=round(med, 5),
+                   per_image_ms=round(1e3 * med / n, 3), speedup_vs_eager=round(base / med, 3), rounds=len(t),
+                   spread_s=harness.spread(t), psnr_vs_eager_db=round(psnr(outs[name], outs["diffusers eager"]), 2))
+        if hasattr(runners[name], "flops_removed_fraction"):  # a dynamic cache: what it skipped, counted by hooks
+            row["branch_flops_removed"] = round(runners[name].flops_removed_fraction(), 4)
+        if name in removed:
+            ideal = 1.0 / (1.0 - removed[name])
+            speed = statistics.median(times[ref0]) / med if times.get(ref0) else float("nan")
+            row.update(branch_flops_removed=round(removed[name], 4), ideal_speedup=round(ideal, 3),
+                       speedup_vs_ours_0=round(speed, 3), measured_over_ideal=round(speed / ideal, 3))
+        rows.append(row)
+        log(f"  images={n} {name}: {row['per_image_ms']} ms/image, {row['speedup_vs_eager']}x vs eager")
+    return rows
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__, threads=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--images", default="2,8", help="comma-separated numbers of images per generation (CFG doubles "
                                                      "the transformer batch)")
     ap.add_argument("--steps", type=int, default=50)
@@ -121,18 +131,15 @@ def main(argv=None):
     ap.add_argument("--compile-ours", action="store_true", help="add ours at 50%% under torch.compile")
     ap.add_argument("--tiny", action="store_true", help="a 2-block model, 4 steps, fp32 on CPU: checks the script")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new rounds after this many seconds")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
+    args = harness.parse(ap, argv)
     if args.tiny:
         args.device, args.dtype, args.steps, args.rounds, args.images = "cpu", "fp32", 4, 2, "1,2"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
-    dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
-    t_start = time.time()
 
     def log(msg):
-        print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
+        print(f"[{time.time() - T_START:6.1f}s] {msg}", flush=True)
 
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
@@ -142,92 +149,33 @@ def main(argv=None):
     with torch.no_grad():  # random weights of a trained model's scale (zero-initialised adaLN would skip every block)
         for p in model.parameters():
             p.normal_(0, 0.02)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=DTYPES[args.dtype]).eval().requires_grad_(False)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     scheduler.set_timesteps(args.steps)
     timesteps = [int(t) for t in scheduler.timesteps]
     log(f"model {'tiny' if args.tiny else 'DiT-XL/2 shape'}, {args.dtype}, {device}, {args.steps} steps")
-    runners, removed, missing = build_runners(model, timesteps, args.steps, device, args.compile, args.compile_ours, log)
-
-    g = torch.Generator().manual_seed(0)
-    results = []
-    for n in [int(v) for v in args.images.split(",")]:
-        noise = torch.randn(n, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"], generator=g)
-        noise = noise.to(device=device, dtype=torch.float32)
-        labels = torch.randint(0, 1000, (n,), generator=g).to(device)
-        outs, first, times = {}, {}, {k: [] for k in runners}
-        for name, fn in runners.items():  # first generation: compilation, graph capture, warm-up
-            sync(device)
-            t0 = time.perf_counter()
-            try:
-                outs[name] = generate(fn, noise.to(dtype), labels, scheduler, args.steps)
-            except Exception as e:  # noqa: BLE001 - a runner that fails is reported, the others go on
-                missing[name] = f"{type(e).__name__}: {e}"
-                log(f"  {name}: FAILED ({missing[name][:200]})")
-                continue
-            sync(device)
-            first[name] = time.perf_counter() - t0
-            log(f"  images={n} {name}: first generation {first[name]:.2f} s")
-        live = [k for k in runners if k in outs]
-        for r in range(args.rounds):
-            if time.time() - t_start > args.budget_s and r >= 2:
-                log(f"  time budget reached after {r} rounds")
-                break
-            order = live[:]
-            random.Random(r).shuffle(order)
-            for name in order:
-                sync(device)
-                t0 = time.perf_counter()
-                generate(runners[name], noise.to(dtype), labels, scheduler, args.steps)
-                sync(device)
-                times[name].append(time.perf_counter() - t0)
-        base = statistics.median(times["diffusers eager"])
-        for name in live:
-            med = statistics.median(times[name])
-            row = dict(images=n, runner=name, first_generation_s=round(first[name], 3),
-                       generation_s=round(med, 5), per_image_ms=round(1e3 * med / n, 3),
-                       speedup_vs_eager=round(base / med, 3), rounds=len(times[name]),
-                       spread_s=[round(min(times[name]), 5), round(max(times[name]), 5)],
-                       psnr_vs_eager_db=round(psnr(outs[name], outs["diffusers eager"]), 2))
-            fn = runners[name]
-            if hasattr(fn, "flops_removed_fraction"):  # a dynamic cache: what it really skipped, counted by hooks
-                row["branch_flops_removed"] = round(fn.flops_removed_fraction(), 4)
-            if name in removed:
-                ref = "ours 0%" + (" + CUDA graphs" if device.type == "cuda" else "")
-                ideal = 1.0 / (1.0 - removed[name])
-                speed = statistics.median(times[ref]) / med if ref in times and times[ref] else float("nan")
-                row.update(branch_flops_removed=round(removed[name], 4), ideal_speedup=round(ideal, 3),
-                           speedup_vs_ours_0=round(speed, 3), measured_over_ideal=round(speed / ideal, 3))
-            results.append(row)
-            log(f"  images={n} {name}: {row['per_image_ms']} ms/image, {row['speedup_vs_eager']}x vs eager")
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001
-        triton_version = None
-    env = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,
-               triton=triton_version, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-               driver=_driver(), dtype=args.dtype, steps=args.steps, model="tiny DiT" if args.tiny else "DiT-XL/2 shape",
-               config=cfg, build=l2c.build_info())
-    result = dict(benchmark="end-to-end sampling latency", environment=env, rows=results, missing=missing)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = f"e2e_{'tiny' if args.tiny else 'dit-xl'}_{device.type}_{args.dtype}"
-    (out / f"{tag}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    runners, removed, missing = build_runners(model, timesteps, args.steps, device, args.compile, args.compile_ours,
+                                              log)
+    clock = harness.device_clock(device)
+    rows = [row for n in map(int, args.images.split(","))
+            for row in measure(runners, removed, missing, n, args, cfg, scheduler, clock, log)]
+    env = dict(driver=_driver(), dtype=args.dtype, steps=args.steps, config=cfg, build=l2c.build_info(),
+               model="tiny DiT" if args.tiny else "DiT-XL/2 shape")
+    result = dict(benchmark="end-to-end sampling latency", environment=env, rows=rows, missing=missing)
+    m = harness.meta(device)
     md = [f"# End-to-end sampling, {env['model']}, {args.steps} DDIM steps, CFG, {args.dtype}", "",
-          f"{env['device']} (driver {env['driver']}), torch {env['torch']}, triton {env['triton']}, {env['date']}. "
-          "Median over interleaved rounds; `measured/ideal` = speedup over our 0% run / (1 / (1 - branch FLOPs "
-          "removed)). Random weights: PSNR only shows the runners compute the same kind of thing.", "",
-          "| images | runner | ms/image | vs eager | first generation s | branch FLOPs removed | measured/ideal | "
-          "PSNR vs eager dB |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        md.append(f"| {r['images']} | {r['runner']} | {r['per_image_ms']} | {r['speedup_vs_eager']:.2f}x | "
-                  f"{r['first_generation_s']:.1f} | {100 * r.get('branch_flops_removed', 0):.0f}% | "
-                  f"{r.get('measured_over_ideal', '-')} | {r['psnr_vs_eager_db']} |")
-    for k, v in missing.items():
-        md.append(f"\n- {k}: not measured: {v}")
-    (out / f"{tag}.md").write_text("\n".join(md) + "\n")
+          f"{harness.describe(m)}, driver {env['driver']}, triton {m['triton']}. Median over interleaved rounds; "
+          "`measured/ideal` = speedup over our 0% run / (1 / (1 - branch FLOPs removed)). Random weights: PSNR only "
+          "shows the runners compute the same kind of thing.", ""]
+    md += harness.table(["images", "runner", "ms/image", "vs eager", "first generation s", "branch FLOPs removed",
+                         "measured/ideal", "PSNR vs eager dB"],
+                        [[r["images"], r["runner"], r["per_image_ms"], f"{r['speedup_vs_eager']:.2f}x",
+                          f"{r['first_generation_s']:.1f}", f"{100 * r.get('branch_flops_removed', 0):.0f}%",
+                          r.get("measured_over_ideal", "-"), r["psnr_vs_eager_db"]] for r in rows],
+                        ["---:", "---"] + ["---:"] * 6)
+    md += [f"\n- {k}: not measured: {v}" for k, v in missing.items()]
+    name = f"e2e_{'tiny' if args.tiny else 'dit-xl'}_{device.type}_{args.dtype}"
+    harness.write_result(args.out, name, result, "\n".join(md), device=device)
     print("\n".join(md))
     return result
 

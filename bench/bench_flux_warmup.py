@@ -1,31 +1,21 @@
-"""Warm-up schedules on flux-digits: the first steps computed in full, then every k-th, in our runtime, against the
-learned schedules (whose candidates include that family) -- quality only, against full compute.
+"""Warm-up schedules on flux-digits against the learned schedules, quality only: FORA every 2 steps with and without
+the linear forecast, the first ``w`` steps computed then every ``k``-th (w = 3, 5; k = 2, 3; linear forecast:
+diffusers TaylorSeer's structure) and ``learn_schedule`` at each budget (batch 2, 8 calibration samples); PSNR / SSIM
+against full compute on the comparison's 10 digits (seed 100) and 40 more (seed 102). Notes: bench/NOTES.md.
 
-Rows (every block alike; ``compile_schedule``): FORA every 2 steps with and without the linear forecast; the first
-``w`` steps computed then every ``k``-th with the linear forecast (w = 3, 5; k = 2, 3), which is the structure of
-diffusers' TaylorSeer with its warm-up; and ``learn_schedule`` at each budget (batch 2, 8 calibration samples, the
-learner's other defaults). PSNR / SSIM against full compute from the same noise on the comparison's 10 digits
-(noise seed 100) and on 40 more (seed 102), as in ``pareto_flux-digits_<steps>.md``. No timing (FLOPs removed are
-counted from the masks).
-
-    python bench/bench_flux_warmup.py --steps 50     # writes bench/results/flux_warmup_50.{json,md}
+    python bench/bench_flux_warmup.py --steps 50     # writes flux_warmup_50.{json,md}
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from datetime import date
-from pathlib import Path
 
+import harness
 import torch
 
 import l2c_kernels as l2c
-from l2c_kernels import models  # noqa: E402
-from l2c_kernels import metrics
+from l2c_kernels import metrics, models
 from l2c_kernels.models import flux_digits, load
 
-RESULTS = Path(__file__).resolve().parent / "results"
 EVAL = ((100, 10), (102, 40))   # (noise seed, digits): the comparison's set and its re-check set
 
 
@@ -36,13 +26,11 @@ def warm_up(model, timesteps, w: int, k: int, forecast: str) -> l2c.Schedule:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__, threads=1)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.35, 0.5])
     ap.add_argument("--cfg", type=float, default=7.0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(RESULTS))
-    a = ap.parse_args(argv)
+    a = harness.parse(ap, argv)
     torch.set_num_threads(a.threads)
     bundle = load("flux-digits")
     model = bundle.transformer
@@ -50,13 +38,12 @@ def main(argv=None):
 
     def sample(seed, n, tr=None):
         return models.sample(bundle, labels=[i % 10 for i in range(n)], steps=a.steps, cfg=a.cfg, seed=seed,
-                                  transformer=tr, progress=False)
+                             transformer=tr, progress=False)
 
     refs = {seed: sample(seed, n) for seed, n in EVAL}
-    entries = [("FORA every 2", warm_up(model, ts, 0, 2, "none")), ("FORA every 2, linear", warm_up(model, ts, 0, 2, "linear"))]
-    for w in (3, 5):
-        for k in (2, 3):
-            entries.append((f"warm-up {w}, every {k}, linear", warm_up(model, ts, w, k, "linear")))
+    entries = [("FORA every 2", warm_up(model, ts, 0, 2, "none")),
+               ("FORA every 2, linear", warm_up(model, ts, 0, 2, "linear"))]
+    entries += [(f"warm-up {w}, every {k}, linear", warm_up(model, ts, w, k, "linear")) for w in (3, 5) for k in (2, 3)]
     learn_s = {}
     for b in a.budgets:
         t0 = time.time()
@@ -70,26 +57,20 @@ def main(argv=None):
         row = dict(schedule=label, flops_removed=round(s.flops_removed_fraction(), 4))
         for seed, n in EVAL:
             img = sample(seed, n, fast)
-            row[f"psnr_{n}"] = round(metrics.psnr(img, refs[seed]), 2)
-            row[f"ssim_{n}"] = round(metrics.ssim(img, refs[seed]), 4)
+            row.update({f"psnr_{n}": round(metrics.psnr(img, refs[seed]), 2),
+                        f"ssim_{n}": round(metrics.ssim(img, refs[seed]), 4)})
         rows.append(row)
-        print(row, flush=True)
+        harness.log(row)
     res = dict(benchmark="warm-up schedules on flux-digits", model="flux-digits", steps=a.steps, cfg=a.cfg,
-               sampler="flow-euler", date=str(date.today()), device=f"CPU ({a.threads} threads)", torch=torch.__version__,
-               eval=[dict(seed=s, digits=n) for s, n in EVAL], learn_seconds=learn_s, rows=rows)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"flux_warmup_{a.steps}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+               sampler="flow-euler", eval=[dict(seed=s, digits=n) for s, n in EVAL], learn_seconds=learn_s, rows=rows)
     md = [f"# Warm-up schedules on flux-digits, Euler flow matching {a.steps} steps, CFG {a.cfg}", "",
-          f"{res['device']}, torch {torch.__version__}, {res['date']}. PSNR / SSIM against full compute from the same "
-          f"noise: the comparison's 10 digits (seed 100) and 40 more (seed 102). Learned with batch 2 and 8 calibration "
-          f"samples ({', '.join(f'{100 * b:.0f}%: {t} s' for b, t in learn_s.items())}). Not timed.", "",
-          "| schedule | FLOPs removed | PSNR, 10 digits | PSNR, 40 digits | SSIM, 40 digits |", "|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['schedule']} | {100 * r['flops_removed']:.1f}% | {r['psnr_10']:.2f} | {r['psnr_40']:.2f} | "
-                  f"{r['ssim_40']:.4f} |")
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+          f"{harness.describe(harness.meta())}. PSNR / SSIM against full compute from the same noise: the comparison's "
+          f"10 digits (seed 100) and 40 more (seed 102). Learned with batch 2 and 8 calibration samples "
+          f"({', '.join(f'{100 * b:.0f}%: {t} s' for b, t in learn_s.items())}). Not timed.", ""]
+    md += harness.table(["schedule", "FLOPs removed", "PSNR, 10 digits", "PSNR, 40 digits", "SSIM, 40 digits"],
+                        [[r["schedule"], f"{100 * r['flops_removed']:.1f}%", f"{r['psnr_10']:.2f}",
+                          f"{r['psnr_40']:.2f}", f"{r['ssim_40']:.4f}"] for r in rows])
+    harness.write_result(a.out, f"flux_warmup_{a.steps}", res, "\n".join(md))
     print("\n".join(md))
 
 

@@ -1,34 +1,22 @@
 """Peak memory of learning a schedule, whole-trajectory graph ("trajectory") against step-wise training
 ("stepwise"), and a memory model extrapolated to DiT-XL/2 and PixArt-Sigma.
 
-Each measurement is a fresh process (peak RSS = ``ru_maxrss``) running one soft router iteration,
-``train_router(model, steps, budget=0.5, iterations=1, batch_size=4, hard_fraction=0, training=mode)``, with
-CFG on (model batch 8): the teacher rollout and the student's forward and backward, which is where the peak
-is. Candidate measurements (hard iterations, calibration) run without gradients and are left out to keep the
-run short on a shared machine. ``base`` is the RSS of the same process after loading the model, before learning.
+Each measurement is a fresh process (peak RSS) running one soft router iteration (``train_router(..., budget=0.5,
+iterations=1, batch_size=4, hard_fraction=0, training=mode)``, CFG on: model batch 8); ``base`` is its RSS after
+loading the model. The memory model (``alpha``: float32 values one block keeps for backward per residual element)
+and the extrapolation's assumptions: bench/NOTES.md ("Learning memory: step-wise training").
 
-Memory model: the growth of the trajectory peak with the step count is the autograd graph of one step;
-divided by blocks and by the elements of one block's residual stream (model batch x tokens x width) it gives
-``alpha``: the float32 values one block keeps for backward per residual element. Measured on two model sizes
-to check it does not depend on the size. The step-wise peak is base + one step's graph + the carried soft
-caches (branches x residual elements per block, three tensors each with the linear forecast: value, anchor,
-slope), independent of the step count. Extrapolation (bf16 weights and activations, 2 bytes; attention
-probabilities not kept, as with flash / memory-efficient attention on a GPU; text encoder not resident):
-
-    nice -n 10 python bench/bench_learn_memory.py          # writes bench/results/learn_memory.{json,md}
+    nice -n 10 python bench/bench_learn_memory.py          # writes learn_memory.{json,md}
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
+import harness
 
 SIZES = {  # name: (blocks, width, heads, latent side, patch)
     "dit-digits": (12, 128, 4, 16, 2),
@@ -124,8 +112,8 @@ def extrapolate(alpha: float) -> dict:
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    ap = harness.parser(__doc__, threads=None)
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "STEPS", "MODE"))
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
     ap.add_argument("--small-steps", type=int, nargs="+", default=[10, 20])
@@ -134,12 +122,10 @@ def main():
     ap.add_argument("--rows", default=None, help="JSON file of rows measured earlier, kept in the result")
     ap.add_argument("--jobs", type=int, default=1, help="measurements run at the same time (separate processes)")
     ap.add_argument("--report-only", action="store_true", help="write the result files from --rows, measure nothing")
-    a = ap.parse_args()
+    a = harness.parse(ap, argv)
     if a.worker:
         print(json.dumps(worker(a.worker[0], int(a.worker[1]), a.worker[2])))
         return
-    import torch
-
     from concurrent.futures import ThreadPoolExecutor
 
     rows = json.loads(Path(a.rows).read_text()) if a.rows else []
@@ -152,34 +138,30 @@ def main():
         plan += [("dit-half", s, m) for m in ("trajectory", "stepwise") for s in a.small_steps]
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:
         for r in ex.map(lambda p: measure(*p), plan):
-            print(r, flush=True)
+            harness.log(r)
             rows.append(r)
     fits = model_fit(rows)
     alpha = max(f["alpha"] for f in fits.values())
-    ext = extrapolate(alpha)
     checks = []   # the fit's prediction of every measured trajectory peak (base of the same process + graph)
-    for r in rows:
-        if r["mode"] == "trajectory":
-            nb, width, heads, side, patch = SIZES[r["model"]]
-            graph_mb = nb * alpha * 4 * 8 * (side // patch) ** 2 * width * r["steps"] / 2 ** 20
-            checks.append(dict(model=r["model"], steps=r["steps"], measured_growth_mb=round(r["peak_mb"] - r["base_mb"]),
-                               predicted_graph_mb=round(graph_mb)))
-    res = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               device="cpu (2 cores shared with other jobs, load average 13-17; every measurement its own process, "
-                      "several at a time)",
-               torch=torch.__version__, dtype="float32 (measured); bf16 (extrapolated)",
+    for r in (r for r in rows if r["mode"] == "trajectory"):
+        nb, width, heads, side, patch = SIZES[r["model"]]
+        graph_mb = nb * alpha * 4 * 8 * (side // patch) ** 2 * width * r["steps"] / 2 ** 20
+        checks.append(dict(model=r["model"], steps=r["steps"], measured_growth_mb=round(r["peak_mb"] - r["base_mb"]),
+                           predicted_graph_mb=round(graph_mb)))
+    res = dict(device=f"cpu (every measurement its own process, {a.jobs} at a time)",
+               dtype="float32 (measured); bf16 (extrapolated)",
                setting="train_router(budget=0.5, iterations=1, batch_size=4, cfg=1.5, hard_fraction=0, "
-                       "forecast='auto' (linear soft caches))", rows=rows, fits=fits, alpha_used=alpha, fit_checks=checks, extrapolation=ext)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "learn_memory.json").write_text(json.dumps(res, indent=1))
-    (RESULTS / "learn_memory.md").write_text(markdown(res))
+                       "forecast='auto' (linear soft caches))", rows=rows, fits=fits, alpha_used=alpha,
+               fit_checks=checks, extrapolation=extrapolate(alpha), meta=harness.meta())
+    harness.write_result(a.out, "learn_memory", res, markdown(res))
     print(markdown(res))
 
 
 def markdown(res) -> str:
     rows = res["rows"]
-    lines = [f"# Peak memory of learning a schedule ({res['date']})", "",
-             f"{res['device']}, torch {res['torch']}, {res['dtype']}. Setting: `{res['setting']}`; model batch 8 "
+    lines = [f"# Peak memory of learning a schedule ({res.get('date') or res['meta']['date']})", "",
+             f"{res['device']}, {harness.describe(res['meta']) if 'meta' in res else 'torch ' + res['torch']}, "
+             f"{res['dtype']}. Setting: `{res['setting']}`; model batch 8 "
              "(CFG). Peak RSS of a fresh process; base = RSS after loading the model.", "",
              "| model | steps | training | peak (MB) | base (MB) | peak - base (MB) | seconds |",
              "|---|---|---|---|---|---|---|"]

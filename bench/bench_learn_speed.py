@@ -1,47 +1,26 @@
 """How long learning a schedule takes at a real step count, and what the learned schedules are worth.
 
-For a bundled model at DDIM ``--steps`` (default 50) and each budget, ``learn_schedule`` runs with the
-settings of each variant:
-
-- ``before``: the settings the comparison tables (``bench/results/pareto_<model>_<steps>.md``) were learned
-  with: 30 iterations, every candidate measured all three forecast ways, a new teacher trajectory every
-  iteration;
-- ``after``: 16 iterations on a pool of 4 teacher trajectories, candidates screened with the linear
-  forecast and the best 3 measured the other two ways;
-- ``screening batch``: as ``after``, but candidates are screened on a batch of 4 samples with its
-  own reference and only the best 3 are measured on the 8-sample calibration batch (every forecast way);
-- ``screening batch, 12 iterations``: the same with 12 iterations instead of 16 (today's defaults);
-- ``defaults``: ``learn_schedule``'s defaults, whatever they are.
-
-For each run: wall time and CPU time of this process (``time.process_time``: both threads; on a machine shared
-with other jobs the wall time says more about the other jobs than about the learner), the load average before
-and after, the number of candidates measured and the calibration error of the pick, and the quality of the
-learned schedule on the comparison's own evaluation (``bench_pareto.py``: 20 digits, labels ``i mod 10``,
-noise seed 100, the model's recommended CFG, PSNR / SSIM against full compute from the same noise). The
-schedules of the comparison table are evaluated the same way as a check that the evaluation matches it.
-
-Variants and budgets run interleaved (budget by budget, the variants in turn), so a slow stretch of the
-machine hits both. One unit of CPU time is also measured: full compute of the 20 evaluation digits, so
-learning costs can be read as "so many full-compute generations" whatever the machine's load.
+For a bundled model at DDIM ``--steps`` and each budget, ``learn_schedule`` runs with the settings of each variant
+(``VARIANTS``), budgets and variants interleaved; per run: wall and CPU time, load average before and after,
+candidates measured, calibration error, and PSNR / SSIM of the schedule on ``bench_pareto.py``'s evaluation (20
+digits, labels ``i mod 10``, noise seed 100). One unit of CPU time: full compute of those digits. The variants and
+the reading of the tables: bench/NOTES.md ("Learning speed at DDIM 50").
 
     nice -n 10 python bench/bench_learn_speed.py --model dit-digits --steps 50 --budgets 0.35 0.5
-    # writes bench/results/learn_speed.{json,md} (``--tag`` appends to the stem)
+    # writes learn_speed.{json,md} (``--tag`` appends to the stem)
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+import harness
 import torch
 
 import l2c_kernels as l2c
 from l2c_kernels import metrics, models
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: learn_schedule keywords of each variant
 VARIANTS = {
     "before": dict(iterations=30, screen_top=None, teacher_pool=None),
@@ -53,10 +32,6 @@ VARIANTS = {
 EVAL_SEED = 100
 
 
-def _load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
-
-
 def evaluate(bundle, schedule, steps: int, cfg: float, ref: torch.Tensor, labels) -> dict:
     fast = l2c.compile_schedule(bundle.transformer, schedule)
     imgs = models.sample(bundle, labels=labels, steps=steps, cfg=cfg, seed=EVAL_SEED, transformer=fast,
@@ -66,30 +41,29 @@ def evaluate(bundle, schedule, steps: int, cfg: float, ref: torch.Tensor, labels
 
 
 def learn_once(bundle, steps: int, budget: float, cfg: float, kwargs: dict) -> tuple:
-    load0 = _load()
+    load0 = harness.load_average()
     w0, c0 = time.perf_counter(), time.process_time()
     s = l2c.learn_schedule(bundle, num_inference_steps=steps, budget=budget, cfg=cfg, progress=False, **kwargs)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    return s, dict(wall_s=round(wall, 1), cpu_s=round(cpu, 1), load_before=load0, load_after=_load(),
+    return s, dict(wall_s=round(wall, 1), cpu_s=round(cpu, 1), load_before=load0, load_after=harness.load_average(),
                    calibration_error_db=s.params.get("calibration_error_db"),
                    candidates_measured=s.params.get("candidates_measured"))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    ap = harness.parser(__doc__)
     ap.add_argument("--model", default="dit-digits", choices=["dit-digits", "pixart-digits"])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.35, 0.5])
     ap.add_argument("--variants", nargs="+", default=["after", "before"], choices=sorted(VARIANTS))
     ap.add_argument("--samples", type=int, default=20, help="evaluation digits (bench_pareto.py's 20)")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="", help="appended to the result file stem")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only combine the rows of these result files (runs made in parallel processes) into "
                          "learn_speed<tag>.{json,md}")
-    a = ap.parse_args()
+    a = harness.parse(ap, argv)
     if a.merge:
-        return write(merge([json.loads(Path(p).read_text()) for p in a.merge]), a.tag)
+        return write(merge([json.loads(Path(p).read_text()) for p in a.merge]), a.out, a.tag)
     torch.set_num_threads(a.threads)
     bundle = models.load(a.model)
     cfg = bundle.recommended_cfg
@@ -97,12 +71,12 @@ def main():
     c0, w0 = time.process_time(), time.perf_counter()
     ref = models.sample(bundle, labels=labels, steps=a.steps, cfg=cfg, seed=EVAL_SEED, progress=False)
     unit = dict(what=f"full compute of the {a.samples} evaluation digits ({a.steps} steps, CFG {cfg})",
-                cpu_s=round(time.process_time() - c0, 2), wall_s=round(time.perf_counter() - w0, 2), load=_load())
-    print("unit:", unit, flush=True)
+                cpu_s=round(time.process_time() - c0, 2), wall_s=round(time.perf_counter() - w0, 2),
+                load=harness.load_average())
+    harness.log("unit:", unit)
     rows = []
-    table_dir = RESULTS / f"pareto_{a.model}_{a.steps}_schedules"
     for b in a.budgets:
-        path = table_dir / f"learned_{round(100 * b)}.l2c.json"
+        path = harness.RESULTS / f"pareto_{a.model}_{a.steps}_schedules" / f"learned_{round(100 * b)}.l2c.json"
         if path.exists():  # the comparison table's schedule, evaluated here: checks the evaluation matches
             s = l2c.Schedule.load(path)
             rows.append(dict(budget=b, variant="comparison table", wall_s=None, cpu_s=None,
@@ -110,20 +84,18 @@ def main():
                              candidates_measured=s.params.get("candidates_measured"),
                              recorded_train_s=s.params.get("train_seconds"),
                              **evaluate(bundle, s, a.steps, cfg, ref, labels)))
-            print(rows[-1], flush=True)
+            harness.log(rows[-1])
         for v in a.variants:
             s, row = learn_once(bundle, a.steps, b, cfg, VARIANTS[v])
             row.update(budget=b, variant=v, settings=VARIANTS[v] or "defaults",
                        **evaluate(bundle, s, a.steps, cfg, ref, labels))
             row.update(cpu_units=round(row["cpu_s"] / unit["cpu_s"], 1), unit_cpu_s=unit["cpu_s"])
             rows.append(row)
-            print(row, flush=True)
-    res = dict(benchmark="learning speed", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               device=f"CPU ({a.threads} threads, machine shared with other jobs)", torch=torch.__version__,
-               dtype="float32", model=a.model, steps=a.steps, sampler="ddim", cfg=cfg, samples=a.samples,
-               eval_seed=EVAL_SEED, variants={k: VARIANTS[k] for k in a.variants}, unit=unit, rows=rows,
-               cpus=os.cpu_count())
-    write(res, a.tag)
+            harness.log(row)
+    res = dict(benchmark="learning speed", dtype="float32", model=a.model, steps=a.steps, sampler="ddim", cfg=cfg,
+               samples=a.samples, eval_seed=EVAL_SEED, variants={k: VARIANTS[k] for k in a.variants}, unit=unit,
+               rows=rows)
+    write(res, a.out, a.tag)
 
 
 def merge(results: list) -> dict:
@@ -137,21 +109,21 @@ def merge(results: list) -> dict:
         res["rows"] += [x for x in r["rows"] if (x["budget"], x["variant"]) not in seen]
     res["rows"].sort(key=lambda x: (x["budget"], x["variant"] != "comparison table", x["variant"]))
     res["merged_from"] = len(results)
+    res["meta"] = dict(res.get("meta", {}), command=harness.command())  # what regenerates the merged files
     return res
 
 
-def write(res: dict, tag: str = "") -> None:
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"learn_speed{tag}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+def write(res: dict, out, tag: str = "") -> None:
+    res.setdefault("meta", harness.meta())
+    md = markdown(res)
+    harness.write_result(out, f"learn_speed{tag}", res, md)
+    print(md)
 
 
 def markdown(res: dict) -> str:
     u = res["unit"]
-    md = [f"# Learning speed: {res['model']}, DDIM {res['steps']} steps, CFG {res['cfg']} ({res['date']})", "",
-          f"{res['device']}, torch {res['torch']}, {res['dtype']}. CPU time is this process's "
+    md = [f"# Learning speed: {res['model']}, DDIM {res['steps']} steps, CFG {res['cfg']}", "",
+          f"{harness.describe({**res, **res.get('meta', {})})}, {res['dtype']}. CPU time is this process's "
           "(time.process_time, all its threads); wall time depends on the other jobs on the machine (load average "
           f"shown: 1, 5, 15 min). One unit = {u['what']}, measured in the same process: "
           + ", ".join(f"{x['cpu_s']} s CPU ({x['wall_s']} s wall, load {x['load'][0]})" for x in res.get("units", [u]))

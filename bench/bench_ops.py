@@ -1,51 +1,27 @@
 """Fused ops vs the eager PyTorch expressions they replace, at DiT activation shapes.
 
-For each op of :mod:`l2c_kernels.ops`, four ways to compute the same thing on the same tensors:
+For each op of :mod:`l2c_kernels.ops`: ``fused`` (the public op, default backend), ``kernel`` (the registered
+kernel alone), ``triton`` (on CUDA), ``eager`` (the obvious multi-kernel expression, ``callables``) and ``torch`` (the
+package's PyTorch backend), on the same tensors, interleaved, median of repeated samples; with the bytes each moves
+(``BYTES``) and the bandwidth of a plain copy. Reading the tables: bench/NOTES.md ("Fused ops on CPU").
 
-``fused``
-    the public op (``l2c_kernels.ops.<op>``, default backend: C++ on CPU, CUDA on GPU), including
-    its argument checks and the copy of strided ``gate``/``shift``/``scale`` views;
-``kernel``
-    the registered kernel alone (``torch.ops.l2c.<op>``, contiguous arguments), when the extension is built;
-``eager``
-    the obvious multi-kernel PyTorch expression, written into the same preallocated buffers
-    (``EAGER`` below: e.g. ``cache.copy_(y); x.add_(gate.unsqueeze(1) * y)``);
-``torch``
-    the package's own PyTorch backend (:mod:`l2c_kernels.ops.reference`): a leaner composite using
-    ``addcmul_`` and ``out=`` where PyTorch has them.
-
-Per-sample vectors are taken with ``.chunk`` from a ``[B, 6C]`` embedding, as in a DiT block.
-Every (op, shape, dtype) is timed in one process, the variants interleaved, as the median of
-repeated samples; the ratios ``eager / fused`` and ``torch / fused`` come from the same run. Each
-row also carries the bytes each variant moves (``BYTES``, in units of one ``[B, N, C]`` tensor),
-whose ratio is the prediction for memory-bound passes.
-
-    python bench/bench_ops.py                        # CPU, fp32 + bf16: bench/results/ops_cpu.{json,md}
-    python bench/bench_ops.py --device cuda          # GPU, fp32 + bf16 + fp16: bench/results/ops_cuda.{json,md}
+    python bench/bench_ops.py                        # CPU, fp32 + bf16: ops_cpu.{json,md}
+    python bench/bench_ops.py --device cuda          # GPU, fp32 + bf16 + fp16: ops_cuda.{json,md}
     python -m pytest bench/bench_ops.py --benchmark-only --benchmark-group-by=group   # with pytest-benchmark
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import statistics
-import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import l2c_kernels  # noqa: E402
-from l2c_kernels import ops  # noqa: E402
-from l2c_kernels.ops import reference  # noqa: E402
-from l2c_kernels._machine import cpu_name  # noqa: E402
+import l2c_kernels
+from l2c_kernels import ops
+from l2c_kernels.ops import reference
 
 #: name -> (B, N, C)
 SHAPES = {
@@ -173,38 +149,21 @@ def callables(case: str, t: dict) -> dict:
     return {k: v for k, v in fns.items() if v}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _sample(fn, n: int, device: torch.device) -> float:
-    """Seconds per call over ``n`` back-to-back calls."""
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / n
-
-
 def time_case(fns: dict, device: torch.device, repeats: int, sample_s: float) -> dict:
-    """Median seconds per call of each function, samples of the functions interleaved."""
+    """Median seconds per call of each function: samples of about ``sample_s`` each, the functions interleaved."""
+    clock = harness.device_clock(device)
+
+    def sample(fn, n):
+        return lambda: [fn() for _ in range(n)]
     calls = {}
     for name, fn in fns.items():
         for _ in range(3):
             fn()
-        once = _sample(fn, 3, device)
+        once = harness.interleave({name: sample(fn, 3)}, 1, warmup=0, clock=clock)[name][0] / 3
         calls[name] = max(1, int(sample_s / max(once, 1e-7)))
-    times = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(_sample(fns[name], calls[name], device))
-    return {name: dict(median_s=statistics.median(v), min_s=min(v), max_s=max(v), calls_per_sample=calls[name])
-            for name, v in times.items()}
-
-
+    times = harness.interleave({k: sample(fn, calls[k]) for k, fn in fns.items()}, repeats, warmup=0, clock=clock)
+    return {k: dict(median_s=statistics.median(v) / calls[k], min_s=min(v) / calls[k], max_s=max(v) / calls[k],
+                    calls_per_sample=calls[k]) for k, v in times.items()}
 
 
 def cpu_caches() -> dict:
@@ -218,14 +177,6 @@ def cpu_caches() -> dict:
         if kind != "Instruction":
             caches[f"L{level}{'d' if kind == 'Data' else ''}"] = size
     return caches
-
-
-def loadavg() -> float | None:
-    """1-minute load average (other work on the machine skews the timings), where Linux reports it."""
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def run(device: torch.device, dtypes: list[str], shapes: dict, cases: list[str], repeats: int, sample_s: float,
@@ -265,36 +216,24 @@ def run(device: torch.device, dtypes: list[str], shapes: dict, cases: list[str],
     return rows
 
 
-def environment(device: torch.device, threads: int) -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001
-        triton_version = None
+def environment(device: torch.device) -> dict:
+    """What the tables need beyond the run's meta: the fused ops' backend, CPU caches and how the C++ ops were built."""
     info = l2c_kernels.build_info()
-    env = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,
-               triton=triton_version, python=platform.python_version(), threads=threads,
-               fused_backend=ops.default_backend(device), cpu=cpu_name(), cpu_count=os.cpu_count(),
-               cpu_caches=cpu_caches(), cpu_vectorization=info["cpu_vectorization"],
-               cpu_parallel=info["cpu_parallel"], extension_loaded=info["extension_loaded"])
-    env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else env["cpu"]
-    return env
+    return dict(fused_backend=ops.default_backend(device), cpu_caches=cpu_caches(),
+                **{k: info[k] for k in ("cpu_vectorization", "cpu_parallel", "extension_loaded")})
 
 
 def markdown(result: dict) -> str:
-    e = result["environment"]
+    e = {**result.get("meta", {}), **result["environment"]}
     caches = ", ".join(f"{k} {v}" for k, v in e["cpu_caches"].items())
     lines = [f"# Fused ops vs eager PyTorch on {e['device']} ({result['device_type']})", "",
-             f"{e['date']}; torch {e['torch']}, triton {e['triton']}; {e['threads']} threads"
-             + (f" of {e['cpu_count']} CPUs ({caches}); C++ kernels {e['cpu_vectorization']}, {e['cpu_parallel']}"
-                if result["device_type"] == "cpu" else "")
-             + f"; fused = default backend `{e['fused_backend']}`.",
-             f"Median of {result['repeats']} interleaved samples of ~{result['sample_ms']} ms each; "
-             "per-sample vectors are strided `.chunk` views of a `[B, 6C]` embedding.",
-             "`predicted` = bytes moved by eager / by fused (memory-bound passes); `kernel` = the registered kernel "
-             "without the Python wrapper; `of copy BW` = fused GB/s over a measured `dst.copy_(src)` of one "
-             "`[B, N, C]` tensor in the same run.",
-             f"Load average (1 min) before / after: {e['loadavg_before']} / {e['loadavg_after']}.", ""]
+             f"{harness.describe(e)}; triton {e['triton']}"
+             + (f"; CPU caches {caches}; C++ kernels {e['cpu_vectorization']}, {e['cpu_parallel']}"
+                if result["device_type"] == "cpu" else "") + f"; fused = default backend `{e['fused_backend']}`.",
+             f"Median of {result['repeats']} interleaved samples of ~{result['sample_ms']} ms each; per-sample vectors "
+             "are strided `.chunk` views of a `[B, 6C]` embedding. `predicted` = bytes moved by eager / by fused; "
+             "`kernel` = the registered kernel without the Python wrapper; `of copy BW` = fused GB/s over a measured "
+             "`dst.copy_(src)` of one `[B, N, C]` tensor in the same run.", ""]
     for shape in dict.fromkeys(r["shape"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["shape"] == shape]
         B, N, C = rows[0]["B"], rows[0]["N"], rows[0]["C"]
@@ -316,7 +255,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__, threads=os.cpu_count())
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtypes", default=None, help="comma-separated of fp32,bf16,fp16 (default: fp32,bf16 on CPU, "
                                                   "fp32,bf16,fp16 on CUDA)")
@@ -324,10 +263,7 @@ def main(argv=None):
     ap.add_argument("--ops", default=",".join(CASES), help="comma-separated subset of the op variants")
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--sample-ms", type=float, default=10.0, help="length of one timing sample")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (CPU)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
-
+    args = harness.parse(ap, argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
@@ -338,20 +274,15 @@ def main(argv=None):
     for c in cases:
         if c not in CASES:
             ap.error(f"unknown op variant {c!r}; expected some of {list(CASES)}")
-
-    env = environment(device, args.threads)
-    env["loadavg_before"] = loadavg()
-    print(f"{env['device']}, torch {env['torch']}, {args.threads} threads, fused backend {env['fused_backend']}")
+    env = environment(device)
+    print(f"torch {torch.__version__}, {args.threads} threads, fused backend {env['fused_backend']}")
     with torch.inference_mode():
         rows = run(device, dtypes, shapes, cases, args.repeats, args.sample_ms / 1e3)
-    env["loadavg_after"] = loadavg()
     result = dict(benchmark="fused ops vs eager PyTorch", device_type=device.type, environment=env,
-                  repeats=args.repeats, sample_ms=args.sample_ms, shapes=shapes, bytes_model=BYTES, rows=rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"ops_{device.type}.json").write_text(json.dumps(result, indent=1) + "\n")
+                  repeats=args.repeats, sample_ms=args.sample_ms, shapes=shapes, bytes_model=BYTES, rows=rows,
+                  meta=harness.meta(device))
     md = markdown(result)
-    (out / f"ops_{device.type}.md").write_text(md + "\n")
+    harness.write_result(args.out, f"ops_{device.type}", result, md, device=device)
     print(md)
     return result
 

@@ -1,61 +1,36 @@
 """Learned schedules against every baseline schedule and the dynamic caches people use, one model, one run.
 
-For a bundled model and a step count (DDIM; Euler flow matching for flux-digits), with classifier-free guidance at the model's
-recommended scale, every method samples the same digits from the same noise:
-
-- full compute (the plain diffusers transformer: 1.0x),
-- learned L2C schedules at several FLOPs budgets (``l2c_kernels.learn_schedule``),
-- the baseline schedules of ``l2c_kernels.schedules``: uniform interval (FORA), DeepCache,
-  static first-blocks (the static analogue of DBCache), T-GATE (models with cross-attention),
-  Block Caching (change curves measured on separate runs), random at the learned budgets,
-- the dynamic peers of ``bench/peers.py``: diffusers FirstBlockCache, PyramidAttentionBroadcast,
-  TaylorSeer and cache-dit DBCache, each at a grid of settings.
-
-Schedules run through ``compile_schedule``. For each method: measured CPU speedup (median of
-interleaved timed runs in this process against full compute), fraction of branch FLOPs removed
-(from the schedule; counted from the branch calls that really ran for the peers), PSNR and SSIM
-against full compute, and the bundled classifier's accuracy on the generated digits.
+Every method samples the same digits from the same noise (DDIM; Euler flow matching for flux-digits; CFG at the
+model's recommended scale): full compute, learned L2C schedules at several budgets, the baselines of
+``l2c_kernels.schedules``, the static searchers and the peers of ``bench/peers.py``. Per method: measured speedup
+(median of interleaved timed runs), FLOPs removed, PSNR / SSIM against full compute, classifier accuracy. The
+methods, the goal and the reading of the tables: bench/NOTES.md ("Learned schedules", "flux-digits").
 
     python bench/bench_pareto.py --model dit-digits --steps 20
     python bench/bench_pareto.py --model pixart-digits --steps 50 --samples 100 --time-samples 20 --repeats 5
     python bench/bench_pareto.py --model flux-digits --steps 28 --budgets 0.35 0.5 0.55 --threads 1
 
-flux-digits is sampled with Euler flow matching (FluxPipeline's sigmas) and cached per block; its peers are
-the ones that target Flux (FirstBlockCache, TaylorSeer, MagCache calibrated on other noise, DBCache with and
-without its TaylorSeer calibrator), and the learned schedule must win by 1 dB there (issue 18's goal).
-
-writes ``bench/results/pareto_<model>_<steps>.{json,md,png}`` and the learned schedules under
-``bench/results/pareto_<model>_<steps>_schedules/`` (reused by later runs unless ``--relearn``).
+writes ``pareto_<model>_<steps>.{json,md,png}`` and the learned schedules under ``pareto_<model>_<steps>_schedules/``
+(reused by later runs unless ``--relearn``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import platform
-import random
 import statistics
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
+import harness
+import peers as peer_mod
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import l2c_kernels as l2c  # noqa: E402
-from l2c_kernels import models  # noqa: E402
-from l2c_kernels.models import classifier  # noqa: E402
-from l2c_kernels import metrics, schedules  # noqa: E402
-from l2c_kernels.cli import _warm_up_arg  # noqa: E402
-
-import peers as peer_mod  # noqa: E402
-from l2c_kernels.learn.change_curves import measure_change_curves  # noqa: E402
-from l2c_kernels.models import MODEL_NAMES  # noqa: E402
+import l2c_kernels as l2c
+from l2c_kernels import metrics, models, schedules
+from l2c_kernels.cli import _warm_up_arg
+from l2c_kernels.learn.change_curves import measure_change_curves
+from l2c_kernels.models import MODEL_NAMES, classifier
 
 TARGETS = (1.5, 2.0, 3.0, 4.0)  # speedups the comparison is made at
 TOLERANCE = 0.05              # "within 5%": a point counts at target T if its speedup >= (1 - 5%) T
@@ -112,7 +87,7 @@ def _block_weighted(schedule, model):
 
     if schedule.branches != ["block"] or schedule.unit_flops:
         return schedule
-    costs = l2c.adapters.adapter_for(model, block_level=True).unit_flops(model)
+    costs = l2c.adapters.adapter_for(model, ["block"]).unit_flops(model)
     return dataclasses.replace(schedule, unit_flops=[float(f) for f in costs])
 
 
@@ -236,11 +211,9 @@ def _sample(bundle, tr, labels, steps, cfg, seed, scheduler):
 
 
 def load_average() -> float | None:
-    """The machine's 1-minute load average (None where /proc/loadavg does not exist)."""
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+    """The machine's 1-minute load average (None where the system has none)."""
+    la = harness.load_average()
+    return la and la[0]
 
 
 def run_methods(bundle, entries: list[dict], *, steps: int, cfg: float, labels, time_labels, repeats: int,
@@ -272,28 +245,21 @@ def run_methods(bundle, entries: list[dict], *, steps: int, cfg: float, labels, 
         rows.append(row)
         log(f"  {e['family']:<36s} {e['label']:<44s} removed {100 * row['flops_removed']:5.1f}%  "
             f"PSNR {row['psnr']:6.2f}  acc {row['accuracy'] if row['accuracy'] is None else round(row['accuracy'], 3)}")
-    times = [[] for _ in entries]
-    order = list(range(len(entries)))
-    shuffle = random.Random(seed)
-    for r in range(repeats + 1):
-        if r > 0:  # a new order each round: a slow stretch of the machine hits different methods each time
-            shuffle.shuffle(order)
-        for i in order:
-            e = entries[i]
-            tr = e["transformer"]
-            if hasattr(tr, "reset"):
-                tr.reset()
-            t0 = time.perf_counter()
-            _sample(bundle, tr, time_labels, steps, cfg, seed, scheduler)
-            if r > 0:
-                times[i].append(time.perf_counter() - t0)
-        if r > 0:
-            la = load_average()
-            if loads is not None:
-                loads.append(la)
-            log(f"  timed round {r}/{repeats}: full compute {times[0][-1]:.2f} s, load average {la}")
+
+    def timed(e):
+        if hasattr(e["transformer"], "reset"):
+            e["transformer"].reset()
+        _sample(bundle, e["transformer"], time_labels, steps, cfg, seed, scheduler)
+
+    def after_round(k, times):  # a new order each round: a slow stretch of the machine hits different methods
+        la = load_average()
+        if loads is not None:
+            loads.append(la)
+        log(f"  timed round {k + 1}/{repeats}: full compute {times[0][-1]:.2f} s, load average {la}")
+    times = harness.interleave({i: (lambda e=e: timed(e)) for i, e in enumerate(entries)}, repeats, order="shuffle",
+                               seed=seed, after_round=after_round)
     ref_t = statistics.median(times[0])
-    for row, t in zip(rows, times):
+    for row, t in zip(rows, times.values()):
         med = statistics.median(t)
         row.update(seconds=med, speedup=ref_t / med, seconds_all=t,
                    ideal_speedup=1.0 / max(1e-9, 1.0 - row["flops_removed"]))
@@ -415,7 +381,7 @@ def _speed_note(m: dict) -> str:
     return (f" Budgets placed at the speed targets {', '.join(f'{t:g}x' for t in sp['speedups'])} before learning, "
             f"from step costs timed on this machine over a plain step (reused / computed under a schedule: "
             + ", ".join(f"{k} {v['reused']:.3f} / {v['computed']:.3f}" for k, v in c.items())
-            + f"; the linear forecast's used): budgets {', '.join(f'{b:.2f}' for b in m['budgets'])} (the learner "
+            + f"; the pooled ones used): budgets {', '.join(f'{b:.2f}' for b in m['budgets'])} (the learner "
             "and the static searchers both).")
 
 
@@ -427,92 +393,81 @@ def _paired(e: dict) -> str:
     return f"{m:+.2f} ± {2 * se:.2f}" + (" (tie)" if abs(m) <= 2 * se else "")
 
 
-def _command_note(m: dict) -> str:
-    return f"\n\nRegenerate: `{m['command']}`" if m.get("command") else ""
-
-
 def markdown(result: dict) -> str:
-    m = result["meta"]
-    rows = result["rows"]
+    m, rows, s = result["meta"], result["rows"], result["summary"]
     full = rows[0]
-    sampler = sampler_title(m.get("scheduler", "ddim"))
-    lines = [f"# Learned schedules vs baselines and peers: {m['model']}, {sampler} {m['steps']} steps, CFG {m['cfg']}",
-             "",
-             f"{m['device']}, torch {m['torch']}, diffusers {m['diffusers']}, cache-dit {m['cache_dit']}, {m['date']}. "
-             f"Quality: PSNR/SSIM on {m['samples']} digits (labels i mod 10, noise seed {m['seed']}) against full compute "
-             f"from the same noise; classifier accuracy on {m['accuracy_samples']} digits (seed {m['seed'] + 1}) for full "
-             f"compute ({_fmt(full['accuracy'], '{:.3f}')}), the learned schedules and the best baseline and peer at "
-             f"each target, on the {m['samples']} for the others. Speed: median of {m['repeats']} "
-             f"interleaved runs of {m['time_samples']} digits after a warm-up round"
-             f"{' (methods in a new random order each round)' if m.get('round_order') == 'shuffled' else ''}; full compute "
-             f"{full['seconds']:.2f} s per run = 1.00x." + _load_note(m) + _speed_note(m) + _command_note(m),
-             "", "## At " + ", ".join(f"{t:g}x" for t in TARGETS) + " measured speedup",
-             "",
+    shuffled = " (methods in a new random order each round)" if m.get("round_order") == "shuffled" else ""
+    lines = [f"# Learned schedules vs baselines and peers: {m['model']}, {sampler_title(m.get('scheduler', 'ddim'))} "
+             f"{m['steps']} steps, CFG {m['cfg']}", "",
+             f"{harness.describe(m)}. Quality: PSNR/SSIM on {m['samples']} digits (labels i mod 10, noise seed "
+             f"{m['seed']}) against full compute from the same noise; classifier accuracy on {m['accuracy_samples']} "
+             f"digits (seed {m['seed'] + 1}) for full compute ({_fmt(full['accuracy'], '{:.3f}')}), the learned "
+             f"schedules and the best baseline and peer at each target, on the {m['samples']} for the others. Speed: "
+             f"median of {m['repeats']} interleaved runs of {m['time_samples']} digits after a warm-up round"
+             f"{shuffled}; "
+             f"full compute {full['seconds']:.2f} s per run = 1.00x." + _load_note(m) + _speed_note(m), "",
+             "## At " + ", ".join(f"{t:g}x" for t in TARGETS) + " measured speedup", "",
              f"Best PSNR each family reaches at a speedup of at least {100 * (1 - m['tolerance']):.0f}% of the target "
-             "(\"cannot reach\": no setting of that method is that fast).",
-             "",
-             "| target | family | setting | speedup | FLOPs removed | PSNR (dB) | SSIM | accuracy |",
-             "|---|---|---|---|---|---|---|---|"]
-    for e in result["summary"]["by_speedup"]:
+             "(\"cannot reach\": no setting of that method is that fast).", ""]
+    best = []
+    for e in s["by_speedup"]:
         for fam, v in e["per_family"].items():
             if v.get("unreachable"):
-                lines.append(f"| {e['target']:.1f}x | {fam} | cannot reach (fastest: {v['max_reached']:.2f}x) "
-                             f"| | | | | |")
-            else:
-                bold = "**" if (e["learned"] and fam == e["learned"]["family"]) else ""
-                lines.append(f"| {e['target']:.1f}x | {bold}{fam}{bold} | {v['label']} | {v['speedup']:.2f}x | "
-                             f"{100 * v['flops_removed']:.0f}% | {bold}{_fmt(v['psnr'])}{bold} | {_fmt(v['ssim'], '{:.3f}')} "
-                             f"| {_fmt(v['accuracy'], '{:.3f}')} |")
-    lines += ["", "| target | learned PSNR | best baseline | best peer | margin (dB) | paired per-image margin "
-              "(dB, ± 2 SE) | best static searcher | learned - searcher (dB) | learned wins | ablation: FORA steps + "
-              "our forecast | learned - ablation (dB) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for e in result["summary"]["by_speedup"] + result["summary"]["by_flops"]:
-        is_sp = e in result["summary"]["by_speedup"]
-        tgt = f"{e['target']:.1f}x speedup" if is_sp else f"{100 * e['target']:.0f}% FLOPs removed"
+                best.append([f"{e['target']:.1f}x", fam, f"cannot reach (fastest: {v['max_reached']:.2f}x)", "", "", "",
+                             "", ""])
+                continue
+            b = "**" if (e["learned"] and fam == e["learned"]["family"]) else ""
+            best.append([f"{e['target']:.1f}x", f"{b}{fam}{b}", v["label"], f"{v['speedup']:.2f}x",
+                         f"{100 * v['flops_removed']:.0f}%", f"{b}{_fmt(v['psnr'])}{b}", _fmt(v["ssim"], "{:.3f}"),
+                         _fmt(v["accuracy"], "{:.3f}")])
+    lines += harness.table(["target", "family", "setting", "speedup", "FLOPs removed", "PSNR (dB)", "SSIM", "accuracy"],
+                           best) + [""]
 
-        def cell(x):
-            return "—" if x is None else f"{_fmt(x['psnr'])} ({x['family']}: {x['label']}, {x['speedup']:.2f}x)"
+    def cell(x):
+        return "—" if x is None else f"{_fmt(x['psnr'])} ({x['family']}: {x['label']}, {x['speedup']:.2f}x)"
+    lines += harness.table(
+        ["target", "learned PSNR", "best baseline", "best peer", "margin (dB)", "paired per-image margin (dB, ± 2 SE)",
+         "best static searcher", "learned - searcher (dB)", "learned wins", "ablation: FORA steps + our forecast",
+         "learned - ablation (dB)"],
+        [[f"{e['target']:.1f}x speedup" if e in s["by_speedup"] else f"{100 * e['target']:.0f}% FLOPs removed",
+          cell(e["learned"]), cell(e["best_baseline"]), cell(e["best_peer"]), _fmt(e["margin_db"], "{:+.2f}"),
+          _paired(e), cell(e.get("best_searcher")), _fmt(e.get("margin_over_searcher_db"), "{:+.2f}"),
+          "yes" if e["learned_wins"] else "no", cell(e.get("ablation")),
+          _fmt(e.get("margin_over_ablation_db"), "{:+.2f}")] for e in s["by_speedup"] + s["by_flops"]])
+    win = "best" if not s.get("margin_goal_db") else f"best by at least {s['margin_goal_db']:g} dB"
+    pts = s.get("accuracy_goal_points", 2.0)
+    lines += ["", f"Goal (learned schedule {win} among baselines and peers, and no lower than the static searchers, at "
+              f"every target; accuracy within {pts:g} point{'' if pts == 1 else 's'} of full at 1.5x): "
+              f"**{'met' if s['goal_met'] else 'not met'}**.", "",
+              f"\"{ABLATION}\" computes every branch every k steps and extrapolates in between, as the learned "
+              "schedules may: it is not one of the baselines above but shows how much of the learned schedule's lead "
+              "comes from the forecast and how much from the learned choice of what to compute.", "",
+              "## Every method", ""]
 
-        lines.append(f"| {tgt} | {cell(e['learned'])} | {cell(e['best_baseline'])} | {cell(e['best_peer'])} | "
-                     f"{_fmt(e['margin_db'], '{:+.2f}')} | {_paired(e)} | {cell(e.get('best_searcher'))} | "
-                     f"{_fmt(e.get('margin_over_searcher_db'), '{:+.2f}')} | {'yes' if e['learned_wins'] else 'no'} | "
-                     f"{cell(e.get('ablation'))} | {_fmt(e.get('margin_over_ablation_db'), '{:+.2f}')} |")
-    s = result["summary"]
-    win = ("best" if not s.get("margin_goal_db") else f"best by at least {s['margin_goal_db']:g} dB")
-    lines += ["", f"Goal (learned schedule {win} among baselines and peers, and no lower than the static "
-              f"searchers, at every target; accuracy within "
-              f"{s.get('accuracy_goal_points', 2.0):g} point{'' if s.get('accuracy_goal_points') == 1 else 's'} of full "
-              "at 1.5x): "
-              f"**{'met' if s['goal_met'] else 'not met'}**.",
-              "", f"\"{ABLATION}\" computes every branch every k steps and extrapolates in between, as the "
-              "learned schedules may: it is not one of the baselines above but shows how much of the learned "
-              "schedule's lead comes from the forecast and how much from the learned choice of what to compute."]
-    lines += ["", "## Every method", "",
-              "| family | setting | speedup | ideal | FLOPs removed | PSNR (dB) | worst digit (dB) | SSIM | accuracy | "
-              "s/run |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["family"] != "full compute", r["family"], -r["psnr"])):
-        acc = _fmt(r['accuracy'], '{:.3f}')
-        if r.get("accuracy_samples") and r["accuracy_samples"] != m["samples"]:
-            acc += f" (n={r['accuracy_samples']})"
-        lines.append(f"| {r['family']} | {r['label']} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
-                     f"{100 * r['flops_removed']:.1f}% | {_fmt(r['psnr'])} | {_fmt(r.get('worst_psnr'))} | "
-                     f"{_fmt(r['ssim'], '{:.3f}')} | {acc} | {r['seconds']:.2f} |")
+    def acc(r):
+        n = r.get("accuracy_samples")
+        return _fmt(r["accuracy"], "{:.3f}") + (f" (n={n})" if n and n != m["samples"] else "")
+    lines += harness.table(
+        ["family", "setting", "speedup", "ideal", "FLOPs removed", "PSNR (dB)", "worst digit (dB)", "SSIM", "accuracy",
+         "s/run"],
+        [[r["family"], r["label"], f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
+          f"{100 * r['flops_removed']:.1f}%", _fmt(r["psnr"]), _fmt(r.get("worst_psnr")), _fmt(r["ssim"], "{:.3f}"),
+          acc(r), f"{r['seconds']:.2f}"]
+         for r in sorted(rows, key=lambda r: (r["family"] != "full compute", r["family"], -r["psnr"]))])
     if result.get("unavailable"):
         lines += ["", "## Peers that could not be applied", ""]
-        for u in result["unavailable"]:
-            lines.append(f"- {u['family']} ({u['setting']}): {u['reason']}")
+        lines += [f"- {u['family']} ({u['setting']}): {u['reason']}" for u in result["unavailable"]]
     rc = result.get("recheck")
     if rc:
         lines += ["", f"## The rows the verdict rests on, on {rc['samples']} more digits (noise seed {rc['seed']})", "",
-                  "PSNR/SSIM against full compute from that noise (speed and FLOPs from the run above).", "",
-                  "| family | setting | speedup | FLOPs removed | PSNR (dB) | SSIM | accuracy | PSNR on the first digits |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in sorted(rc["rows"], key=lambda r: -r["psnr"]):
-            lines.append(f"| {r['family']} | {r['label']} | {r['speedup']:.2f}x | {100 * r['flops_removed']:.1f}% | "
-                         f"{_fmt(r['psnr'])} | {_fmt(r['ssim'], '{:.3f}')} | {_fmt(r['accuracy'], '{:.3f}')} | "
-                         f"{_fmt(r['psnr_first'])} |")
+                  "PSNR/SSIM against full compute from that noise (speed and FLOPs from the run above)"
+                  + (f"; re-scored by `{rc['command']}`." if rc.get("command") else "."), ""]
+        lines += harness.table(
+            ["family", "setting", "speedup", "FLOPs removed", "PSNR (dB)", "SSIM", "accuracy",
+             "PSNR on the first digits"],
+            [[r["family"], r["label"], f"{r['speedup']:.2f}x", f"{100 * r['flops_removed']:.1f}%", _fmt(r["psnr"]),
+              _fmt(r["ssim"], "{:.3f}"), _fmt(r["accuracy"], "{:.3f}"), _fmt(r["psnr_first"])]
+             for r in sorted(rc["rows"], key=lambda r: -r["psnr"])])
     unreach = sorted({(f, e["target"]) for e in s["by_speedup"] for f, v in e["per_family"].items()
                       if v.get("unreachable")})
     if unreach:
@@ -588,20 +543,6 @@ def build_entries(bundle, steps: int, cfg: float, budgets, *, out_dir: Path | No
     return entries, unavailable
 
 
-def _versions() -> dict:
-    import diffusers
-
-    try:
-        import cache_dit
-        cd = getattr(cache_dit, "__version__", None)
-        if cd is None:
-            from importlib.metadata import version
-            cd = version("cache-dit")
-    except Exception:  # noqa: BLE001
-        cd = "not installed"
-    return dict(torch=torch.__version__, diffusers=diffusers.__version__, cache_dit=cd)
-
-
 def result_tag(model: str, steps: int, suffix: str = "") -> str:
     """File stem of one comparison's results under ``--out`` (``<tag>.json/.md/.png``, ``<tag>_schedules/``);
     ``suffix`` ``"speed"`` for fronts learned at speed targets."""
@@ -610,8 +551,8 @@ def result_tag(model: str, steps: int, suffix: str = "") -> str:
 
 def speed_budgets(bundle, steps: int, cfg: float, scheduler: str, speedups, time_samples: int, log=print):
     """``(budgets, speed)``: the budgets that reach ``speedups`` on this machine at the timed batch
-    (``l2c_kernels.learn.speed``: reused and computed steps under a schedule timed against plain ones, linear
-    forecast); targets out of reach are left out, and said so."""
+    (``l2c_kernels.learn.speed``: reused and computed steps under a schedule timed against plain ones, pooled over
+    the forecasts); targets out of reach are left out, and said so."""
     from l2c_kernels.learn.conditioning import denoiser_for
     from l2c_kernels.learn.speed import budgets_for_speedups, measure_step_costs
 
@@ -624,7 +565,7 @@ def speed_budgets(bundle, steps: int, cfg: float, scheduler: str, speedups, time
     budgets, targets = [], []
     for t in sorted(speedups):
         try:
-            budgets += budgets_for_speedups([t], costs["linear"], steps)
+            budgets += budgets_for_speedups([t], costs["pooled"], steps)
             targets.append(t)
         except ValueError as e:
             log(f"  {e}: left out")
@@ -678,25 +619,20 @@ def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5,
             rows[i]["accuracy_small"] = rows[i]["accuracy"]
             rows[i]["accuracy"] = classifier.class_accuracy(imgs, acc_labels)
             rows[i]["accuracy_samples"] = accuracy_samples
-    meta = dict(benchmark="learned schedules vs baselines and peers", model=bundle.name, steps=steps,
-                scheduler=scheduler, cfg=cfg, samples=samples, accuracy_samples=accuracy_samples,
-                time_samples=time_samples, repeats=repeats, round_order="shuffled", seed=seed,
-                budgets=list(budgets), tolerance=TOLERANCE, date=str(date.today()),
-                device=f"CPU ({torch.get_num_threads()} threads, {platform.machine()})",
-                wall_seconds=None, load_average=dict(start_and_per_timed_round=loads, end=load_average()),
-                cpu_count=os.cpu_count(), magcache_calibration_seed=MAGCACHE_SEED, command="python " + " ".join(sys.argv),
-                **_versions())
+    meta = harness.meta(benchmark="learned schedules vs baselines and peers", model=bundle.name, steps=steps,
+                        scheduler=scheduler, cfg=cfg, samples=samples, accuracy_samples=accuracy_samples,
+                        time_samples=time_samples, repeats=repeats, round_order="shuffled", seed=seed,
+                        budgets=list(budgets), tolerance=TOLERANCE, cpu_count=os.cpu_count(),
+                        load_average=dict(start_and_per_timed_round=loads, end=load_average()),
+                        magcache_calibration_seed=MAGCACHE_SEED)
+    meta["wall_seconds"] = round(time.time() - t0, 1)
     if speed:
         meta["speed_targets"] = speed
     result = dict(meta=meta, rows=rows, unavailable=unavailable,
                   summary=summarize(rows, full_accuracy=rows[0]["accuracy"], **GOALS.get(bundle.name, DEFAULT_GOAL)))
-    meta["wall_seconds"] = round(time.time() - t0, 1)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{tag}.json").write_text(json.dumps(result, indent=1, default=_json_default))
-        (out / f"{tag}.md").write_text(markdown(result))
-        plot(result, out / f"{tag}.png")
+        harness.write_result(out, tag, result, markdown(result))
+        plot(result, Path(out) / f"{tag}.png")
     return result
 
 
@@ -746,26 +682,14 @@ def recheck(bundle, result: dict, samples: int, seed: int, out: Path | None = No
         log(f"  {fam:<36s} {label:<48s} PSNR {q['psnr']:6.2f} (first {first['psnr']:6.2f})")
     missing = sorted(want - set(found))
     result["recheck"] = dict(samples=samples, seed=seed, rows=rows, not_rebuilt=[list(k) for k in missing],
-                             load_average=load_average())
+                             load_average=load_average(), command=harness.command())
     if out is not None:
-        tag = Path(out) / result_tag(bundle.name, steps)
-        tag.with_suffix(".json").write_text(json.dumps(result, indent=1, default=_json_default))
-        tag.with_suffix(".md").write_text(markdown(result))
+        harness.write_result(out, result_tag(bundle.name, steps), result, markdown(result), add_meta=False)
     return result
 
 
-def _json_default(o):
-    if isinstance(o, float) and math.isinf(o):
-        return "inf"
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    return str(o)
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--model", default="dit-digits", choices=list(MODEL_NAMES))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommended one)")
@@ -799,13 +723,11 @@ def main(argv=None):
     ap.add_argument("--recheck", type=int, default=0,
                     help="re-score the learned rows and the best baseline and peer at each target of the saved "
                          "--model/--steps JSON on this many more digits (noise seed --seed + 2)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    a = ap.parse_args(argv)
+    a = harness.parse(ap, argv)
     if a.replot:
         tag = Path(a.out) / result_tag(a.model, a.steps)
         res = json.loads(tag.with_suffix(".json").read_text())
-        tag.with_suffix(".md").write_text(markdown(res))
+        tag.with_suffix(".md").write_text(harness.with_command(markdown(res), res["meta"].get("command")))
         plot(res, tag.with_suffix(".png"))
         return res
     torch.set_num_threads(a.threads)
@@ -815,7 +737,7 @@ def main(argv=None):
     if a.recheck:
         tag = Path(a.out) / result_tag(a.model, a.steps)
         res = json.loads(tag.with_suffix(".json").read_text())
-        return recheck(bundle, res, a.recheck, a.seed + 2, out=Path(a.out), log=lambda s: print(s, flush=True))
+        return recheck(bundle, res, a.recheck, a.seed + 2, out=Path(a.out), log=harness.log)
     learn_kwargs = {} if a.iterations is None else dict(iterations=a.iterations)
     if a.calibration_samples is not None:
         learn_kwargs["calibration_samples"] = a.calibration_samples
@@ -828,18 +750,18 @@ def main(argv=None):
     speed = None
     if a.speedups:
         a.budgets, speed = speed_budgets(bundle, a.steps, guidance_scale(bundle, a.cfg), default_sampler(bundle),
-                                            a.speedups, a.time_samples, log=lambda s: print(s, flush=True))
+                                            a.speedups, a.time_samples, log=harness.log)
         print(f"speed targets {speed['speedups']} -> budgets {a.budgets}", flush=True)
     if a.learn_only:
         learned_schedules(bundle, a.steps, a.budgets, guidance_scale(bundle, a.cfg),
                           Path(a.out) / f"{result_tag(bundle.name, a.steps, 'speed' if speed else '')}_schedules",
-                          a.relearn, scheduler=default_sampler(bundle), log=lambda s: print(s, flush=True),
+                          a.relearn, scheduler=default_sampler(bundle), log=harness.log,
                           **learn_kwargs)
         return None
     res = run(bundle, a.steps, cfg=a.cfg, budgets=a.budgets, samples=a.samples, accuracy_samples=a.accuracy_samples,
               time_samples=a.time_samples,
               repeats=a.repeats, seed=a.seed, out=Path(a.out), relearn=a.relearn, learn_kwargs=learn_kwargs,
-              curve_runs=a.curve_runs, speed=speed, log=lambda s: print(s, flush=True))
+              curve_runs=a.curve_runs, speed=speed, log=harness.log)
     print(markdown(res).split("## Every method")[0])
     return res
 

@@ -1,47 +1,37 @@
-"""T-GATE on the bundled pixart-digits model: our schedule (with and without CFG collapse), the
-automatic gate, a learned L2C schedule and the authors' ``tgate`` package, side by side.
+"""T-GATE on the bundled pixart-digits model: our schedule (with and without CFG collapse), the automatic gate, a
+learned L2C schedule and the authors' ``tgate`` package, side by side, through an unchanged ``PixArtAlphaPipeline``
+with the same prompts and initial latents. Per sampler (DPM-Solver++ 25, DDIM 50, CFG): speedup (median of
+interleaved generations), MACs removed (``torch.utils.flop_counter`` over one generation), PSNR / SSIM against full
+compute and the digit classifier's accuracy.
 
-Every row samples through an unchanged ``PixArtAlphaPipeline`` built around the bundled model
-(``l2c_kernels.models.pipelines.pixart_pipeline``), with the same prompts and the same initial
-latents; the official package runs through its own ``pipe.tgate(...)`` on a copy of the model
-(it patches the attention modules it runs). For each sampler (DPM-Solver++ 25 steps, DDIM 50
-steps, CFG on):
-
-- speedup: median wall time of interleaved repeated generations in this one process (timing batch);
-- MACs removed: counted with ``torch.utils.flop_counter`` over one whole generation;
-- PSNR / SSIM against full compute and the digit classifier's accuracy on the evaluation set.
-
-    python bench/bench_tgate.py                  # writes bench/results/tgate_pixart.{json,md,png}
+    python bench/bench_tgate.py                  # writes tgate_pixart.{json,md,png}
     python bench/bench_tgate.py --quick          # small smoke run (not written unless --out is given)
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import statistics
-import sys
 import time
 import traceback
 from datetime import date
 from pathlib import Path
 
+import harness
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import l2c_kernels as l2c
+from l2c_kernels import metrics, models, schedules
+from l2c_kernels.learn.gate import DEFAULT_OUTPUT_TOL, DEFAULT_TOL, auto_gate
+from l2c_kernels.models import classifier
+from l2c_kernels.models.pipelines import pixart_pipeline
+from l2c_kernels.models.text_encoder import CAPTION_TEMPLATES, caption_for
+from l2c_kernels.runtime.plan import collapsible_steps
+from l2c_kernels.models import timesteps_for
+from l2c_kernels.sampling import initial_noise
 
-import l2c_kernels as l2c  # noqa: E402
-from l2c_kernels.models import classifier  # noqa: E402
-from l2c_kernels import metrics, models, schedules  # noqa: E402
-from l2c_kernels.learn.gate import DEFAULT_OUTPUT_TOL, DEFAULT_TOL, auto_gate  # noqa: E402
-from l2c_kernels.models.pipelines import pixart_pipeline  # noqa: E402
-from l2c_kernels.models.text_encoder import CAPTION_TEMPLATES, caption_for  # noqa: E402
-from l2c_kernels.runtime.plan import collapsible_steps  # noqa: E402
-from l2c_kernels.sampling import initial_noise, timesteps_for  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
+RESULTS = harness.RESULTS
 #: the T-GATE authors' PixArt setting (25 steps); the gate scales with the step count
 AUTHORS = dict(gate_step=15, sp_interval=3, fi_interval=1, warm_up=2)
 SAMPLERS = [("dpm++", 25), ("ddim", 50)]
@@ -89,11 +79,7 @@ def run_row(row: Row, pipe, prompts, steps, cfg, latents) -> torch.Tensor:
 
 
 def count_macs(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops() // 2
+    return harness.flops(fn, custom=False) // 2
 
 
 def schedule_macs_estimate(sched, collapse: bool) -> float:
@@ -199,17 +185,9 @@ def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
             macs[r.name] = count_macs(lambda r=r: run_row(r, pipe, tprompts[:2], steps, cfg, tlatents[:2]))
 
     # interleaved timing
-    live = [r for r in rows if r.error is None]
-    times = {r.name: [] for r in live}
-    for rep in range(args.repeats + 1):
-        for r in live:
-            t0 = time.perf_counter()
-            run_row(r, pipe, tprompts, steps, cfg, tlatents)
-            dt = time.perf_counter() - t0
-            if rep > 0:
-                times[r.name].append(dt)
-        log(f"[{sampler} {steps}] repeat {rep}: " + ", ".join(f"{n.split(' (')[0][:24]} {v[-1]:.2f}s"
-                                                              for n, v in times.items() if v))
+    live = {r.name: (lambda r=r: run_row(r, pipe, tprompts, steps, cfg, tlatents)) for r in rows if r.error is None}
+    times = harness.interleave(live, args.repeats, after_round=lambda k, t: log(f"[{sampler} {steps}] repeat {k + 1}: "
+                               + ", ".join(f"{n.split(' (')[0][:24]} {v[-1]:.2f}s" for n, v in t.items())))
     t_full = statistics.median(times[rows[0].name])
     out_rows = []
     for r in rows:
@@ -225,7 +203,7 @@ def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
             continue
         med = statistics.median(times[r.name])
         img = images[r.name]
-        d.update(seconds=round(med, 4), spread=[round(min(times[r.name]), 4), round(max(times[r.name]), 4)],
+        d.update(seconds=round(med, 4), spread=harness.spread(times[r.name], digits=4),
                  speedup=round(t_full / med, 3), macs_per_generation=macs[r.name],
                  macs_removed=round(1 - macs[r.name] / macs[rows[0].name], 4),
                  psnr=round(metrics.psnr(img, ref), 2) if r is not rows[0] else math.inf,
@@ -252,8 +230,8 @@ def _tgate_version() -> str:
 def write_markdown(result: dict) -> str:
     md = ["# T-GATE on pixart-digits: our schedule with CFG collapse, automatic gate, learned, official package",
           "",
-          f"{result['device']}, torch {result['torch']}, diffusers {result['diffusers']}, tgate {result['tgate']}, "
-          f"{result['date']}. Unchanged `PixArtAlphaPipeline` around the bundled model; "
+          f"{harness.describe({**result, **result.get('meta', {})})}, tgate {result['tgate']}. Unchanged "
+          "`PixArtAlphaPipeline` around the bundled model; "
           f"{result['samples']} evaluation images (digits 0-9, caption templates cycled), same initial latents "
           f"for every row; speedup = median of {result['repeats']} interleaved generations of "
           f"{result['timing_batch']} images (CFG batch {2 * result['timing_batch']}) in one process; MACs counted "
@@ -292,7 +270,6 @@ def write_markdown(result: dict) -> str:
 
 def goals(result: dict) -> dict:
     s = next(x for x in result["samplers"] if x["steps"] == 25)
-    rows = {r["name"]: r for r in s["rows"]}
     full = s["rows"][0]
     ours = s["rows"][2]
     off = next(r for r in s["rows"] if r["name"].startswith("official"))
@@ -308,7 +285,6 @@ def goals(result: dict) -> dict:
         out["at least as fast as the official package at equal or better PSNR"] = (
             f"{'met' if ok else 'NOT met'} (ours {ours['speedup']:.2f}x / {ours['psnr']:.2f} dB, official "
             f"{off['speedup']:.2f}x / {off['psnr']:.2f} dB)")
-    del rows
     return out
 
 
@@ -358,11 +334,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__, out=None)
     ap.add_argument("--samples", type=int, default=200, help="evaluation images (quality and accuracy)")
     ap.add_argument("--timing-batch", type=int, default=20, help="images per timed generation")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calibration", type=int, default=8, help="calibration prompts for the automatic gate")
     ap.add_argument("--tol", type=float, default=DEFAULT_TOL, help="tolerance of the cross-attention change gate")
     ap.add_argument("--output-tol", type=float, default=DEFAULT_OUTPUT_TOL, help="tolerance of the output-error gate")
@@ -375,52 +350,45 @@ def main(argv=None):
                     help="replace only the sections of --samplers in the saved result (keep the others)")
     ap.add_argument("--replot", action="store_true", help="only rewrite the table and plot from the saved JSON")
     ap.add_argument("--out", default=None, help=f"output directory (default {RESULTS})")
-    args = ap.parse_args(argv)
+    args = harness.parse(ap, argv)
     if args.quick:
         args.samples, args.timing_batch, args.repeats, args.learn_iterations = 20, 4, 1, 4
     torch.set_num_threads(args.threads)
-    log = lambda m: print(m, flush=True)  # noqa: E731
+    out = Path(args.out or RESULTS)
     if args.replot:
-        out = Path(args.out or RESULTS)
         result = json.loads((out / "tgate_pixart.json").read_text())
-        (out / "tgate_pixart.md").write_text(write_markdown(result) + "\n")
+        (out / "tgate_pixart.md").write_text(harness.with_command(write_markdown(result),
+                                                                  result.get("meta", {}).get("command")))
         plot(result, out / "tgate_pixart.png")
         return result
     bundle = models.load("pixart-digits")
     samplers = [(a, int(b)) for a, b in (x.split(":") for x in args.samplers.split(","))]
-    import diffusers
-
-    result = dict(benchmark="T-GATE on pixart-digits", date=str(date.today()), device=f"CPU ({args.threads} threads)",
-                  torch=torch.__version__, diffusers=diffusers.__version__, tgate=_tgate_version(),
-                  samples=args.samples, timing_batch=args.timing_batch, repeats=args.repeats,
-                  model_training=dict(steps=bundle.info.get("steps"), minutes=bundle.info.get("minutes")),
-                  samplers=[])
+    result = dict(benchmark="T-GATE on pixart-digits", tgate=_tgate_version(), samples=args.samples,
+                  timing_batch=args.timing_batch, repeats=args.repeats,
+                  model_training=dict(steps=bundle.info.get("steps"), minutes=bundle.info.get("minutes")), samplers=[])
     all_images = {}
     for sampler, steps in samplers:
-        r = bench_sampler(bundle, sampler, steps, args, log)
+        r = bench_sampler(bundle, sampler, steps, args, harness.log)
         all_images[f"{sampler} {steps}"] = r.pop("images")
         result["samplers"].append(r)
-    saved = Path(args.out or RESULTS) / "tgate_pixart.json"
-    if args.update and saved.exists():  # keep the saved sections of the other samplers, in their order
-        old = json.loads(saved.read_text())
+    if args.update and (out / "tgate_pixart.json").exists():  # keep the saved sections of the other samplers
+        old = json.loads((out / "tgate_pixart.json").read_text())
         new = {(r["sampler"], r["steps"]): r for r in result["samplers"]}
         result["samplers"] = [new.pop((r["sampler"], r["steps"]), r) for r in old["samplers"]] + list(new.values())
         result["updated_sections"] = [f"{a} {b}" for a, b in samplers]
     if any(s["steps"] == 25 for s in result["samplers"]):
         result["goals"] = goals(result)
+    result["meta"] = harness.meta()
     md = write_markdown(result)
     print(md)
     if args.quick and args.out is None:
         return result
-    out = Path(args.out or RESULTS)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tgate_pixart.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "tgate_pixart.md").write_text(md + "\n")
+    harness.write_result(out, "tgate_pixart", result, md)
     plot(result, out / "tgate_pixart.png")
     from l2c_kernels.plots import side_by_side
 
     for key, imgs in all_images.items():
-        side_by_side({k: v for k, v in imgs.items()}, out / f"tgate_samples_{key.replace(' ', '_').replace('+', 'p')}.png")
+        side_by_side(imgs, out / f"tgate_samples_{key.replace(' ', '_').replace('+', 'p')}.png")
     return result
 
 

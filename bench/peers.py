@@ -1,39 +1,7 @@
-"""The dynamic caches people use today, applied to a bundled model's transformer for side-by-side runs.
-
-Each peer runs on its own copy of the transformer (the hooks patch modules in place; the copy
-keeps the original model and the schedules compiled on it untouched) behind a small wrapper
-with the transformer's call signature and a ``reset()`` that
-:func:`l2c_kernels.sampling.sample` calls before every generation:
-
-- ``fbc``: diffusers ``FirstBlockCache`` (``apply_first_block_cache``): block 0 always runs; if its
-  residual changed by less than ``threshold`` (relative mean absolute difference) since the
-  last computed step, the cached residual of all other blocks is re-added.
-- ``pab``: diffusers ``PyramidAttentionBroadcast``: self-attention (and cross-attention) outputs
-  are recomputed every ``skip`` calls inside a timestep range, reused in between.
-- ``taylorseer``: diffusers ``TaylorSeer``: the attention and MLP branches are computed every
-  ``interval`` steps after a warm-up and predicted by a Taylor expansion in between.
-- ``dbcache``: cache-dit ``DBCache``: the first ``Fn`` and last ``Bn`` blocks always run; the
-  middle blocks' residual is reused while the first blocks' residual changed less than ``threshold``
-  (``calibrator="taylorseer"``: the reused residual is extrapolated by cache-dit's TaylorSeer calibrator).
-- ``magcache``: diffusers ``MagCache``: all blocks are skipped (the last residual re-added) while the
-  error accumulated from the per-step magnitude ratios stays under ``threshold``; the ratios are
-  model-dependent and calibrated on the model itself (:func:`calibrate_magcache`).
-
-The DiT and PixArt transformers do not inherit diffusers' ``CacheMixin`` (no ``enable_cache``), so
-the ``diffusers.hooks.apply_*`` functions are used, with a cache context set by the wrapper (the
-pipelines set none for these models). cache-dit is applied to the transformer alone
-(``cache_dit.enable_cache(transformer, cache_config=...)``) and its context is refreshed per run.
-
-Every peer counts the branch computations that really ran (forward hooks on the innermost
-module of each branch: the attention output projection, the MLP's first layer), so the fraction
-of branch FLOPs removed is measured, not assumed. Models cached per block (Flux and the other
-block-pattern families, branches ``["block"]``) count every linear layer of every block that ran,
-each at its share of the block's cost (``2 x weights / streams``, the estimate a block-level
-schedule weighs its blocks by), so a peer that skips only part of a block (TaylorSeer's default
-attention-only caching on Flux) is counted at the part it skipped.
-
-Flux (``FluxTransformer2DModel``) inherits ``CacheMixin``: the diffusers peers go through
-``enable_cache`` there; cache-dit knows Flux and patches its two block lists itself.
+"""The dynamic caches people use today (diffusers FirstBlockCache, PyramidAttentionBroadcast, TaylorSeer, MagCache;
+cache-dit DBCache), each applied to its own copy of a bundled model's transformer behind a wrapper with the
+transformer's call signature and a ``reset()``; every peer counts the branch (or block) computations that really
+ran. How each peer is applied and counted: bench/NOTES.md ("How the benchmarks run ... and the dynamic-cache peers").
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
     sched = l2c.Schedule.load("dit.l2c.json")
     pipe.transformer = l2c.compile_schedule(pipe.transformer, sched)
 """
-from .learn import learn_front, learn_schedule
+from .learn import LearnConfig, learn_front, learn_schedule
 from .runtime import CachedTransformer, compile_schedule, disable, enable, summary
 from .schedule import Schedule, ScheduleError
 from . import models  # noqa: F401,E402  (the bundled digits models register themselves: a plug-in on top)
@@ -19,4 +19,4 @@ def build_info() -> dict:
     return _info()
 
 
-__all__ = ["learn_schedule", "learn_front", "Schedule", "ScheduleError", "compile_schedule", "CachedTransformer", "enable", "disable", "summary", "build_info", "__version__"]
+__all__ = ["learn_schedule", "learn_front", "LearnConfig", "Schedule", "ScheduleError", "compile_schedule", "CachedTransformer", "enable", "disable", "summary", "build_info", "__version__"]

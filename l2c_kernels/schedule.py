@@ -49,6 +49,10 @@ FORMAT = "l2c-schedule"
 VERSION = 1
 KNOWN_BRANCHES = ("attn1", "attn2", "ff", "ff_context", "block")  # ff_context: SD3/Flux text-stream MLP
 BLOCK_UNIT = "block"  # block-level schedules: branches ["block"], one letter per block (C compute, R reuse)
+#: the levels a schedule can run at (``l2c_kernels.adapters.level_for`` decides a model's): a DiT / PixArt block's
+#: branches, whole blocks (the pattern table), the units of SD3 / Flux two-stream blocks
+BRANCH_LEVEL, BLOCK_LEVEL, TWO_STREAM_LEVEL = "branch", "block", "two_stream_branch"
+LEVELS = (BRANCH_LEVEL, BLOCK_LEVEL, TWO_STREAM_LEVEL)
 FORECASTS = ("none", "linear", "quadratic", "taylor")
 COMPUTE, REUSE, BLOCK = "C", "R", "B"
 
@@ -62,33 +66,22 @@ class ScheduleError(ValueError):
 _FAMILIES = None
 
 
-def register_families(adapter_for, opt_in_branch_adapters) -> None:
-    """How the format reads a model's layout: ``adapter_for(model, block_level=, branch_level=)`` and the opt-in
-    branch adapters (``l2c_kernels.adapters`` registers them when imported; ``import l2c_kernels`` does)."""
+def register_families(adapter_for) -> None:
+    """How the format reads a model's layout: ``adapter_for(model, branches)`` (the adapter of the level those
+    branches mean; ``l2c_kernels.adapters`` registers it when imported; ``import l2c_kernels`` does)."""
     global _FAMILIES
-    _FAMILIES = (adapter_for, list(opt_in_branch_adapters))
+    _FAMILIES = adapter_for
 
 
-def _families() -> tuple:
+def _families():
     assert _FAMILIES is not None, "no model families are registered to read the model's layout: import l2c_kernels"
     return _FAMILIES
 
 
-def _model_facts(model, block_level: bool = False, branch_level: bool = False) -> tuple[str, int, list[str], dict]:
-    ad = _families()[0](model, block_level=block_level, branch_level=branch_level)
+def _model_facts(model, branches=None) -> tuple[str, int, list[str], dict]:
+    ad = _families()(model, branches)
     inner = getattr(model, "original_model", model)
     return type(inner).__name__, ad.num_blocks(inner), ad.branches(inner), ad.branch_flops(inner)
-
-
-def _branch_adapter(model, branch_level: bool):
-    """The opt-in branch adapter (SD3 / Flux units) a branch-level schedule of ``model`` uses, else None."""
-    inner = getattr(model, "original_model", model)
-    return next((ad for ad in _families()[1] if branch_level and ad.matches(inner)), None)
-
-
-def _unit_flops(model) -> list:
-    """Per-block cost estimate of a block-level model (see ``adapters.patterns.estimate_block_flops``)."""
-    return _families()[0](model, block_level=True).unit_flops(getattr(model, "original_model", model))
 
 
 @dataclass
@@ -136,11 +129,10 @@ class Schedule:
         (``[block][branch]``, e.g. from ``runtime.branch_wrappers.measure_branch_flops``) weighs each unit,
         else it is estimated for the family's default token counts.
         """
-        block_level = branches is not None and list(branches) == [BLOCK_UNIT]
-        branch_level = branches is not None and not block_level
-        model_class, nblocks, model_branches, flops = _model_facts(model, block_level, branch_level)
+        ad = _families()(model, branches)   # the adapter of the level these branches mean
+        model_class, nblocks, model_branches, flops = _model_facts(model, branches)
         branches = list(branches) if branches is not None else model_branches
-        if branches == [BLOCK_UNIT]:
+        if ad.level == BLOCK_LEVEL:
             mask = [[[v] if isinstance(v, bool) or not hasattr(v, "__len__") else v for v in row]
                     for row in _to_nested(mask)]
         unknown = [b for b in branches if b not in model_branches]
@@ -167,10 +159,10 @@ class Schedule:
             idx = {b: i for i, b in enumerate(branches)}
             plan = [[e if e == BLOCK else "".join(e[idx[b]] if b in idx else COMPUTE for b in model_branches)
                      for e in row] for row in plan]
-        if model_branches == [BLOCK_UNIT]:
-            unit_flops = [float(f) for f in (unit_flops if unit_flops is not None else _unit_flops(model))]
-        ad = _branch_adapter(model, branch_level)
-        if hasattr(ad, "applicable"):  # branches a block does not have are written C (not applicable)
+        if ad.level == BLOCK_LEVEL:
+            unit_flops = [float(f) for f in (unit_flops if unit_flops is not None
+                                                  else ad.unit_flops(getattr(model, "original_model", model)))]
+        if ad.level == TWO_STREAM_LEVEL:  # branches a block does not have are written C (not applicable)
             app = ad.applicable(getattr(model, "original_model", model))
             plan = [[e if e == BLOCK else "".join(c if ok else COMPUTE for c, ok in zip(e, app[b]))
                      for b, e in enumerate(row)] for row in plan]
@@ -187,12 +179,19 @@ class Schedule:
              sampler: dict | None = None) -> "Schedule":
         """The schedule that computes everything (output equals the original model's); ``branches=["block"]``
         makes a block-level one for a model that also has a branch adapter."""
-        block_level = branches is not None and list(branches) == [BLOCK_UNIT]
-        _, nblocks, model_branches, _ = _model_facts(model, block_level, branches is not None and not block_level)
+        model_class, nblocks, model_branches, _ = _model_facts(model, branches)
+        unknown = [b for b in branches or () if b not in model_branches]
+        if unknown:
+            raise ScheduleError(f"branches {unknown} do not exist in {model_class}; it has {model_branches}")
         mask = [[[True] * len(model_branches)] * nblocks for _ in timesteps]
         return cls.from_mask(model, timesteps, mask, branches=model_branches, method="full", sampler=sampler)
 
     # ------------------------------------------------------------------ queries
+    @property
+    def is_block_level(self) -> bool:
+        """Whether this schedule decides whole blocks (``branches == ["block"]``)."""
+        return self.branches == [BLOCK_UNIT]
+
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
@@ -381,8 +380,7 @@ class Schedule:
 
     def validate_for(self, model) -> None:
         """Raise :class:`ScheduleError` if this schedule was made for a different model layout."""
-        model_class, nblocks, branches, _ = _model_facts(model, self.branches == [BLOCK_UNIT],
-                                                         self.branches != [BLOCK_UNIT])
+        model_class, nblocks, branches, _ = _model_facts(model, self.branches)
         if nblocks != self.num_blocks:
             raise ScheduleError(f"schedule was made for {self.num_blocks} blocks ({self.model_class or 'unknown model'}) "
                                 f"but {model_class} has {nblocks}")

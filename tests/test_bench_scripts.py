@@ -118,11 +118,11 @@ def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
 
 
 def test_branch_latency_benchmark_runs_at_two_tiny_sizes(tmp_path):
-    """bench_branches.py end to end at 4 and 9 image tokens, 3 steps: one table per size, the FLOPs each schedule
-    removes counted as the masks say, and the uniform 75% row's computed / reused steps split out."""
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_branches.py"), "--steps", "3", "--image-sides", "2",
-                        "3", "--text-tokens", "4", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+    """bench_compile_schedule.py at branch level end to end at 4 and 9 image tokens, 3 steps: one table per size, the
+    FLOPs each schedule removes counted as the masks say, and the uniform 75% row's computed / reused steps split out."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_compile_schedule.py"), "--model", "flux", "--level",
+                        "branch", "--steps", "3", "--image-sides", "2", "3", "--text-tokens", "4", "--repeats", "1",
+                        "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "compile_schedule_cpu_flux_branches.json").read_text())
     assert [sz["image_tokens"] for sz in res["sizes"]] == [4, 9]
@@ -136,6 +136,22 @@ def test_branch_latency_benchmark_runs_at_two_tiny_sizes(tmp_path):
         assert split["reused_step_ms"] > 0 and split["computed_step_ms"] > 0
     md = (tmp_path / "compile_schedule_cpu_flux_branches.md").read_text()
     assert md.count("## ") == 2 and "fully reused step ms" in md
+    assert res["meta"]["command"].startswith("python bench/bench_compile_schedule.py --model flux --level branch")
+    assert md.rstrip().endswith(f"Regenerate: `{res['meta']['command']}`")
+
+
+def test_block_latency_benchmark_runs_at_a_tiny_size(tmp_path):
+    """bench_compile_schedule.py at block level (once bench_blocks.py), 4 steps: 0/25/50/75% and the spread row."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_compile_schedule.py"), "--model", "flux",
+                        "--steps", "4", "--image-side", "2", "--text-tokens", "4", "--repeats", "1", "--threads", "1",
+                        "--tag", "tiny", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "compile_schedule_cpu_flux_tiny.json").read_text())
+    rows = {row["schedule"]: row for row in res["rows"]}
+    assert list(rows) == ["compiled 0%", "compiled 25%", "compiled 50%", "compiled 75%", "compiled 50% spread"]
+    # 4 steps, step 0 always computed: 25% reuses step 3, 50% steps 1 and 3, 75% steps 1-3
+    assert [rows[k]["block_flops_removed"] for k in list(rows)[:4]] == pytest.approx([0, 0.25, 0.5, 0.75], abs=1e-4)
+    assert res["image_tokens"] == 4 and res["original_step_ms"] > 0
 
 
 def test_front_benchmark_tiny_run_writes_its_tables_and_the_schedules_bench_pareto_reads(tmp_path):

@@ -1,11 +1,11 @@
 """Block-family adapters: one file per family of diffusers transformer blocks."""
 from __future__ import annotations
 
-from ..schedule import register_families
+from ..schedule import BLOCK_UNIT, register_families
 from .ada_norm_single import AdaNormSingleAdapter
 from .ada_norm_zero import AdaNormZeroAdapter
 from .base import BlockAdapter, StepContext, StepInputs
-from .block_level import BLOCK_BRANCH, BlockLevelAdapter
+from .block_level import BlockLevelAdapter
 from .mmdit_branches import TwoStreamBranchAdapter
 
 # branch adapters first; the block-level adapter (pattern table) serves every other family it knows
@@ -19,12 +19,15 @@ def register_adapter(adapter: BlockAdapter) -> None:
     ADAPTERS.insert(0, adapter)
 
 
-def adapter_for(model, block_level: bool = False, branch_level: bool = False) -> BlockAdapter:
-    """The adapter that drives ``model``: its branch adapter if one matches (and ``block_level`` is False),
-    else the block-level adapter when its family is in the block pattern table. ``branch_level=True`` (a
-    schedule that names branches) also finds the opt-in branch adapters (SD3 / Flux units)."""
+def adapter_for(model, branches=None) -> BlockAdapter:
+    """The adapter that drives ``model`` at the level ``branches`` mean; the one place a model's level is decided.
+
+    ``branches=None``: the model's default level (its branch adapter if one matches, else whole blocks when its
+    family is in the block pattern table); ``["block"]``: block level; other names: the opt-in branch adapter
+    they belong to (SD3 / Flux units), else the default one (whose schedule check then names what it runs)."""
     inner = getattr(model, "original_model", model)  # a compiled module reports its original
-    if branch_level and not block_level:
+    block_level = branches is not None and list(branches) == [BLOCK_UNIT]
+    if branches is not None and not block_level:
         for ad in OPT_IN_BRANCH_ADAPTERS:
             if ad.matches(inner):
                 return ad
@@ -41,7 +44,12 @@ def adapter_for(model, block_level: bool = False, branch_level: bool = False) ->
     raise TypeError(f"{type(inner).__name__} is not supported")
 
 
-__all__ = ["BLOCK_BRANCH", "BlockLevelAdapter", "TwoStreamBranchAdapter", "OPT_IN_BRANCH_ADAPTERS", "BlockAdapter", "StepContext", "StepInputs", "adapter_for", "register_adapter", "ADAPTERS"]
+def level_for(model, branches=None) -> str:
+    """The level (``l2c_kernels.schedule.LEVELS``) a schedule over ``branches`` runs ``model`` at."""
+    return adapter_for(model, branches).level
 
 
-register_families(adapter_for, OPT_IN_BRANCH_ADAPTERS)   # the schedule format reads a model's layout through these
+__all__ = ["BlockLevelAdapter", "TwoStreamBranchAdapter", "OPT_IN_BRANCH_ADAPTERS", "BlockAdapter", "StepContext", "StepInputs", "adapter_for", "level_for", "register_adapter", "ADAPTERS"]
+
+
+register_families(adapter_for)   # the schedule format reads a model's layout through these

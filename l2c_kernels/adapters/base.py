@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..schedule import BRANCH_LEVEL
+
 
 @dataclass
 class StepInputs:
@@ -37,6 +39,8 @@ class BlockAdapter:
 
     #: diffusers model classes this adapter drives
     model_classes: tuple[str, ...] = ()
+    #: the level its schedules run at (``l2c_kernels.schedule.LEVELS``): a branch adapter runs branch pieces
+    level: str = BRANCH_LEVEL
 
     def matches(self, model) -> bool:
         return type(model).__name__ in self.model_classes

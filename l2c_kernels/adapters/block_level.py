@@ -7,16 +7,16 @@ runtime's job, so the branch-level entry points refuse with the reason.
 """
 from __future__ import annotations
 
+from ..schedule import BLOCK_LEVEL, BLOCK_UNIT
 from .base import BlockAdapter
 from .patterns import PATTERNS, estimate_block_flops, find_blocks, pattern_for
-
-BLOCK_BRANCH = "block"
 
 
 class BlockLevelAdapter(BlockAdapter):
     """Schedule facts for a model in the block pattern table."""
 
     model_classes = tuple(sorted(PATTERNS))
+    level = BLOCK_LEVEL
 
     def matches(self, model) -> bool:
         return type(model).__name__ in PATTERNS
@@ -28,14 +28,14 @@ class BlockLevelAdapter(BlockAdapter):
         return [ref.module for ref in find_blocks(model)]
 
     def branches(self, model) -> list[str]:
-        return [BLOCK_BRANCH]
+        return [BLOCK_UNIT]
 
     def unit_flops(self, model) -> list[float]:
         return estimate_block_flops(model)
 
     def branch_flops(self, model, tokens=None, text_tokens: int = 8) -> dict:
         costs = self.unit_flops(model)
-        return {BLOCK_BRANCH: sum(costs) / len(costs)}
+        return {BLOCK_UNIT: sum(costs) / len(costs)}
 
     def _refuse(self, model, what: str):
         raise TypeError(f"{type(model).__name__} runs at block level only (branches ['block']): {what} needs a "

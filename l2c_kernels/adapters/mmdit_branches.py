@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from ..schedule import TWO_STREAM_LEVEL
 from .base import BlockAdapter
 from .patterns import BlockPatternError, find_blocks, pattern_for
 
@@ -148,6 +149,7 @@ class TwoStreamBranchAdapter(BlockAdapter):
     :mod:`l2c_kernels.runtime.branch_wrappers`' job: the forward-in-pieces entry points refuse."""
 
     model_classes = MODEL_CLASSES
+    level = TWO_STREAM_LEVEL
 
     def matches(self, model) -> bool:
         return type(model).__name__ in MODEL_CLASSES

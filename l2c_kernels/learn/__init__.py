@@ -8,8 +8,10 @@ block-level): :func:`register_soft_forward` (``soft_forward.py``).
 """
 from .conditioning import Request, denoiser_for, register_model_names, register_pipeline
 from .denoiser import Denoiser
-from .router import RouterResult, learn_front, learn_schedule, schedule_from_scores, train_router
+from .config import LearnConfig
+from .entry import learn_front, learn_schedule
+from .router import RouterResult, schedule_from_scores, train_router
 from .soft_forward import register_soft_forward
 
-__all__ = ["learn_schedule", "learn_front", "train_router", "schedule_from_scores", "RouterResult", "Denoiser", "denoiser_for",
+__all__ = ["learn_schedule", "learn_front", "LearnConfig", "train_router", "schedule_from_scores", "RouterResult", "Denoiser", "denoiser_for",
            "register_pipeline", "register_model_names", "register_soft_forward", "Request"]

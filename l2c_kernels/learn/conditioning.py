@@ -94,7 +94,7 @@ def denoiser_for(obj, num_samples: int = 4, cfg: float | None = None, scheduler=
                  labels=None, prompts=None, *, height: int | None = None, width: int | None = None,
                  conditions: dict | None = None, latent_shape=None, max_sequence_length: int | None = None,
                  cond_first: bool = False, true_cfg_scale: float | None = None,
-                 negative_prompt=None) -> Denoiser:
+                 negative_prompt=None, model_timestep=None) -> Denoiser:
     """A :class:`Denoiser` for a pipeline, a bundled model (or its name), or a transformer.
 
     ``true_cfg_scale`` / ``negative_prompt``: FluxPipeline's true classifier-free guidance (both halves in
@@ -102,11 +102,13 @@ def denoiser_for(obj, num_samples: int = 4, cfg: float | None = None, scheduler=
 
     For a transformer give ``scheduler`` (a diffusers scheduler), ``conditions`` (its keyword arguments
     for the whole model batch: with ``cfg > 1`` the unconditional half first unless ``cond_first``) and
-    ``latent_shape`` ``(C, H, W)``."""
+    ``latent_shape``, one sample's latents as the transformer takes them: ``(C, H, W)``, packed ``(tokens, C)``
+    (Flux), ``(C, F, H, W)`` (video). ``model_timestep``: what the loop passes the transformer for a scheduler
+    timestep ``t`` (a tensor), e.g. ``lambda t: t / 1000`` for Flux; None: ``t`` as it is."""
     if isinstance(obj, str):
         obj = load_named(obj)
     if isinstance(obj, torch.nn.Module) and conditions is not None:
-        return _from_transformer(obj, scheduler, conditions, latent_shape, cfg, cond_first)
+        return _from_transformer(obj, scheduler, conditions, latent_shape, cfg, cond_first, model_timestep)
     if isinstance(obj, torch.nn.Module):
         raise TypeError(f"a bare {type(obj).__name__} needs scheduler=, conditions= (its keyword arguments for "
                         "one model call) and latent_shape=; or pass the pipeline")
@@ -228,18 +230,31 @@ register_pipeline("PixArtSigmaPipeline", pixart_pipeline_denoiser)
 
 
 # -- a transformer and the user's own conditioning -------------------------------------------------
-def _from_transformer(transformer, scheduler, conditions: dict, latent_shape, cfg, cond_first: bool) -> Denoiser:
+#: keyword arguments of diffusers transformers that hold one row per model-batch sample (position ids and the like
+#: do not); where none of them is given, every tensor is taken as batched
+BATCHED_CONDITIONS = ("encoder_hidden_states", "pooled_projections", "class_labels", "encoder_attention_mask",
+                      "guidance", "added_cond_kwargs")
+def _from_transformer(transformer, scheduler, conditions: dict, latent_shape, cfg, cond_first: bool,
+                      model_timestep=None) -> Denoiser:
     tr = _unwrap(transformer)
     what = type(tr).__name__
     if scheduler is None or isinstance(scheduler, str):
         raise ValueError(f"learning on a bare {what} needs scheduler= (the diffusers scheduler your loop uses)")
-    if latent_shape is None or len(tuple(latent_shape)) != 3:
-        raise ValueError(f"latent_shape must be (channels, height, width) of one sample, got {latent_shape!r}")
+    if latent_shape is None or len(tuple(latent_shape)) < 2:
+        raise ValueError(f"latent_shape must be one sample's latents as the transformer takes them ((C, H, W), packed "
+                         f"(tokens, C), video (C, F, H, W)), got {latent_shape!r}")
+    if model_timestep is not None and not callable(model_timestep):
+        raise TypeError(f"model_timestep must map a scheduler timestep tensor to the model's (e.g. lambda t: t / 1000), "
+                        f"got {model_timestep!r}")
     latent_shape = tuple(int(v) for v in latent_shape)
     cfg = 1.0 if cfg is None else float(cfg)
-    rows = {v.shape[0] for v in conditions.values() if isinstance(v, torch.Tensor) and v.ndim > 0}
+    batched = {k: v for k, v in conditions.items() if isinstance(v, torch.Tensor) and v.ndim > 0
+               and (k in BATCHED_CONDITIONS or not any(n in conditions for n in BATCHED_CONDITIONS))}
+    rows = {int(v.shape[0]) for v in batched.values()}
     if len(rows) != 1:
-        raise ValueError(f"conditions must hold tensors with one batch size (the model batch); got sizes {sorted(rows)}")
+        sizes = ", ".join(f"{k} {int(v.shape[0])}" for k, v in batched.items()) or "none"
+        raise ValueError(f"conditions must hold the model batch in one size (the rows of {', '.join(BATCHED_CONDITIONS)}"
+                         f"; Flux's img_ids / txt_ids have none); got {sizes}")
     rows = rows.pop()
     per = 2 if cfg > 1 else 1
     if rows % per:
@@ -249,4 +264,4 @@ def _from_transformer(transformer, scheduler, conditions: dict, latent_shape, cf
     patch = int(getattr(tr.config, "patch_size", 1) or 1)
     return Denoiser(tr, dict(conditions), latent_shape, resolve_scheduler(scheduler, None, what), cfg, rows // per,
                     cond_first=cond_first, text_tokens=0 if enc is None else int(enc.shape[1]), patch_size=patch,
-                    info=dict(transformer=what))
+                    model_timestep=model_timestep, info=dict(transformer=what))

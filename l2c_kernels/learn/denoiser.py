@@ -38,7 +38,7 @@ class Denoiser:
 
     transformer: torch.nn.Module
     cond_args: dict            # transformer kwargs for the whole model batch (without hidden_states / timestep)
-    latent_shape: tuple        # per sample (C, H, W)
+    latent_shape: tuple        # per sample: (C, H, W), packed (tokens, C), video (C, F, H, W)
     make_scheduler: Callable   # () -> a fresh diffusers scheduler
     cfg: float                 # guidance scale; <= 1: no guidance, the model batch is the sample batch
     num_samples: int
@@ -61,8 +61,15 @@ class Denoiser:
 
     @property
     def image_tokens(self) -> int:
-        _, h, w = self.latent_shape
-        return (h // self.patch_size) * (w // self.patch_size)
+        """Tokens the transformer sees per sample: packed ``(tokens, C)`` latents as they are, ``(C, H, W)`` in
+        ``patch_size`` squares, ``(C, F, H, W)`` video per frame."""
+        shape = self.latent_shape
+        if len(shape) == 2:
+            return int(shape[0])
+        frames = 1
+        for f in shape[1:-2]:
+            frames *= int(f)
+        return frames * (shape[-2] // self.patch_size) * (shape[-1] // self.patch_size)
 
     def scheduler(self, num_inference_steps: int):
         """A fresh scheduler with its timesteps set (flow matching: shifted for this image size)."""

@@ -21,7 +21,7 @@ from .soft_forward import SoftCaches, soft_forward
 def _caches(den: Denoiser, forecast: str, branches=None) -> SoftCaches:
     """``branches``: the units learned when not the model's default level (SD3 / Flux branch level)."""
     model = den.transformer
-    ad = adapter_for(model, branch_level=branches is not None and list(branches) != ["block"])
+    ad = adapter_for(model, branches)
     return SoftCaches(ad.num_blocks(model), len(ad.branches(model)), forecast, branches=branches)
 
 

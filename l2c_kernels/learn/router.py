@@ -66,11 +66,11 @@ DEFAULT_ITERATIONS = 12
 
 
 def _denoiser(obj, num_samples, cfg, scheduler, seed, labels, prompts, height, width, conditions, latent_shape,
-              max_sequence_length, true_cfg_scale=None, negative_prompt=None):
+              max_sequence_length, true_cfg_scale=None, negative_prompt=None, cond_first=False, model_timestep=None):
     return denoiser_for(obj, num_samples, cfg, scheduler, seed=seed, labels=labels, prompts=prompts, height=height,
                         width=width, conditions=conditions, latent_shape=latent_shape,
                         max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale,
-                        negative_prompt=negative_prompt)
+                        negative_prompt=negative_prompt, cond_first=cond_first, model_timestep=model_timestep)
 
 
 def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, scheduler=None,
@@ -85,7 +85,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                  negative_prompt=None, branches: list | None = None, screen_top: int | None = 3,
                  screen_samples: int | None = 4, warm_up: int | str = "auto", step_search: bool = True,
                  max_interval: int | None = None, step_top: int = 2, step_refine: int = 12,
-                 shared: dict | None = None) -> RouterResult:
+                 cond_first: bool = False, model_timestep=None, shared: dict | None = None) -> RouterResult:
     """Train router logits for ``obj`` (pipeline, bundled model or its name, or a transformer: see
     :func:`learn_schedule`).
 
@@ -178,14 +178,14 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     screen = (train_forecast,) if (screen_top is not None and len(forecasts) > 1) else None
     cond_kw = dict(height=height, width=width, conditions=conditions, latent_shape=latent_shape,
                    max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale,
-                   negative_prompt=negative_prompt)
+                   negative_prompt=negative_prompt, cond_first=cond_first, model_timestep=model_timestep)
 
     shared = {} if shared is None else shared
     torch.manual_seed(seed)
     den = _denoiser(obj, batch_size, cfg, scheduler, seed, labels, prompts, **cond_kw)
     model = den.transformer
     units = learning_units(den, branches)  # the router's columns and what each (block, column) costs
-    level, branches, nb, flops = units.branches, units.names, units.num_blocks, units.branch_flops
+    asked, branches, nb, flops = units.branches, units.names, units.num_blocks, units.branch_flops
     timesteps = den.timesteps(num_inference_steps)
     den._timesteps = timesteps
     n = len(timesteps)
@@ -220,7 +220,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         cden._timesteps = timesteps
         cx = cden.noise(cseed)
         cref, _ = cden.sample_with(model, n, cx)
-        return _Calibration(cden, cx, cref, model, timesteps, forecasts, level, units.schedule_kwargs,
+        return _Calibration(cden, cx, cref, model, timesteps, forecasts, asked, units.schedule_kwargs,
                             (nb, len(branches)))
 
     calib = scal = None
@@ -270,7 +270,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             if hard:
                 w = mask + w - w.detach()  # straight-through: hard forward, sigmoid gradient
             student, spath = soft_rollout(d, x, torch.cat([ones, w]), keep_path=True, forecast=train_forecast,
-                                          branches=level)
+                                          branches=asked)
             final = (student - tpath[-1]).pow(2).mean() / scale
             traj = torch.stack([(a - b).pow(2).mean() for a, b in zip(spath, tpath)]).mean() / scale
             keep = (w * cost).sum() / cost.sum()
@@ -279,7 +279,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             final_v, loss_v, keep_v = final.item(), loss.item(), keep.item()
         else:
             final_v, loss_v, keep_v = _stepwise_iteration(d, x, tpath, logits, mask, cost, lam, hard, scale,
-                                                          trajectory_weight, train_forecast, level, fixed)
+                                                          trajectory_weight, train_forecast, asked, fixed)
         opt.step()
         with torch.no_grad():
             logits.clamp_(-5, 5)
@@ -496,169 +496,3 @@ def schedule_from_scores(model, timesteps, scores: torch.Tensor, *, budget: floa
     return Schedule(timesteps=list(timesteps), plan=plan, branches=branches, num_blocks=nb,
                     model_class=type(getattr(model, "original_model", model)).__name__, method=method,
                     params=p, branch_flops=flops, attn2_cache=attn2_cache, forecast=forecast)
-
-
-#: the budgets :func:`learn_front` learns when given none
-DEFAULT_BUDGETS = (0.35, 0.5, 0.67, 0.75)
-
-
-def learn_front(obj, num_inference_steps: int = 20, budgets=None, shared: dict | None = None,
-                *, speedups=None, step_cost=None, **kwargs) -> list:
-    """Schedules for several ``budgets`` in one call (:func:`learn_schedule`'s arguments otherwise), smallest
-    budget first. The budgets share the calibration and screening batches with their full-compute references, the
-    teacher trajectories and the segment costs of the step-level search (measured once, for the longest
-    segments the largest budget needs).
-
-    The router of each budget after the first starts from the one before it (smallest budget first) and trains a
-    third of the iterations.
-
-    The front is monotone on the calibration batch: where a larger budget's schedule scores better there than a
-    smaller budget's, the smaller budget takes it (it removes more than asked; ``params["front_from_budget"]``
-    says so), so a smaller budget never scores below a larger one. ``shared``: a dict to keep those measurements in
-    (the segment costs under ``("segment_costs", max_interval)``), e.g. to run the static searchers on them.
-
-    ``speedups`` (e.g. ``[1.5, 2, 3, 4]``, instead of ``budgets``): learn at the budgets that run that many times
-    faster than full compute on this device (:mod:`~l2c_kernels.learn.speed`): what a reused and a computed step
-    cost under a schedule over a plain step (``step_cost``: a :class:`~l2c_kernels.learn.speed.StepCost`, or the
-    reused step's cost alone; None: timed here on the model, batch and device the learner uses, with the linear
-    forecast) turn each target into a budget before anything is learned; a target out of reach is refused then.
-    Each schedule's ``params`` keep ``target_speedup``, ``step_cost`` and ``predicted_speedup`` (with its own
-    forecast's costs where they were timed)."""
-    targets = None
-    if speedups is not None:
-        if budgets is not None:
-            raise ValueError("give budgets= or speedups=, not both")
-        from .speed import _cost, budgets_for_speedups, measure_step_costs, predicted_speedup
-
-        targets = sorted({float(s) for s in speedups})
-        if not targets:
-            raise ValueError("speedups is empty: give at least one factor above 1")
-        costs = None
-        if step_cost is None:
-            costs = measure_step_costs(_front_denoiser(obj, kwargs), num_inference_steps)
-            step_cost = costs["linear"]
-        step_cost = _cost(step_cost)
-        budgets = budgets_for_speedups(targets, step_cost, num_inference_steps)
-    elif budgets is None:
-        budgets = DEFAULT_BUDGETS
-    bs = sorted({float(b) for b in budgets})
-    if not bs:
-        raise ValueError("budgets is empty: give at least one fraction of the work to remove")
-    bad = [b for b in bs if not 0.0 < b < 1.0]
-    if bad:
-        raise ValueError(f"every budget is a fraction of the work to remove in (0, 1), got {bad}")
-    if kwargs.get("threshold") is not None:
-        raise ValueError("a front is learned at budgets, not at a threshold")
-    shared = {} if shared is None else shared
-    shared["budgets"] = bs
-    out = []
-    for k, b in enumerate(bs):
-        if k == 1:   # later budgets start from the router of the one before, a third of the iterations
-            shared["warm_iterations"] = max(2, int(kwargs.get("iterations", DEFAULT_ITERATIONS)) // 3)
-        out.append(learn_schedule(obj, num_inference_steps, b, shared=shared, **kwargs))
-    for k in range(len(out) - 2, -1, -1):
-        mine, larger = out[k].params.get("calibration_error_db"), out[k + 1].params.get("calibration_error_db")
-        if mine is not None and larger is not None and larger < mine:
-            s = Schedule.from_dict(out[k + 1].to_dict())
-            s.params = dict(s.params, budget=bs[k], front_from_budget=out[k + 1].params.get("front_from_budget",
-                                                                                          bs[k + 1]))
-            out[k] = s
-    if targets is not None:
-        for s, target in zip(out, targets):
-            c = step_cost if costs is None else costs.get(s.forecast or "none", step_cost)
-            s.params.update(target_speedup=target, step_cost=step_cost.to_dict(),
-                            predicted_speedup=round(predicted_speedup(s.flops_removed_fraction(), c), 3))
-    return out
-
-
-def _front_denoiser(obj, kwargs: dict):
-    """The learner's training batch (its model, conditions, device) for timing a step: :func:`learn_front`'s
-    arguments as :func:`train_router` reads them."""
-    if isinstance(obj, str):
-        from .conditioning import load_named
-
-        obj = load_named(obj)
-    g = kwargs.get("guidance_scale")
-    return _denoiser(obj, kwargs.get("batch_size", 4), g if g is not None else kwargs.get("cfg"),
-                     kwargs.get("scheduler"), kwargs.get("seed", 0), kwargs.get("labels"), kwargs.get("prompts"),
-                     kwargs.get("height"), kwargs.get("width"), kwargs.get("conditions"), kwargs.get("latent_shape"),
-                     kwargs.get("max_sequence_length"), kwargs.get("true_cfg_scale"), kwargs.get("negative_prompt"))
-
-
-def learn_schedule(obj, num_inference_steps: int = 20, budget: float = 0.4, *, labels=None, prompts=None,
-                   height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
-                   scheduler=None, conditions: dict | None = None, latent_shape=None, cfg: float | None = None,
-                   iterations: int = DEFAULT_ITERATIONS, batch_size: int = 4, seed: int = 0, threshold: float | None = None,
-                   progress: bool = True, budgets=None, speedups=None, step_cost=None,
-                   **train_kwargs):
-    """Learn a static cache schedule that removes ``budget`` of the branch FLOPs (0 < budget < 1; exact
-    to one branch). ``threshold`` instead keeps every branch whose score exceeds it. ``budgets`` (a list) learns
-    a front instead and returns a list of schedules, smallest budget first (:func:`learn_front`); so does
-    ``speedups`` (e.g. ``[1.5, 2, 3]``: the budgets that run that many times faster on this device, from
-    ``step_cost`` or timed here).
-
-    ``obj`` is one of:
-
-    - a diffusers pipeline (``DiTPipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``, and
-      whatever is registered with :func:`~l2c_kernels.learn.conditioning.register_pipeline`), with the
-      user's ``labels`` (DiT; default: drawn from the model's classes) or ``prompts`` (PixArt:
-      required), ``height`` / ``width`` in pixels (default: the model's size), ``guidance_scale``
-      (default: the pipeline's) and ``scheduler`` (None: the pipeline's own; a name such as ``"ddim"``,
-      ``"dpm++"``, ``"euler"``, ``"flow-euler"``, or a diffusers scheduler; refused if it does not fit);
-    - a transformer, for users with their own sampling loop: ``scheduler`` (the diffusers scheduler
-      the loop uses), ``conditions`` (the transformer's keyword arguments for one call on the whole
-      batch: with guidance, the unconditional half first) and ``latent_shape`` ``(C, H, W)``;
-    - a bundled model or its name (``"dit-digits"``).
-
-    The model learns where it is (device and dtype of its weights; the router is float32).
-    ``cfg`` is another name for ``guidance_scale``. ``train_kwargs`` go to :func:`train_router`.
-    """
-    if budgets is not None or speedups is not None:
-        return learn_front(obj, num_inference_steps, budgets, speedups=speedups, step_cost=step_cost,
-                           labels=labels, prompts=prompts, height=height,
-                           width=width, guidance_scale=guidance_scale, scheduler=scheduler, conditions=conditions,
-                           latent_shape=latent_shape, cfg=cfg, iterations=iterations, batch_size=batch_size,
-                           seed=seed, threshold=threshold, progress=progress, **train_kwargs)
-    if not 0.0 < budget < 1.0:
-        raise ValueError(f"budget is the fraction of branch FLOPs to remove and must be in (0, 1), got {budget}")
-    if isinstance(obj, str):
-        from .conditioning import load_named
-
-        obj = load_named(obj)
-    res = train_router(obj, num_inference_steps, budget=budget, scheduler=scheduler, cfg=cfg,
-                       guidance_scale=guidance_scale, iterations=iterations, batch_size=batch_size, seed=seed,
-                       progress=progress, labels=labels, prompts=prompts, height=height, width=width,
-                       conditions=conditions, latent_shape=latent_shape, **train_kwargs)
-    model = obj if isinstance(obj, torch.nn.Module) else getattr(obj.transformer, "original_model", obj.transformer)
-    sched_name = scheduler if isinstance(scheduler, str) or scheduler is None else type(scheduler).__name__
-    params = dict(num_inference_steps=num_inference_steps, scheduler=sched_name, iterations=iterations,
-                  batch_size=batch_size, seed=seed, warm_up=res.warm_up, train_seconds=round(res.seconds, 1),
-                  history=res.history,
-                  scores=[[[round(v, 4) for v in blk] for blk in row] for row in res.scores.tolist()])
-    params["cfg"] = params["guidance_scale"] = _used_guidance(res, guidance_scale, cfg)
-    params.update({k: res.denoiser_info[k] for k in ("true_cfg_scale", "negative_prompt") if k in res.denoiser_info})
-    if height or width:
-        params.update(height=height, width=width)
-    sampler = dict(res.denoiser_info.get("sampler") or {})
-    if threshold is not None:
-        s = schedule_from_scores(model, res.timesteps, res.scores, threshold=threshold, params=params,
-                                 forecast=res.forecast, branch_flops=res.branch_flops, units=res.units)
-        s.sampler = sampler
-        return s
-    if res.mask is not None:  # the hard schedule with the lowest measured error on the calibration batch
-        params.update(budget=budget, threshold=None, calibration_error_db=res.calibration_error,
-                      candidates_measured=res.candidates)
-        s = Schedule.from_mask(model, res.timesteps, res.mask, method="learned", params=params,
-                               forecast=res.forecast, sampler=sampler,
-                               **(res.units.schedule_kwargs if res.units is not None else {}))
-        s.branch_flops = dict(res.branch_flops)
-        return s
-    s = schedule_from_scores(model, res.timesteps, res.scores, budget=budget, params=params,
-                             forecast=res.forecast, branch_flops=res.branch_flops, units=res.units)
-    s.sampler = sampler
-    return s
-
-
-def _used_guidance(res: RouterResult, guidance_scale, cfg):
-    g = res.denoiser_info.get("guidance_scale")
-    return g if g is not None else (guidance_scale if guidance_scale is not None else cfg)

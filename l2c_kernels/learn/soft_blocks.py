@@ -20,9 +20,8 @@ wrapper reads the streams from the block's arguments by name and the outputs in 
 block's pattern entry. A stream a block returns as ``None`` (SD3's last block has no text output)
 stays ``None``.
 
-:func:`soft_block_forward` registers itself with :func:`~l2c_kernels.learn.soft_forward.register_soft_forward`
-for every family of the pattern table that has no branch adapter (DiT and PixArt keep their
-branch-level soft forward). The caches are the learner's :class:`SoftCaches` (one unit per block);
+:func:`~l2c_kernels.learn.soft_forward.soft_forward` runs it wherever the families registry decides block level
+(the pattern-table families without a branch adapter by default, any of them with ``branches=["block"]``). The caches are the learner's :class:`SoftCaches` (one unit per block);
 a block with two streams uses a second entry of its row, so detaching the caches between steps
 (step-wise training) covers every stream.
 """
@@ -31,10 +30,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters.patterns import HIDDEN, PATTERNS, find_blocks, pattern_for
+from ..adapters.patterns import HIDDEN, find_blocks, pattern_for
 from ..runtime.block_runtime import BlockStandIn, shadow_with
 from .soft_caches import SoftCaches
-from .soft_forward import register_soft_forward
 
 
 class _SoftState:
@@ -109,15 +107,3 @@ def soft_block_forward(model, args: dict, w: torch.Tensor | None, caches: SoftCa
     if hasattr(out, "sample"):
         return out.sample
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _block_level_only() -> list[str]:
-    """Families of the pattern table without a branch adapter (those are soft-forwarded per branch)."""
-    from ..adapters import ADAPTERS, BlockLevelAdapter
-
-    branch = {c for ad in ADAPTERS if not isinstance(ad, BlockLevelAdapter) for c in ad.model_classes}
-    return sorted(c for c in PATTERNS if c not in branch)
-
-
-for _name in _block_level_only():
-    register_soft_forward(_name, soft_block_forward)

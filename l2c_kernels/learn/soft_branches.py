@@ -34,7 +34,7 @@ from ..adapters.mmdit_branches import applicable, branch_names, is_two_stream
 from ..adapters.patterns import find_blocks, pattern_for
 from ..runtime.block_runtime import shadow_with
 from ..runtime.branch_wrappers import _WRAPPERS
-from ..schedule import BLOCK_UNIT
+from ..schedule import BLOCK_UNIT, BRANCH_LEVEL, TWO_STREAM_LEVEL
 from .soft_caches import SoftCaches
 
 
@@ -158,10 +158,7 @@ class LearningUnits:
     cost: torch.Tensor             # [blocks, columns] FLOPs per model-batch sample; 0 where a unit does not apply
     branch_flops: dict             # per column: mean FLOPs over the blocks that have it
     schedule_kwargs: dict = field(default_factory=dict)  # for Schedule.from_mask: branches=, unit_(branch_)flops=
-
-    @property
-    def branch_level(self) -> bool:
-        return self.branches is not None and list(self.branches) != [BLOCK_UNIT]
+    level: str = BRANCH_LEVEL      # the level the families registry decided (l2c_kernels.schedule.LEVELS)
 
 
 def learning_units(den, branches=None) -> LearningUnits:
@@ -174,22 +171,18 @@ def learning_units(den, branches=None) -> LearningUnits:
     FLOPs the schedule really removes at the real image and text token counts, the same number
     :meth:`Schedule.flops_removed_fraction` reports; other families keep their adapter's per-branch costs."""
     model = getattr(den.transformer, "original_model", den.transformer)
-    block_level = branches is not None and list(branches) == [BLOCK_UNIT]
-    branch_level = branches is not None and not block_level
-    ad = adapter_for(model, block_level=block_level, branch_level=branch_level)
-    nb = ad.num_blocks(model)
-    if branch_level and not is_two_stream(model):
-        names = list(branches)
-        if names != list(ad.branches(model)):
-            raise ValueError(f"branches {names}: {type(model).__name__} learns its branches {ad.branches(model)}")
-    if not is_two_stream(model):
+    ad = adapter_for(model, branches)
+    level, nb = ad.level, ad.num_blocks(model)
+    if branches is not None and level != TWO_STREAM_LEVEL and list(branches) != list(ad.branches(model)):
+        raise ValueError(f"branches {list(branches)}: {type(model).__name__} learns its branches {ad.branches(model)}")
+    if not is_two_stream(model):   # costs from the adapter
         names = list(ad.branches(model))
         flops = ad.branch_flops(model, tokens=den.image_tokens, text_tokens=den.text_tokens or 8)
         cost = torch.tensor([[float(flops[b]) for b in names]] * nb)
         return LearningUnits(None if branches is None else list(branches), names, nb, cost, flops,
-                             dict(branches=list(branches)) if branches is not None else {})
-    args = _one_call(den)
-    if branch_level:
+                             dict(branches=list(branches)) if branches is not None else {}, level)
+    args = _one_call(den)   # SD3 / Flux: costs counted on a real call at the real token counts
+    if level == TWO_STREAM_LEVEL:
         from ..runtime.branch_wrappers import measure_branch_flops
 
         names = _check_names(model, branches)
@@ -203,7 +196,7 @@ def learning_units(den, branches=None) -> LearningUnits:
                           max(1, sum(app[k][all_units.index(b)] for k in range(nb))))
                  for j, b in enumerate(names)}
         ubf = [[row[i] / per for i in range(len(all_units))] for row in counted]
-        return LearningUnits(names, names, nb, cost, flops, dict(branches=names, unit_branch_flops=ubf))
+        return LearningUnits(names, names, nb, cost, flops, dict(branches=names, unit_branch_flops=ubf), level)
     from ..runtime.block_flops import measure_block_flops
 
     per = float(args["hidden_states"].shape[0])
@@ -211,7 +204,7 @@ def learning_units(den, branches=None) -> LearningUnits:
     cost = torch.tensor([[f] for f in counted])
     return LearningUnits(None if branches is None else [BLOCK_UNIT], [BLOCK_UNIT], nb, cost,
                          {BLOCK_UNIT: sum(counted) / len(counted)},
-                         dict(unit_flops=counted, **({} if branches is None else dict(branches=[BLOCK_UNIT]))))
+                         dict(unit_flops=counted, **({} if branches is None else dict(branches=[BLOCK_UNIT]))), level)
 
 
 def _one_call(den) -> dict:

@@ -13,27 +13,25 @@ value ``c``), and a step mixing in a fresh output ``y`` with weight ``w`` update
 {0, 1} this is exactly ``y1 + (s - s1) / (s1 - s0) (y1 - y0)`` of the runtime; in between it
 is differentiable in ``w``.
 
-:func:`soft_forward` dispatches on the model: a function registered with
-:func:`register_soft_forward` for a model class (e.g. a block-level soft forward for families
-whose unit is the whole block, ``soft_blocks.py``) is used before the branch-level path through
-the model's block adapter, which is the default; :class:`SoftCaches` made with ``branches=`` naming SD3 / Flux
-units select those families' branch level (``soft_branches.py``). A registered function has the signature of
-:func:`soft_forward` and uses :class:`SoftCaches` the same way (one "branch" per unit it caches).
+:func:`soft_forward` dispatches on the level the families registry decides for the caches' branches: the
+branch-level path through the model's block adapter (DiT / PixArt, below), whole blocks (the pattern-table
+families, ``soft_blocks.py``) or SD3 / Flux units (``soft_branches.py``). A function registered with
+:func:`register_soft_forward` for a model class comes first; it has the signature of :func:`soft_forward` and
+uses :class:`SoftCaches` the same way (one "branch" per unit it caches).
 """
 from __future__ import annotations
 
 import torch
 
-from ..adapters import StepInputs, adapter_for
+from ..adapters import StepInputs, adapter_for, level_for
+from ..schedule import BLOCK_LEVEL, BRANCH_LEVEL, TWO_STREAM_LEVEL
+from .soft_blocks import soft_block_forward
+from .soft_branches import soft_branch_forward
+from .soft_caches import SoftCaches  # noqa: F401  (re-exported: soft forwards take it)
 
 
-from .soft_caches import SoftCaches  # noqa: E402,F401  (re-exported: soft forwards take it)
-
-
+#: soft forwards registered for a model class (:func:`register_soft_forward`); they come before the level's own
 _SOFT_FORWARDS: dict = {}
-#: Modules (in this package) imported the first time a model class has no registered soft forward.
-PLUGIN_MODULES = ["soft_blocks"]
-_plugins_loaded = False
 
 
 def register_soft_forward(model_class_name: str, fn) -> None:
@@ -41,40 +39,20 @@ def register_soft_forward(model_class_name: str, fn) -> None:
     _SOFT_FORWARDS[model_class_name] = fn
 
 
-def _registered(model):
-    global _plugins_loaded
-    name = type(getattr(model, "original_model", model)).__name__
-    if name not in _SOFT_FORWARDS and not _plugins_loaded:
-        import importlib
-
-        _plugins_loaded = True
-        for mod in PLUGIN_MODULES:
-            try:
-                importlib.import_module(f"{__package__}.{mod}")
-            except ModuleNotFoundError as e:
-                if e.name != f"{__package__}.{mod}":
-                    raise
-    return _SOFT_FORWARDS.get(name)
-
-
 def soft_forward(model, args: dict, w: torch.Tensor | None, caches: SoftCaches,
                  record: list | None = None) -> torch.Tensor:
     """One transformer call; ``w[block, branch]`` in [0, 1] is the weight of the fresh output.
 
-    ``record``, if given, collects ``(block, branch, fresh_output)`` for change measurements.
-    Caches made with ``branches=`` that name SD3 / Flux units run the branch level of those families.
+    ``record``, if given, collects ``(block, branch, fresh_output)`` for change measurements. The level is the
+    one the families registry decides for ``caches.branches`` (:func:`~l2c_kernels.adapters.level_for`): branch
+    pieces through the block adapter (DiT / PixArt), whole blocks (the pattern table; ``soft_blocks.py``), or
+    SD3 / Flux units (``soft_branches.py``); a function registered for the model's class comes first.
     """
-    if caches.branches is not None and caches.branches != ["block"]:
-        from ..adapters.mmdit_branches import is_two_stream
-
-        if is_two_stream(model):
-            from .soft_branches import soft_branch_forward
-
-            return soft_branch_forward(model, args, w, caches, record=record)
-    fn = _registered(model)
-    if fn is not None:
-        return fn(model, args, w, caches, record=record)
-    return branch_soft_forward(model, args, w, caches, record=record)
+    fn = _SOFT_FORWARDS.get(type(getattr(model, "original_model", model)).__name__)
+    if fn is None:
+        fn = {BRANCH_LEVEL: branch_soft_forward, BLOCK_LEVEL: soft_block_forward,
+              TWO_STREAM_LEVEL: soft_branch_forward}[level_for(model, caches.branches)]
+    return fn(model, args, w, caches, record=record)
 
 
 def branch_soft_forward(model, args: dict, w: torch.Tensor | None, caches: SoftCaches,

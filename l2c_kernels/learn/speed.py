@@ -45,15 +45,23 @@ def _cost(c) -> StepCost:
 
 
 def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_FORECASTS,
-                       rounds: int = 3, sample=None) -> dict:
-    """``{forecast: StepCost}`` for ``den``'s model and batch on its device. One warm-up round, then ``rounds``
-    interleaved rounds of the plain model and, per forecast, two schedules through the runtime: the first three
-    steps computed and the rest reused (``k1`` computed), and every second step computed besides (``k2``); from the
-    medians ``t = k t_computed + (n - k) t_reused`` solved on the two, over the plain model's step time.
+                       rounds: int = 5, sample=None, seed: int = 0) -> dict:
+    """``{forecast: StepCost, "pooled": StepCost}`` for ``den``'s model and batch on its device. One warm-up round,
+    then ``rounds`` rounds, each running the plain model and, per forecast, two schedules through the runtime in a
+    new random order (``seed``): the first three steps computed and the rest reused (``k1`` computed), and every
+    second step computed besides (``k2``); from the medians ``t = k t_computed + (n - k) t_reused`` solved on the two,
+    over the plain model's step time.
+
+    ``"pooled"`` solves the same on the mean over the forecasts of each schedule's median: the forecasts' own
+    arithmetic differs by far less than the spread of a few timed runs (on the bundled CPU models one forecast's
+    computed step came out 0.88 and another's 1.13 of a plain step in the same run), so the pooled costs are the ones
+    to place budgets with; the per-forecast ones show that spread.
 
     ``sample(transformer)`` (default: ``den``'s loop from fixed noise) is one generation as it will be served, so
     what a call costs besides the steps (encoding prompts, building the sampler) is in the times: it is spread over
     the steps, as it is in the speedups the costs predict."""
+    import random
+
     from ..runtime import compile_schedule
     from ..schedules import computed_steps
 
@@ -76,8 +84,11 @@ def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_
         def sample(m):
             den.sample_with(m, n, noise)
     times: dict = {k: [] for k in runs}
+    order, rng = list(runs), random.Random(seed)
     for r in range(rounds + 1):
-        for k, m in runs.items():
+        rng.shuffle(order)
+        for k in order:
+            m = runs[k]
             if hasattr(m, "reset"):
                 m.reset()
             t0 = time.perf_counter()
@@ -85,17 +96,18 @@ def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_
             if r > 0:
                 times[k].append(time.perf_counter() - t0)
     step = statistics.median(times["full"]) / n
-    (k1, k2) = (len(sets[0]), len(sets[1]))
-    out = {}
-    for f in forecasts:
-        t1, t2 = (statistics.median(times[(f, i)]) for i in range(2))
+    k1, k2 = len(sets[0]), len(sets[1])
+
+    def solve(t1: float, t2: float) -> StepCost:
         # t1 = k1 c + (n - k1) r, t2 = k2 c + (n - k2) r  ->  c - r = (t2 - t1) / (k2 - k1)
         diff = (t2 - t1) / (k2 - k1)
         reused = (t1 - k1 * diff) / n
-        computed = reused + diff
         reused = max(0.0, reused / step)
-        computed = max(reused + 1e-6, computed / step)
-        out[f] = StepCost(reused, computed)
+        return StepCost(reused, max(reused + 1e-6, (reused * step + diff) / step))
+
+    med = {k: statistics.median(v) for k, v in times.items() if k != "full"}
+    out = {f: solve(med[(f, 0)], med[(f, 1)]) for f in forecasts}
+    out["pooled"] = solve(*(statistics.fmean(med[(f, i)] for f in forecasts) for i in range(2)))
     return out
 
 

@@ -199,13 +199,14 @@ def measure_final_layer_cost(model, sample_inputs: dict | None = None, repeats: 
     Models with a branch adapter run the adapter's ``finish``; the others (SD3, Flux, ...) are timed through
     their own forward: a call whose blocks all pass their streams through, less a call stopped in front of the
     first block (the embedding), each the fastest of ``repeats + 1``."""
-    from ..adapters import BlockLevelAdapter, StepInputs
+    from ..adapters import StepInputs
+    from ..schedule import BRANCH_LEVEL
 
     inner = getattr(model, "original_model", model)
     if sample_inputs is None:
         sample_inputs = example_inputs(inner, batch=batch)
     ad = adapter_for(inner)
-    if isinstance(ad, BlockLevelAdapter):
+    if ad.level != BRANCH_LEVEL:
         return _final_by_difference(inner, sample_inputs, repeats)
     inputs = ad.bind(inner, (), dict(sample_inputs))
     inputs = StepInputs(args=inputs.args)

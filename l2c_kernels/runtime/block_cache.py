@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schedule import BLOCK, REUSE, Schedule, ScheduleError
+from ..schedule import BLOCK, BLOCK_UNIT, REUSE, Schedule, ScheduleError
 from .block_work import BlockKind, apply_deltas, store_deltas
 from .plan import StepPlan, compile_plans
 
@@ -32,9 +32,9 @@ class BlockAction:
 def block_plans(schedule: Schedule) -> list[StepPlan]:
     """The step plans of a block-level schedule: the block is the one branch (a whole-block ``B`` is a reuse
     of that branch), identical plans interned to one object."""
-    if schedule.branches != ["block"]:
+    if not schedule.is_block_level:
         raise ScheduleError(f"a block-level schedule has branches ['block'], got {schedule.branches}")
-    as_reuse = Schedule(timesteps=schedule.timesteps, branches=["block"], num_blocks=schedule.num_blocks,
+    as_reuse = Schedule(timesteps=schedule.timesteps, branches=[BLOCK_UNIT], num_blocks=schedule.num_blocks,
                         plan=[[REUSE if e == BLOCK else e for e in row] for row in schedule.plan],
                         forecast=schedule.forecast)
     return compile_plans(as_reuse)

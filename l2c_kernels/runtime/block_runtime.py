@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..adapters.patterns import BlockPatternError, BlockRef, FamilyPattern, find_blocks, pattern_for
-from ..schedule import BLOCK_UNIT, Schedule, ScheduleError
+from ..schedule import Schedule, ScheduleError
 from .drop_in import DropInModule
 from .block_cache import BlockAction, BlockCaches, block_actions, block_plans, reuse_kind, store_residuals
 from .block_flops import step_flops
@@ -259,7 +259,7 @@ class BlockCachedTransformer(BlockSteps, BlockGraphs, DropInModule):
                    if fam.joint_attention else "its cross-attention is not cached separately at block level")
             raise ScheduleError(f"T-GATE (and branch-level attn2) schedules cannot run on {fam.model_class}: {why}. "
                                 f"Use a block-level schedule (branches ['block']).")
-        if schedule.branches != [BLOCK_UNIT]:
+        if not schedule.is_block_level:
             raise ScheduleError(f"{fam.model_class} runs block-level schedules (branches ['block']); this schedule "
                                 f"has branches {schedule.branches}")
 
@@ -269,7 +269,7 @@ class BlockCachedTransformer(BlockSteps, BlockGraphs, DropInModule):
 
     @staticmethod
     def _step_plans(schedule: Schedule) -> list:
-        return block_plans(schedule) if schedule.branches == [BLOCK_UNIT] else compile_plans(schedule)
+        return block_plans(schedule) if schedule.is_block_level else compile_plans(schedule)
 
     def _wrapper(self, ref: BlockRef, state: _RunState) -> nn.Module:
         return _BlockWrapper(ref, state)
@@ -317,7 +317,7 @@ class BlockCachedTransformer(BlockSteps, BlockGraphs, DropInModule):
         total = sum(c * f[0] for c, f in zip(self.step_counts, self._step_flops))
         removed = sum(c * f[1] for c, f in zip(self.step_counts, self._step_flops))
         used = {self._plan_of[s] for s, c in enumerate(self.step_counts) if c}
-        unit = "block" if self.schedule.branches == [BLOCK_UNIT] else "branch"
+        unit = "block" if self.schedule.is_block_level else "branch"
         return {"level": unit, "steps_run": sum(self.step_counts), "calls": self.calls,
                 "passes_per_step": 1 + max((k[0] for k in self._caches), default=0),
                 "generations": self.generations, "schedule_steps": self.schedule.num_steps,

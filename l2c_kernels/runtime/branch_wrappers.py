@@ -32,7 +32,7 @@ from torch import nn
 from .. import ops
 from ..adapters.mmdit_branches import BLOCK_CLASSES, block_branches, branch_names, is_two_stream
 from ..adapters.patterns import BlockPatternError
-from ..schedule import BLOCK_UNIT, ScheduleError
+from ..schedule import ScheduleError
 from .block_cache import BlockAction, apply_residuals, store_residuals
 from .block_flops import _CUSTOM
 from .block_runtime import BlockCachedTransformer, _BlockWrapper
@@ -292,7 +292,7 @@ class BranchCachedTransformer(BlockCachedTransformer):
 
     @staticmethod
     def _check_schedule(fam, schedule) -> None:
-        if schedule.branches == [BLOCK_UNIT]:
+        if schedule.is_block_level:
             raise ScheduleError("a block-level schedule runs on BlockCachedTransformer (compile_schedule picks it)")
         if schedule.attn2_cache == "cfg_mean":
             raise ScheduleError(f"T-GATE (attn2_cache 'cfg_mean') cannot run on {fam.model_class}: it uses joint "

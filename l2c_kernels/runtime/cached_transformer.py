@@ -22,9 +22,9 @@ import types
 import torch
 from torch import nn
 
-from ..adapters import adapter_for
+from ..adapters import adapter_for, level_for
 from ..adapters.base import BlockAdapter, StepInputs
-from ..schedule import BLOCK, REUSE, Schedule, ScheduleError, same_timestep
+from ..schedule import BLOCK, BRANCH_LEVEL, REUSE, TWO_STREAM_LEVEL, Schedule, ScheduleError, same_timestep
 from .drop_in import DropInModule
 from .caches import CacheSet
 from .cuda_graphs import GraphCache
@@ -497,10 +497,8 @@ def compile_schedule(model: nn.Module, schedule: Schedule, *, cuda_graphs: bool 
       counter alone decides the step).
     """
     model = getattr(model, "original_model", model)
-    from ..adapters import BlockLevelAdapter
-
-    if schedule.branches == ["block"] or isinstance(adapter_for(model), BlockLevelAdapter):
-        # block level: families without a branch adapter (Flux, SD3, Wan, ...), or a ["block"] schedule
+    if level_for(model, schedule.branches) != BRANCH_LEVEL:
+        # the pattern-table runtime: whole blocks (Flux, SD3, Wan, ..., or a ["block"] schedule), SD3 / Flux units
         return compile_blocks(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
                               timestep_check=timestep_check)
     return CachedTransformer(model, schedule, cuda_graphs=cuda_graphs, torch_compile=torch_compile,
@@ -511,12 +509,10 @@ def compile_blocks(model: nn.Module, schedule: Schedule, **kwargs):
     """The pattern-table runtime for ``model`` (or a compiled module's original) and ``schedule``:
     :class:`~l2c_kernels.runtime.block_runtime.BlockCachedTransformer`, or for SD3 / Flux at branch level
     :class:`~l2c_kernels.runtime.branch_wrappers.BranchCachedTransformer`."""
-    from ..adapters.mmdit_branches import is_two_stream
-    from ..schedule import BLOCK_UNIT
     from .block_runtime import BlockCachedTransformer
     from .branch_wrappers import BranchCachedTransformer
 
     model = getattr(model, "original_model", model)
-    if schedule.branches != [BLOCK_UNIT] and is_two_stream(model):  # SD3 / Flux at branch level
+    if level_for(model, schedule.branches) == TWO_STREAM_LEVEL:  # SD3 / Flux at branch level
         return BranchCachedTransformer(model, schedule, **kwargs)
     return BlockCachedTransformer(model, schedule, **kwargs)

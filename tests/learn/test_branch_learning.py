@@ -93,7 +93,7 @@ def test_unit_costs_are_counted_at_the_real_token_counts(family):
     tr = pipe.transformer
     units = learning_units(den, branch_names(tr))
     want = torch.tensor(estimate_branch_flops(tr, den.image_tokens, den.text_tokens))
-    assert units.names == branch_names(tr) and units.branch_level
+    assert units.names == branch_names(tr) and units.level == "two_stream_branch"
     assert torch.equal(units.cost, want)
     assert units.schedule_kwargs["unit_branch_flops"] == want.tolist()
     blocks = learning_units(den)

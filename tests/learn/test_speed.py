@@ -62,7 +62,7 @@ def test_step_costs_come_from_the_model_work(monkeypatch):
     monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
     den = denoiser_for(bundle, 2, 1.5, "ddim", seed=0)
     costs = speed.measure_step_costs(den, 8, rounds=1)
-    assert set(costs) == set(speed.SPEED_FORECASTS)
+    assert set(costs) == set(speed.SPEED_FORECASTS) | {"pooled"}
     for c in costs.values():
         assert c.reused == pytest.approx(0.5 / 4.5, abs=1e-12) and c.computed == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ValueError, match="more than 5 steps"):

@@ -215,17 +215,19 @@ CONDITIONING_CASES = {
     "DiTPipeline without a class embedding": (
         lambda: denoiser_for(_dit_pipeline_without_class_embedding(), 2),
         ValueError, ("DiTPipeline", " has no class embedding (num_embeds_ada_norm is ", "None)")),
-    "latent_shape of two numbers": (
-        lambda: denoiser_for(tiny_dit(layers=1), scheduler=ddim(), conditions=dit_conditions(), latent_shape=(4, 8)),
-        ValueError, ("latent_shape must be (channels, height, width) of one sample, got ", "(4, 8)")),
+    "latent_shape of one number": (
+        lambda: denoiser_for(tiny_dit(layers=1), scheduler=ddim(), conditions=dit_conditions(), latent_shape=(4,)),
+        ValueError, ("latent_shape must be one sample", "s latents as the transformer takes them ((C, H, W), packed ",
+                     "(tokens, C), video (C, F, H, W)), got ", "(4,)")),
     "conditions of two batch sizes": (
         lambda: denoiser_for(tiny_dit(layers=1), scheduler=ddim(), latent_shape=(4, 8, 8),
                              conditions=dict(class_labels=torch.arange(2), encoder_hidden_states=torch.zeros(3, 1, 8))),
-        ValueError, ("conditions must hold tensors with one batch size (the model batch); got sizes ", "[2, 3]")),
+        ValueError, ("conditions must hold the model batch in one size (the rows of encoder_hidden_states, ",
+                     "; Flux", "s img_ids / txt_ids have none); got ", "class_labels 2, encoder_hidden_states 3")),
     "conditions without a tensor": (
         lambda: denoiser_for(tiny_dit(layers=1), scheduler=ddim(), latent_shape=(4, 8, 8),
                              conditions=dict(class_labels=[1, 2])),
-        ValueError, ("conditions must hold tensors with one batch size (the model batch); got sizes ", "[]")),
+        ValueError, ("conditions must hold the model batch in one size", "; got ", "none")),
     "model output of neither 1x nor 2x the latent channels": (
         _learned_sigma_mismatch,
         ValueError, ("the model predicts ", "12 channels for 4", "-channel latents")),

@@ -179,7 +179,7 @@ def test_branch_runtime_of_sd3_and_flux_refuses_other_blocks():
 def test_block_level_adapter_has_no_branch_pieces():
     dit = tiny_dit(layers=1)
     with pytest.raises(TypeError, match="block-level models have no branch context"):
-        adapter_for(dit, block_level=True).block_context(dit.transformer_blocks[0], None)
+        adapter_for(dit, ["block"]).block_context(dit.transformer_blocks[0], None)
 
 
 # ---------------------------------------------------------------- Flux.1 at branch level
@@ -193,7 +193,7 @@ def flux_call(module):
 def test_two_stream_adapter_runs_no_forward_pieces():
     model = FLUX.build(seed=0)
     with pytest.raises(TypeError, match="not through the adapter's forward pieces"):
-        adapter_for(model, branch_level=True).prepare(model, StepInputs(args={}))
+        adapter_for(model, branch_names(model)).prepare(model, StepInputs(args={}))
 
 
 class LoraLinear(nn.Module):

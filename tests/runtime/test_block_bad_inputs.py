@@ -18,7 +18,7 @@ def _compiled(name, branch_level=False):
     model = fam.build()
     ts = [900.0, 600.0, 300.0]
     units = branch_names(model) if branch_level else ["block"]
-    nb = l2c.adapters.adapter_for(model, block_level=True).num_blocks(model)
+    nb = l2c.adapters.adapter_for(model, ["block"]).num_blocks(model)
     mask = torch.ones(len(ts), nb, len(units), dtype=torch.bool)
     mask[1:, 1:] = False
     sched = l2c.Schedule.from_mask(model, ts, mask, branches=None if not branch_level else units)

@@ -127,7 +127,12 @@ def test_bf16_close_to_fp32(model):
                  else v) for k, v in inputs.items()}
     out = fast(**inp16).sample
     assert out.dtype == torch.bfloat16
-    assert rel_err(out.float(), model(**inputs).sample) < 5e-2
+    # the reference for bf16 rounding is diffusers' own bf16 forward: both round the same computation at bf16's
+    # unit roundoff (2^-8), in another order, so by the triangle inequality the runtime is at most twice as far
+    # from fp32 as diffusers is (measured: 0.0064 / 0.0081 against 0.0079 / 0.0079 for DiT / PixArt)
+    ref = model(**inputs).sample
+    plain = m16(**inp16).sample.float()
+    assert rel_err(out.float(), ref) <= 2 * rel_err(plain, ref)
 
 
 def test_set_step_and_reset(model):
