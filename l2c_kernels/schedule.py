@@ -78,8 +78,10 @@ def _families():
     return _FAMILIES
 
 
-def _model_facts(model, branches=None) -> tuple[str, int, list[str], dict]:
-    ad = _families()(model, branches)
+def _model_facts(model, branches=None, ad=None) -> tuple[str, int, list[str], dict]:
+    """Class name, block count, branches and per-branch costs of ``model`` at the level ``branches`` mean (``ad``:
+    that level's adapter, when the caller has it already)."""
+    ad = _families()(model, branches) if ad is None else ad
     inner = getattr(model, "original_model", model)
     return type(inner).__name__, ad.num_blocks(inner), ad.branches(inner), ad.branch_flops(inner)
 
@@ -130,7 +132,7 @@ class Schedule:
         else it is estimated for the family's default token counts.
         """
         ad = _families()(model, branches)   # the adapter of the level these branches mean
-        model_class, nblocks, model_branches, flops = _model_facts(model, branches)
+        model_class, nblocks, model_branches, flops = _model_facts(model, branches, ad)
         branches = list(branches) if branches is not None else model_branches
         if ad.level == BLOCK_LEVEL:
             mask = [[[v] if isinstance(v, bool) or not hasattr(v, "__len__") else v for v in row]
@@ -179,12 +181,10 @@ class Schedule:
              sampler: dict | None = None) -> "Schedule":
         """The schedule that computes everything (output equals the original model's); ``branches=["block"]``
         makes a block-level one for a model that also has a branch adapter."""
-        model_class, nblocks, model_branches, _ = _model_facts(model, branches)
-        unknown = [b for b in branches or () if b not in model_branches]
-        if unknown:
-            raise ScheduleError(f"branches {unknown} do not exist in {model_class}; it has {model_branches}")
-        mask = [[[True] * len(model_branches)] * nblocks for _ in timesteps]
-        return cls.from_mask(model, timesteps, mask, branches=model_branches, method="full", sampler=sampler)
+        _, nblocks, model_branches, _ = _model_facts(model, branches)
+        asked = list(branches) if branches is not None else model_branches   # from_mask names any that do not exist
+        mask = [[[True] * len(asked)] * nblocks for _ in timesteps]
+        return cls.from_mask(model, timesteps, mask, branches=asked, method="full", sampler=sampler)
 
     # ------------------------------------------------------------------ queries
     @property

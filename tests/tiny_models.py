@@ -61,3 +61,20 @@ def cfg_batch(inputs: dict) -> dict:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
+
+
+class StandIn(torch.nn.Module):
+    """A module put in a transformer's place (a reference, a wrapper): answers what pipelines read of the
+    transformer (``config``, ``dtype``, ``device``) from ``self.model``."""
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    @property
+    def device(self):
+        return self.model.device

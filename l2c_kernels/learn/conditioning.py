@@ -234,6 +234,8 @@ register_pipeline("PixArtSigmaPipeline", pixart_pipeline_denoiser)
 #: do not); where none of them is given, every tensor is taken as batched
 BATCHED_CONDITIONS = ("encoder_hidden_states", "pooled_projections", "class_labels", "encoder_attention_mask",
                       "guidance", "added_cond_kwargs")
+
+
 def _from_transformer(transformer, scheduler, conditions: dict, latent_shape, cfg, cond_first: bool,
                       model_timestep=None) -> Denoiser:
     tr = _unwrap(transformer)
@@ -248,8 +250,9 @@ def _from_transformer(transformer, scheduler, conditions: dict, latent_shape, cf
                         f"got {model_timestep!r}")
     latent_shape = tuple(int(v) for v in latent_shape)
     cfg = 1.0 if cfg is None else float(cfg)
+    named = any(k in conditions for k in BATCHED_CONDITIONS)
     batched = {k: v for k, v in conditions.items() if isinstance(v, torch.Tensor) and v.ndim > 0
-               and (k in BATCHED_CONDITIONS or not any(n in conditions for n in BATCHED_CONDITIONS))}
+               and (k in BATCHED_CONDITIONS or not named)}
     rows = {int(v.shape[0]) for v in batched.values()}
     if len(rows) != 1:
         sizes = ", ".join(f"{k} {int(v.shape[0])}" for k, v in batched.items()) or "none"

@@ -22,6 +22,8 @@ REQUEST = ("labels", "prompts", "height", "width", "guidance_scale", "cfg", "sch
 #: what a learning call is for, beside train_router's options: budget (train_router's), a front, a threshold
 _TARGETS = [("budgets", "tuple | None", None), ("speedups", "tuple | None", None), ("step_cost", "object", None),
             ("threshold", "float | None", None)]
+#: the fields of a config that are not train_router's options
+TARGETS = tuple(n for n, _, _ in _TARGETS)
 
 
 def _fields() -> list:
@@ -37,7 +39,7 @@ def _fields() -> list:
 LearnConfig = dataclasses.make_dataclass("LearnConfig", _fields(), frozen=True)
 LearnConfig.__module__ = __name__
 LearnConfig.__doc__ = ("How a schedule is learned (``learn_schedule(model, config)``): the fields are "
-                       "``train_router``'s options with its defaults, and " + ", ".join(n for n, _, _ in _TARGETS)
+                       "``train_router``'s options with its defaults, and " + ", ".join(TARGETS)
                        + ". ``LearnConfig(...).options()`` gives them as keyword arguments.")
 LearnConfig.options = lambda self: {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

@@ -7,8 +7,9 @@ import dataclasses
 import torch
 
 from ..schedule import Schedule
-from .config import REQUEST, LearnConfig, make_config
-from .router import DEFAULT_ITERATIONS, RouterResult, _denoiser, schedule_from_scores, train_router
+from .conditioning import denoiser_for, load_named
+from .config import REQUEST, TARGETS, LearnConfig, make_config
+from .router import DEFAULT_ITERATIONS, RouterResult, schedule_from_scores, train_router
 
 #: the budgets :func:`learn_front` learns when given none
 DEFAULT_BUDGETS = (0.35, 0.5, 0.67, 0.75)
@@ -36,6 +37,8 @@ def learn_front(obj, num_inference_steps: int | LearnConfig = 20, budgets=None, 
     forecasts) turn each target into a budget before anything is learned; a target out of reach is refused then.
     Each schedule's ``params`` keep ``target_speedup``, ``step_cost`` and ``predicted_speedup``."""
     request = {k: kwargs.pop(k) for k in REQUEST if k in kwargs}
+    if isinstance(obj, str):   # loaded once for every budget
+        obj = load_named(obj)
     if budgets is not None:
         kwargs["budgets"] = budgets
     config = make_config(num_inference_steps, None, kwargs)
@@ -87,16 +90,10 @@ def learn_front(obj, num_inference_steps: int | LearnConfig = 20, budgets=None, 
 def _front_denoiser(obj, config: LearnConfig, request: dict):
     """The learner's training batch (its model, conditions, device) for timing a step, as :func:`train_router`
     builds it."""
-    if isinstance(obj, str):
-        from .conditioning import load_named
-
-        obj = load_named(obj)
     g = request.get("guidance_scale")
-    return _denoiser(obj, config.batch_size, g if g is not None else request.get("cfg"), request.get("scheduler"),
-                     config.seed, request.get("labels"), request.get("prompts"), request.get("height"),
-                     request.get("width"), request.get("conditions"), request.get("latent_shape"),
-                     request.get("max_sequence_length"), request.get("true_cfg_scale"), request.get("negative_prompt"),
-                     request.get("cond_first", False), request.get("model_timestep"))
+    rest = {k: v for k, v in request.items() if k not in ("guidance_scale", "cfg", "scheduler")}
+    return denoiser_for(obj, config.batch_size, g if g is not None else request.get("cfg"), request.get("scheduler"),
+                        seed=config.seed, **rest)
 
 
 def learn_schedule(obj, num_inference_steps: int | LearnConfig = 20, budget: float | None = None, *, labels=None,
@@ -144,10 +141,8 @@ def learn_schedule(obj, num_inference_steps: int | LearnConfig = 20, budget: flo
     if not 0.0 < c.budget < 1.0:
         raise ValueError(f"budget is the fraction of branch FLOPs to remove and must be in (0, 1), got {c.budget}")
     if isinstance(obj, str):
-        from .conditioning import load_named
-
         obj = load_named(obj)
-    train = {k: v for k, v in c.options().items() if k not in ("budgets", "speedups", "step_cost", "threshold")}
+    train = {k: v for k, v in c.options().items() if k not in TARGETS}
     res = train_router(obj, shared=shared, **train, **request)
     model = obj if isinstance(obj, torch.nn.Module) else getattr(obj.transformer, "original_model", obj.transformer)
     sched_name = scheduler if isinstance(scheduler, str) or scheduler is None else type(scheduler).__name__

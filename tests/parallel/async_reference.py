@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from tests.tiny_models import StandIn
 
-class AsyncReference(torch.nn.Module):
+
+class AsyncReference(StandIn):
     def __init__(self, model, ranges, timesteps, warm_up: int, stride: int = 1, schedule=None):
         super().__init__()
         if schedule is not None and stride != 1:
@@ -40,18 +42,6 @@ class AsyncReference(torch.nn.Module):
         self.calls = 0
         self.stale: list | None = None
         self.pending: torch.Tensor | None = None
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def dtype(self):
-        return self.model.dtype
-
-    @property
-    def device(self):
-        return self.model.device
 
     def _call(self, step: int, inputs: dict, replace: dict) -> tuple[torch.Tensor, list]:
         """One model call; ``replace[n]`` (component n >= 1) replaces component n's input. Returns the

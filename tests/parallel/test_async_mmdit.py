@@ -19,6 +19,7 @@ import torch
 from l2c_kernels import parallel
 from l2c_kernels.parallel import Split, UnsplittableModelError
 from tests.family_configs import FAMILIES
+from tests.tiny_models import StandIn
 
 from .helpers import psnr, raise_failures, run_ranks
 
@@ -72,7 +73,7 @@ def _sd3_parts(model, kw: dict):
 PARTS = {"FluxTransformer2DModel": _flux_parts, "SD3Transformer2DModel": _sd3_parts}
 
 
-class AsyncMMDiTReference(torch.nn.Module):
+class AsyncMMDiTReference(StandIn):
     """Asynchronous denoising of a Flux / SD3 transformer cut into ``ranges`` (contiguous block runs, forward order).
 
     Steps ``< warm_up`` run every block in turn. Later steps (stride 1): component 0 runs on this step's embedded
@@ -94,14 +95,6 @@ class AsyncMMDiTReference(torch.nn.Module):
 
     def reset(self):
         self.calls, self.stale, self.pending = 0, None, None
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def dtype(self):
-        return self.model.dtype
 
     def __getattr__(self, name):
         try:

@@ -11,29 +11,17 @@ from l2c_kernels.models.text_encoder import DigitTextEncoder
 from l2c_kernels.runtime import resample_schedule
 from tests.runtime.hook_reference import HookReference
 from tests.runtime.test_pipelines import timesteps_of, tiny_vae
-from tests.tiny_models import rel_err, tiny_dit, tiny_pixart
+from tests.tiny_models import StandIn, rel_err, tiny_dit, tiny_pixart
 
 STEPS = 4
 
 
-class HookedTransformer(torch.nn.Module):
+class HookedTransformer(StandIn):
     """What ``l2c.enable`` puts in a pipeline, done by the hook-based reference: call k runs step k mod n."""
 
     def __init__(self, model, schedule):
         super().__init__()
-        self.inner, self.ref, self.calls = model, HookReference(model, schedule), 0
-
-    @property
-    def config(self):
-        return self.inner.config
-
-    @property
-    def dtype(self):
-        return self.inner.dtype
-
-    @property
-    def device(self):
-        return self.inner.device
+        self.model, self.ref, self.calls = model, HookReference(model, schedule), 0
 
     def forward(self, hidden_states, timestep=None, class_labels=None, return_dict=True):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
