@@ -97,18 +97,22 @@ def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_
                 times[k].append(time.perf_counter() - t0)
     step = statistics.median(times["full"]) / n
     k1, k2 = len(sets[0]), len(sets[1])
-
-    def solve(t1: float, t2: float) -> StepCost:
-        # t1 = k1 c + (n - k1) r, t2 = k2 c + (n - k2) r  ->  c - r = (t2 - t1) / (k2 - k1)
-        diff = (t2 - t1) / (k2 - k1)
-        reused = (t1 - k1 * diff) / n
-        reused = max(0.0, reused / step)
-        return StepCost(reused, max(reused + 1e-6, (reused * step + diff) / step))
-
     med = {k: statistics.median(v) for k, v in times.items() if k != "full"}
-    out = {f: solve(med[(f, 0)], med[(f, 1)]) for f in forecasts}
-    out["pooled"] = solve(*(statistics.fmean(med[(f, i)] for f in forecasts) for i in range(2)))
+    out = {f: solve_step_cost(med[(f, 0)], med[(f, 1)], k1, k2, n, step) for f in forecasts}
+    out["pooled"] = solve_step_cost(*(statistics.fmean(med[(f, i)] for f in forecasts) for i in range(2)),
+                                    k1, k2, n, step)
     return out
+
+
+def solve_step_cost(t1: float, t2: float, k1: int, k2: int, n: int, step: float) -> StepCost:
+    """The step costs from two timed generations of ``n`` steps computing ``k1`` and ``k2`` of them, over a plain
+    step of ``step`` seconds: ``t = k c + (n - k) r`` solved for ``c`` and ``r``. A reused step that comes out
+    below 0 (timing noise) is taken as 0; the computed step keeps its solved value."""
+    diff = (t2 - t1) / (k2 - k1)            # c - r
+    reused = (t1 - k1 * diff) / n
+    computed = reused + diff
+    reused = max(0.0, reused / step)
+    return StepCost(reused, max(reused + 1e-6, computed / step))
 
 
 def budget_for_speedup(speedup: float, cost) -> float:

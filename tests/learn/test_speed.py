@@ -86,3 +86,12 @@ def test_a_front_at_speed_targets():
         l2c.learn_front(bundle, 7, budgets=[0.5], speedups=[2.0], step_cost=0.1)
     with pytest.raises(ValueError, match="out of reach at 7 steps"):
         l2c.learn_front(bundle, 7, speedups=[8.0], step_cost=0.1)
+
+
+def test_a_negative_reused_step_is_clamped_without_moving_the_computed_one():
+    """t = k c + (n - k) r with c = 1.1, r = -0.02 (noise) over 10 steps of 1 s: r reads 0, c stays 1.1."""
+    n, k1, k2, c, r = 10, 3, 6, 1.1, -0.02
+    cost = speed.solve_step_cost(k1 * c + (n - k1) * r, k2 * c + (n - k2) * r, k1, k2, n, 1.0)
+    assert cost.reused == 0.0 and cost.computed == pytest.approx(c, abs=1e-12)
+    clean = speed.solve_step_cost(k1 * c + (n - k1) * 0.07, k2 * c + (n - k2) * 0.07, k1, k2, n, 1.0)
+    assert clean.reused == pytest.approx(0.07, abs=1e-12) and clean.computed == pytest.approx(c, abs=1e-12)
