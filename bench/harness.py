@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import shlex
 import statistics
 import sys
@@ -25,51 +24,7 @@ _RUN: dict = dict(start=time.time(), load=None, argv=None)  # argv: the argument
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def interleave(runners: dict, rounds, warmup=1, *, order: str = "rotate", seed: int = 0, clock=time.perf_counter,
-               after_round=None, stop=None) -> dict[str, list[float]]:
-    """Seconds of every timed call of every runner: ``{name: [seconds, one per timed round]}``.
-
-    ``warmup`` untimed rounds, then ``rounds`` timed ones; each round calls every runner once, in an order that
-    changes from round to round (``"rotate"``: round k starts at runner k mod n; ``"shuffle"``: a new random order
-    from ``seed``), so a slow stretch of a shared machine hits every runner alike. ``rounds`` / ``warmup`` may be
-    sequences instead of counts: round k then calls ``fn(rounds[k])`` (one timestep per round interleaves step by
-    step). ``after_round(k, times)`` runs after timed round k; ``stop(k)`` true ends the timing before round k.
-    ``clock``: where seconds are read (``device_clock`` synchronises a GPU first)."""
-    names = list(runners)
-    rng = random.Random(seed)
-    for args in _round_args(warmup):
-        for name in names:
-            runners[name](*args)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for k, args in enumerate(_round_args(rounds)):
-        if stop is not None and stop(k):
-            break
-        at = k % len(names)
-        ordered = rng.sample(names, len(names)) if order == "shuffle" else names[at:] + names[:at]
-        for name in ordered:
-            t0 = clock()
-            runners[name](*args)
-            times[name].append(clock() - t0)
-        if after_round is not None:
-            after_round(k, times)
-    return times
-
-
-def _round_args(spec) -> list[tuple]:
-    return [()] * spec if isinstance(spec, int) else [(a,) for a in spec]
-
-
-def device_clock(device) -> callable:
-    """``time.perf_counter`` that waits for the GPU's queued work first (plain on CPU)."""
-    import torch
-
-    if getattr(device, "type", device) != "cuda":
-        return time.perf_counter
-
-    def clock():
-        torch.cuda.synchronize()
-        return time.perf_counter()
-    return clock
+from l2c_kernels.timing import device_clock, interleave  # noqa: E402,F401  (the library's one timing loop)
 
 
 def spread(seconds: list[float], scale: float = 1.0, digits: int = 5) -> list[float]:

@@ -289,10 +289,9 @@ def _bench_pipeline(a, sched) -> int:
     median seconds per generation, speedup, PSNR of the final latents (peak = the reference's range)."""
     import statistics
 
-    import torch
-
-    from .runtime import compile_schedule
     from .learn import denoiser_for
+    from .runtime import compile_schedule
+    from .timing import device_clock, interleave
 
     pipe = load_pipeline(a.pipeline, a.device, a.dtype)
     model = getattr(pipe.transformer, "original_model", pipe.transformer)
@@ -315,18 +314,16 @@ def _bench_pipeline(a, sched) -> int:
                          f"at {ts}: learn it with the same scheduler, steps and size")
     fast = compile_schedule(model, sched)
     noise = den.noise(a.seed)
-    times = {"full": [], "cached": []}
     out = {}
-    for r in range(a.repeats + 1):   # the first round warms up and gives the samples
-        for name, tr in (("full", model), ("cached", fast)):
-            t0 = time.perf_counter()
+
+    def runner(name, tr):
+        def run():
             x, _ = den.sample_with(tr, steps, noise)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            if r == 0:
-                out[name] = x.float()
-            else:
-                times[name].append(time.perf_counter() - t0)
+            out.setdefault(name, x.float())   # the warm-up round's samples
+        return run
+
+    times = interleave({"full": runner("full", model), "cached": runner("cached", fast)}, a.repeats,
+                       clock=device_clock(den.device))
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = out["full"]
     mse = float((out["cached"] - ref).pow(2).mean())

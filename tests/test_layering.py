@@ -17,7 +17,8 @@ PKG = "l2c_kernels"
 #: each module's layer, by the longest matching prefix. Sampling: the one loop, the schedulers and the pipeline
 #: builders (their modules still live under learn/); the digits plug-in is l2c_kernels.models.
 LAYERS = {
-    "ops": ["l2c_kernels.ops", "l2c_kernels._build", "l2c_kernels._machine", "l2c_kernels.metrics"],
+    "ops": ["l2c_kernels.ops", "l2c_kernels._build", "l2c_kernels._machine", "l2c_kernels.metrics",
+            "l2c_kernels.timing"],
     "format": ["l2c_kernels.schedule"],
     "families": ["l2c_kernels.adapters", "l2c_kernels.schedules"],
     "runtime": ["l2c_kernels.runtime"],

@@ -13,7 +13,6 @@ bundled CPU models the same speedup needs more removed.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 
 from .denoiser import Denoiser
@@ -45,7 +44,7 @@ def _cost(c) -> StepCost:
 
 
 def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_FORECASTS,
-                       rounds: int = 5, sample=None, seed: int = 0) -> dict:
+                       rounds: int = 5, sample=None, seed: int = 0, clock=None) -> dict:
     """``{forecast: StepCost, "pooled": StepCost}`` for ``den``'s model and batch on its device. One warm-up round,
     then ``rounds`` rounds, each running the plain model and, per forecast, two schedules through the runtime in a
     new random order (``seed``): the first three steps computed and the rest reused (``k1`` computed), and every
@@ -59,11 +58,11 @@ def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_
 
     ``sample(transformer)`` (default: ``den``'s loop from fixed noise) is one generation as it will be served, so
     what a call costs besides the steps (encoding prompts, building the sampler) is in the times: it is spread over
-    the steps, as it is in the speedups the costs predict."""
-    import random
-
+    the steps, as it is in the speedups the costs predict. ``clock``: where seconds are read (default: ``den``'s
+    device's, which waits for a GPU's queued work first)."""
     from ..runtime import compile_schedule
     from ..schedules import computed_steps
+    from ..timing import device_clock, interleave
 
     n = int(num_inference_steps)
     if n <= _ANCHORS + 2:
@@ -83,18 +82,15 @@ def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_
 
         def sample(m):
             den.sample_with(m, n, noise)
-    times: dict = {k: [] for k in runs}
-    order, rng = list(runs), random.Random(seed)
-    for r in range(rounds + 1):
-        rng.shuffle(order)
-        for k in order:
-            m = runs[k]
+    def runner(m):
+        def run():
             if hasattr(m, "reset"):
                 m.reset()
-            t0 = time.perf_counter()
             sample(m)
-            if r > 0:
-                times[k].append(time.perf_counter() - t0)
+        return run
+
+    times = interleave({k: runner(m) for k, m in runs.items()}, rounds, order="shuffle", seed=seed,
+                       clock=clock or device_clock(den.device))
     step = statistics.median(times["full"]) / n
     k1, k2 = len(sets[0]), len(sets[1])
     med = {k: statistics.median(v) for k, v in times.items() if k != "full"}

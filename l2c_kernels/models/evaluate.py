@@ -17,22 +17,23 @@ def timed_sample(bundle, transformer, labels, steps, scheduler, cfg, seed, promp
 def compare(bundle, runners: dict, labels, steps: int, scheduler: str = "ddim", cfg: float = 1.5, seed: int = 0,
             repeats: int = 3, prompts=None, reference: str = "full") -> dict:
     """Sample with every runner (``{name: transformer}``; ``reference`` must be one of them), interleaved
-    ``repeats`` times; report median wall time, speedup over the reference and PSNR/SSIM against it."""
+    ``repeats`` times after a warm-up round (which gives the images); report median wall time, speedup over the reference and PSNR/SSIM against it."""
     from ..metrics import psnr, ssim
+    from ..timing import interleave
 
     if reference not in runners:
         raise ValueError(f"runners must include the reference {reference!r}")
-    times = {k: [] for k in runners}
     images = {}
-    for r in range(repeats + 1):  # first round is the warm-up and gives the images
-        for name, tr in runners.items():
+
+    def runner(name, tr):
+        def run():
             if hasattr(tr, "reset"):
                 tr.reset()
-            imgs, dt = timed_sample(bundle, tr, labels, steps, scheduler, cfg, seed, prompts)
-            if r == 0:
-                images[name] = imgs
-            else:
-                times[name].append(dt)
+            imgs, _ = timed_sample(bundle, tr, labels, steps, scheduler, cfg, seed, prompts)
+            images.setdefault(name, imgs)   # the warm-up round's images
+        return run
+
+    times = interleave({name: runner(name, tr) for name, tr in runners.items()}, repeats)
     ref_t = statistics.median(times[reference])
     out = {}
     for name in runners:

@@ -42,7 +42,7 @@ def test_out_of_reach_targets_are_refused_naming_the_fastest():
         speed.budget_for_speedup(2.0, 1.0)
 
 
-def test_step_costs_come_from_the_model_work(monkeypatch):
+def test_step_costs_come_from_the_model_work():
     """A clock that only the model's work advances: 1 per attention or MLP branch computed, 0.5 per output layer
     call (every step). Two blocks: a plain step costs 4.5, a reused one 0.5 (1/9 of it), a computed one 4.5 (1):
     for every forecast, whatever the anchors' share of the timed runs."""
@@ -59,9 +59,8 @@ def test_step_costs_come_from_the_model_work(monkeypatch):
         blk.attn1.register_forward_hook(tick(1.0))
         blk.ff.register_forward_hook(tick(1.0))
     model.proj_out_2.register_forward_hook(tick(0.5))
-    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
     den = denoiser_for(bundle, 2, 1.5, "ddim", seed=0)
-    costs = speed.measure_step_costs(den, 8, rounds=1)
+    costs = speed.measure_step_costs(den, 8, rounds=1, clock=lambda: clock[0])
     assert set(costs) == set(speed.SPEED_FORECASTS) | {"pooled"}
     for c in costs.values():
         assert c.reused == pytest.approx(0.5 / 4.5, abs=1e-12) and c.computed == pytest.approx(1.0, abs=1e-12)
