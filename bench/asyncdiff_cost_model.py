@@ -1,5 +1,4 @@
-"""A cost model for AsyncDiff: predicted speedup on N devices from per-component compute time and
-collective latency/bandwidth.
+"""A cost model for AsyncDiff: predicted speedup on N devices from per-component compute time and collective cost.
 
 One generation of S steps with W warm-up steps, N components, stride s (N + s - 1 devices):
 
@@ -15,7 +14,7 @@ rank over D ranks (ring); ``bytes_msg``: the larger of the residual stream and t
 ``T_book``: AsyncDenoiser's own work per round (packing, header checks, a host sync).
 
 Checked against what ``bench/bench_asyncdiff.py`` measured on CPU; H100 predictions for 2/4/8 GPUs from FLOPs and
-the assumptions below (``--gpu-json``: measured per-component times instead). bench/NOTES.md ("AsyncDiff on CPU").
+the assumptions below. bench/NOTES.md ("AsyncDiff on CPU").
 
     python bench/asyncdiff_cost_model.py     # writes bench/results/asyncdiff_cost_model.{json,md}
 """
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import harness
 
-# ----------------------------------------------------------------------------- assumptions (H100)
 H100 = dict(
     name="H100 SXM 80GB, NVLink 4 via NVSwitch, NCCL",
     peak_bf16_flops=989e12,            # dense bf16 tensor-core peak
@@ -41,7 +39,6 @@ H100 = dict(
     bookkeeping_per_round_s=0.2e-3,    # AsyncDenoiser per round: pack/unpack, header check, host sync
     bytes_per_element=2,               # bf16 activations
 )
-
 # text: text tokens for cross-attention; images: per generation (the transformer batch is twice that, CFG)
 _XL = dict(blocks=28, hidden=1152, patch=2, out_channels=8)
 MODELS = [
@@ -52,9 +49,7 @@ MODELS = [
 
 
 def t_allgather(devices: int, nbytes: float, latency: float, bandwidth: float) -> float:
-    if devices <= 1:
-        return 0.0
-    return latency + (devices - 1) * nbytes / bandwidth
+    return 0.0 if devices <= 1 else latency + (devices - 1) * nbytes / bandwidth
 
 
 def predict(t_full: float, t_components: list[float], t_host: float, steps: int, warm_up: int, stride: int,
@@ -65,29 +60,26 @@ def predict(t_full: float, t_components: list[float], t_host: float, steps: int,
     devices = n + stride - 1
     single = steps * (t_full + t_host)
     rounds = math.ceil((steps - warm_up) / stride)
+    ag_msg = t_allgather(devices, bytes_msg, ag_latency, ag_bandwidth)
     warm = warm_up * (t_full + t_host + t_allgather(devices, bytes_out, ag_latency, ag_bandwidth))
-    par = rounds * (max(t_components) + t_allgather(devices, bytes_msg, ag_latency, ag_bandwidth) + t_book)
-    total = warm + par + (steps - warm_up) * t_host
-    ideal = steps / (warm_up + rounds / n)  # equal components, free communication
+    total = warm + rounds * (max(t_components) + ag_msg + t_book) + (steps - warm_up) * t_host
     return dict(devices=devices, components=n, stride=stride, single_s=single, asyncdiff_s=total,
-                speedup=single / total, ideal_speedup=ideal,
-                comm_fraction=rounds * t_allgather(devices, bytes_msg, ag_latency, ag_bandwidth) / total)
+                speedup=single / total, ideal_speedup=steps / (warm_up + rounds / n),  # equal components, free comm.
+                comm_fraction=rounds * ag_msg / total)
 
 
-# ----------------------------------------------------------------------------- CPU check
 def cpu_check(cpu: dict) -> dict:
+    """The model fed with what bench_asyncdiff.py measured, against the speedup it measured."""
     m = cpu["measured"]
-    st = m["single_thread"]
-    ag = m["allgather_gloo_loopback"]
-    t_full = st["full_s"]
+    st, ag = m["single_thread"], m["allgather_gloo_loopback"]
     kw = dict(t_host=m["outside_transformer_s"], steps=cpu["steps"], warm_up=cpu["warm_up"], stride=1,
               ag_latency=ag["latency_s"], ag_bandwidth=ag["bandwidth_Bps"],
               bytes_msg=max(m["hidden_bytes"], m["output_bytes"]) + 48, bytes_out=m["output_bytes"] + 48)
-    alone = predict(t_full, st["component_s"], **kw)
+    alone = predict(st["full_s"], st["component_s"], **kw)
     # the same with the component times measured while both processes ran (shared caches and memory)
-    together = predict(t_full, m["async_round_compute_s"], **kw)
+    together = predict(st["full_s"], m["async_round_compute_s"], **kw)
     measured = cpu["speedup_2p_vs_1p1t"]
-    return dict(inputs=dict(t_full_s=t_full, t_components_alone_s=st["component_s"],
+    return dict(inputs=dict(t_full_s=st["full_s"], t_components_alone_s=st["component_s"],
                             t_components_concurrent_s=m["async_round_compute_s"], t_host_s=m["outside_transformer_s"],
                             allgather_latency_s=ag["latency_s"], allgather_bandwidth_Bps=ag["bandwidth_Bps"],
                             bytes_msg=kw["bytes_msg"]),
@@ -96,7 +88,6 @@ def cpu_check(cpu: dict) -> dict:
                 error_concurrent=together["speedup"] / measured - 1)
 
 
-# ----------------------------------------------------------------------------- H100 predictions
 def block_flops(hidden: int, tokens: int, text: int, batch: int) -> float:
     """FLOPs of one transformer block (2 x MACs): self-attention, optional cross-attention, 4x MLP."""
     d, n = hidden, tokens
@@ -107,23 +98,17 @@ def block_flops(hidden: int, tokens: int, text: int, batch: int) -> float:
     return 2.0 * batch * macs
 
 
-def gpu_predictions(hw: dict, steps: int, warm_up: int, measured: dict | None = None) -> list[dict]:
+def gpu_predictions(hw: dict, steps: int, warm_up: int) -> list[dict]:
     rows = []
     for m in MODELS:
         batch = 2 * m["images"]  # classifier-free guidance
-        fl = block_flops(m["hidden"], m["tokens"], m["text"], batch)
-        rows_per_gemm = batch * m["tokens"]
-        mfu = hw["mfu_large"] if rows_per_gemm >= 4096 else hw["mfu_small"]
-        t_block = fl / (hw["peak_bf16_flops"] * mfu) + hw["kernels_per_block"] * hw["kernel_launch_s"]
+        mfu = hw["mfu_large"] if batch * m["tokens"] >= 4096 else hw["mfu_small"]  # by the GEMMs' rows
+        t_block = (block_flops(m["hidden"], m["tokens"], m["text"], batch) / (hw["peak_bf16_flops"] * mfu)
+                   + hw["kernels_per_block"] * hw["kernel_launch_s"])
         t_edges = 20 * hw["kernel_launch_s"]  # patch embedding, timestep embedding, final layer
         t_full = m["blocks"] * t_block + 2 * t_edges
         hidden_bytes = batch * m["tokens"] * m["hidden"] * hw["bytes_per_element"]
         out_bytes = batch * m["tokens"] * m["patch"] ** 2 * m["out_channels"] * hw["bytes_per_element"]
-        source = "FLOPs and assumptions"
-        if measured and m["name"] in measured:
-            t_full = measured[m["name"]]["full_s"]
-            t_block = measured[m["name"]]["block_s"]
-            source = "measured"
         for devices in (2, 4, 8):
             for stride in (1, 2):
                 n = devices - stride + 1
@@ -135,22 +120,21 @@ def gpu_predictions(hw: dict, steps: int, warm_up: int, measured: dict | None = 
                 p = predict(t_full, comps, hw["host_per_step_s"], steps, warm_up, stride, hw["allgather_latency_s"],
                             hw["allgather_busbw_Bps"], max(hidden_bytes, out_bytes), out_bytes,
                             hw["bookkeeping_per_round_s"])
-                rows.append(dict(model=m["name"], images=m["images"], transformer_batch=batch, source=source,
-                                 t_full_ms=t_full * 1e3, block_ms=t_block * 1e3, message_MB=hidden_bytes / 1e6, **p))
+                rows.append(dict(model=m["name"], images=m["images"], transformer_batch=batch,
+                                 source="FLOPs and assumptions", t_full_ms=t_full * 1e3, block_ms=t_block * 1e3,
+                                 message_MB=hidden_bytes / 1e6, **p))
     return rows
 
 
 def main(argv=None):
     ap = harness.parser(__doc__, threads=None)
     ap.add_argument("--cpu-json", default=str(harness.RESULTS / "asyncdiff_cpu.json"))
-    ap.add_argument("--gpu-json", default=None, help="measured GPU times {model name: {full_s, block_s}}")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warm-up", type=int, default=3)
     args = harness.parse(ap, argv)
     cpu = json.loads(Path(args.cpu_json).read_text())
     check = cpu_check(cpu)
-    measured = json.loads(Path(args.gpu_json).read_text()) if args.gpu_json else None
-    gpu = gpu_predictions(H100, args.steps, args.warm_up, measured)
+    gpu = gpu_predictions(H100, args.steps, args.warm_up)
     a, c, i = check["predicted_from_components_alone"], check["predicted_from_components_concurrent"], check["inputs"]
     formula = __doc__.split("\n\n")[1]
     res = dict(model="bench/asyncdiff_cost_model.py", formula=formula, cpu_check=check, h100_assumptions=H100,
@@ -176,8 +160,7 @@ def main(argv=None):
                          "predicted speedup", "ideal", "collective share"],
                         [[r["model"], r["images"], r["devices"], r["components"], r["stride"],
                           f"{r['t_full_ms']:.2f} ms", f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
-                          f"{100 * r['comm_fraction']:.1f}%"]
-                         for r in gpu], ["---"] + ["---:"] * 8)
+                          f"{100 * r['comm_fraction']:.1f}%"] for r in gpu], ["---"] + ["---:"] * 8)
     harness.write_result(args.out, "asyncdiff_cost_model", res, "\n".join(md))
     print("\n".join(md))
 

@@ -28,13 +28,6 @@ from l2c_kernels import models, schedules  # noqa: E402
 log = harness.log
 
 
-def _dynamo_counts() -> dict:
-    from torch._dynamo.utils import counters
-
-    return dict(graph_breaks=sum(counters["graph_break"].values()),
-                unique_graphs=int(counters["stats"]["unique_graphs"]))
-
-
 def _generation(bundle, tr, steps: int, labels, cfg: float, reset=None) -> float:
     if reset is not None:
         reset()
@@ -48,9 +41,10 @@ def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | 
     """First generations one after another (each compiled runner in its own dynamo cache), then ``steady``
     rounds in which every runner samples once, in a new random order each round (a slow stretch of a shared
     machine then hits different runners); steady = the median of a runner's rounds."""
+    from torch._dynamo.utils import counters
+
     bundle = models.load(name)
-    tr = bundle.transformer
-    cfg = bundle.recommended_cfg
+    tr, cfg = bundle.transformer, bundle.recommended_cfg
     ts = models.timesteps_for(bundle, steps)  # DDIM, or Euler flow matching for flux-digits
     scheds = {"0%": schedules.full(tr, ts), "50% (FORA 2)": schedules.uniform(tr, ts, 2)}
     if learned_path is not None and learned_path.exists():
@@ -63,11 +57,11 @@ def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | 
 
     def first(row, runner, reset=None, counts=False):
         if counts:
-            torch._dynamo.utils.counters.clear()
+            counters.clear()
         row.update(model=name, first_s=round(_generation(bundle, runner, steps, labels, cfg, reset), 3))
         if counts:
-            c = _dynamo_counts()
-            row.update(graphs=c["unique_graphs"], graph_breaks=c["graph_breaks"])
+            row.update(graphs=int(counters["stats"]["unique_graphs"]),
+                       graph_breaks=sum(counters["graph_break"].values()))
         if hasattr(runner, "compiled_variants") and row["compiled"]:
             row["compiled_variants"] = runner.compiled_variants()
         log(f"  {row['label']}: first {row['first_s']:.1f} s" + (f", graphs {row.get('graphs')}, breaks "
@@ -80,27 +74,22 @@ def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | 
     if cpp_wrapper_original:  # the option our compiled blocks use on CPU, given to the original as well
         first(dict(label="original, torch.compile (C++ wrapper)", kind="original", compiled=True),
               torch.compile(tr, options={"cpp_wrapper": True}), counts=True)
-    for tag, s in scheds.items():
-        fast = l2c.compile_schedule(tr, s, cuda_graphs=False)
-        first(dict(label=f"cached {tag}, eager", kind="cached", compiled=False, flops_removed=round(
-            s.flops_removed_fraction(), 3), distinct_plans=fast.distinct_plans()), fast)
-    for tag, s in scheds.items():
-        fast = l2c.compile_schedule(tr, s, cuda_graphs=False, torch_compile=True)
-        first(dict(label=f"cached {tag}, torch.compile", kind="cached", compiled=True, flops_removed=round(
-            s.flops_removed_fraction(), 3), distinct_plans=fast.distinct_plans()), fast, counts=True)
-
-    def steady_run(runner, reset):
-        return lambda: _generation(bundle, runner, steps, labels, cfg, reset)
+    for compiled in (False, True):  # every schedule eager, then every one compiled
+        for tag, s in scheds.items():
+            fast = l2c.compile_schedule(tr, s, cuda_graphs=False, **dict(torch_compile=True) if compiled else {})
+            first(dict(label=f"cached {tag}, {'torch.compile' if compiled else 'eager'}", kind="cached",
+                       compiled=compiled, flops_removed=round(s.flops_removed_fraction(), 3),
+                       distinct_plans=fast.distinct_plans()), fast, counts=compiled)
 
     def after_round(k, times):
         log(f"  steady round {k + 1}/{steady}: " + ", ".join(f"{r['label']} {times[i][-1]:.1f} s"
                                                           for i, (r, _, _) in enumerate(runners)))
-    times = harness.interleave({i: steady_run(r, reset) for i, (_, r, reset) in enumerate(runners)}, steady,
+    times = harness.interleave({i: (lambda r=r, reset=reset: _generation(bundle, r, steps, labels, cfg, reset))
+                                for i, (_, r, reset) in enumerate(runners)}, steady,
                                warmup=0, order="shuffle", after_round=after_round)
-    rows = []
-    for i, (row, _, _) in enumerate(runners):
+    rows = [row for row, _, _ in runners]
+    for i, row in enumerate(rows):
         row.update(steady_s=round(statistics.median(times[i]), 3), steady_runs=[round(t, 3) for t in times[i]])
-        rows.append(row)
     if save is not None:
         save(rows)
     if not dbcache:
@@ -120,7 +109,8 @@ def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | 
                    flops_removed=round(peer.flops_removed_fraction(), 3), steady_note="timed after the other rows")
         rows.append(row)
     except Exception as e:  # noqa: BLE001 - recorded in the results
-        rows.append(dict(model=name, label="cache-dit DBCache, torch.compile", kind="dbcache", error=f"{type(e).__name__}: {e}"))
+        rows.append(dict(model=name, label="cache-dit DBCache, torch.compile", kind="dbcache",
+                         error=f"{type(e).__name__}: {e}"))
         log(f"  DBCache failed: {e}")
     for r in rows:
         log(f"  {r['label']}: first {r.get('first_s')} s, steady {r.get('steady_s')} s")
@@ -135,9 +125,7 @@ def host_overhead(calls: int = 300) -> dict:
     m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
                               sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval().requires_grad_(False)
     ts = list(range(999, 0, -20))[:50]
-    x = torch.randn(1, 4, 8, 8)
-    lab = torch.tensor([3])
-    tts = [torch.tensor([t]) for t in ts]
+    x, lab, tts = torch.randn(1, 4, 8, 8), torch.tensor([3]), [torch.tensor([t]) for t in ts]
     runners = {"original": m,
                "cached, full schedule": l2c.compile_schedule(m, l2c.Schedule.full(m, ts), cuda_graphs=False),
                "cached, 50% (FORA 2)": l2c.compile_schedule(m, schedules.uniform(m, ts, 2), cuda_graphs=False),
@@ -147,39 +135,33 @@ def host_overhead(calls: int = 300) -> dict:
         per = harness.interleave({k: (lambda r=r: [r(x, timestep=t, class_labels=lab) for t in tts])
                                   for k, r in runners.items()}, calls // len(ts), warmup=2)
     out = {k: round(1e6 * statistics.median(v) / len(ts), 1) for k, v in per.items()}
-    base = out["original"]
     return dict(model="DiTTransformer2DModel, 2 blocks, hidden 16, 16 tokens, batch 1", us_per_call=out,
-                ratio_to_original={k: round(v / base, 3) for k, v in out.items()})
+                ratio_to_original={k: round(v / out["original"], 3) for k, v in out.items()})
 
 
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"# torch.compile and host overhead, CPU ({m['date']})", "",
-             f"{harness.describe(m)}; {m['steps']} steps (DDIM; Euler flow matching "
-             f"for flux-digits), CFG batch {m['batch']}, fp32; load average at the end of each model's rows: "
-             f"{m.get('load_average', '')}. First = first generation in a fresh dynamo state (compilation included, inductor disk caches "
-             f"off); steady = median of {m['steady']} interleaved rounds (random order per round). {m['note']}", ""]
+             f"{harness.describe(m)}; {m['steps']} steps (DDIM; Euler flow matching for flux-digits), CFG batch "
+             f"{m['batch']}, fp32; load average at the end of each model's rows: {m.get('load_average', '')}. First = "
+             "first generation in a fresh dynamo state (compilation included, inductor disk caches off); steady = "
+             f"median of {m['steady']} interleaved rounds (random order per round). {m['note']}", ""]
     for name in m["models"]:
         rows = [r for r in res["rows"] if r["model"] == name]
         ref = next((r for r in rows if r["label"] == "original, torch.compile" and "first_s" in r), None)
-        lines += [f"## {name}", "", "| run | first gen (s) | steady gen (s) | steady vs compiled original | first vs "
-                  "compiled original | FLOPs removed | graphs | graph breaks |", "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if "error" in r:
-                lines.append(f"| {r['label']} | failed: {r['error']} |  |  |  |  |  |  |")
-                continue
-            sp = f"{ref['steady_s'] / r['steady_s']:.2f}x" if ref else ""
-            fr = f"{r['first_s'] / ref['first_s']:.2f}x" if ref else ""
-            lines.append(f"| {r['label']} | {r['first_s']:.1f} | {r['steady_s']:.2f} | {sp} | {fr} | "
-                         f"{r.get('flops_removed', 0):.0%} | {r.get('graphs', '')} | {r.get('graph_breaks', '')} |")
-        lines.append("")
+        cells = [[r["label"], f"failed: {r['error']}"] + [""] * 6 if "error" in r else [
+            r["label"], f"{r['first_s']:.1f}", f"{r['steady_s']:.2f}",
+            f"{ref['steady_s'] / r['steady_s']:.2f}x" if ref else "",
+            f"{r['first_s'] / ref['first_s']:.2f}x" if ref else "",
+            f"{r.get('flops_removed', 0):.0%}", r.get("graphs", ""), r.get("graph_breaks", "")] for r in rows]
+        lines += [f"## {name}", ""] + harness.table(
+            ["run", "first gen (s)", "steady gen (s)", "steady vs compiled original", "first vs compiled original",
+             "FLOPs removed", "graphs", "graph breaks"], cells) + [""]
     h = res.get("host_overhead")
     if h:
-        lines += ["## Per-step host overhead", "", h["model"] + " (a call is almost all host work):", "",
-                  "| module | us per call | vs original |", "|---|---|---|"]
-        for k, v in h["us_per_call"].items():
-            lines.append(f"| {k} | {v} | {h['ratio_to_original'][k]:.2f}x |")
-        lines.append("")
+        lines += ["## Per-step host overhead", "", h["model"] + " (a call is almost all host work):", ""]
+        lines += harness.table(["module", "us per call", "vs original"], [
+            [k, v, f"{h['ratio_to_original'][k]:.2f}x"] for k, v in h["us_per_call"].items()]) + [""]
     return "\n".join(lines)
 
 
@@ -190,17 +172,19 @@ def main(argv=None):
     p.add_argument("--labels", type=int, nargs="+", default=[3, 7])
     p.add_argument("--steady", type=int, default=2)
     p.add_argument("--skip-host", action="store_true")
-    p.add_argument("--no-dbcache", action="store_true", help="leave out the cache-dit row (its compilation is the slowest)")
-    p.add_argument("--cpp-wrapper-original", action="store_true",
-                   help="add a row: the original under torch.compile with inductor's C++ wrapper (which compile_schedule's "
-                        "compiled blocks use on CPU)")
+    p.add_argument("--no-dbcache", action="store_true",
+                   help="leave out the cache-dit row (its compilation is the slowest)")
+    p.add_argument("--cpp-wrapper-original", action="store_true", help="add a row: the original under torch.compile "
+                   "with inductor's C++ wrapper (which compile_schedule's compiled blocks use on CPU)")
     p.add_argument("--note", default="")
     a = harness.parse(p, argv)  # --out: the result files' path without suffix
     torch.set_num_threads(a.threads)
     res = dict(meta=harness.meta(steps=a.steps, batch=2 * len(a.labels), steady=a.steady, models=a.models,
                                  note=a.note), rows=[])
 
-    def save():  # after every model (and part of one), so a long run keeps what it measured
+    def save(rows=None):  # after every model (and part of one), so a long run keeps what it measured
+        if rows is not None:
+            res["rows"] = rows
         harness.write_result(Path(a.out).parent, Path(a.out).name, res, markdown(res))
 
     if not a.skip_host:
@@ -210,12 +194,8 @@ def main(argv=None):
     for name in a.models:
         learned = harness.RESULTS / f"pareto_{name}_{a.steps}_schedules" / "learned_50.l2c.json"
         done = list(res["rows"])
-
-        def partial(rows, done=done):
-            res["rows"] = done + rows
-            save()
-
-        res["rows"] = done + model_rows(name, a.steps, a.labels, a.steady, learned, save=partial,
+        res["rows"] = done + model_rows(name, a.steps, a.labels, a.steady, learned,
+                                        save=lambda rows, done=done: save(done + rows),
                                         dbcache=not a.no_dbcache, cpp_wrapper_original=a.cpp_wrapper_original)
         res["meta"].setdefault("load_average", {})[name] = " ".join(f"{v:.1f}" for v in harness.load_average() or [])
         save()

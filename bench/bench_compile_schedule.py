@@ -24,6 +24,8 @@ PATTERNS = {0.0: (1, set()), 0.25: (4, {3}), 0.5: (2, {1}), 0.75: (4, {1, 2, 3})
 FLUX_SHAPED = dict(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128,
                    num_attention_heads=3, joint_attention_dim=1024, pooled_projection_dim=768, guidance_embeds=True,
                    axes_dims_rope=[16, 56, 56])
+IDEAL_MODEL = ("`ideal (model)` = the original's FLOPs over the compiled module's, both counted with "
+               "`torch.utils.flop_counter` over a whole generation.")
 
 
 def reused(i: int, r: float, phase: int = 0) -> bool:
@@ -34,9 +36,10 @@ def reused(i: int, r: float, phase: int = 0) -> bool:
 def uniform_branches(model, timesteps, r: float) -> l2c.Schedule:
     """A DiT's schedule that reuses every branch of every block at the steps ``PATTERNS[r]`` names (FORA-like)."""
     nb, ad = len(model.transformer_blocks), l2c.adapters.adapter_for(model)
-    return l2c.Schedule(timesteps=timesteps, plan=[["RR" if reused(i, r) else "CC"] * nb for i in range(len(timesteps))],
-                        branches=list(ad.branches(model)), num_blocks=nb, model_class=type(model).__name__,
-                        method=f"uniform-{int(r * 100)}", branch_flops=ad.branch_flops(model))
+    plan = [["RR" if reused(i, r) else "CC"] * nb for i in range(len(timesteps))]
+    return l2c.Schedule(timesteps=timesteps, plan=plan, branches=list(ad.branches(model)), num_blocks=nb,
+                        model_class=type(model).__name__, method=f"uniform-{int(r * 100)}",
+                        branch_flops=ad.branch_flops(model))
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -46,7 +49,8 @@ def dit(args):
 
     from l2c_kernels.models import configs
 
-    device, dtype = torch.device(args.device), getattr(torch, dict(fp32="float32", bf16="bfloat16", fp16="float16")[args.dtype])
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     cfg = dict(configs.DIT_DIGITS)
     if args.xl:
         cfg.update(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
@@ -68,9 +72,10 @@ def dit(args):
     return model, call, info
 
 
-def flux_shaped(image_side: int, text_tokens: int):
-    """``(model, call)``: the Flux-shaped model and one call of ``fn`` (it or a compiled module) at timestep ``t``
-    (0-1000) on fixed inputs of ``image_side**2`` packed image tokens and ``text_tokens``; ``call.inputs``: them."""
+def flux_shaped(image_side: int, text_tokens: int, steps: int):
+    """``(model, call, timesteps)``: the Flux-shaped model; ``call(fn, t)``, one call of ``fn`` (it or a compiled
+    module) at timestep ``t`` (0-1000) on fixed inputs of ``image_side**2`` packed image tokens and ``text_tokens``
+    (``call.flops_inputs``: them at timestep 1, for counting FLOPs); ``steps`` timesteps from 1000 to 50."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -89,12 +94,8 @@ def flux_shaped(image_side: int, text_tokens: int):
 
     def call(fn, t):
         return fn(timestep=torch.full((1,), t / 1000.0), **cond)
-    call.inputs = cond
-    return model, call
-
-
-def flux_timesteps(steps: int) -> list[int]:
-    return [int(round(1000 - i * 950 / (steps - 1))) for i in range(steps)]
+    call.flops_inputs = dict(timestep=torch.full((1,), 1.0), **cond)
+    return model, call, [int(round(1000 - i * 950 / (steps - 1))) for i in range(steps)]
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -116,8 +117,7 @@ def step_latency(scheds: dict, model, call, timesteps, repeats: int, removed_key
         if hasattr(fn, "reset"):
             fn.reset()
         return harness.flops(lambda: [call(fn, t) for t in timesteps], custom=custom_flops)
-    flops_original = generation_flops(model)
-    rows = []
+    flops_original, rows = generation_flops(model), []
     for k, s in scheds.items():
         name = f"compiled {k}"
         speed, f = med["original"] / med[name], s.flops_removed_fraction()
@@ -140,8 +140,10 @@ def latency_table(rows: list[dict], key: str, what: str, ideal: str, pct: str = 
           f"{r['measured_over_ideal_whole_model']:.2f}"] for r in rows])
 
 
-IDEAL_MODEL = ("`ideal (model)` = the original's FLOPs over the compiled module's, both counted with "
-               "`torch.utils.flop_counter` over a whole generation.")
+def intro(title: str, args, device="cpu", each: str = "", caveat: str = "") -> list[str]:
+    """A result's title and how it was timed."""
+    return [title, f"{harness.describe(harness.meta(device))}; {each}{args.repeats} generations of {args.steps} steps, "
+            f"every step of every runner interleaved; ms/step = mean over steps of each step's median{caveat}.", ""]
 
 
 # ---------------------------------------------------------------------------------------------- the three cases
@@ -154,14 +156,11 @@ def dit_case(args) -> tuple[str, dict, str]:
     res = dict(benchmark="compile_schedule per-step latency", dtype=args.dtype, batch=args.batch, steps=args.steps,
                repeats=args.repeats, **info, backend=l2c.build_info(), original_step_ms=med["original_step_ms"],
                rows=rows)
-    m = harness.meta(args.device)
-    md = [f"# compile_schedule vs original, {res['model']} ({res['blocks']} blocks, hidden {res['hidden']}, "
-          f"{res['tokens']} tokens), batch {args.batch}, {args.dtype}",
-          f"{harness.describe(m)}; {args.repeats} generations of {args.steps} steps, every step of every runner "
-          "interleaved; ms/step = mean over steps of each step's median.", "",
-          f"original: {res['original_step_ms']} ms/step", "",
-          "`ideal (branches)` = 1 / (1 - branch FLOPs removed): every FLOP outside the branches (patch and timestep "
-          "embeddings, adaLN projections, final layer) counted as free; " + IDEAL_MODEL, ""]
+    md = intro(f"# compile_schedule vs original, {res['model']} ({res['blocks']} blocks, hidden {res['hidden']}, "
+               f"{res['tokens']} tokens), batch {args.batch}, {args.dtype}", args, args.device) + [
+        f"original: {res['original_step_ms']} ms/step", "",
+        "`ideal (branches)` = 1 / (1 - branch FLOPs removed): every FLOP outside the branches (patch and timestep "
+        "embeddings, adaLN projections, final layer) counted as free; " + IDEAL_MODEL, ""]
     name = f"compile_schedule_{torch.device(args.device).type}{'_xl' if args.xl else ''}_{args.dtype}"
     return name, res, "\n".join(md + latency_table(rows, "branch_flops_removed", "branch", "ideal (branches)"))
 
@@ -170,16 +169,14 @@ def flux_block_case(args) -> tuple[str, dict, str]:
     from l2c_kernels.runtime.block_flops import measure_block_flops
 
     side, txt = args.image_sides[0], args.text_tokens
-    model, call = flux_shaped(side, txt)
-    ts = flux_timesteps(args.steps)
-    flops = measure_block_flops(model, timestep=torch.full((1,), 1.0), **call.inputs)
-    nb = len(flops)
+    model, call, ts = flux_shaped(side, txt, args.steps)
+    flops = measure_block_flops(model, **call.flops_inputs)
 
     def schedule(mask, method):
         return l2c.Schedule.from_mask(model, ts, mask, branches=["block"], unit_flops=flops, method=method)
-    scheds = {f"{int(r * 100)}%": schedule([[not reused(i, r)] * nb for i in range(len(ts))], f"uniform-{int(r * 100)}")
-              for r in PATTERNS}
-    scheds["50% spread"] = schedule([[i == 0 or (i + b) % 2 == 0 for b in range(nb)] for i in range(len(ts))],
+    scheds = {f"{int(r * 100)}%": schedule([[not reused(i, r)] * len(flops) for i in range(len(ts))],
+                                           f"uniform-{int(r * 100)}") for r in PATTERNS}
+    scheds["50% spread"] = schedule([[i == 0 or (i + b) % 2 == 0 for b in range(len(flops))] for i in range(len(ts))],
                                     "spread-50")
     rows, med = step_latency(scheds, model, call, ts, args.repeats, "block_flops_removed")
     res = dict(benchmark="compile_schedule block level, per-step latency", load_average=harness.load_average(),
@@ -187,14 +184,12 @@ def flux_block_case(args) -> tuple[str, dict, str]:
                model="FluxTransformer2DModel, Flux.1-dev structure", config=FLUX_SHAPED, image_tokens=side * side,
                text_tokens=txt, block_flops=flops, backend=l2c.build_info(), original_step_ms=med["original_step_ms"],
                rows=rows)
-    md = [f"# compile_schedule at block level vs original, Flux-shaped model (4 double + 8 single blocks, hidden 384, "
-          f"{side * side} image + {txt} text tokens), batch 1, fp32",
-          f"{harness.describe(harness.meta())}; {args.repeats} generations of {args.steps} steps, every step of "
-          "every runner interleaved; ms/step = mean over steps of each step's median.", "",
-          f"original: {res['original_step_ms']} ms/step", "",
-          f"Block FLOPs counted on a real call: double-stream {flops[0] / 1e6:.0f} MFLOP, single-stream "
-          f"{flops[-1] / 1e6:.0f} MFLOP per block. `ideal (blocks)` = 1 / (1 - block FLOPs removed): everything "
-          "outside the blocks counted as free; " + IDEAL_MODEL, ""]
+    md = intro(f"# compile_schedule at block level vs original, Flux-shaped model (4 double + 8 single blocks, hidden "
+               f"384, {side * side} image + {txt} text tokens), batch 1, fp32", args) + [
+        f"original: {res['original_step_ms']} ms/step", "",
+        f"Block FLOPs counted on a real call: double-stream {flops[0] / 1e6:.0f} MFLOP, single-stream "
+        f"{flops[-1] / 1e6:.0f} MFLOP per block. `ideal (blocks)` = 1 / (1 - block FLOPs removed): everything "
+        "outside the blocks counted as free; " + IDEAL_MODEL, ""]
     name = "compile_schedule_cpu_flux" + (args.tag and f"_{args.tag}")
     return name, res, "\n".join(md + latency_table(rows, "block_flops_removed", "block", "ideal (blocks)"))
 
@@ -204,21 +199,15 @@ def flux_branch_size(side: int, txt: int, steps: int, repeats: int) -> dict:
     from l2c_kernels.adapters.mmdit_branches import branch_names
     from l2c_kernels.runtime.branch_wrappers import measure_branch_flops
 
-    model, call = flux_shaped(side, txt)
-    ts = flux_timesteps(steps)
-    names = branch_names(model)
-    ubf = measure_branch_flops(model, timestep=torch.full((1,), 1.0), **call.inputs)
-
-    def schedule(r, spread):
-        mask = [[[not reused(i, r, (b + j) if spread else 0) for j in range(len(names))] for b in range(len(ubf))]
-                for i in range(len(ts))]
-        return l2c.Schedule.from_mask(model, ts, mask, branches=names, unit_branch_flops=ubf,
-                                      method=f"{'spread' if spread else 'uniform'}-{int(100 * r)}")
+    model, call, ts = flux_shaped(side, txt, steps)
+    names, ubf = branch_names(model), measure_branch_flops(model, **call.flops_inputs)
     scheds = {"0%": l2c.Schedule.full(model, ts, branches=names)}
     scheds["0%"].unit_branch_flops = ubf
-    for spread in (False, True):
-        scheds.update({f"{'spread' if spread else 'uniform'} {int(100 * r)}%": schedule(r, spread)
-                       for r in PATTERNS if r})
+    for kind in ("uniform", "spread"):  # spread: unit j of block b reuses at the steps the pattern names, shifted b + j
+        scheds.update({f"{kind} {int(100 * r)}%": l2c.Schedule.from_mask(
+            model, ts, [[[not reused(i, r, (b + j) if kind == "spread" else 0) for j in range(len(names))]
+                         for b in range(len(ubf))] for i in range(len(ts))],
+            branches=names, unit_branch_flops=ubf, method=f"{kind}-{int(100 * r)}") for r in PATTERNS if r})
     rows, med = step_latency(scheds, model, call, ts, repeats, "unit_flops_removed")
     u, computed = med["compiled uniform 75%"], [i for i in range(steps) if not reused(i, 0.75)]
     split = dict(original_step_ms=round(1e3 * statistics.mean(med["original"]), 3),
@@ -252,13 +241,11 @@ def flux_branch_case(args) -> tuple[str, dict, str]:
                load_average_at_end=harness.load_average(), dtype="fp32", batch=1, steps=args.steps,
                repeats=args.repeats, model="FluxTransformer2DModel, Flux.1-dev structure", config=FLUX_SHAPED,
                backend=l2c.build_info(), sizes=sizes, proj_out_split=splits)
-    md = [f"# compile_schedule at branch level vs original, Flux-shaped model (4 double + 8 single blocks, hidden 384, "
-          f"{txt} text tokens), batch 1, fp32",
-          f"{harness.describe(harness.meta())}; at each size {args.repeats} generations of {args.steps} steps, every "
-          "step of every runner interleaved; ms/step = mean over steps of each step's median (valid only on an "
-          "otherwise idle machine).", "",
-          "ideal = 1 / (1 - unit FLOPs removed) (everything outside the units counted as free); " + IDEAL_MODEL
-          + " The per-block adaLN modulations, embeddings and output layers run at every step."]
+    md = intro(f"# compile_schedule at branch level vs original, Flux-shaped model (4 double + 8 single blocks, "
+               f"hidden 384, {txt} text tokens), batch 1, fp32", args, each="at each size ",
+               caveat=" (valid only on an otherwise idle machine)")
+    md += ["ideal = 1 / (1 - unit FLOPs removed) (everything outside the units counted as free); " + IDEAL_MODEL
+           + " The per-block adaLN modulations, embeddings and output layers run at every step."]
     for sz in sizes:
         d, s = sz["unit_branch_flops"][0], sz["unit_branch_flops"][-1]
         md += ["", f"## {sz['image_tokens']} image + {sz['text_tokens']} text tokens: original "
@@ -267,8 +254,9 @@ def flux_branch_case(args) -> tuple[str, dict, str]:
                f"ff_context {d[2] / 1e6:.1f}; single block attn1 {s[0] / 1e6:.1f}, ff {s[1] / 1e6:.1f}.", ""]
         md += latency_table(sz["rows"], "unit_flops_removed", "unit", "ideal", "{:.1f}")
     md += ["", "Where uniform 75% loses against its ideal: a fully reused step still runs the embeddings, every "
-               "block's adaLN gates (the gate rows only), the cached outputs' gated adds and the output layer; that fixed "
-               "work is a smaller share of a step as the token count grows (means over steps of each step's median):",
+               "block's adaLN gates (the gate rows only), the cached outputs' gated adds and the output layer; that "
+               "fixed work is a smaller share of a step as the token count grows (means over steps of each step's "
+               "median):",
            ""] + harness.table(["image tokens", "original ms/step", "computed step ms", "fully reused step ms",
                                 "reused / original"],
                                [[sz["image_tokens"], *sz["uniform_75_steps"].values()] for sz in sizes])

@@ -1,8 +1,8 @@
 """End-to-end sampling latency: the original diffusers transformer, its ``torch.compile``, the dynamic caches
 (diffusers FirstBlockCache, cache-dit DBCache, at their defaults) and ``compile_schedule`` at 0 / 25 / 50% of branch
-FLOPs removed (CUDA graphs on a GPU, optionally ``torch.compile`` too), on a DiT-XL/2-shaped model with random
-weights, DiTPipeline's sampling loop without the VAE (DDIM, CFG). Rounds interleaved (every runner once per batch
-size, in a new order each round); median latency per image. bench/NOTES.md ("The GPU check").
+FLOPs removed (CUDA graphs on a GPU), on a DiT-XL/2-shaped model with random weights, DiTPipeline's sampling loop
+without the VAE (DDIM, CFG). Rounds interleaved (every runner once per batch size, in a new order each round); median
+latency per image. bench/NOTES.md ("The GPU check").
 
     python bench/bench_e2e.py --device cuda --dtype bf16 --images 2,8 --steps 50 --out OUT
     python bench/bench_e2e.py --tiny            # CPU, 2-block model, 4 steps: checks the script runs
@@ -10,6 +10,7 @@ size, in a new order each round); median latency per image. bench/NOTES.md ("The
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
 
 import harness
@@ -23,7 +24,13 @@ XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_chan
 TINY = dict(XL, num_attention_heads=2, attention_head_dim=16, num_layers=2, sample_size=8)
 REMOVE = (0.0, 0.25, 0.5)  #: fractions of branch FLOPs our schedules remove (bench_compile_schedule.PATTERNS)
 DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
+PEERS = {"FirstBlockCache (default t=0.05)": ("fbc", dict(threshold=0.05)),
+         "cache-dit DBCache (default F8B0 t=0.08, warm-up 8)": ("dbcache", dict(Fn=8, Bn=0, threshold=0.08, warmup=8))}
 T_START = time.time()
+
+
+def log(msg):
+    print(f"[{time.time() - T_START:6.1f}s] {msg}", flush=True)
 
 
 @torch.no_grad()
@@ -31,16 +38,13 @@ def generate(fn, noise: torch.Tensor, labels: torch.Tensor, scheduler, steps: in
     """DiTPipeline's denoising loop (no VAE): CFG batch [cond; null], learned sigma dropped, DDIM."""
     scheduler.set_timesteps(steps)
     x = noise.clone()
-    n = x.shape[0]
     class_in = torch.cat([labels, torch.full_like(labels, 1000)])
     if hasattr(fn, "reset"):
         fn.reset()
     for t in scheduler.timesteps:
         xin = torch.cat([x, x])
-        ts = t.to(x.device).reshape(1).expand(2 * n)
-        out = fn(xin, timestep=ts, class_labels=class_in).sample
-        eps = out[:, : x.shape[1]]
-        cond, uncond = eps.chunk(2)
+        out = fn(xin, timestep=t.to(x.device).reshape(1).expand(xin.shape[0]), class_labels=class_in).sample
+        cond, uncond = out[:, : x.shape[1]].chunk(2)
         x = scheduler.step(uncond + cfg * (cond - uncond), t, x).prev_sample
     return x
 
@@ -51,18 +55,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(rng * rng / mse)).item()
 
 
-def build_runners(model, timesteps, steps: int, device, use_compile: bool, compile_ours: bool, log) -> tuple[dict, dict, dict]:
+def build_runners(model, timesteps, args, device) -> tuple[dict, dict, dict]:
     """name -> callable module; name -> branch FLOPs removed (ours); name -> reason it is missing."""
     from peers import PeerSetting, PeerUnavailable, make_peer
 
     runners, removed, missing = {"diffusers eager": model}, {}, {}
-    if use_compile:
+    if args.compile:
         runners["torch.compile (original)"] = torch.compile(model, fullgraph=False, dynamic=False)
-    for label, setting in (("FirstBlockCache (default t=0.05)", PeerSetting("fbc", dict(threshold=0.05))),
-                           ("cache-dit DBCache (default F8B0 t=0.08, warm-up 8)",
-                            PeerSetting("dbcache", dict(Fn=8, Bn=0, threshold=0.08, warmup=8)))):
+    for label, (kind, params) in PEERS.items():
         try:
-            runners[label] = make_peer(model, setting, steps)
+            runners[label] = make_peer(model, PeerSetting(kind, params), args.steps)
         except PeerUnavailable as e:
             missing[label] = str(e)
             log(f"  {label}: unavailable ({e})")
@@ -72,14 +74,10 @@ def build_runners(model, timesteps, steps: int, device, use_compile: bool, compi
         name = f"ours {int(frac * 100)}%" + (" + CUDA graphs" if graphs else "")
         runners[name] = l2c.compile_schedule(model, s, cuda_graphs=graphs)
         removed[name] = s.flops_removed_fraction()
-        if compile_ours and frac == 0.5:
-            cname = f"ours {int(frac * 100)}% + torch.compile"
-            runners[cname] = l2c.compile_schedule(model, s, cuda_graphs=False, torch_compile=True)
-            removed[cname] = removed[name]
     return runners, removed, missing
 
 
-def measure(runners: dict, removed: dict, missing: dict, n: int, args, model_cfg, scheduler, clock, log) -> list[dict]:
+def measure(runners: dict, removed: dict, missing: dict, n: int, args, model_cfg, scheduler, clock) -> list[dict]:
     """Rows of every runner at ``n`` images: its first generation (compilation, capture), then interleaved rounds."""
     g = torch.Generator().manual_seed(0)
     size, device, dtype = model_cfg["sample_size"], torch.device(args.device), DTYPES[args.dtype]
@@ -128,7 +126,6 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds per batch size")
     ap.add_argument("--compile", action="store_true", help="add torch.compile of the original")
-    ap.add_argument("--compile-ours", action="store_true", help="add ours at 50%% under torch.compile")
     ap.add_argument("--tiny", action="store_true", help="a 2-block model, 4 steps, fp32 on CPU: checks the script")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new rounds after this many seconds")
     args = harness.parse(ap, argv)
@@ -137,10 +134,6 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
-
-    def log(msg):
-        print(f"[{time.time() - T_START:6.1f}s] {msg}", flush=True)
-
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
     cfg = TINY if args.tiny else XL
@@ -152,13 +145,11 @@ def main(argv=None):
     model = model.to(device=device, dtype=DTYPES[args.dtype]).eval().requires_grad_(False)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     scheduler.set_timesteps(args.steps)
-    timesteps = [int(t) for t in scheduler.timesteps]
     log(f"model {'tiny' if args.tiny else 'DiT-XL/2 shape'}, {args.dtype}, {device}, {args.steps} steps")
-    runners, removed, missing = build_runners(model, timesteps, args.steps, device, args.compile, args.compile_ours,
-                                              log)
+    runners, removed, missing = build_runners(model, [int(t) for t in scheduler.timesteps], args, device)
     clock = harness.device_clock(device)
     rows = [row for n in map(int, args.images.split(","))
-            for row in measure(runners, removed, missing, n, args, cfg, scheduler, clock, log)]
+            for row in measure(runners, removed, missing, n, args, cfg, scheduler, clock)]
     env = dict(driver=_driver(), dtype=args.dtype, steps=args.steps, config=cfg, build=l2c.build_info(),
                model="tiny DiT" if args.tiny else "DiT-XL/2 shape")
     result = dict(benchmark="end-to-end sampling latency", environment=env, rows=rows, missing=missing)
@@ -183,8 +174,6 @@ def main(argv=None):
 def _driver() -> str | None:
     if not torch.cuda.is_available():
         return None
-    import subprocess
-
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                               capture_output=True, text=True, timeout=20).stdout.strip() or None

@@ -32,38 +32,27 @@ SHAPES = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-#: The benchmarked calls: op variant -> what it computes.
+#: The benchmarked calls: op variant -> (what it computes, bytes read + written per call by fused / eager / torch in
+#: units of one [B, N, C] tensor). Per-sample vectors are negligible; each kernel reads its inputs and writes its
+#: output once.
 CASES = {
-    "gated_residual_ store": "x += gate * y; cache <- y",
-    "gated_residual_ reuse": "x += gate * cache",
-    "cfg_mean_store_": "x += y; cache <- (y[:B/2] + y[B/2:]) / 2",
-    "residual_delta_store_": "cache <- out - inp",
-    "residual_apply_": "out <- inp + cache",
-    "forecast_residual_": "x += gate * (c0 * y0 + c1 * y1 + c2 * y2)",
-    "adaln_modulate": "LayerNorm(x) * (1 + scale) + shift",
-}
-
-#: Bytes read + written per call, in units of one [B, N, C] tensor (per-sample vectors are
-#: negligible). Each kernel reads its inputs and writes its output once.
-BYTES = {
     # fused: x r+w, y r, cache w | eager: copy y->cache 2, gate*y 2, x.add_ 3 | torch: copy 2, addcmul_ 3
-    "gated_residual_ store": {"fused": 4, "eager": 7, "torch": 5},
+    "gated_residual_ store": ("x += gate * y; cache <- y", 4, 7, 5),
     # fused: x r+w, cache r | eager: gate*cache 2, x.add_ 3 | torch: addcmul_ 3
-    "gated_residual_ reuse": {"fused": 3, "eager": 5, "torch": 3},
+    "gated_residual_ reuse": ("x += gate * cache", 3, 5, 3),
     # fused: x r+w, y r, cache w (half) | eager: x.add_ 3, ya+yb 1.5, /2 1, copy_ 1
     # | torch: x.add_ 3, copy_ 1, mul_ 1, add_ 1.5
-    "cfg_mean_store_": {"fused": 3.5, "eager": 6.5, "torch": 6.5},
+    "cfg_mean_store_": ("x += y; cache <- (y[:B/2] + y[B/2:]) / 2", 3.5, 6.5, 6.5),
     # fused: 2 r + 1 w | eager: out - inp 3, copy_ 2 | torch: torch.sub(out=) 3
-    "residual_delta_store_": {"fused": 3, "eager": 5, "torch": 3},
-    "residual_apply_": {"fused": 3, "eager": 5, "torch": 3},
+    "residual_delta_store_": ("cache <- out - inp", 3, 5, 3),
+    "residual_apply_": ("out <- inp + cache", 3, 5, 3),
     # fused: x r+w, y0, y1, y2 r | eager: c0*y0 2, c1*y1 2, + 3, c2*y2 2, + 3, gate* 2, x.add_ 3
     # | torch: the same with x.float() + v 3 and copy_ 2 instead of x.add_
-    "forecast_residual_": {"fused": 5, "eager": 17, "torch": 19},
-    # fused: x r, out w | eager: layer_norm 2, * (1 + scale) 2, + shift 2
-    # | torch (fp32): layer_norm 2, addcmul 2
-    "adaln_modulate": {"fused": 2, "eager": 6, "torch": 4},
+    "forecast_residual_": ("x += gate * (c0 * y0 + c1 * y1 + c2 * y2)", 5, 17, 19),
+    # fused: x r, out w | eager: layer_norm 2, * (1 + scale) 2, + shift 2 | torch (fp32): layer_norm 2, addcmul 2
+    "adaln_modulate": ("LayerNorm(x) * (1 + scale) + shift", 2, 6, 4),
 }
-BYTES = {k: {**v, "kernel": v["fused"], "triton": v["fused"]} for k, v in BYTES.items()}
+BYTES = {k: dict(fused=f, eager=e, torch=t, kernel=f, triton=f) for k, (_, f, e, t) in CASES.items()}
 
 IMPLS = ("fused", "kernel", "triton", "eager", "torch")
 
@@ -76,9 +65,8 @@ def make_inputs(B, N, C, dtype, device, seed=0):
 
     emb = randn(B, 6 * C) * 0.1
     shift, scale, gate = emb.chunk(6, dim=1)[:3]  # strided views, as in a DiT block
-    return dict(x=randn(B, N, C), y=randn(B, N, C), inp=randn(B, N, C), cache=randn(B, N, C),
-                y1=randn(B, N, C), y2=randn(B, N, C),
-                half=randn(B // 2, N, C), out=torch.empty(B, N, C, dtype=dtype, device=device),
+    full = {k: randn(B, N, C) for k in ("x", "y", "inp", "cache", "y1", "y2")}
+    return dict(full, half=randn(B // 2, N, C), out=torch.empty(B, N, C, dtype=dtype, device=device),
                 gate=gate, shift=shift, scale=scale)
 
 
@@ -88,65 +76,47 @@ def _eager_cfg(x, y, cache):
     cache.copy_((y[:h] + y[h:]) / 2)
 
 
-def _kernel(name):
-    return getattr(torch.ops.l2c, name) if ops.HAS_EXTENSION else None
-
-
 def callables(case: str, t: dict) -> dict:
-    """The four ways to compute ``case`` on the tensors ``t`` (missing ones are left out)."""
-    x, y, cache, gate = t["x"], t["y"], t["cache"], t["gate"]
-    eps = 1e-6
-    gate_c, shift_c, scale_c = (t[k].contiguous() for k in ("gate", "shift", "scale"))
-    if case == "gated_residual_ store":
-        k = _kernel("gated_residual_")
-        fns = dict(fused=lambda b=None: ops.gated_residual_(x, y, gate, cache, backend=b),
-                   kernel=k is not None and (lambda: k(x, y, gate_c, cache)),
-                   eager=lambda: (cache.copy_(y), x.add_(gate.unsqueeze(1) * y)),
-                   torch=lambda: reference.gated_residual_(x, y, gate, cache))
-    elif case == "gated_residual_ reuse":
-        k = _kernel("gated_residual_")
-        fns = dict(fused=lambda b=None: ops.gated_residual_(x, cache, gate, backend=b),
-                   kernel=k is not None and (lambda: k(x, cache, gate_c, None)),
-                   eager=lambda: x.add_(gate.unsqueeze(1) * cache),
-                   torch=lambda: reference.gated_residual_(x, cache, gate))
-    elif case == "cfg_mean_store_":
-        k, half = _kernel("cfg_mean_store_"), t["half"]
-        fns = dict(fused=lambda b=None: ops.cfg_mean_store_(x, y, half, backend=b),
-                   kernel=k is not None and (lambda: k(x, y, half)),
-                   eager=lambda: _eager_cfg(x, y, half),
-                   torch=lambda: reference.cfg_mean_store_(x, y, half))
-    elif case == "residual_delta_store_":
-        k, inp = _kernel("residual_delta_store_"), t["inp"]
-        fns = dict(fused=lambda b=None: ops.residual_delta_store_(cache, x, inp, backend=b),
-                   kernel=k is not None and (lambda: k(cache, x, inp)),
-                   eager=lambda: cache.copy_(x - inp),
-                   torch=lambda: reference.residual_delta_store_(cache, x, inp))
-    elif case == "residual_apply_":
-        k, inp, out = _kernel("residual_apply_"), t["inp"], t["out"]
-        fns = dict(fused=lambda b=None: ops.residual_apply_(out, inp, cache, backend=b),
-                   kernel=k is not None and (lambda: k(out, inp, cache)),
-                   eager=lambda: out.copy_(inp + cache),
-                   torch=lambda: reference.residual_apply_(out, inp, cache))
-    elif case == "forecast_residual_":
-        k, y1, y2, c = _kernel("forecast_residual_"), t["y1"], t["y2"], (3.0, -3.0, 1.0)
-        fns = dict(fused=lambda b=None: ops.forecast_residual_(x, cache, y1, y2, gate, *c, backend=b),
-                   kernel=k is not None and (lambda: k(x, cache, y1, y2, gate_c, *c)),
-                   eager=lambda: x.add_(gate.unsqueeze(1) * (c[0] * cache + c[1] * y1 + c[2] * y2)),
-                   torch=lambda: reference.forecast_residual_(x, cache, y1, y2, gate, *c))
-    elif case == "adaln_modulate":
-        k, shift, scale, C = _kernel("adaln_modulate"), t["shift"], t["scale"], x.shape[-1]
-        fns = dict(fused=lambda b=None: ops.adaln_modulate(x, shift, scale, eps, backend=b),
-                   kernel=k is not None and (lambda: k(x, shift_c, scale_c, eps)),
-                   eager=lambda: F.layer_norm(x, (C,), eps=eps) * (1 + scale[:, None]) + shift[:, None],
-                   torch=lambda: reference.adaln_modulate(x, shift, scale, eps))
-    else:
-        raise KeyError(case)
-    if x.device.type != "cpu" and ops.default_backend(x.device) != "cuda":
-        fns.pop("kernel", None)
+    """The ways to compute ``case`` on the tensors ``t`` (those not available here left out)."""
+    x, y, cache, gate, inp, out, half, y1, y2, shift, scale = (t[k] for k in (
+        "x", "y", "cache", "gate", "inp", "out", "half", "y1", "y2", "shift", "scale"))
+    eps, c, C = 1e-6, (3.0, -3.0, 1.0), x.shape[-1]
+    gate_c, shift_c, scale_c = gate.contiguous(), shift.contiguous(), scale.contiguous()  # what the kernels take
+    # the public op (any backend), the registered kernel `k` alone, the eager expression, the PyTorch backend
+    fused, kernel, eager, torch_ = {
+        "gated_residual_ store": (
+            lambda b=None: ops.gated_residual_(x, y, gate, cache, backend=b), lambda: k(x, y, gate_c, cache),
+            lambda: (cache.copy_(y), x.add_(gate.unsqueeze(1) * y)),
+            lambda: reference.gated_residual_(x, y, gate, cache)),
+        "gated_residual_ reuse": (
+            lambda b=None: ops.gated_residual_(x, cache, gate, backend=b), lambda: k(x, cache, gate_c, None),
+            lambda: x.add_(gate.unsqueeze(1) * cache), lambda: reference.gated_residual_(x, cache, gate)),
+        "cfg_mean_store_": (
+            lambda b=None: ops.cfg_mean_store_(x, y, half, backend=b), lambda: k(x, y, half),
+            lambda: _eager_cfg(x, y, half), lambda: reference.cfg_mean_store_(x, y, half)),
+        "residual_delta_store_": (
+            lambda b=None: ops.residual_delta_store_(cache, x, inp, backend=b), lambda: k(cache, x, inp),
+            lambda: cache.copy_(x - inp), lambda: reference.residual_delta_store_(cache, x, inp)),
+        "residual_apply_": (
+            lambda b=None: ops.residual_apply_(out, inp, cache, backend=b), lambda: k(out, inp, cache),
+            lambda: out.copy_(inp + cache), lambda: reference.residual_apply_(out, inp, cache)),
+        "forecast_residual_": (
+            lambda b=None: ops.forecast_residual_(x, cache, y1, y2, gate, *c, backend=b),
+            lambda: k(x, cache, y1, y2, gate_c, *c),
+            lambda: x.add_(gate.unsqueeze(1) * (c[0] * cache + c[1] * y1 + c[2] * y2)),
+            lambda: reference.forecast_residual_(x, cache, y1, y2, gate, *c)),
+        "adaln_modulate": (
+            lambda b=None: ops.adaln_modulate(x, shift, scale, eps, backend=b), lambda: k(x, shift_c, scale_c, eps),
+            lambda: F.layer_norm(x, (C,), eps=eps) * (1 + scale[:, None]) + shift[:, None],
+            lambda: reference.adaln_modulate(x, shift, scale, eps)),
+    }[case]
+    k = getattr(torch.ops.l2c, case.split()[0]) if ops.HAS_EXTENSION else None  # after the lookup: KeyError first
+    fns = dict(fused=fused, kernel=kernel, eager=eager, torch=torch_)
+    if k is None or (x.device.type != "cpu" and ops.default_backend(x.device) != "cuda"):
+        del fns["kernel"]
     if x.device.type == "cuda" and "triton" in ops.available_backends("cuda"):
-        fused = fns["fused"]
         fns["triton"] = lambda: fused("triton")  # the Triton kernel compiled for the GPU, beside the CUDA one
-    return {k: v for k, v in fns.items() if v}
+    return fns
 
 
 def time_case(fns: dict, device: torch.device, repeats: int, sample_s: float) -> dict:
@@ -179,48 +149,40 @@ def cpu_caches() -> dict:
     return caches
 
 
-def run(device: torch.device, dtypes: list[str], shapes: dict, cases: list[str], repeats: int, sample_s: float,
-        log=print) -> list[dict]:
+def run(device: torch.device, dtypes: list[str], shapes: dict, cases: list[str], repeats: int,
+        sample_s: float) -> list[dict]:
     rows = []
     for shape_name, (B, N, C) in shapes.items():
         for dt in dtypes:
-            dtype = DTYPES[dt]
-            t = make_inputs(B, N, C, dtype, device)
-            unit = B * N * C * dtype.itemsize
+            t = make_inputs(B, N, C, DTYPES[dt], device)
+            unit = B * N * C * DTYPES[dt].itemsize
             # the roofline: a device-to-device copy of one [B, N, C] tensor (reads + writes 2 tensors' bytes)
             src, dst = t["y"], torch.empty_like(t["y"])
             copy_s = time_case({"copy": lambda: dst.copy_(src)}, device, repeats, sample_s)["copy"]["median_s"]
             copy_gbps = 2 * unit / copy_s / 1e9
             for case in cases:
                 timed = time_case(callables(case, t), device, repeats, sample_s)
-                fused = timed["fused"]["median_s"]
-                row = dict(op=case, computes=CASES[case], shape=shape_name, B=B, N=N, C=C, dtype=dt,
-                           tensor_bytes=unit, predicted_eager_over_fused=round(BYTES[case]["eager"] / BYTES[case]["fused"], 3))
+                row = dict(op=case, computes=CASES[case][0], shape=shape_name, B=B, N=N, C=C, dtype=dt,
+                           tensor_bytes=unit,
+                           predicted_eager_over_fused=round(BYTES[case]["eager"] / BYTES[case]["fused"], 3))
                 for impl, tm in timed.items():
-                    row[impl] = dict(median_us=round(1e6 * tm["median_s"], 2), min_us=round(1e6 * tm["min_s"], 2),
-                                     max_us=round(1e6 * tm["max_s"], 2), calls_per_sample=tm["calls_per_sample"],
-                                     bytes=BYTES[case][impl] * unit,
-                                     gb_per_s=round(BYTES[case][impl] * unit / tm["median_s"] / 1e9, 2))
+                    moved = BYTES[case][impl] * unit
+                    row[impl] = dict(**{f"{s}_us": round(1e6 * tm[f"{s}_s"], 2) for s in ("median", "min", "max")},
+                                     calls_per_sample=tm["calls_per_sample"], bytes=moved,
+                                     gb_per_s=round(moved / tm["median_s"] / 1e9, 2))
                 row["copy_gb_per_s"] = round(copy_gbps, 2)
-                row["fused_fraction_of_copy_bw"] = round(row["fused"]["gb_per_s"] / copy_gbps, 3)
-                if "triton" in timed:
-                    row["triton_fraction_of_copy_bw"] = round(row["triton"]["gb_per_s"] / copy_gbps, 3)
-                row["eager_over_fused"] = round(timed["eager"]["median_s"] / fused, 3)
-                row["torch_over_fused"] = round(timed["torch"]["median_s"] / fused, 3)
-                if "kernel" in timed:
-                    row["eager_over_kernel"] = round(timed["eager"]["median_s"] / timed["kernel"]["median_s"], 3)
+                for impl in ("fused", "triton"):
+                    if impl in timed:
+                        row[f"{impl}_fraction_of_copy_bw"] = round(row[impl]["gb_per_s"] / copy_gbps, 3)
+                for slow, fast in (("eager", "fused"), ("torch", "fused"), ("eager", "kernel")):
+                    if fast in timed:
+                        row[f"{slow}_over_{fast}"] = round(timed[slow]["median_s"] / timed[fast]["median_s"], 3)
                 rows.append(row)
-                log(f"{shape_name:>15} {dt} {case:<22} fused {row['fused']['median_us']:9.1f} us  "
-                    f"eager {row['eager']['median_us']:9.1f} us  eager/fused {row['eager_over_fused']:.2f} "
-                    f"(predicted {row['predicted_eager_over_fused']:.2f})  torch/fused {row['torch_over_fused']:.2f}")
+                harness.log(f"{shape_name:>15} {dt} {case:<22} fused {row['fused']['median_us']:9.1f} us  "
+                            f"eager {row['eager']['median_us']:9.1f} us  eager/fused {row['eager_over_fused']:.2f} "
+                            f"(predicted {row['predicted_eager_over_fused']:.2f})  "
+                            f"torch/fused {row['torch_over_fused']:.2f}")
     return rows
-
-
-def environment(device: torch.device) -> dict:
-    """What the tables need beyond the run's meta: the fused ops' backend, CPU caches and how the C++ ops were built."""
-    info = l2c_kernels.build_info()
-    return dict(fused_backend=ops.default_backend(device), cpu_caches=cpu_caches(),
-                **{k: info[k] for k in ("cpu_vectorization", "cpu_parallel", "extension_loaded")})
 
 
 def markdown(result: dict) -> str:
@@ -234,23 +196,20 @@ def markdown(result: dict) -> str:
              "are strided `.chunk` views of a `[B, 6C]` embedding. `predicted` = bytes moved by eager / by fused; "
              "`kernel` = the registered kernel without the Python wrapper; `of copy BW` = fused GB/s over a measured "
              "`dst.copy_(src)` of one `[B, N, C]` tensor in the same run.", ""]
+    header = ["op", "dtype", "fused us", "kernel us", "eager us", "torch us", "eager/fused", "predicted",
+              "eager/kernel", "torch/fused", "fused GB/s", "of copy BW", "triton GB/s", "triton of copy BW"]
     for shape in dict.fromkeys(r["shape"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["shape"] == shape]
-        B, N, C = rows[0]["B"], rows[0]["N"], rows[0]["C"]
-        lines += [f"## {shape}: B={B}, N={N}, C={C}", "",
-                  "| op | dtype | fused us | kernel us | eager us | torch us | eager/fused | predicted | eager/kernel "
-                  "| torch/fused | fused GB/s | of copy BW | triton GB/s | triton of copy BW |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            k = f"{r['kernel']['median_us']:.1f}" if "kernel" in r else "-"
-            ek = f"{r['eager_over_kernel']:.2f}x" if "kernel" in r else "-"
-            lines.append(f"| {r['op']} | {r['dtype']} | {r['fused']['median_us']:.1f} | {k} | {r['eager']['median_us']:.1f} | "
-                         f"{r['torch']['median_us']:.1f} | **{r['eager_over_fused']:.2f}x** | {r['predicted_eager_over_fused']:.2f}x | "
-                         f"{ek} | {r['torch_over_fused']:.2f}x | {r['fused']['gb_per_s']:.1f} | "
-                         f"{100 * r['fused_fraction_of_copy_bw']:.0f}% | "
-                         + (f"{r['triton']['gb_per_s']:.1f} | {100 * r['triton_fraction_of_copy_bw']:.0f}% |"
-                            if "triton" in r else "- | - |"))
-        lines.append("")
+        lines += [f"## {shape}: B={rows[0]['B']}, N={rows[0]['N']}, C={rows[0]['C']}", ""]
+        lines += harness.table(header, [[
+            r["op"], r["dtype"], f"{r['fused']['median_us']:.1f}",
+            f"{r['kernel']['median_us']:.1f}" if "kernel" in r else "-", f"{r['eager']['median_us']:.1f}",
+            f"{r['torch']['median_us']:.1f}", f"**{r['eager_over_fused']:.2f}x**",
+            f"{r['predicted_eager_over_fused']:.2f}x",
+            f"{r['eager_over_kernel']:.2f}x" if "kernel" in r else "-", f"{r['torch_over_fused']:.2f}x",
+            f"{r['fused']['gb_per_s']:.1f}", f"{100 * r['fused_fraction_of_copy_bw']:.0f}%",
+            *((f"{r['triton']['gb_per_s']:.1f}", f"{100 * r['triton_fraction_of_copy_bw']:.0f}%") if "triton" in r
+              else ("-", "-"))] for r in rows], align=["---"] * 2 + ["---:"] * 12) + [""]
     return "\n".join(lines)
 
 
@@ -274,8 +233,10 @@ def main(argv=None):
     for c in cases:
         if c not in CASES:
             ap.error(f"unknown op variant {c!r}; expected some of {list(CASES)}")
-    env = environment(device)
-    print(f"torch {torch.__version__}, {args.threads} threads, fused backend {env['fused_backend']}")
+    info = l2c_kernels.build_info()  # what the tables need beyond the run's meta
+    env = dict(fused_backend=ops.default_backend(device), cpu_caches=cpu_caches(),
+               **{k: info[k] for k in ("cpu_vectorization", "cpu_parallel", "extension_loaded")})
+    harness.log(f"torch {torch.__version__}, {args.threads} threads, fused backend {env['fused_backend']}")
     with torch.inference_mode():
         rows = run(device, dtypes, shapes, cases, args.repeats, args.sample_ms / 1e3)
     result = dict(benchmark="fused ops vs eager PyTorch", device_type=device.type, environment=env,
@@ -288,17 +249,15 @@ def main(argv=None):
 
 
 # ------------------------------------------------------------------------------------- pytest-benchmark
-
 try:
     import pytest
 except ImportError:  # script mode needs no pytest
     pytest = None
 
 if pytest is not None:
-    _PARAMS = [pytest.param(case, impl, shape, dt, id=f"{case.replace(' ', '-')}-{impl}-{shape.split()[0]}-{dt}")
-               for shape in SHAPES for dt in ("fp32", "bf16") for case in CASES for impl in IMPLS]
-
-    @pytest.mark.parametrize("case,impl,shape,dt", _PARAMS)
+    @pytest.mark.parametrize("case,impl,shape,dt", [
+        pytest.param(case, impl, shape, dt, id=f"{case.replace(' ', '-')}-{impl}-{shape.split()[0]}-{dt}")
+        for shape in SHAPES for dt in ("fp32", "bf16") for case in CASES for impl in IMPLS])
     def test_op(benchmark, case, impl, shape, dt):
         """One variant of one op; compare within a group (``--benchmark-group-by=group``)."""
         B, N, C = SHAPES[shape]

@@ -15,6 +15,7 @@ import math
 import statistics
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -24,17 +25,14 @@ import torch
 import l2c_kernels as l2c
 from l2c_kernels import metrics, models, schedules
 from l2c_kernels.learn.gate import DEFAULT_OUTPUT_TOL, DEFAULT_TOL, auto_gate
-from l2c_kernels.models import classifier
+from l2c_kernels.models import classifier, timesteps_for
 from l2c_kernels.models.pipelines import pixart_pipeline
 from l2c_kernels.models.text_encoder import CAPTION_TEMPLATES, caption_for
 from l2c_kernels.runtime.plan import collapsible_steps
-from l2c_kernels.models import timesteps_for
 from l2c_kernels.sampling import initial_noise
 
-RESULTS = harness.RESULTS
 #: the T-GATE authors' PixArt setting (25 steps); the gate scales with the step count
 AUTHORS = dict(gate_step=15, sp_interval=3, fi_interval=1, warm_up=2)
-SAMPLERS = [("dpm++", 25), ("ddim", 50)]
 
 
 def eval_prompts(n: int) -> tuple[list[str], list[int]]:
@@ -51,35 +49,27 @@ def calibration_prompts(n: int = 8, seed: int = 1) -> list[str]:
     return [caption_for(l, t) for l, t in zip(labels, temps)]
 
 
+@dataclass
 class Row:
-    def __init__(self, name, kind, transformer=None, schedule=None, official=None, note=""):
-        self.name, self.kind, self.transformer, self.schedule = name, kind, transformer, schedule
-        self.official = official  # (pipe, kwargs) for the authors' package
-        self.note = note
-        self.error: str | None = None
-
-
-def pipe_kwargs(steps, cfg, latents):
-    return dict(num_inference_steps=steps, guidance_scale=cfg, latents=latents.clone(), use_resolution_binning=False,
-                max_sequence_length=8, clean_caption=False, output_type="pt")
+    name: str
+    transformer: torch.nn.Module | None = None  # run through our pipeline
+    schedule: l2c.Schedule | None = None
+    note: str = ""
+    official: tuple | None = None  # (pipe, kwargs) of the authors' package, run instead
+    error: str | None = None
 
 
 def run_row(row: Row, pipe, prompts, steps, cfg, latents) -> torch.Tensor:
     """Images in [-1, 1] for ``prompts``."""
-    kw = pipe_kwargs(steps, cfg, latents)
-    if row.kind == "official":
+    kw = dict(num_inference_steps=steps, guidance_scale=cfg, latents=latents.clone(), use_resolution_binning=False,
+              max_sequence_length=8, clean_caption=False, output_type="pt")
+    if row.official is not None:
         opipe, okw = row.official
-        out = opipe.tgate(prompts, **kw, **okw).images
-    else:
-        pipe.transformer = row.transformer
-        if hasattr(row.transformer, "reset"):
-            row.transformer.reset()
-        out = pipe(prompts, **kw).images
-    return out.float() * 2 - 1
-
-
-def count_macs(fn) -> int:
-    return harness.flops(fn, custom=False) // 2
+        return opipe.tgate(prompts, **kw, **okw).images.float() * 2 - 1
+    pipe.transformer = row.transformer
+    if hasattr(row.transformer, "reset"):
+        row.transformer.reset()
+    return pipe(prompts, **kw).images.float() * 2 - 1
 
 
 def schedule_macs_estimate(sched, collapse: bool) -> float:
@@ -92,70 +82,64 @@ def schedule_macs_estimate(sched, collapse: bool) -> float:
     return 1.0 - done / (sum(w) * sched.num_blocks * sched.num_steps)
 
 
-def make_official(bundle, sampler, kwargs) -> tuple:
-    import tgate
-
-    b2 = copy.copy(bundle)
-    b2.transformer = copy.deepcopy(bundle.transformer)  # the package replaces Attention.forward in place
-    opipe = tgate.TgatePixArtAlphaLoader(pixart_pipeline(b2, scheduler=sampler))
-    opipe.set_progress_bar_config(disable=True)
-    return opipe, kwargs
-
-
 def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
     model = bundle.transformer
     cfg = args.cfg if args.cfg is not None else bundle.recommended_cfg
     ts = timesteps_for(bundle, steps, sampler)
-    scale = steps / 25
-    hand = dict(AUTHORS, gate_step=round(AUTHORS["gate_step"] * scale))
+    hand = dict(AUTHORS, gate_step=round(AUTHORS["gate_step"] * (steps / 25)))
+    sp = {k: v for k, v in hand.items() if k != "gate_step"}
     pipe = pixart_pipeline(bundle, scheduler=sampler)
     pipe.set_progress_bar_config(disable=True)
+    tag = f"[{sampler} {steps}]"
 
     t0 = time.perf_counter()
-    sp = {k: v for k, v in hand.items() if k != "gate_step"}
     cal = calibration_prompts(args.calibration)
     gate = auto_gate(bundle, steps, sampler, prompts=cal, criterion="output", tol=args.output_tol, cfg=cfg, seed=1,
                      full_curve=True, **sp)
     gate_seconds = time.perf_counter() - t0
     gate_c = auto_gate(bundle, steps, sampler, prompts=cal, criterion="attn2_change", tol=args.tol, cfg=cfg, seed=1)
-    log(f"[{sampler} {steps}] auto gate {gate.gate_step} (output error <= {gate.tol}), {gate.gate_step} "
-        f"(hand-set {hand['gate_step']}), {gate_seconds:.1f} s; error per gate "
-        + " ".join(f"{v:.3f}" for v in gate.curve[1:]))
-    log(f"[{sampler} {steps}] auto gate from cross-attention change {gate_c.gate_step} (tol {gate_c.tol:.4f}); "
+    log(f"{tag} auto gate {gate.gate_step} (output error <= {gate.tol}), {gate.gate_step} (hand-set "
+        f"{hand['gate_step']}), {gate_seconds:.1f} s; error per gate " + " ".join(f"{v:.3f}" for v in gate.curve[1:]))
+    log(f"{tag} auto gate from cross-attention change {gate_c.gate_step} (tol {gate_c.tol:.4f}); "
         "curve " + " ".join(f"{v:.4f}" for v in gate_c.curve[1:]))
     s_hand = schedules.tgate(model, ts, **hand)
     s_auto = schedules.tgate(model, ts, gate_step=gate, **sp)
     s_auto_c = schedules.tgate(model, ts, gate_step=gate_c, **sp)
 
-    rows = [Row("full compute", "pipe", model, note="original diffusers transformer"),
-            Row(f"T-GATE gate {hand['gate_step']} (no CFG collapse)", "pipe",
-                l2c.compile_schedule(model, s_hand, cfg_collapse=False), s_hand),
-            Row(f"T-GATE gate {hand['gate_step']} + CFG collapse", "pipe", l2c.compile_schedule(model, s_hand), s_hand),
-            Row(f"T-GATE auto gate {gate.gate_step} (output error) + CFG collapse", "pipe",
-                l2c.compile_schedule(model, s_auto), s_auto,
-                note=f"calibration error <= {gate.tol} on {len(cal)} other prompts"),
-            Row(f"T-GATE auto gate {gate_c.gate_step} (cross-attn change) + CFG collapse", "pipe",
-                l2c.compile_schedule(model, s_auto_c), s_auto_c,
-                note=f"step-to-step change < {gate_c.tol:.3f}")]
+    def ours(name, s, note="", **kw):
+        return Row(name, l2c.compile_schedule(model, s, **kw), s, note)
+    g = hand["gate_step"]
+    rows = [Row("full compute", model, note="original diffusers transformer"),
+            ours(f"T-GATE gate {g} (no CFG collapse)", s_hand, cfg_collapse=False),
+            ours(f"T-GATE gate {g} + CFG collapse", s_hand),
+            ours(f"T-GATE auto gate {gate.gate_step} (output error) + CFG collapse", s_auto,
+                 f"calibration error <= {gate.tol} on {len(cal)} other prompts"),
+            ours(f"T-GATE auto gate {gate_c.gate_step} (cross-attn change) + CFG collapse", s_auto_c,
+                 f"step-to-step change < {gate_c.tol:.3f}")]
     # learned L2C schedule at the MACs T-GATE with collapse removes (branch MACs)
     budget = round(schedule_macs_estimate(s_hand, collapse=True), 3)
-    lpath = Path(args.out or RESULTS) / f"tgate_learned_{sampler.replace('+', 'p')}{steps}.l2c.json"
+    lpath = Path(args.out or harness.RESULTS) / f"tgate_learned_{sampler.replace('+', 'p')}{steps}.l2c.json"
     if lpath.exists() and not args.relearn:
         s_learn = l2c.Schedule.load(lpath)
     else:
         t0 = time.perf_counter()
         s_learn = l2c.learn_schedule(bundle, steps, budget=budget, scheduler=sampler, cfg=cfg,
                                      iterations=args.learn_iterations, progress=False)
-        log(f"[{sampler} {steps}] learned schedule (budget {budget}) in {time.perf_counter() - t0:.0f} s")
+        log(f"{tag} learned schedule (budget {budget}) in {time.perf_counter() - t0:.0f} s")
         if args.out is not None or not args.quick:
             lpath.parent.mkdir(parents=True, exist_ok=True)
             s_learn.save(lpath)
-    rows.append(Row(f"L2C learned, {100 * budget:.0f}% branch MACs", "pipe", l2c.compile_schedule(model, s_learn),
-                    s_learn, note=f"attn2 reused in {s_learn.summary()['removed_per_branch'].get('attn2', 0):.0%} "
-                                  "of its cells"))
-    off = Row(f"official tgate {_tgate_version()} gate {hand['gate_step']}", "official")
+    rows.append(ours(f"L2C learned, {100 * budget:.0f}% branch MACs", s_learn,
+                     f"attn2 reused in {s_learn.summary()['removed_per_branch'].get('attn2', 0):.0%} of its cells"))
+    off = Row(f"official tgate {_tgate_version()} gate {g}")
     try:
-        off.official = make_official(bundle, sampler, hand)
+        import tgate
+
+        b2 = copy.copy(bundle)
+        b2.transformer = copy.deepcopy(model)  # the package replaces Attention.forward in place
+        opipe = tgate.TgatePixArtAlphaLoader(pixart_pipeline(b2, scheduler=sampler))
+        opipe.set_progress_bar_config(disable=True)
+        off.official = (opipe, hand)
     except Exception as e:  # noqa: BLE001
         off.error = f"{type(e).__name__}: {e}"
     rows.append(off)
@@ -163,11 +147,8 @@ def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
     prompts, labels = eval_prompts(args.samples)
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     latents = initial_noise(args.samples, shape, seed=0)
-    tprompts = prompts[: args.timing_batch]
-    tlatents = latents[: args.timing_batch]
-
-    # images on the evaluation set (one run each; also the warm-up)
-    images = {}
+    tprompts, tlatents = prompts[: args.timing_batch], latents[: args.timing_batch]
+    images = {}  # on the evaluation set (one run each; also the warm-up)
     for r in rows:
         if r.error:
             continue
@@ -177,21 +158,17 @@ def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
             r.error = f"{type(e).__name__}: {e}"
             log(traceback.format_exc())
     ref = images[rows[0].name]
-
-    # MACs of one generation of the timing batch
-    macs = {}
-    for r in rows:
-        if r.error is None:
-            macs[r.name] = count_macs(lambda r=r: run_row(r, pipe, tprompts[:2], steps, cfg, tlatents[:2]))
-
-    # interleaved timing
-    live = {r.name: (lambda r=r: run_row(r, pipe, tprompts, steps, cfg, tlatents)) for r in rows if r.error is None}
-    times = harness.interleave(live, args.repeats, after_round=lambda k, t: log(f"[{sampler} {steps}] repeat {k + 1}: "
-                               + ", ".join(f"{n.split(' (')[0][:24]} {v[-1]:.2f}s" for n, v in t.items())))
+    live = [r for r in rows if r.error is None]
+    macs = {r.name: harness.flops(lambda r=r: run_row(r, pipe, tprompts[:2], steps, cfg, tlatents[:2]),
+                                  custom=False) // 2 for r in live}  # of one generation of 2 timing images
+    times = harness.interleave({r.name: (lambda r=r: run_row(r, pipe, tprompts, steps, cfg, tlatents)) for r in live},
+                               args.repeats, after_round=lambda k, t: log(f"{tag} repeat {k + 1}: " + ", ".join(
+                                   f"{n.split(' (')[0][:24]} {v[-1]:.2f}s" for n, v in t.items())))
     t_full = statistics.median(times[rows[0].name])
     out_rows = []
     for r in rows:
         d = dict(name=r.name, note=r.note)
+        out_rows.append(d)
         if r.schedule is not None:
             d.update(schedule_method=r.schedule.method, gate_step=r.schedule.params.get("gate_step"),
                      branch_macs_removed_estimate=round(schedule_macs_estimate(
@@ -199,69 +176,60 @@ def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
                      collapsible_steps=sum(getattr(r.transformer, "collapsible", [])))
         if r.error is not None:
             d.update(error=r.error)
-            out_rows.append(d)
             continue
-        med = statistics.median(times[r.name])
-        img = images[r.name]
+        med, img = statistics.median(times[r.name]), images[r.name]
         d.update(seconds=round(med, 4), spread=harness.spread(times[r.name], digits=4),
                  speedup=round(t_full / med, 3), macs_per_generation=macs[r.name],
                  macs_removed=round(1 - macs[r.name] / macs[rows[0].name], 4),
                  psnr=round(metrics.psnr(img, ref), 2) if r is not rows[0] else math.inf,
-                 ssim=round(metrics.ssim(img, ref), 4),
-                 accuracy=round(classifier.class_accuracy(img, labels), 4))
-        if r.kind == "official":
+                 ssim=round(metrics.ssim(img, ref), 4), accuracy=round(classifier.class_accuracy(img, labels), 4))
+        if r.official is not None:
             d["psnr_vs_ours_collapse"] = round(metrics.psnr(img, images[rows[2].name]), 2)
-        out_rows.append(d)
     return dict(sampler=sampler, steps=steps, cfg=cfg, date=str(date.today()), timesteps=ts, hand_setting=hand,
                 auto_gate=dict(gate.to_dict(), seconds=round(gate_seconds, 1)), auto_gate_attn2_change=gate_c.to_dict(),
-                rows=out_rows,
-                images={r.name: images[r.name][:10] for r in rows if r.name in images})
+                rows=out_rows, images={r.name: images[r.name][:10] for r in rows if r.name in images})
 
 
 def _tgate_version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import version
 
+    try:
         return version("tgate")
     except Exception:  # noqa: BLE001
         return "(not installed)"
 
 
 def write_markdown(result: dict) -> str:
-    md = ["# T-GATE on pixart-digits: our schedule with CFG collapse, automatic gate, learned, official package",
-          "",
+    md = ["# T-GATE on pixart-digits: our schedule with CFG collapse, automatic gate, learned, official package", "",
           f"{harness.describe({**result, **result.get('meta', {})})}, tgate {result['tgate']}. Unchanged "
-          "`PixArtAlphaPipeline` around the bundled model; "
-          f"{result['samples']} evaluation images (digits 0-9, caption templates cycled), same initial latents "
-          f"for every row; speedup = median of {result['repeats']} interleaved generations of "
-          f"{result['timing_batch']} images (CFG batch {2 * result['timing_batch']}) in one process; MACs counted "
-          f"with torch.utils.flop_counter over one generation; accuracy = bundled digit classifier reads the "
-          f"asked-for digit.", ""]
+          f"`PixArtAlphaPipeline` around the bundled model; {result['samples']} evaluation images (digits 0-9, caption "
+          "templates cycled), same initial latents for every row; speedup = median of "
+          f"{result['repeats']} interleaved generations of {result['timing_batch']} images (CFG batch "
+          f"{2 * result['timing_batch']}) in one process; MACs counted with torch.utils.flop_counter over one "
+          "generation; accuracy = bundled digit classifier reads the asked-for digit.", ""]
     for s in result["samplers"]:
-        g = s["auto_gate"]
-        md += [f"## {s['sampler']} {s['steps']} steps, CFG {s['cfg']}" + (f" (measured {s['date']})" if "date" in s else ""),
-               "",
+        g, gc = s["auto_gate"], s["auto_gate_attn2_change"]
+        measured = f" (measured {s['date']})" if "date" in s else ""
+        md += [f"## {s['sampler']} {s['steps']} steps, CFG {s['cfg']}{measured}", "",
                f"Hand-set (authors' PixArt setting scaled to {s['steps']} steps): {s['hand_setting']}. "
                f"Automatic gate from the output error of gating (relative RMS error of {len(g['prompts'])} calibration "
                f"samples <= {g['tol']}): {g['gate_step']}, measured in {g['seconds']} s. Automatic gate from the "
-               f"cross-attention output's step-to-step change (< {s['auto_gate_attn2_change']['tol']:.4f}): "
-               f"{s['auto_gate_attn2_change']['gate_step']}.", "",
-               "Calibration error per gate: " + " ".join(
-                   f"{i}:{v:.3f}" for i, v in enumerate(g["curve"]) if v is not None), "",
-               "Cross-attention change per step: " + " ".join(
-                   f"{v:.4f}" for v in s["auto_gate_attn2_change"]["curve"] if v is not None), "",
-               "| method | speedup | MACs removed | PSNR (dB) | SSIM | accuracy | note |",
-               "|---|---|---|---|---|---|---|"]
+               f"cross-attention output's step-to-step change (< {gc['tol']:.4f}): {gc['gate_step']}.", "",
+               "Calibration error per gate: " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(g["curve"])
+                                                         if v is not None), "",
+               "Cross-attention change per step: " + " ".join(f"{v:.4f}" for v in gc["curve"] if v is not None), ""]
+        rows = []
         for r in s["rows"]:
             if "error" in r:
-                md.append(f"| {r['name']} | — | — | — | — | — | did not run: {r['error']} |")
+                rows.append([r["name"]] + ["—"] * 5 + [f"did not run: {r['error']}"])
                 continue
             note = r.get("note", "")
             if "psnr_vs_ours_collapse" in r:
                 note = (note + "; " if note else "") + f"PSNR vs our T-GATE + collapse {r['psnr_vs_ours_collapse']} dB"
-            psnr = "—" if math.isinf(r["psnr"]) else f"{r['psnr']:.2f}"
-            md.append(f"| {r['name']} | {r['speedup']:.2f}x ({r['seconds']:.2f} s) | {100 * r['macs_removed']:.1f}% | "
-                      f"{psnr} | {r['ssim']:.4f} | {100 * r['accuracy']:.1f}% | {note} |")
+            rows.append([r["name"], f"{r['speedup']:.2f}x ({r['seconds']:.2f} s)", f"{100 * r['macs_removed']:.1f}%",
+                         "—" if math.isinf(r["psnr"]) else f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
+                         f"{100 * r['accuracy']:.1f}%", note])
+        md += harness.table(["method", "speedup", "MACs removed", "PSNR (dB)", "SSIM", "accuracy", "note"], rows)
         md.append("")
     if result.get("goals"):
         md += ["## Goals (DPM-Solver++ 25 steps)", ""] + [f"- {k}: {v}" for k, v in result["goals"].items()] + [""]
@@ -270,21 +238,18 @@ def write_markdown(result: dict) -> str:
 
 def goals(result: dict) -> dict:
     s = next(x for x in result["samplers"] if x["steps"] == 25)
-    full = s["rows"][0]
-    ours = s["rows"][2]
+    full, ours = s["rows"][0], s["rows"][2]
     off = next(r for r in s["rows"] if r["name"].startswith("official"))
     out = {"T-GATE + CFG collapse >= 1.6x faster than full":
            f"{'met' if ours['speedup'] >= 1.6 else 'NOT met'} ({ours['speedup']:.2f}x)",
            "accuracy within 2 points of full":
            f"{'met' if abs(ours['accuracy'] - full['accuracy']) <= 0.02 else 'NOT met'} "
            f"({100 * ours['accuracy']:.1f}% vs {100 * full['accuracy']:.1f}%)"}
-    if "error" in off:
-        out["at least as fast as the official package at equal or better PSNR"] = "official package did not run"
-    else:
-        ok = ours["speedup"] >= off["speedup"] and ours["psnr"] >= off["psnr"] - 0.05
-        out["at least as fast as the official package at equal or better PSNR"] = (
-            f"{'met' if ok else 'NOT met'} (ours {ours['speedup']:.2f}x / {ours['psnr']:.2f} dB, official "
-            f"{off['speedup']:.2f}x / {off['psnr']:.2f} dB)")
+    ok = "error" not in off and ours["speedup"] >= off["speedup"] and ours["psnr"] >= off["psnr"] - 0.05
+    out["at least as fast as the official package at equal or better PSNR"] = (
+        "official package did not run" if "error" in off else
+        f"{'met' if ok else 'NOT met'} (ours {ours['speedup']:.2f}x / {ours['psnr']:.2f} dB, official "
+        f"{off['speedup']:.2f}x / {off['psnr']:.2f} dB)")
     return out
 
 
@@ -304,14 +269,13 @@ def plot(result: dict, path: Path) -> None:
             official = r["name"].startswith("official")
             ax.scatter(r["speedup"], r["psnr"], s=90 if official else 45, marker="x" if official else "o",
                        color=f"C{k}", label=f"{r['name']}: {100 * r['accuracy']:.0f}% acc.", zorder=3)
-        ax.set_xlabel("measured speedup over full compute (CPU)")
-        ax.set_ylabel("PSNR vs full compute (dB)")
+        ax.set(xlabel="measured speedup over full compute (CPU)", ylabel="PSNR vs full compute (dB)")
         ax.set_title(f"{s['sampler']} {s['steps']} steps (full compute: "
                      f"{100 * s['rows'][0]['accuracy']:.0f}% accuracy)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         ax = axes[1, j]
-        g, gc = s["auto_gate"], s["auto_gate_attn2_change"]
+        g, gc, hand = s["auto_gate"], s["auto_gate_attn2_change"], s["hand_setting"]["gate_step"]
         xs = [i for i, v in enumerate(g["curve"]) if v is not None]
         ax.plot(xs, [g["curve"][i] for i in xs], marker=".", color="C0",
                 label="calibration error when gating at this step")
@@ -321,11 +285,8 @@ def plot(result: dict, path: Path) -> None:
         ax.axhline(gc["tol"], color="C1", ls="--", lw=0.8, label=f"tolerance {gc['tol']:.3f}")
         ax.axvline(g["gate_step"], color="C2", label=f"automatic gate (output error) {g['gate_step']}")
         ax.axvline(gc["gate_step"], color="C4", ls="-.", label=f"automatic gate (cross-attn change) {gc['gate_step']}")
-        ax.axvline(s["hand_setting"]["gate_step"], color="C3", ls=":",
-                   label=f"hand-set gate {s['hand_setting']['gate_step']}")
-        ax.set_yscale("log")
-        ax.set_xlabel("sampling step")
-        ax.set_ylabel("relative change / relative error")
+        ax.axvline(hand, color="C3", ls=":", label=f"hand-set gate {hand}")
+        ax.set(yscale="log", xlabel="sampling step", ylabel="relative change / relative error")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -348,19 +309,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--update", action="store_true",
                     help="replace only the sections of --samplers in the saved result (keep the others)")
-    ap.add_argument("--replot", action="store_true", help="only rewrite the table and plot from the saved JSON")
-    ap.add_argument("--out", default=None, help=f"output directory (default {RESULTS})")
+    ap.add_argument("--out", default=None, help=f"output directory (default {harness.RESULTS})")
     args = harness.parse(ap, argv)
     if args.quick:
         args.samples, args.timing_batch, args.repeats, args.learn_iterations = 20, 4, 1, 4
     torch.set_num_threads(args.threads)
-    out = Path(args.out or RESULTS)
-    if args.replot:
-        result = json.loads((out / "tgate_pixart.json").read_text())
-        (out / "tgate_pixart.md").write_text(harness.with_command(write_markdown(result),
-                                                                  result.get("meta", {}).get("command")))
-        plot(result, out / "tgate_pixart.png")
-        return result
+    out = Path(args.out or harness.RESULTS)
     bundle = models.load("pixart-digits")
     samplers = [(a, int(b)) for a, b in (x.split(":") for x in args.samplers.split(","))]
     result = dict(benchmark="T-GATE on pixart-digits", tgate=_tgate_version(), samples=args.samples,

@@ -5,13 +5,23 @@ ran. How each peer is applied and counted: bench/NOTES.md ("How the benchmarks r
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.hooks import (FirstBlockCacheConfig, HookRegistry, MagCacheConfig, PyramidAttentionBroadcastConfig,
+                             TaylorSeerCacheConfig, apply_first_block_cache, apply_mag_cache,
+                             apply_pyramid_attention_broadcast, apply_taylorseer_cache)
+from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from torch import nn
+
+from l2c_kernels.adapters import adapter_for
+from l2c_kernels.adapters.patterns import estimate_block_flops, find_blocks
 
 PEER_FAMILIES = ("fbc", "pab", "taylorseer", "dbcache")  # the peers of the DiT / PixArt comparisons
 BLOCK_LEVEL_FAMILIES = ("fbc", "taylorseer", "dbcache", "magcache")  # the peers of the Flux comparison
@@ -25,12 +35,6 @@ class PeerUnavailable(RuntimeError):
     """The peer cannot be applied to this model (the message says exactly why)."""
 
 
-def _adapter(model):
-    from l2c_kernels.adapters import adapter_for
-
-    return adapter_for(model)
-
-
 def _branch_leaf(block, branch: str) -> nn.Module:
     """The innermost module that runs exactly when ``branch`` of ``block`` is really computed."""
     if branch in ("attn1", "attn2"):
@@ -40,32 +44,12 @@ def _branch_leaf(block, branch: str) -> nn.Module:
     raise ValueError(f"unknown branch {branch!r}")
 
 
-def _block_lists(model) -> list[str]:
-    """Names of the model's block lists in call order (Flux: ``transformer_blocks``, ``single_transformer_blocks``)."""
-    from l2c_kernels.adapters.patterns import find_blocks
-
-    names = []
-    for ref in find_blocks(model):
-        if ref.list_name not in names:
-            names.append(ref.list_name)
-    return names
-
-
-def _block_costs(model) -> list[float]:
-    from l2c_kernels.adapters.patterns import estimate_block_flops
-
-    return estimate_block_flops(model)
-
-
-def _block_linears(model, b: int) -> list[tuple[nn.Module, float]]:
-    """``(layer, cost)`` for every linear/convolution layer of block ``b``: ``2 x weights / streams``, so the
-    costs of a block's layers add up to its cost in ``estimate_block_flops``."""
-    from l2c_kernels.adapters.patterns import find_blocks
-
-    ref = find_blocks(model)[b]
-    streams = len(ref.pattern.returns)
-    return [(m, 2.0 * m.weight.numel() / streams) for m in ref.module.modules()
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+def _enable(model, config, apply_fn) -> None:
+    """diffusers' cache ``config`` on ``model``: ``enable_cache`` where the model has it, else ``apply_fn``."""
+    if hasattr(model, "enable_cache"):
+        model.enable_cache(config)
+    else:
+        apply_fn(model, config)
 
 
 @dataclass
@@ -89,8 +73,7 @@ class PeerSetting:
             cal = f" + TaylorSeer{p.get('calibrator_order', 1)}" if p.get("calibrator") else ""
             return f"DBCache F{p['Fn']}B{p.get('Bn', 0)} t={p['threshold']} warm-up {p.get('warmup', 0)}{cal}"
         if self.family == "magcache":
-            return (f"MagCache t={p['threshold']} K={p.get('max_skip_steps', 3)} "
-                    f"retain {p.get('retention_ratio', 0.2)}")
+            return f"MagCache t={p['threshold']} K={p.get('max_skip_steps', 3)} retain {p.get('retention_ratio', 0.2)}"
         return f"{self.family} {p}"
 
 
@@ -104,69 +87,57 @@ class PeerTransformer(nn.Module):
         self.setting = setting
         self.num_inference_steps = int(num_inference_steps)
         self.inner = copy.deepcopy(model).eval().requires_grad_(False)
-        ad = _adapter(self.inner)
+        ad = adapter_for(self.inner)
         self.branches = list(ad.branches(self.inner))
         self.branch_flops = {k: float(v) for k, v in ad.branch_flops(self.inner).items()}
         self.num_blocks = ad.num_blocks(self.inner)
-        self._timestep = 0.0
-        self.calls = 0
-        self.branch_calls = [[0] * len(self.branches) for _ in range(self.num_blocks)]
-        self.total_calls = 0
-        self.total_branch_calls = [[0] * len(self.branches) for _ in range(self.num_blocks)]
-        self._diffusers_hooks = False
-        self._cache_dit_config = None
         self.block_level = self.branches == [BLOCK_UNIT]
-        # block level: each block's cost and what each of its linear layers adds to it when it runs
-        self.unit_flops = _block_costs(self.inner) if self.block_level else []
-        self.block_flops_done = [0.0] * self.num_blocks
-        self.total_block_flops_done = [0.0] * self.num_blocks
-        self._calibrator_config = None
+        self.unit_flops = estimate_block_flops(self.inner) if self.block_level else []
+        self._timestep = 0.0
+        self._diffusers_hooks = False
+        self._cache_dit_config = self._calibrator_config = None
+        # what ran, per block (since the last reset, and in all): at block level the FLOPs of the linear layers that
+        # ran (2 x weights / streams each, adding up to the block's cost), else how often each branch ran
+        self.calls = self.total_calls = 0
+        self.ran, self.total_ran = self._nothing_ran(), self._nothing_ran()
         getattr(self, f"_apply_{setting.family}")(**setting.params)
         for b, block in enumerate(ad.blocks(self.inner)):
             if self.block_level:
-                for lin, cost in _block_linears(self.inner, b):
-                    lin.register_forward_hook(self._flops_counter(b, cost))
-                continue
-            for i, br in enumerate(self.branches):
-                _branch_leaf(block, br).register_forward_hook(self._counter(b, i))
+                ref = find_blocks(self.inner)[b]
+                for m in ref.module.modules():
+                    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                        m.register_forward_hook(self._counter(b, 0, 2.0 * m.weight.numel() / len(ref.pattern.returns)))
+            else:
+                for i, br in enumerate(self.branches):
+                    _branch_leaf(block, br).register_forward_hook(self._counter(b, i, 1))
 
     # ------------------------------------------------------------------ counting
-    def _counter(self, b: int, i: int):
-        def hook(_mod, _inp, _out):
-            self.branch_calls[b][i] += 1
-            self.total_branch_calls[b][i] += 1
-        return hook
+    def _nothing_ran(self) -> list[list]:
+        return [[0.0] if self.block_level else [0] * len(self.branches) for _ in range(self.num_blocks)]
 
-    def _flops_counter(self, b: int, cost: float):
+    def _counter(self, b: int, i: int, amount):
         def hook(_mod, _inp, _out):
-            self.block_flops_done[b] += cost
-            self.total_block_flops_done[b] += cost
+            self.ran[b][i] += amount
+            self.total_ran[b][i] += amount
         return hook
 
     def flops_removed_fraction(self, total: bool = True) -> float:
         """Fraction of branch FLOPs not computed over the calls counted (all runs, or since the last reset)."""
-        calls = self.total_calls if total else self.calls
-        counts = self.total_branch_calls if total else self.branch_calls
+        calls, ran = (self.total_calls, self.total_ran) if total else (self.calls, self.ran)
         if calls == 0:
             return 0.0
         if self.block_level:
-            done = sum(self.total_block_flops_done if total else self.block_flops_done)
-            return 1.0 - done / (calls * sum(self.unit_flops))
+            return 1.0 - sum(row[0] for row in ran) / (calls * sum(self.unit_flops))
         w = [self.branch_flops[b] for b in self.branches]
-        done = sum(c * wi for row in counts for c, wi in zip(row, w))
+        done = sum(c * wi for row in ran for c, wi in zip(row, w))
         return 1.0 - done / (calls * self.num_blocks * sum(w))
 
     # ------------------------------------------------------------------ peers
     def _apply_fbc(self, threshold: float):
-        from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
-
         self._apply_diffusers(FirstBlockCacheConfig(threshold=float(threshold)), apply_first_block_cache)
 
     def _apply_pab(self, skip: int, cross_skip: int | None = None, timestep_range=(100, 800)):
-        from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
-
-        has_cross = "attn2" in self.branches
-        if cross_skip and not has_cross:
+        if cross_skip and "attn2" not in self.branches:
             raise PeerUnavailable(f"{type(self.inner).__name__} has no cross-attention to broadcast")
         cfg = PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=int(skip),
@@ -177,17 +148,13 @@ class PeerTransformer(nn.Module):
         self._apply_diffusers(cfg, apply_pyramid_attention_broadcast)
 
     def _apply_taylorseer(self, interval: int, order: int = 1, warmup: int = 3, targets: str = "branches"):
-        from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
-
-        # targets="branches": every branch of every block. The default identifiers ("^transformer_blocks.*attn")
-        # fullmatch modules named "...attn" (FLUX); DiT/PixArt name them attn1/attn2 and would get no hook at
-        # all, so the branches are named here. targets="default": diffusers' own identifiers (on Flux: the
-        # attention of both block lists; the MLPs always run). targets="blocks": every whole block of every
-        # block list (all the model's block compute predicted).
+        # "branches": every branch of every block, named (diffusers' default identifiers fullmatch modules named
+        # "...attn", as in Flux; DiT/PixArt's attn1/attn2 would get no hook). "default": diffusers' identifiers (on
+        # Flux the attention of both block lists; the MLPs always run). "blocks": every whole block of every list.
         if targets == "default":
             ids = None
         elif targets == "blocks":
-            ids = [rf"({'|'.join(_block_lists(self.inner))})\.\d+"]
+            ids = [rf"({'|'.join(dict.fromkeys(ref.list_name for ref in find_blocks(self.inner)))})\.\d+"]
         elif targets == "branches":
             if self.branches == [BLOCK_UNIT]:
                 raise PeerUnavailable(f"{type(self.inner).__name__} is cached per block (no branches to name): "
@@ -202,8 +169,6 @@ class PeerTransformer(nn.Module):
 
     def _apply_magcache(self, mag_ratios, threshold: float = 0.06, max_skip_steps: int = 3,
                         retention_ratio: float = 0.2):
-        from diffusers.hooks import MagCacheConfig, apply_mag_cache
-
         if len(mag_ratios) != self.num_inference_steps:
             raise PeerUnavailable(f"MagCache ratios were calibrated for {len(mag_ratios)} steps, not "
                                   f"{self.num_inference_steps}")
@@ -213,22 +178,12 @@ class PeerTransformer(nn.Module):
         self._apply_diffusers(cfg, apply_mag_cache)
 
     def _apply_diffusers(self, config, apply_fn):
-        from diffusers.hooks import HookRegistry
-
-        if hasattr(self.inner, "enable_cache"):
-            self.inner.enable_cache(config)
-        else:
-            apply_fn(self.inner, config)
+        _enable(self.inner, config, apply_fn)
         reg = HookRegistry.check_if_exists_or_initialize(self.inner)
         reg.invalidate_child_registries_cache()
         if not reg._get_child_registries() and not reg.hooks:
             raise PeerUnavailable(f"{type(config).__name__} found no module to hook in {type(self.inner).__name__}")
         self._diffusers_hooks = True
-        self._set_context()
-
-    def _set_context(self):
-        from diffusers.hooks.hooks import CacheContext, _set_cache_context
-
         _set_cache_context(self.inner, CacheContext("inference"))
 
     def _apply_dbcache(self, Fn: int, threshold: float, Bn: int = 0, warmup: int = 0,
@@ -271,10 +226,8 @@ class PeerTransformer(nn.Module):
     def reset(self) -> None:
         """Forget the previous generation (hook state, cache-dit context, per-run counters)."""
         if self._diffusers_hooks:
-            from diffusers.hooks import HookRegistry
-
             HookRegistry.check_if_exists_or_initialize(self.inner).reset_stateful_hooks(recurse=True)
-            self._set_context()  # StateManager.reset() drops the context
+            _set_cache_context(self.inner, CacheContext("inference"))  # StateManager.reset() drops the context
         if self._cache_dit_config is not None:
             import cache_dit
 
@@ -282,8 +235,7 @@ class PeerTransformer(nn.Module):
                 calibrator_config=copy.deepcopy(self._calibrator_config))
             cache_dit.refresh_context(self.inner, cache_config=copy.deepcopy(self._cache_dit_config), **extra)
         self.calls = 0
-        self.branch_calls = [[0] * len(self.branches) for _ in range(self.num_blocks)]
-        self.block_flops_done = [0.0] * self.num_blocks
+        self.ran = self._nothing_ran()
 
     def forward(self, hidden_states, timestep=None, **kwargs):
         if timestep is not None:
@@ -297,65 +249,41 @@ class PeerTransformer(nn.Module):
 def default_settings(model, num_inference_steps: int, mag_ratios=None) -> list[PeerSetting]:
     """The grid of settings each peer is run at (chosen to span ~1.1x to ~4x where the peer can).
 
-    Models cached per block (Flux) get :func:`block_level_settings` (``mag_ratios``: MagCache's calibrated
-    ratios for this step count; without them MagCache is left out)."""
-    n = int(num_inference_steps)
-    if _adapter(model).branches(model) == [BLOCK_UNIT]:
-        return block_level_settings(model, n, mag_ratios)
-    has_cross = "attn2" in _adapter(model).branches(model)
-    warm = max(1, n // 10)
+    Models cached per block (Flux): FirstBlockCache; TaylorSeer on diffusers' default targets (attention) and on
+    whole blocks; MagCache with ``mag_ratios`` (calibrated for this step count; without them MagCache is left out);
+    cache-dit DBCache with the first 1 and the first 4 blocks always computed, TaylorSeer calibrator off and on."""
+    branches, warm = adapter_for(model).branches(model), max(1, int(num_inference_steps) // 10)
     out = [PeerSetting("fbc", dict(threshold=t)) for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)]
-    for skip, rng in ((2, (100, 800)), (2, (-1, 1001)), (3, (-1, 1001)), (5, (-1, 1001))):
-        out.append(PeerSetting("pab", dict(skip=skip, timestep_range=rng, cross_skip=2 * skip if has_cross else None)))
-    for interval, order in ((2, 1), (3, 1), (3, 2), (4, 1), (5, 1), (5, 2), (6, 1)):
-        out.append(PeerSetting("taylorseer", dict(interval=interval, order=order, warmup=warm)))
-    for fn, thresholds in ((1, (0.1, 0.2, 0.4)), (2, (0.1, 0.2, 0.4)), (4, (0.05, 0.1, 0.2, 0.4, 0.8))):
-        for t in thresholds:
-            out.append(PeerSetting("dbcache", dict(Fn=fn, Bn=0, threshold=t, warmup=warm)))
-    return out
-
-
-def block_level_settings(model, num_inference_steps: int, mag_ratios=None) -> list[PeerSetting]:
-    """The grid for a model cached per block (Flux): FirstBlockCache; TaylorSeer on diffusers' default targets
-    (attention) and on whole blocks; MagCache with ratios calibrated on the model; cache-dit DBCache with the
-    first 1 and the first 4 blocks always computed, TaylorSeer calibrator off and on."""
-    n = int(num_inference_steps)
-    nb = _adapter(model).num_blocks(model)
-    warm = max(1, n // 10)
-    out = [PeerSetting("fbc", dict(threshold=t)) for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)]
-    for interval in (3, 5):
-        out.append(PeerSetting("taylorseer", dict(interval=interval, order=1, warmup=warm, targets="default")))
+    if branches != [BLOCK_UNIT]:
+        cross = "attn2" in branches
+        out += [PeerSetting("pab", dict(skip=skip, timestep_range=rng, cross_skip=2 * skip if cross else None))
+                for skip, rng in ((2, (100, 800)), (2, (-1, 1001)), (3, (-1, 1001)), (5, (-1, 1001)))]
+        out += [PeerSetting("taylorseer", dict(interval=interval, order=order, warmup=warm))
+                for interval, order in ((2, 1), (3, 1), (3, 2), (4, 1), (5, 1), (5, 2), (6, 1))]
+        return out + [PeerSetting("dbcache", dict(Fn=fn, Bn=0, threshold=t, warmup=warm))
+                      for fn, ts in ((1, (0.1, 0.2, 0.4)), (2, (0.1, 0.2, 0.4)), (4, (0.05, 0.1, 0.2, 0.4, 0.8)))
+                      for t in ts]
+    out += [PeerSetting("taylorseer", dict(interval=interval, order=1, warmup=warm, targets="default"))
+            for interval in (3, 5)]
     # TaylorSeer on whole blocks at its best phase, order and interval: warm-up 3 (its default) and 10% of the steps
-    for w in sorted({3, warm}):
-        for interval, order in ((2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (6, 1)):
-            out.append(PeerSetting("taylorseer", dict(interval=interval, order=order, warmup=w, targets="blocks")))
+    out += [PeerSetting("taylorseer", dict(interval=interval, order=order, warmup=w, targets="blocks"))
+            for w in sorted({3, warm}) for interval, order in ((2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (6, 1))]
     if mag_ratios is not None:
-        for t, k in ((0.06, 3), (0.12, 3), (0.24, 4), (0.5, 6), (1.0, 8)):
-            out.append(PeerSetting("magcache", dict(threshold=t, max_skip_steps=k, retention_ratio=0.2,
-                                                    mag_ratios=[float(r) for r in mag_ratios])))
-    for fn, thresholds in ((1, (0.1, 0.2, 0.4, 0.8)), (min(4, nb - 1), (0.2, 0.4))):
-        for t in thresholds:
-            for cal in (None, "taylorseer"):
-                out.append(PeerSetting("dbcache", dict(Fn=fn, Bn=0, threshold=t, warmup=warm, calibrator=cal)))
-    return out
+        out += [PeerSetting("magcache", dict(threshold=t, max_skip_steps=k, retention_ratio=0.2,
+                                             mag_ratios=[float(r) for r in mag_ratios]))
+                for t, k in ((0.06, 3), (0.12, 3), (0.24, 4), (0.5, 6), (1.0, 8))]
+    nb = adapter_for(model).num_blocks(model)
+    return out + [PeerSetting("dbcache", dict(Fn=fn, Bn=0, threshold=t, warmup=warm, calibrator=cal))
+                  for fn, ts in ((1, (0.1, 0.2, 0.4, 0.8)), (min(4, nb - 1), (0.2, 0.4)))
+                  for t in ts for cal in (None, "taylorseer")]
 
 
 def calibrate_magcache(model, num_inference_steps: int, generate) -> list[float]:
     """MagCache's magnitude ratios for ``model``, calibrated as diffusers documents it: a copy of the model with
     ``MagCacheConfig(calibrate=True)`` runs one generation (``generate(transformer)``, which must make exactly
     ``num_inference_steps`` transformer calls), nothing is skipped, and the ratios it prints are read back."""
-    import contextlib
-    import io
-    import re
-
-    from diffusers.hooks import MagCacheConfig, apply_mag_cache
-
     inner = copy.deepcopy(model).eval().requires_grad_(False)
-    cfg = MagCacheConfig(calibrate=True, num_inference_steps=int(num_inference_steps))
-    if hasattr(inner, "enable_cache"):
-        inner.enable_cache(cfg)
-    else:
-        apply_mag_cache(inner, cfg)
+    _enable(inner, MagCacheConfig(calibrate=True, num_inference_steps=int(num_inference_steps)), apply_mag_cache)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         generate(inner)
@@ -378,7 +306,3 @@ def make_peer(model, setting: PeerSetting, num_inference_steps: int) -> PeerTran
     except Exception as e:  # the peer's own code rejected the model: record its words
         raise PeerUnavailable(f"{FAMILY_NAMES.get(setting.family, setting.family)} failed on "
                               f"{type(model).__name__}: {type(e).__name__}: {e}") from e
-
-
-__all__ = ["PEER_FAMILIES", "BLOCK_LEVEL_FAMILIES", "ALL_FAMILIES", "FAMILY_NAMES", "PeerSetting", "PeerTransformer", "PeerUnavailable",
-           "block_level_settings", "calibrate_magcache", "default_settings", "make_peer"]
