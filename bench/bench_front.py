@@ -9,8 +9,8 @@ forecast) and the static searchers on the learner's own segment costs (DPCache-,
     python bench/bench_front.py --model flux-digits --steps 50
     python bench/bench_front.py --model dit-digits --steps 50 --budgets 0.35 0.5 0.67 0.75
 
-writes ``front_<model>_<steps>.{json,md}``; the schedules go where ``bench_pareto.py`` reads them
-(``pareto_<model>_<steps>_schedules/``), so the timed comparison measures them without learning them again.
+writes ``front_<model>_<steps>.{json,md}`` and the learned and searched schedules to
+``front_<model>_<steps>_schedules/`` (the timed tables of ``bench_pareto.py`` keep their own).
 """
 from __future__ import annotations
 
@@ -34,15 +34,14 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=40, help="held-out digits scored (labels stratified, own noise)")
     ap.add_argument("--seed", type=int, default=777, help="seed of the held-out labels and noise")
     ap.add_argument("--relearn", action="store_true",
-                    help="learn the front again even if bench/results/pareto_<model>_<steps>_schedules holds it")
+                    help="learn the front again even if its schedules folder holds it")
     a = harness.parse(ap, argv)
     torch.set_num_threads(a.threads)
     bundle = models.load(a.model)
     model = bundle.transformer
-    tag = bench_pareto.result_tag(a.model, a.steps)
     t0 = time.time()
     methods = bench_pareto.learned_schedules(bundle, a.steps, a.budgets, bench_pareto.guidance_scale(bundle, None),
-                                             Path(a.out) / f"{tag}_schedules", a.relearn,
+                                             Path(a.out) / f"front_{a.model}_{a.steps}_schedules", a.relearn,
                                              bench_pareto.default_sampler(bundle), log=print)
     learn_s = time.time() - t0
     front = [sc for fam, _, sc in methods if fam == bench_pareto.LEARNED]

@@ -154,9 +154,9 @@ def test_block_latency_benchmark_runs_at_a_tiny_size(tmp_path):
     assert res["image_tokens"] == 4 and res["original_step_ms"] > 0
 
 
-def test_front_benchmark_tiny_run_writes_its_tables_and_the_schedules_bench_pareto_reads(tmp_path):
+def test_front_benchmark_tiny_run_writes_its_tables_and_its_schedules(tmp_path):
     """bench_front at 4 flux-digits steps and one budget: the learned row, the fixed intervals and the three static
-    searchers on 2 held-out digits; the schedules land where bench_pareto looks for them, with the command."""
+    searchers on 2 held-out digits; the schedules in a folder of its own (not the timed tables'), with the command."""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_front.py"), "--model", "flux-digits", "--steps", "4",
                         "--budgets", "0.5", "--samples", "2", "--threads", "1", "--relearn", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
@@ -168,7 +168,8 @@ def test_front_benchmark_tiny_run_writes_its_tables_and_the_schedules_bench_pare
     assert res["command"].startswith("python bench/bench_front.py --model flux-digits --steps 4")
     for row in res["rows"]:
         assert row["worst"] <= row["psnr"] + 1e-9
-    sched_dir = tmp_path / "pareto_flux-digits_4_schedules"
+    sched_dir = tmp_path / "front_flux-digits_4_schedules"
+    assert not (tmp_path / "pareto_flux-digits_4_schedules").exists()
     assert {p.name for p in sched_dir.iterdir()} == {"learned_50.l2c.json", "dpcache_50.l2c.json", "cem_50.l2c.json",
                                                     "lemica_50.l2c.json"}
     assert "Regenerate: `python bench/bench_front.py" in (tmp_path / "front_flux-digits_4.md").read_text()

@@ -73,14 +73,20 @@ SIGNIFICANCE_Z = 2.0
 
 
 def significantly_better(calib: _Calibration, a: tuple, b: tuple, z: float = SIGNIFICANCE_Z) -> bool:
-    """Whether measurement ``a`` = ``(mask key, forecast)`` beats ``b`` on ``calib`` beyond its noise: the mean of
-    the paired per-sample differences of ``10 log10(MSE)`` plus ``z`` standard errors is below zero (``z = 2``: a
-    one-sided test at about 98%), and ``a``'s worst sample is no worse than ``b``'s. A pick made on a batch of 16
-    transfers only where the difference it rests on is larger than what another batch of 16 would move; and a
-    schedule that is better on average but ruins a sample the other keeps is not a better schedule."""
+    """Whether measurement ``a`` = ``(mask key, forecast)`` beats ``b`` on ``calib`` beyond its noise
+    (:func:`logs_better` on their per-sample errors there)."""
     la, lb = calib.logs.get(a), calib.logs.get(b)
     if la is None or lb is None:
         raise KeyError(f"no per-sample measurement of {'a' if la is None else 'b'} on this batch")
+    return logs_better(la, lb, z)
+
+
+def logs_better(la: torch.Tensor, lb: torch.Tensor, z: float = SIGNIFICANCE_Z) -> bool:
+    """Whether per-sample errors ``la`` (``10 log10(MSE)``, the same samples as ``lb``) beat ``lb`` beyond their
+    noise: the mean of the paired differences plus ``z`` standard errors is below zero (``z = 2``: a one-sided test
+    at about 98%), and ``la``'s worst sample is no worse than ``lb``'s. A pick made on a batch of 16 transfers only
+    where the difference it rests on is larger than what another batch of 16 would move; and a schedule that is
+    better on average but ruins a sample the other keeps is not a better schedule."""
     d = (la - lb).double()
     if float(la.max()) > float(lb.max()):
         return False
@@ -103,8 +109,13 @@ def _sample_mse(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def _error_from_mse(per_sample: torch.Tensor) -> float:
     """:func:`error_db` from the per-sample errors."""
-    logs = 10.0 * torch.log10(per_sample)
-    pooled = 10.0 * torch.log10(per_sample.mean())
+    return error_from_logs(10.0 * torch.log10(per_sample))
+
+
+def error_from_logs(logs: torch.Tensor) -> float:
+    """:func:`error_db` from the per-sample ``10 log10(MSE)``."""
+    logs = logs.double()
+    pooled = 10.0 * torch.log10(torch.pow(10.0, logs / 10.0).mean())
     return ((logs.mean() + pooled + logs.max()) / 3.0).item()
 
 

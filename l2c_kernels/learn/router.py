@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 from ..adapters import adapter_for
 from ..schedule import COMPUTE, FORECASTS, REUSE, Schedule, sampler_info
 from .candidates import (_Best, _budget_mask, _Calibration, _calibration_error, _confirm_screened,  # noqa: F401
-                         _consider, _mask_key, _refine_mask, _structured_masks, significantly_better, warm_up_steps)
+                         _consider, _mask_key, _refine_mask, _structured_masks, error_from_logs, logs_better,
+                         significantly_better, warm_up_steps)
 from .conditioning import denoiser_for
 from .denoiser import Denoiser
 from .rollouts import soft_rollout, stepwise_rollout
 from .schedulers import samples_flow_matching
 from .soft_branches import learning_units
+from .choice import finalists, measure_on, race
 from .step_search import (SEARCHERS, default_max_interval, local_step_search, measure_segment_costs, searcher_steps,
                           step_candidate_pairs, step_mask)
 
@@ -85,6 +87,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
                  negative_prompt=None, branches: list | None = None, screen_top: int | None = 3,
                  screen_samples: int | None = 4, warm_up: int | str = "auto", step_search: bool = True,
                  max_interval: int | None = None, step_top: int = 2, step_refine: int = 12,
+                 choice_samples: int = 64, choice_top: int = 4,
                  cond_first: bool = False, model_timestep=None, shared: dict | None = None) -> RouterResult:
     """Train router logits for ``obj`` (pipeline, bundled model or its name, or a transformer: see
     :func:`learn_schedule`).
@@ -137,6 +140,13 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     (:func:`~l2c_kernels.learn.candidates.significantly_better`): a pick that wins by less than the batch's noise
     does not transfer to other samples.
 
+    ``choice_samples`` (default 64; at most ``calibration_samples``: off): the final choice among the ``choice_top``
+    best measurements on the calibration batch and the searchers' picks is raced on further batches of
+    ``calibration_samples`` new samples, one batch at a time, until one is left or this many samples are used
+    (:func:`~l2c_kernels.learn.choice.race`: a finalist significantly worse than the leader on every sample so far
+    drops out); the searchers' rule above is then applied on every sample measured, to the best of their picks
+    still in the race.
+
     ``shared``: a dict that several calls on the same model, steps, seed and batches fill and reuse (the
     calibration and screening batches with their references, the teacher pool, the segment costs):
     :func:`learn_front` passes one across budgets.
@@ -175,6 +185,10 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         raise ValueError(f"screen_top must be None or an integer >= 1, got {screen_top!r}")
     if screen_samples is not None and (not isinstance(screen_samples, int) or screen_samples < 1):
         raise ValueError(f"screen_samples must be None or an integer >= 1, got {screen_samples!r}")
+    if isinstance(choice_samples, bool) or not isinstance(choice_samples, int) or choice_samples < 0:
+        raise ValueError(f"choice_samples must be an integer >= 0, got {choice_samples!r}")
+    if isinstance(choice_top, bool) or not isinstance(choice_top, int) or choice_top < 1:
+        raise ValueError(f"choice_top must be an integer >= 1, got {choice_top!r}")
     screen = (train_forecast,) if (screen_top is not None and len(forecasts) > 1) else None
     cond_kw = dict(height=height, width=width, conditions=conditions, latent_shape=latent_shape,
                    max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale,
@@ -222,6 +236,12 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         cref, _ = cden.sample_with(model, n, cx)
         return _Calibration(cden, cx, cref, model, timesteps, forecasts, asked, units.schedule_kwargs,
                             (nb, len(branches)))
+
+    def extra_batch(k: int) -> _Calibration:   # the k-th batch the final choice races on (shared across a front)
+        key = ("choice batch", calibration_samples, k)
+        if key not in shared:
+            shared[key] = calibration(calibration_samples, seed + 7919 + 7 * k)
+        return shared[key]
 
     calib = scal = None
     if calibration_samples and hard_fraction > 0:
@@ -335,9 +355,10 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
         _confirm_screened(calib, seen, best, screen_top, screened=(sseen, sbest),
                           screen_calib=None if scal is calib else scal,
                           always=tuple(_mask_key(set_mask(st)) for st in step_sets))
+    okey, picks = None, []   # the static searchers' picks on the calibration batch, (mask key, forecast), best first
     if best.mask is not None and costs is not None:
         # the static searchers' picks on the same costs, measured on the calibration batch; the best of them stays
-        # unless the pick beats it beyond the calibration batch's noise
+        # unless the pick beats it beyond the noise of the samples measured
         searched = []
         for name, (fc, _, _) in SEARCHERS.items():
             try:
@@ -348,12 +369,23 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
             ways, key = _ways(fc, forecasts, screen), _mask_key(m)
             _consider(calib, m, seen, best, ways)
             searched.append(min((seen[(key, f)], key, f) for f in (ways or forecasts)))
-        if searched:
-            _, okey0, ofc = min(searched)
-            okey, bkey = (okey0, ofc), (_mask_key(best.mask), best.forecast)
-            if bkey != okey and not significantly_better(calib, bkey, okey):
-                hist.append(dict(kept_searcher_pick=True, pick_error=best.err, searcher_error=seen[okey]))
-                best.mask, best.err, best.forecast = best.masks[okey0], seen[okey], ofc
+        okey = min(searched)[1:] if searched else None
+        picks = [e[1:] for e in sorted(searched)]
+    if best.mask is not None and choice_samples > len(calib.noise):   # race the finalists on new samples
+        entries = finalists(seen, choice_top, also=picks)
+        winner, logs = race({e: calib.logs[e] for e in entries}, extra_batch, measure_on(best), choice_samples)
+        left = [e for e in picks if e in logs]   # the searchers' picks still in the race: the best of them on every
+        okey = min(left, key=lambda e: error_from_logs(logs[e])) if left else None   # sample stays unless beaten
+        if okey is not None and winner != okey and not logs_better(logs[winner], logs[okey]):
+            winner = okey
+        hist.append(dict(choice_samples=len(logs[winner]), finalists=len(entries), left=len(logs),
+                         choice_error=error_from_logs(logs[winner]), kept_searcher_pick=winner == okey))
+        best.mask, best.err, best.forecast = best.masks[winner[0]], seen[winner], winner[1]
+    elif okey is not None:
+        bkey = (_mask_key(best.mask), best.forecast)
+        if bkey != okey and not significantly_better(calib, bkey, okey):
+            hist.append(dict(kept_searcher_pick=True, pick_error=best.err, searcher_error=seen[okey]))
+            best.mask, best.err, best.forecast = best.masks[okey[0]], seen[okey], okey[1]
     if best.mask is not None and refine_evaluations > 0:
         best.mask, best.err, refine_hist = _refine_mask(calib, best.mask, best.err, ones, refine_evaluations,
                                                          best.forecast, train_forecast, fixed_rows=fixed)

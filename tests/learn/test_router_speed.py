@@ -30,7 +30,8 @@ def _counting(monkeypatch):
     return calls
 
 
-KW = dict(budget=0.4, iterations=4, batch_size=2, progress=False, calibration_samples=2, hard_fraction=0.5)
+KW = dict(budget=0.4, iterations=4, batch_size=2, progress=False, calibration_samples=2, hard_fraction=0.5,
+          choice_samples=0)   # the measurements on the calibration batch alone (the race's: test_choice.py)
 
 
 def test_screening_with_every_candidate_confirmed_picks_what_measuring_every_way_picks(monkeypatch):

@@ -201,7 +201,8 @@ def test_the_searchers_pick_what_their_objective_says():
 
 
 # ---------------------------------------------------------------------------------- in the learner
-KW = dict(iterations=4, batch_size=2, progress=False, calibration_samples=4, screen_samples=2, hard_fraction=0.5)
+KW = dict(iterations=4, batch_size=2, progress=False, calibration_samples=4, screen_samples=2, hard_fraction=0.5,
+          choice_samples=0)   # the choice on the calibration batch alone (the race: test_choice.py)
 
 
 def test_the_step_search_reaches_the_calibration_batch(monkeypatch):
