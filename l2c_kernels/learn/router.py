@@ -165,10 +165,11 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     Without ``labels``/``prompts``, a model whose conditions are drawn (DiT classes, bundled digits)
     gets new ones for every batch of the pool (every iteration without a pool) as well as new noise.
 
-    The defaults (12 iterations, a pool of 4 teacher trajectories, candidates screened on a batch of 4 and the
-    best 3 measured on 8) learn dit-digits at DDIM 50 in about 11-12 full-compute generations of 20 digits (4-5
-    minutes on 2 CPU cores), at better quality than 30 iterations without them
-    (``bench/results/learn_speed_screening.md``).
+    The router's defaults (12 iterations, a pool of 4 teacher trajectories, candidates screened on a batch of 4)
+    learned better schedules than 30 iterations without them (``bench/results/learn_speed_screening.md``, measured
+    before the step search and the race). With every default, the first budget of a front at DDIM 50 took 649 s on
+    dit-digits and 161-348 s on the flux-digits models (1 CPU thread beside another job,
+    ``bench/results/front_<model>_50.md``).
     """
     if forecast not in ("auto",) + FORECASTS:
         raise ValueError(f"forecast must be 'auto' or one of {', '.join(map(repr, FORECASTS))}, got {forecast!r}")
