@@ -287,11 +287,9 @@ def _bundled_name(sched) -> str:
 def _bench_pipeline(a, sched) -> int:
     """Full compute and the schedule on the pipeline's transformer, same noise, through the library's loop:
     median seconds per generation, speedup, PSNR of the final latents (peak = the reference's range)."""
-    import statistics
-
     from .learn import denoiser_for
     from .runtime import compile_schedule
-    from .timing import device_clock, interleave
+    from .timing import device_clock, interleave, medians
 
     pipe = load_pipeline(a.pipeline, a.device, a.dtype)
     model = getattr(pipe.transformer, "original_model", pipe.transformer)
@@ -322,9 +320,8 @@ def _bench_pipeline(a, sched) -> int:
             out.setdefault(name, x.float())   # the warm-up round's samples
         return run
 
-    times = interleave({"full": runner("full", model), "cached": runner("cached", fast)}, a.repeats,
-                       clock=device_clock(den.device))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = medians(interleave({"full": runner("full", model), "cached": runner("cached", fast)}, a.repeats,
+                             clock=device_clock(den.device)))
     ref = out["full"]
     mse = float((out["cached"] - ref).pow(2).mean())
     peak = float(ref.max() - ref.min())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .candidates import _Best, _consider, error_from_logs, logs_better
+from .candidates import SIGNIFICANCE_Z, _Best, _calibration_error, error_from_logs, logs_better
 
 
 def finalists(seen: dict, top: int, also=()) -> list:
@@ -21,7 +21,7 @@ def finalists(seen: dict, top: int, also=()) -> list:
     return ranked + [k for k in also if k not in ranked]
 
 
-def race(logs: dict, more, measure, max_samples: int, z: float = 2.0) -> tuple:
+def race(logs: dict, more, measure, max_samples: int, z: float = SIGNIFICANCE_Z) -> tuple:
     """``(winner, logs)``. ``logs``: ``{finalist: per-sample 10 log10(MSE)}`` on the first batch, the same samples
     for every finalist. ``more(k)``: the k-th further batch (k = 1, 2, ...); ``measure(batch, finalist)``: the
     finalist's per-sample errors there. Returns the finalist with the lowest error (:func:`error_from_logs`) over
@@ -49,6 +49,6 @@ def measure_on(best: _Best):
     on a calibration batch (once per batch: a front's budgets share the batches)."""
     def measure(batch, entry):
         if entry not in batch.logs:
-            _consider(batch, best.masks[entry[0]], {}, _Best(masks=best.masks), (entry[1],))
+            _calibration_error(batch, best.masks[entry[0]], entry[1])   # records batch.logs[entry]
         return batch.logs[entry]
     return measure

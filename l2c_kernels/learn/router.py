@@ -32,12 +32,12 @@ from ..schedule import COMPUTE, FORECASTS, REUSE, Schedule, sampler_info
 from .candidates import (_Best, _budget_mask, _Calibration, _calibration_error, _confirm_screened,  # noqa: F401
                          _consider, _mask_key, _refine_mask, _structured_masks, error_from_logs, logs_better,
                          significantly_better, warm_up_steps)
+from .choice import finalists, measure_on, race
 from .conditioning import denoiser_for
 from .denoiser import Denoiser
 from .rollouts import soft_rollout, stepwise_rollout
 from .schedulers import samples_flow_matching
 from .soft_branches import learning_units
-from .choice import finalists, measure_on, race
 from .step_search import (SEARCHERS, default_max_interval, local_step_search, measure_segment_costs, searcher_steps,
                           step_candidate_pairs, step_mask)
 

@@ -62,7 +62,7 @@ def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_
     device's, which waits for a GPU's queued work first)."""
     from ..runtime import compile_schedule
     from ..schedules import computed_steps
-    from ..timing import device_clock, interleave
+    from ..timing import device_clock, interleave, medians
 
     n = int(num_inference_steps)
     if n <= _ANCHORS + 2:
@@ -89,11 +89,10 @@ def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_
             sample(m)
         return run
 
-    times = interleave({k: runner(m) for k, m in runs.items()}, rounds, order="shuffle", seed=seed,
-                       clock=clock or device_clock(den.device))
-    step = statistics.median(times["full"]) / n
+    med = medians(interleave({k: runner(m) for k, m in runs.items()}, rounds, order="shuffle", seed=seed,
+                             clock=clock or device_clock(den.device)))
+    step = med.pop("full") / n
     k1, k2 = len(sets[0]), len(sets[1])
-    med = {k: statistics.median(v) for k, v in times.items() if k != "full"}
     out = {f: solve_step_cost(med[(f, 0)], med[(f, 1)], k1, k2, n, step) for f in forecasts}
     out["pooled"] = solve_step_cost(*(statistics.fmean(med[(f, i)] for f in forecasts) for i in range(2)),
                                     k1, k2, n, step)

@@ -1,25 +1,15 @@
 """Side-by-side evaluation of a schedule: same noise, same seeds, cached vs full compute, one process."""
 from __future__ import annotations
 
-import statistics
-import time
-
-
-def timed_sample(bundle, transformer, labels, steps, scheduler, cfg, seed, prompts=None):
-    from .sample import sample
-
-    t0 = time.perf_counter()
-    imgs = sample(bundle, labels=labels, prompts=prompts, steps=steps, scheduler=scheduler, cfg=cfg, seed=seed,
-                  transformer=transformer, progress=False)
-    return imgs, time.perf_counter() - t0
-
 
 def compare(bundle, runners: dict, labels, steps: int, scheduler: str = "ddim", cfg: float = 1.5, seed: int = 0,
             repeats: int = 3, prompts=None, reference: str = "full") -> dict:
     """Sample with every runner (``{name: transformer}``; ``reference`` must be one of them), interleaved
-    ``repeats`` times after a warm-up round (which gives the images); report median wall time, speedup over the reference and PSNR/SSIM against it."""
+    ``repeats`` times after a warm-up round (which gives the images); report median wall time, speedup over the
+    reference and PSNR/SSIM against it."""
     from ..metrics import psnr, ssim
-    from ..timing import interleave
+    from ..timing import interleave, medians
+    from .sample import sample
 
     if reference not in runners:
         raise ValueError(f"runners must include the reference {reference!r}")
@@ -29,16 +19,15 @@ def compare(bundle, runners: dict, labels, steps: int, scheduler: str = "ddim", 
         def run():
             if hasattr(tr, "reset"):
                 tr.reset()
-            imgs, _ = timed_sample(bundle, tr, labels, steps, scheduler, cfg, seed, prompts)
+            imgs = sample(bundle, labels=labels, prompts=prompts, steps=steps, scheduler=scheduler, cfg=cfg,
+                          seed=seed, transformer=tr, progress=False)
             images.setdefault(name, imgs)   # the warm-up round's images
         return run
 
-    times = interleave({name: runner(name, tr) for name, tr in runners.items()}, repeats)
-    ref_t = statistics.median(times[reference])
+    med = medians(interleave({name: runner(name, tr) for name, tr in runners.items()}, repeats))
     out = {}
     for name in runners:
-        med = statistics.median(times[name])
-        out[name] = dict(seconds=med, speedup=ref_t / med,
+        out[name] = dict(seconds=med[name], speedup=med[reference] / med[name],
                          psnr=float(psnr(images[name], images[reference])),
                          ssim=float(ssim(images[name], images[reference])), images=images[name])
     return out
