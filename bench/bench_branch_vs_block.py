@@ -1,16 +1,14 @@
-"""Branch level vs block level at equal FLOPs on Flux.1-structured models, PSNR against full compute.
+"""Learned branch level vs learned block level at equal FLOPs on Flux.1-structured models, PSNR against full compute.
 
-``--schedules greedy`` (default; writes ``branch_vs_block_flux-digits.{json,md}``): on the bundled flux-digits, both
-levels get their schedule by the same calibrated greedy rule: one full-compute generation records each unit's (or
-block's) reuse error at every step, and units are reused in increasing order of error per FLOP saved until the
-budget is removed. ``--schedules learned`` (``learned_branch_vs_block.{json,md}``; ``--out`` is the files' path
-without suffix): the same ``l2c.learn_schedule`` settings learn both levels, on the tiny ``FluxPipeline`` of
+The same ``l2c.learn_schedule`` settings learn both levels, on the tiny ``FluxPipeline`` of
 ``tests/tiny_pipelines.py`` (``tiny-flux``) and / or flux-digits, evaluated on held-out prompts / digits and noise.
 Budgets are fractions of FLOPs counted per unit / block on a real call; each generation's FLOPs are counted again.
-Notes: bench/NOTES.md ("SD3 / Flux at branch level", "Learned branch level vs learned block level").
+Notes: bench/NOTES.md ("Learned branch level vs learned block level").
 
-    nice -n 10 python bench/bench_branch_vs_block.py
-    nice -n 10 python bench/bench_branch_vs_block.py --schedules learned --models tiny-flux flux-digits
+    nice -n 10 python bench/bench_branch_vs_block.py --models tiny-flux flux-digits
+
+writes ``learned_branch_vs_block.{json,md}`` (``--out``: the files' path without suffix); a run of one model keeps
+the other model's rows of an earlier run.
 """
 from __future__ import annotations
 
@@ -20,162 +18,12 @@ from pathlib import Path
 
 import harness
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import l2c_kernels as l2c
-from l2c_kernels import metrics, models
+from l2c_kernels import models
 from l2c_kernels.adapters.mmdit_branches import branch_names
-from l2c_kernels.models import flux_digits
-from l2c_kernels.models.text_encoder import caption_for
-from l2c_kernels.runtime.block_flops import _CUSTOM, measure_block_flops
-from l2c_kernels.runtime.branch_wrappers import measure_branch_flops
-
-#: the streams each unit of a double block writes (0: text, 1: image); a single block's units write stream 0
-STREAMS = {"attn1": (0, 1), "ff": (1,), "ff_context": (0,)}
-
-
-# ---------------------------------------------------------------------------------------------- greedy schedules
-def _single(blk) -> bool:
-    return type(blk).__name__ == "FluxSingleTransformerBlock"
-
-
-def record(bundle, labels, steps, seed):
-    """Per step, from hooks: each unit's raw output ``(b, unit, stream)``, the adaLN gate that scales it
-    ``(b, "gate", unit, stream)`` and each block's residual ``(b, "res", stream)``."""
-    tr = bundle.transformer
-    blocks = list(tr.transformer_blocks) + list(tr.single_transformer_blocks)
-    steps_rec, cur, handles = [], {}, []
-
-    def put(key, val):
-        cur[key] = val.detach().clone()
-
-    def hook(module, keys: dict):
-        """Record ``module``'s output under ``keys`` (key -> index into the outputs, None: the output itself)."""
-        def record_output(m, a, o):
-            for key, i in keys.items():
-                put(key, o if i is None else o[i])
-        handles.append(module.register_forward_hook(record_output))
-
-    for b, blk in enumerate(blocks):
-        if _single(blk):
-            hook(blk.norm, {(b, "gate", "attn1", 0): 1, (b, "gate", "ff", 0): 1})
-
-            def split(m, a, o, b=b, blk=blk):  # proj_out of cat(attention, MLP): its two column blocks apart
-                dim, w = blk.proj_out.out_features, blk.proj_out.weight
-                put((b, "attn1", 0), F.linear(a[0][..., :dim], w[:, :dim]))
-                put((b, "ff", 0), F.linear(a[0][..., dim:], w[:, dim:], blk.proj_out.bias))
-            handles.append(blk.proj_out.register_forward_hook(split))
-        else:
-            hook(blk.norm1, {(b, "gate", "attn1", 1): 1, (b, "gate", "ff", 1): 4})
-            hook(blk.norm1_context, {(b, "gate", "attn1", 0): 1, (b, "gate", "ff_context", 0): 4})
-            hook(blk.attn, {(b, "attn1", 1): 0, (b, "attn1", 0): 1})
-            hook(blk.ff, {(b, "ff", 1): None})
-            hook(blk.ff_context, {(b, "ff_context", 0): None})
-
-        def residual(m, a, kw, o, b=b):
-            put((b, "res", 0), o[0] - kw["encoder_hidden_states"])
-            put((b, "res", 1), o[1] - kw["hidden_states"])
-        handles.append(blk.register_forward_hook(residual, with_kwargs=True))
-
-    def on_call(m, a, kw):
-        if cur:
-            steps_rec.append(dict(cur))
-            cur.clear()
-    handles.append(tr.register_forward_pre_hook(on_call, with_kwargs=True))
-    try:
-        models.sample(bundle, labels=labels, steps=steps, seed=seed, progress=False)
-    finally:
-        for h in handles:
-            h.remove()
-    steps_rec.append(dict(cur))
-    return blocks, branch_names(tr), steps_rec
-
-
-def reuse_errors(blocks, names, rec):
-    """``unit[s][b][i]`` and ``block[s][b]``: the L2 norm of what reusing at step ``s`` changes (the gated unit
-    outputs, the block's residuals); inf at step 0, 0 for a single block's missing ff_context."""
-    def sq(s, key, gate=None):
-        d = rec[s][key] - rec[s - 1][key]
-        return float(((d if gate is None else gate[:, None] * d) ** 2).sum())
-    unit, block, inf = [], [], float("inf")
-    for s in range(len(rec)):
-        urow = []
-        for b, blk in enumerate(blocks):
-            streams = {n: (0,) if _single(blk) else STREAMS[n] for n in names}
-            urow.append([0.0 if _single(blk) and n == "ff_context" else inf if s == 0 else
-                         sum(sq(s, (b, n, k), rec[s][(b, "gate", n, k)]) for k in streams[n]) ** 0.5 for n in names])
-        unit.append(urow)
-        block.append([inf if s == 0 else sum(sq(s, (b, "res", k)) for k in (0, 1)) ** 0.5 for b in range(len(blocks))])
-    return unit, block
-
-
-def greedy(errors, costs, budget):
-    """Reuse (step, unit) pairs by increasing error per FLOP until ``budget`` of the FLOPs is removed."""
-    total = len(errors) * sum(costs)
-    cand = sorted(((e / max(c, 1e-30), s, u) for s, row in enumerate(errors) for u, (e, c) in enumerate(zip(row, costs))
-                   if c > 0 and e != float("inf")))
-    compute, removed = [[True] * len(costs) for _ in errors], 0.0
-    for _, s, u in cand:
-        if removed >= budget * total:
-            break
-        compute[s][u] = False
-        removed += costs[u]
-    return compute
-
-
-def greedy_comparison(args) -> tuple[str, dict, str]:
-    bundle = models.load("flux-digits")
-    tr, cfg = bundle.transformer, bundle.recommended_cfg
-    labels, seed = list(range(10)), 0
-    ts = flux_digits.timesteps_for(bundle, args.steps)
-    full = models.sample(bundle, labels=labels, steps=args.steps, seed=seed, progress=False)
-    # one call's inputs, for counting FLOPs per unit / block (CFG batch of 2 x 10)
-    cond = flux_digits.conditions(bundle, [caption_for(v, i) for i, v in enumerate(labels)], cfg)
-    x = torch.zeros(2 * len(labels), (bundle.image_size) ** 2 // 4, tr.config.in_channels)
-    call = dict(hidden_states=x, timestep=torch.full((2 * len(labels),), 1.0), **cond)
-    ubf, bf = measure_branch_flops(tr, **call), measure_block_flops(tr, **call)
-    blocks, names, rec = record(bundle, labels, args.steps, seed)
-    assert len(rec) == args.steps, len(rec)
-    uerr, berr = reuse_errors(blocks, names, rec)
-    nbr = len(names)
-
-    def generation(fn):
-        if hasattr(fn, "reset"):
-            fn.reset()
-        out = []
-        fl = harness.flops(lambda: out.append(models.sample(bundle, labels=labels, steps=args.steps, seed=seed,
-                                                            transformer=fn, progress=False)))
-        return fl, out[0]
-    full_flops, _ = generation(tr)
-    rows = []
-    for budget in args.budgets:
-        m = greedy([[e for row in srow for e in row] for srow in uerr], [c for row in ubf for c in row], budget)
-        mask = [[m[s][b * nbr:(b + 1) * nbr] for b in range(len(blocks))] for s in range(args.steps)]
-        s_branch = l2c.Schedule.from_mask(tr, ts, mask, branches=names, unit_branch_flops=ubf, method="greedy")
-        s_block = l2c.Schedule.from_mask(tr, ts, greedy(berr, bf, budget), branches=["block"], unit_flops=bf,
-                                         method="greedy")
-        for level, sched in (("branch", s_branch), ("block", s_block)):
-            fl, imgs = generation(l2c.compile_schedule(tr, sched))
-            rows.append(dict(budget=budget, level=level,
-                             flops_removed_schedule=round(sched.flops_removed_fraction(), 4),
-                             generation_flops_removed=round(1 - fl / full_flops, 4),
-                             psnr_db=round(metrics.psnr(imgs, full), 2),
-                             removed_per_branch=sched.summary()["removed_per_branch"]))
-            harness.log(rows[-1])
-    result = dict(benchmark="branch level vs block level at equal FLOPs, calibrated greedy schedules", dtype="fp32",
-                  model="flux-digits (FluxTransformer2DModel, 2 double + 6 single blocks, trained)", steps=args.steps,
-                  cfg=cfg, labels=labels, seed=seed, sampler="FlowMatchEulerDiscreteScheduler (models.sample)",
-                  unit_branch_flops=ubf, block_flops=bf, rows=rows)
-    md = [f"# Branch level vs block level at equal FLOPs, flux-digits, {args.steps} Euler steps, CFG {cfg}, digits "
-          f"0-9, seed {seed}",
-          f"{harness.describe(harness.meta())}, fp32. Both schedules by the same calibrated greedy rule (this script's "
-          "docstring); PSNR of the 10 images against full compute from the same noise; `generation FLOPs removed` "
-          "counted with FlopCounterMode over the whole generation.", ""]
-    md += harness.table(["budget", "level", "FLOPs removed (schedule)", "generation FLOPs removed", "PSNR (dB)",
-                         "removed per branch"], [_cells(r, "flops_removed_schedule", "generation_flops_removed")
-                                                 + [r["psnr_db"], _per_branch(r)] for r in rows])
-    return "branch_vs_block_flux-digits", result, "\n".join(md)
+from l2c_kernels.runtime.block_flops import _CUSTOM
 
 
 def _cells(r, sched_key, gen_key) -> list:
@@ -338,29 +186,22 @@ def report(runs, rows) -> str:
 
 
 def main(argv=None):
-    ap = harness.parser(__doc__, threads=None, out=None)
-    ap.add_argument("--schedules", default="greedy", choices=["greedy", "learned"])
+    ap = harness.parser(__doc__, threads=1, out=None)
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5])
-    ap.add_argument("--steps", type=int, default=None, help="default 16 (greedy), 12 (learned)")
-    ap.add_argument("--threads", type=int, default=None, help="default 2 (greedy), 1 (learned)")
-    ap.add_argument("--out", default=None, help="greedy: the results folder; learned: the files' path without suffix")
-    ap.add_argument("--models", nargs="+", default=["tiny-flux"], choices=sorted(MODELS), help="learned only")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--out", default=None, help="the files' path without suffix (default: "
+                                                "bench/results/learned_branch_vs_block)")
+    ap.add_argument("--models", nargs="+", default=["tiny-flux"], choices=sorted(MODELS))
     for flag, kw in (("--iterations", dict(type=int, default=24)), ("--batch-size", dict(type=int, default=2)),
                      ("--calibration-samples", dict(type=int, default=4)),
                      ("--forecast", dict(default="none", choices=["none", "linear", "quadratic", "auto"])),
                      ("--seed", dict(type=int, default=0))):
-        ap.add_argument(flag, help="learned only", **kw)
+        ap.add_argument(flag, help="learner setting, both levels", **kw)
     args = harness.parse(ap, argv)
-    learned = args.schedules == "learned"
-    args.steps = args.steps or (12 if learned else 16)
-    torch.set_num_threads(args.threads or (1 if learned else 2))
-    if learned:
-        args.out = args.out or str(harness.RESULTS / "learned_branch_vs_block")
-        res, md = learned_comparison(args)
-        harness.write_result(Path(args.out).parent, Path(args.out).name, res, md)
-    else:
-        name, res, md = greedy_comparison(args)
-        harness.write_result(args.out or harness.RESULTS, name, res, md)
+    torch.set_num_threads(args.threads)
+    args.out = args.out or str(harness.RESULTS / "learned_branch_vs_block")
+    res, md = learned_comparison(args)
+    harness.write_result(Path(args.out).parent, Path(args.out).name, res, md)
     print(md)
 
 

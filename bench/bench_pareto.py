@@ -186,6 +186,18 @@ def load_average() -> float | None:
     return (harness.load_average() or [None])[0]  # the 1-minute one
 
 
+def _work_key(entry: dict, index: int):
+    """What a timed run executes: a schedule's step plans (which units each step computes, in any order: a step
+    costs the same whichever timestep it is), its forecast and cross-attention cache; not its name, timesteps or
+    learning notes. Any other method (full compute, a peer) is its own."""
+    s = entry.get("schedule")
+    if s is None or entry["family"] == "full compute":
+        return ("method", index)
+    steps = sorted(json.dumps(row) for row in s.compute_mask())
+    return json.dumps(dict(branches=s.branches, blocks=s.num_blocks, forecast=s.forecast, attn2=s.attn2_cache,
+                           steps=steps))
+
+
 def run_methods(bundle, entries: list[dict], *, steps: int, cfg: float, labels, time_labels, repeats: int,
                 seed: int, scheduler: str = "ddim", log=print, loads: list | None = None) -> list[dict]:
     """Quality pass on ``labels`` (one run per method), then ``repeats`` interleaved timed rounds on
@@ -218,12 +230,21 @@ def run_methods(bundle, entries: list[dict], *, steps: int, cfg: float, labels, 
         if loads is not None:
             loads.append(la)
         log(f"  timed round {k + 1}/{repeats}: full compute {times[0][-1]:.2f} s, load average {la}")
+    # schedules that run the same work (a searcher's pick the learner kept; two sets of as many computed steps with
+    # one forecast) are timed once: the rounds go to distinct work, and equal work cannot come out at different
+    # speeds from the machine's noise (one run's time moves 5-10% on a shared 2-core machine)
+    first = {}
+    timed_as = [first.setdefault(_work_key(e, i), i) for i, e in enumerate(entries)]
     times = harness.interleave(
         {i: (lambda e=e: _sample(bundle, e["transformer"], time_labels, steps, cfg, seed, scheduler, reset=True))
-         for i, e in enumerate(entries)}, repeats, order="shuffle", seed=seed, after_round=after_round)
+         for i, e in enumerate(entries) if timed_as[i] == i}, repeats, order="shuffle", seed=seed,
+        after_round=after_round)
     ref_t = statistics.median(times[0])
-    for row, t in zip(rows, times.values()):
+    for i, row in enumerate(rows):
+        t = times[timed_as[i]]
         med = statistics.median(t)
+        if timed_as[i] != i:
+            row["timed_with"] = rows[timed_as[i]]["family"] + ", " + rows[timed_as[i]]["label"]
         row.update(seconds=med, speedup=ref_t / med, seconds_all=t,
                    ideal_speedup=1.0 / max(1e-9, 1.0 - row["flops_removed"]))
     return rows
@@ -309,6 +330,13 @@ def _notes(m: dict) -> str:
     return out
 
 
+def _shared_timings(rows: list) -> str:
+    """The sentence on rows that ran a schedule another row also found, timed once for both."""
+    n = sum("timed_with" in r for r in rows)
+    return (f" {n} rows run the same work as an earlier row (as many steps computing the same units, the same "
+            f"forecast) and share its timing." if n else "")
+
+
 def _paired(e: dict) -> str:
     """The paired margin cell: mean per-image difference ± two standard errors, and "tie" inside them."""
     if e.get("paired_margin_db") is None:
@@ -332,7 +360,8 @@ def markdown(result: dict) -> str:
              f"digits (seed {m['seed'] + 1}) for full compute ({_fmt(full['accuracy'], '{:.3f}')}), the learned "
              f"schedules and the best baseline and peer at each target, on the {m['samples']} for the others. Speed: "
              f"median of {m['repeats']} interleaved runs of {m['time_samples']} digits after a warm-up round"
-             f"{shuffled}; full compute {full['seconds']:.2f} s per run = 1.00x." + _notes(m), "",
+             f"{shuffled}; full compute {full['seconds']:.2f} s per run = 1.00x." + _shared_timings(rows) + _notes(m),
+             "",
              "## At " + ", ".join(f"{t:g}x" for t in TARGETS) + " measured speedup", "",
              f"Best PSNR each family reaches at a speedup of at least {100 * (1 - m['tolerance']):.0f}% of the target "
              "(\"cannot reach\": no setting of that method is that fast).", ""]

@@ -2,7 +2,9 @@
 schedules made for DDIM ``--from`` steps, resampled to ``--to`` steps, against the schedule learned for ``--to``
 steps at the same budget and FORA; PSNR against full compute at ``--to`` steps from the same noise.
 
-    nice -n 10 python bench/bench_resample.py --model dit-digits    # writes resample_<model>.{json,md}
+    python bench/bench_resample.py --model dit-digits    # writes resample_<model>.{json,md}
+
+reads the schedules ``bench_front.py`` learned at both step counts (``front_<model>_<steps>_schedules/``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ def main(argv=None):
     p.add_argument("--budgets", nargs="+", default=["35", "50"])
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--schedules", default=str(harness.RESULTS),
-                   help="where the learned schedules are (pareto_<model>_<steps>_schedules/)")
+                   help="where the learned schedules are (<table>_<model>_<steps>_schedules/)")
+    p.add_argument("--table", default="front", choices=["front", "pareto"],
+                   help="whose learned schedules: bench_front.py's fronts (default) or bench_pareto.py's tables")
     a = harness.parse(p, argv)
     torch.set_num_threads(a.threads)
     bundle = models.load(a.model)
@@ -42,9 +46,9 @@ def main(argv=None):
     full = run(None)
     rows = []
     for b in a.budgets:
-        src = l2c.Schedule.load(Path(a.schedules) / f"pareto_{a.model}_{a.src}_schedules" / f"learned_{b}.l2c.json")
+        src = l2c.Schedule.load(Path(a.schedules) / f"{a.table}_{a.model}_{a.src}_schedules" / f"learned_{b}.l2c.json")
         cands = [(f"learned for {a.src} steps ({b}%), resampled to {a.to}", resample_schedule(src, ts))]
-        native = Path(a.schedules) / f"pareto_{a.model}_{a.to}_schedules" / f"learned_{b}.l2c.json"
+        native = Path(a.schedules) / f"{a.table}_{a.model}_{a.to}_schedules" / f"learned_{b}.l2c.json"
         if native.exists():
             cands.append((f"learned for {a.to} steps ({b}%)", l2c.Schedule.load(native)))
         for label, s in cands:

@@ -97,6 +97,12 @@ def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
         assert rows[(fam, f"budget 50%, {sc.forecast}")]["flops_removed"] == pytest.approx(2 / 3)
     assert rows[(bp.WARM_INTERVAL, "first 3 steps, then every 2, linear")]["flops_removed"] == 0.0
     assert all(r["worst_psnr"] <= r["psnr"] + 1e-9 for r in res["rows"])
+    # rows that run the very schedule of an earlier row share its timed runs (timed once)
+    named = {f"{r['family']}, {r['label']}": r for r in res["rows"]}
+    for r in res["rows"]:
+        if "timed_with" in r:
+            assert r["seconds_all"] == named[r["timed_with"]]["seconds_all"] and r["speedup"] == pytest.approx(
+                named[r["timed_with"]]["speedup"])
     md = (tmp_path / "pareto_flux-digits_3.md").read_text()
     assert "Euler flow matching 3 steps, CFG 7.0" in md and "best by at least 1 dB" in md and "Load average" in md
     assert (tmp_path / "pareto_flux-digits_3.png").exists()
@@ -115,6 +121,34 @@ def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
     assert lrow["psnr"] == pytest.approx(metrics.psnr(mine, ref), rel=1e-6)
     assert {f for f, _ in res["recheck"]["not_rebuilt"]} <= {"Block Caching"}  # needs change curves
     assert "more digits (noise seed 5)" in (tmp_path / "pareto_flux-digits_3.md").read_text()
+
+
+def test_pareto_times_equal_work_once_whoever_found_it():
+    """Two rows whose steps compute the same units (in any order) with the same forecast run the same work: one
+    timing key; another forecast or another count of computed steps is other work, and full compute and peers are
+    each their own."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import dataclasses
+
+    import bench_pareto as bp
+
+    from l2c_kernels.models import load
+    from l2c_kernels.schedules import computed_steps
+
+    tr = load("flux-digits").transformer
+    ts = list(range(900, 0, -100))
+    a = computed_steps(tr, ts, [0, 1, 2, 5, 8], forecast="linear")
+    same = dataclasses.replace(a, method="dpcache", params=dict(budget=0.5, note="another searcher"))
+    moved = computed_steps(tr, ts, [0, 1, 3, 4, 7], forecast="linear")   # other steps, as many of them
+    key = bp._work_key
+    assert key(dict(family="x", schedule=a), 3) == key(dict(family="y", schedule=same), 7) == key(
+        dict(family="z", schedule=moved), 2)
+    assert key(dict(family="x", schedule=a), 3) != key(dict(family="x", schedule=dataclasses.replace(
+        a, forecast="quadratic")), 3)
+    assert key(dict(family="x", schedule=a), 3) != key(dict(family="x", schedule=computed_steps(
+        tr, ts, [0, 1, 2, 4, 6, 8], forecast="linear")), 3)
+    assert key(dict(family="full compute"), 0) != key(dict(family="a peer"), 1)
+    assert key(dict(family="full compute", schedule=a), 0) != key(dict(family="x", schedule=a), 1)
 
 
 def test_branch_latency_benchmark_runs_at_two_tiny_sizes(tmp_path):

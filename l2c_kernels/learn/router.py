@@ -166,7 +166,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     gets new ones for every batch of the pool (every iteration without a pool) as well as new noise.
 
     The router's defaults (12 iterations, a pool of 4 teacher trajectories, candidates screened on a batch of 4)
-    learned better schedules than 30 iterations without them (``bench/results/learn_speed_screening.md``, measured
+    learned better schedules than 30 iterations without them (``learn_speed_screening.md``, bench/NOTES.md, measured
     before the step search and the race). With every default, the first budget of a front at DDIM 50 took 649 s on
     dit-digits and 161-348 s on the flux-digits models (1 CPU thread beside another job,
     ``bench/results/front_<model>_50.md``).

@@ -35,9 +35,6 @@ class BlockGraphs:
         self._needs = [e.needs for e in step_table(schedule, plans, [False] * schedule.num_steps)]
         self._out_format: dict = {}
 
-    def num_graphs(self) -> int:
-        return self._graphs.num_graphs()
-
     def capture(self, *args, **kwargs) -> int:
         """Capture the graph of every step plan, for every pass, for inputs shaped like these (a call's
         arguments), before the first image; returns the number of graphs. Raises

@@ -295,38 +295,15 @@ class BlockCachedTransformer(BlockSteps, BlockGraphs, DropInModule):
         for c in self._caches.values():
             c.clear()
 
-    def release(self) -> None:
-        """Free the cache buffers and CUDA graphs (they are made again on the next call)."""
-        self._graphs.release()
-        self._caches.clear()
-        self.reset()
+    def _plan_ids(self) -> list:
+        return self._plan_of
 
-    def cache_bytes(self) -> int:
-        return sum(c.nbytes() for c in self._caches.values())
+    def _compiled_kinds(self) -> set | None:
+        """(block structure, kind, layout, empty buffers) run on the ``torch.compile`` path."""
+        return self._state.kinds_run if self._state.compiled else None
 
-    def distinct_plans(self) -> int:
-        return len(set(self._actions))
-
-    def compiled_variants(self) -> int | None:
-        """Distinct (block structure, kind) pairs run on the ``torch.compile`` path: one compiled graph each."""
-        return len(self._state.kinds_run) if self._state.compiled else None
-
-    def summary(self) -> dict:
-        """What ran: steps and generations, the FLOPs the steps run removed (each unit weighed by the schedule's
-        costs: counted block FLOPs where it has them), plans used, CUDA graphs, compiled variants."""
-        total = sum(c * f[0] for c, f in zip(self.step_counts, self._step_flops))
-        removed = sum(c * f[1] for c, f in zip(self.step_counts, self._step_flops))
-        used = {self._plan_of[s] for s, c in enumerate(self.step_counts) if c}
-        unit = "block" if self.schedule.is_block_level else "branch"
-        return {"level": unit, "steps_run": sum(self.step_counts), "calls": self.calls,
-                "passes_per_step": 1 + max((k[0] for k in self._caches), default=0),
-                "generations": self.generations, "schedule_steps": self.schedule.num_steps,
-                f"{unit}_flops_removed": round(removed / total, 4) if total else 0.0,
-                "schedule_flops_removed": round(self.schedule.flops_removed_fraction(), 4),
-                "plans_used": len(used), "distinct_plans": self.distinct_plans(),
-                "cuda_graphs": self.num_graphs(),
-                "graph_backend": self._graphs.backend.name if self.num_graphs() else None,
-                "compiled_variants": self.compiled_variants(), "cache_bytes": self.cache_bytes()}
+    def _summary_extra(self) -> dict:
+        return {"calls": self.calls, "passes_per_step": 1 + max((k[0] for k in self._caches), default=0)}
 
     # ------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):

@@ -20,17 +20,14 @@ import contextlib
 import torch
 
 from ..schedule import next_step_index, same_timestep
-
-TIMESTEP_CHECKS = ("host", "strict", "off")
+from .drop_in import check_timestep_mode
 
 
 class BlockSteps:
     """Step and pass resolution for a block-level module; mixed into the module class."""
 
     def _init_steps(self, passes_per_step: int, timestep_check: str) -> None:
-        if timestep_check not in TIMESTEP_CHECKS:
-            raise ValueError(f"timestep_check must be one of {TIMESTEP_CHECKS}, got {timestep_check!r}")
-        self.passes_per_step, self.timestep_check = int(passes_per_step), timestep_check
+        self.passes_per_step, self.timestep_check = int(passes_per_step), check_timestep_mode(timestep_check)
         self._step: int | None = None
         self._pass = 0
         self._forced_step: int | None = None

@@ -24,15 +24,15 @@ from torch import nn
 
 from ..adapters import adapter_for, level_for
 from ..adapters.base import BlockAdapter, StepInputs
-from ..schedule import BLOCK, BRANCH_LEVEL, REUSE, TWO_STREAM_LEVEL, Schedule, ScheduleError, same_timestep
-from .drop_in import DropInModule
+from ..schedule import BRANCH_LEVEL, TWO_STREAM_LEVEL, Schedule, ScheduleError, same_timestep
+from .block_flops import step_flops
+from .drop_in import DropInModule, check_timestep_mode
 from .caches import CacheSet
 from .cuda_graphs import GraphCache
 from .plan import StepEntry, StepPlan, collapsible_steps, compile_plans, step_table
 from .step_work import run_block, run_reuse_step
 from .warm_steps import WarmSteps, same_structure, signature
 
-TIMESTEP_CHECKS = ("host", "strict", "off")
 _PER_SAMPLE_TEXT = ("encoder_hidden_states", "encoder_attention_mask")
 
 
@@ -51,8 +51,7 @@ class CachedTransformer(DropInModule):
         graphs = GraphCache.for_mode(cuda_graphs)  # (raises on a bad mode)
         if cfg_collapse not in (True, False, "assume"):
             raise ValueError(f"cfg_collapse must be True, False or 'assume', got {cfg_collapse!r}")
-        if timestep_check not in TIMESTEP_CHECKS:
-            raise ValueError(f"timestep_check must be one of {TIMESTEP_CHECKS}, got {timestep_check!r}")
+        check_timestep_mode(timestep_check)
         self.adapter = adapter_for(model)
         schedule.validate_for(model)
         self.original_model = model  # registered: .to()/.half() reach the shared weights
@@ -67,7 +66,7 @@ class CachedTransformer(DropInModule):
         self._graphs = graphs
         self._caches: dict[tuple, CacheSet] = {}
         self._bind_info = self._forward_parameters(model)
-        self._step_flops = _step_flops(schedule)
+        self._step_flops = step_flops(schedule)
         self._compiled = bool(torch_compile)
         self._compile_opts = None
         if torch_compile:
@@ -101,39 +100,16 @@ class CachedTransformer(DropInModule):
         self._diverged = False       # halves differed at a collapsible step of this generation
         self._half_pending: set = set()  # caches whose second half a collapsed step wrote
 
-    def release(self) -> None:
-        """Free CUDA graphs and cache buffers (they are rebuilt on the next call)."""
-        self._graphs.release()
-        self._caches.clear()
-        self.reset()
+    def _plan_ids(self) -> list:
+        return [p.key for p in self.plans]
 
-    def num_graphs(self) -> int:
-        return self._graphs.num_graphs()
+    def _compiled_kinds(self) -> set | None:
+        """(``"block"`` | ``"step"``, kind, shape): a block of each kind and a whole step of each reuse kind (see
+        ``step_work``)."""
+        return self._kinds_run if self._compiled else None
 
-    def distinct_plans(self) -> int:
-        return len({p.key for p in self.plans})
-
-    def compiled_variants(self) -> int:
-        """Distinct kinds run so far on the ``torch.compile`` path: one compiled graph each (a block of each kind
-        and a whole step of each reuse kind, see ``step_work``), per input shape."""
-        return len(self._kinds_run)
-
-    def cache_bytes(self) -> int:
-        return sum(c.nbytes() for c in self._caches.values())
-
-    def summary(self) -> dict:
-        """What ran: steps and generations, branch FLOPs removed over the steps run, plans used, CUDA graphs."""
-        n = sum(self.step_counts)
-        total = sum(c * f[0] for c, f in zip(self.step_counts, self._step_flops))
-        removed = sum(c * f[1] for c, f in zip(self.step_counts, self._step_flops))
-        used = {self.plans[s].key for s, c in enumerate(self.step_counts) if c}
-        return dict(steps_run=n, generations=self.generations, schedule_steps=self.schedule.num_steps,
-                    branch_flops_removed=round(removed / total, 4) if total else 0.0,
-                    schedule_flops_removed=round(self.schedule.flops_removed_fraction(), 4),
-                    plans_used=len(used), distinct_plans=self.distinct_plans(), collapsed_calls=self.collapsed_calls,
-                    cuda_graphs=self.num_graphs(), graph_backend=self._graphs.backend.name if self.num_graphs() else None,
-                    compiled_variants=self.compiled_variants() if self._compiled else None,
-                    timestep_check=self.timestep_check, cache_bytes=self.cache_bytes())
+    def _summary_extra(self) -> dict:
+        return dict(collapsed_calls=self.collapsed_calls, timestep_check=self.timestep_check)
 
     # ------------------------------------------------------------ binding (once per call, no inspect)
     def _forward_parameters(self, model):
@@ -457,17 +433,6 @@ def _output(sample: torch.Tensor):
 
         _OUTPUT.append(Transformer2DModelOutput)
     return _OUTPUT[0](sample=sample)
-
-
-def _step_flops(schedule: Schedule) -> list[tuple[float, float]]:
-    """Per step: (branch FLOPs of full compute, branch FLOPs the step removes), one sample."""
-    f = [float(schedule.branch_flops.get(b, 1.0)) for b in schedule.branches]
-    full = sum(f) * schedule.num_blocks
-    out = []
-    for row in schedule.plan:
-        removed = sum(sum(f) if e == BLOCK else sum(fi for fi, c in zip(f, e) if c == REUSE) for e in row)
-        out.append((full, removed))
-    return out
 
 
 def compile_schedule(model: nn.Module, schedule: Schedule, *, cuda_graphs: bool | str = "auto",

@@ -8,9 +8,70 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: how a drop-in module reads the timestep argument: ``"host"`` only where that costs no device sync (Python numbers,
+#: CPU tensors), ``"strict"`` always (a sync per step on a GPU), ``"off"`` never (the call counter decides the step)
+TIMESTEP_CHECKS = ("host", "strict", "off")
+
+
+def check_timestep_mode(timestep_check: str) -> str:
+    if timestep_check not in TIMESTEP_CHECKS:
+        raise ValueError(f"timestep_check must be one of {TIMESTEP_CHECKS}, got {timestep_check!r}")
+    return timestep_check
+
 
 class DropInModule(nn.Module):
-    """Base of the branch-level and block-level cached transformers (they set ``original_model``, ``_step``)."""
+    """Base of the branch-level and block-level cached transformers (they set ``original_model``, ``_step``,
+    ``schedule``, ``_graphs``, ``_caches`` (cache sets with ``nbytes()``), ``step_counts`` and ``_step_flops``
+    (:func:`~l2c_kernels.runtime.block_flops.step_flops` of the schedule), and define ``reset``)."""
+
+    def release(self) -> None:
+        """Free the cache buffers and CUDA graphs (they are made again on the next call)."""
+        self._graphs.release()
+        self._caches.clear()
+        self.reset()
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes() for c in self._caches.values())
+
+    def num_graphs(self) -> int:
+        return self._graphs.num_graphs()
+
+    def distinct_plans(self) -> int:
+        """Distinct step plans of the schedule (one CUDA graph each, per input shape and pass)."""
+        return len(set(self._plan_ids()))
+
+    def compiled_variants(self) -> int | None:
+        """Distinct kinds of work run so far on the ``torch.compile`` path, one compiled graph each (per input
+        shape); None without ``torch_compile``."""
+        kinds = self._compiled_kinds()
+        return None if kinds is None else len(kinds)
+
+    def summary(self) -> dict:
+        """What ran: steps and generations, the unit FLOPs the steps run removed (weighed as the schedule weighs
+        them), plans used, CUDA graphs, compiled variants, cache bytes; and what the level adds."""
+        level = "block" if self.schedule.is_block_level else "branch"
+        total = sum(c * f[0] for c, f in zip(self.step_counts, self._step_flops))
+        removed = sum(c * f[1] for c, f in zip(self.step_counts, self._step_flops))
+        ids = self._plan_ids()
+        used = {ids[s] for s, c in enumerate(self.step_counts) if c}
+        return {"level": level, "steps_run": sum(self.step_counts), "generations": self.generations,
+                "schedule_steps": self.schedule.num_steps,
+                f"{level}_flops_removed": round(removed / total, 4) if total else 0.0,
+                "schedule_flops_removed": round(self.schedule.flops_removed_fraction(), 4),
+                "plans_used": len(used), "distinct_plans": self.distinct_plans(), "cuda_graphs": self.num_graphs(),
+                "graph_backend": self._graphs.backend.name if self.num_graphs() else None,
+                "compiled_variants": self.compiled_variants(), "cache_bytes": self.cache_bytes(),
+                **self._summary_extra()}
+
+    def _plan_ids(self) -> list:
+        """Per step of the schedule: what tells its plan from another step's (equal for steps that run alike)."""
+        raise NotImplementedError
+
+    def _compiled_kinds(self) -> set | None:
+        raise NotImplementedError
+
+    def _summary_extra(self) -> dict:
+        return {}
 
     @property
     def config(self):
