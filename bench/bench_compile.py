@@ -36,8 +36,8 @@ def _generation(bundle, tr, steps: int, labels, cfg: float, reset=None) -> float
     return time.perf_counter() - t0
 
 
-def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | None, save=None,
-               dbcache: bool = True, cpp_wrapper_original: bool = False) -> list[dict]:
+def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | None, dbcache: bool = True,
+               cpp_wrapper_original: bool = False) -> list[dict]:
     """First generations one after another (each compiled runner in its own dynamo cache), then ``steady``
     rounds in which every runner samples once, in a new random order each round (a slow stretch of a shared
     machine then hits different runners); steady = the median of a runner's rounds."""
@@ -90,8 +90,6 @@ def model_rows(name: str, steps: int, labels, steady: int, learned_path: Path | 
     rows = [row for row, _, _ in runners]
     for i, row in enumerate(rows):
         row.update(steady_s=round(statistics.median(times[i]), 3), steady_runs=[round(t, 3) for t in times[i]])
-    if save is not None:
-        save(rows)
     if not dbcache:
         return rows
     try:  # last: cache-dit's hooks patch the model's forward; its compiled code must not mix with the rows above
@@ -182,23 +180,15 @@ def main(argv=None):
     res = dict(meta=harness.meta(steps=a.steps, batch=2 * len(a.labels), steady=a.steady, models=a.models,
                                  note=a.note), rows=[])
 
-    def save(rows=None):  # after every model (and part of one), so a long run keeps what it measured
-        if rows is not None:
-            res["rows"] = rows
-        harness.write_result(Path(a.out).parent, Path(a.out).name, res, markdown(res))
-
     if not a.skip_host:
         res["host_overhead"] = host_overhead()
         log(res["host_overhead"])
-        save()
     for name in a.models:
         learned = harness.RESULTS / f"pareto_{name}_{a.steps}_schedules" / "learned_50.l2c.json"
-        done = list(res["rows"])
-        res["rows"] = done + model_rows(name, a.steps, a.labels, a.steady, learned,
-                                        save=lambda rows, done=done: save(done + rows),
-                                        dbcache=not a.no_dbcache, cpp_wrapper_original=a.cpp_wrapper_original)
+        res["rows"] += model_rows(name, a.steps, a.labels, a.steady, learned, dbcache=not a.no_dbcache,
+                                  cpp_wrapper_original=a.cpp_wrapper_original)
         res["meta"].setdefault("load_average", {})[name] = " ".join(f"{v:.1f}" for v in harness.load_average() or [])
-        save()
+    harness.write_result(Path(a.out).parent, Path(a.out).name, res, markdown(res))   # once, whole
     log(markdown(res))
 
 

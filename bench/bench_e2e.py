@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import statistics
 import subprocess
-import time
 
 import harness
 import torch
 from bench_compile_schedule import uniform_branches
 
 import l2c_kernels as l2c
+from l2c_kernels import metrics
 
 XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
           sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
@@ -26,11 +26,7 @@ REMOVE = (0.0, 0.25, 0.5)  #: fractions of branch FLOPs our schedules remove (be
 DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
 PEERS = {"FirstBlockCache (default t=0.05)": ("fbc", dict(threshold=0.05)),
          "cache-dit DBCache (default F8B0 t=0.08, warm-up 8)": ("dbcache", dict(Fn=8, Bn=0, threshold=0.08, warmup=8))}
-T_START = time.time()
-
-
-def log(msg):
-    print(f"[{time.time() - T_START:6.1f}s] {msg}", flush=True)
+log = harness.log
 
 
 @torch.no_grad()
@@ -50,9 +46,8 @@ def generate(fn, noise: torch.Tensor, labels: torch.Tensor, scheduler, steps: in
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    rng = (b.float().max() - b.float().min()).item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(rng * rng / mse)).item()
+    """PSNR against ``b`` with ``b``'s range as the peak (latents of random weights have no fixed range)."""
+    return metrics.psnr(a.float(), b.float(), float(b.float().max() - b.float().min()))
 
 
 def build_runners(model, timesteps, args, device) -> tuple[dict, dict, dict]:
@@ -96,7 +91,7 @@ def measure(runners: dict, removed: dict, missing: dict, n: int, args, model_cfg
         log(f"  images={n} {name}: first generation {first[name]:.2f} s")
     live = {k: (lambda fn=runners[k]: generate(fn, noise, labels, scheduler, args.steps)) for k in runners if k in outs}
     times = harness.interleave(live, args.rounds, warmup=0, order="shuffle", clock=clock,
-                               stop=lambda r: r >= 2 and time.time() - T_START > args.budget_s)
+                               stop=lambda r: r >= 2 and harness.elapsed() > args.budget_s)
     base = statistics.median(times["diffusers eager"])
     ref0 = "ours 0%" + (" + CUDA graphs" if device.type == "cuda" else "")
     rows = []

@@ -10,11 +10,11 @@ and the extrapolation's assumptions: bench/NOTES.md ("Learning memory: step-wise
 """
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import harness
 
@@ -42,7 +42,7 @@ def worker(model: str, steps: int, mode: str) -> dict:
     from l2c_kernels.models import BundledModel, load
     from l2c_kernels.models.configs import NOISE_SCHEDULE
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     if model == "dit-digits":
         bundle = load("dit-digits")
     else:
@@ -114,32 +114,19 @@ def extrapolate(alpha: float) -> dict:
 
 def main(argv=None):
     ap = harness.parser(__doc__, threads=None)
-    ap.add_argument("--worker", nargs=3, metavar=("MODEL", "STEPS", "MODE"))
-    ap.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
-    ap.add_argument("--small-steps", type=int, nargs="+", default=[10, 20])
-    ap.add_argument("--plan", nargs="+", default=None, metavar="MODEL:STEPS:MODE",
-                    help="measure only these (default: both modes at --steps on dit-digits, --small-steps on dit-half)")
-    ap.add_argument("--rows", default=None, help="JSON file of rows measured earlier, kept in the result")
-    ap.add_argument("--jobs", type=int, default=1, help="measurements run at the same time (separate processes)")
-    ap.add_argument("--report-only", action="store_true", help="write the result files from --rows, measure nothing")
+    ap.add_argument("--worker", nargs=3, metavar=("MODEL", "STEPS", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50], help="dit-digits' step counts")
+    ap.add_argument("--small-steps", type=int, nargs="+", default=[10, 20], help="dit-half's step counts")
     a = harness.parse(ap, argv)
     if a.worker:
         print(json.dumps(worker(a.worker[0], int(a.worker[1]), a.worker[2])))
         return
-    from concurrent.futures import ThreadPoolExecutor
-
-    rows = json.loads(Path(a.rows).read_text()) if a.rows else []
-    if a.report_only:
-        plan = []
-    elif a.plan:
-        plan = [(m, int(s), mode) for m, s, mode in (p.split(":") for p in a.plan)]
-    else:
-        plan = [("dit-digits", s, m) for m in ("trajectory", "stepwise") for s in a.steps]
-        plan += [("dit-half", s, m) for m in ("trajectory", "stepwise") for s in a.small_steps]
-    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:
-        for r in ex.map(lambda p: measure(*p), plan):
-            harness.log(r)
-            rows.append(r)
+    plan = [("dit-digits", s, m) for m in ("trajectory", "stepwise") for s in a.steps]
+    plan += [("dit-half", s, m) for m in ("trajectory", "stepwise") for s in a.small_steps]
+    rows = []
+    for k, p in enumerate(plan):
+        rows.append(measure(*p))
+        harness.log(f"{k + 1}/{len(plan)} {rows[-1]}")
     fits = model_fit(rows)
     alpha = max(f["alpha"] for f in fits.values())
     checks = []   # the fit's prediction of every measured trajectory peak (base of the same process + graph)
@@ -148,7 +135,10 @@ def main(argv=None):
         graph_mb = nb * alpha * 4 * 8 * (side // patch) ** 2 * width * r["steps"] / 2 ** 20
         checks.append(dict(model=r["model"], steps=r["steps"], measured_growth_mb=round(r["peak_mb"] - r["base_mb"]),
                            predicted_graph_mb=round(graph_mb)))
-    res = dict(device=f"cpu (every measurement its own process, {a.jobs} at a time)",
+    import torch
+
+    torch.set_num_threads(1)   # as the measuring processes ran (the result's meta reads it)
+    res = dict(device="cpu (every measurement its own process, one at a time, 1 thread)",
                dtype="float32 (measured); bf16 (extrapolated)",
                setting="train_router(budget=0.5, iterations=1, batch_size=4, cfg=1.5, hard_fraction=0, "
                        "forecast='auto' (linear soft caches))", rows=rows, fits=fits, alpha_used=alpha,

@@ -318,12 +318,15 @@ def _notes(m: dict) -> str:
     la, sp, out = m.get("load_average"), m.get("speed_targets"), ""
     vals = [v for v in la.get("start_and_per_timed_round", []) + [la.get("end")] if v is not None] if la else []
     if vals:
+        busy = max(vals) > (m.get("threads") or 1) + 0.5   # more runnable work than this run's own threads
         out += (f" Load average (1 min) during the run: {min(vals):.1f}-{max(vals):.1f} on {m.get('cpu_count')} cores "
-                f"(other work shared the machine: speedups are ratios of interleaved runs, absolute times are not "
-                f"this model's speed).")
+                + ("(other work shared the machine: speedups are ratios of interleaved runs, absolute times are not "
+                   "this model's speed)." if busy else f"(about this run's own {m.get('threads') or 1} thread(s)); "
+                   "one run's time still moves 5-10% from run to run on this machine."))
     if sp:
         out += (f" Budgets placed at the speed targets {', '.join(f'{t:g}x' for t in sp['speedups'])} before learning, "
-                f"from step costs timed on this machine over a plain step (reused / computed under a schedule: "
+                f"from step costs timed on this machine{' on ' + sp['placed'] if sp.get('placed') else ''} (the run "
+                f"that learned the schedules) over a plain step (reused / computed under a schedule: "
                 + ", ".join(f"{k} {v['reused']:.3f} / {v['computed']:.3f}" for k, v in sp["costs"].items())
                 + f"; the pooled ones used): budgets {', '.join(f'{b:.2f}' for b in m['budgets'])} (the learner "
                 "and the static searchers both).")
@@ -412,17 +415,6 @@ def markdown(result: dict) -> str:
     if result.get("unavailable"):
         lines += ["", "## Peers that could not be applied", ""]
         lines += [f"- {u['family']} ({u['setting']}): {u['reason']}" for u in result["unavailable"]]
-    rc = result.get("recheck")
-    if rc:
-        lines += ["", f"## The rows the verdict rests on, on {rc['samples']} more digits (noise seed {rc['seed']})", "",
-                  "PSNR/SSIM against full compute from that noise (speed and FLOPs from the run above)"
-                  + (f"; re-scored by `{rc['command']}`." if rc.get("command") else "."), ""]
-        lines += harness.table(
-            ["family", "setting", "speedup", "FLOPs removed", "PSNR (dB)", "SSIM", "accuracy",
-             "PSNR on the first digits"],
-            [[r["family"], r["label"], f"{r['speedup']:.2f}x", f"{100 * r['flops_removed']:.1f}%", _fmt(r["psnr"]),
-              _fmt(r["ssim"], "{:.3f}"), _fmt(r["accuracy"], "{:.3f}"), _fmt(r["psnr_first"])]
-             for r in sorted(rc["rows"], key=lambda r: -r["psnr"])])
     unreach = sorted({(f, e["target"]) for e in s["by_speedup"] for f, v in e["per_family"].items()
                       if v.get("unreachable")})
     if unreach:
@@ -584,46 +576,6 @@ def run(bundle, steps: int, *, cfg: float | None = None, budgets=(0.3, 0.4, 0.5,
     return result
 
 
-def recheck(bundle, result: dict, samples: int, seed: int, out: Path | None = None, peer_settings=None,
-            log=print) -> dict:
-    """PSNR/SSIM of the learned rows and of the best baseline and peer at each target speedup of a saved
-    comparison, again on ``samples`` more digits from noise ``seed`` (a quality check of the rows the verdict
-    rests on; speeds are not re-measured). Stored as ``result["recheck"]``; rewrites the files under ``out``.
-    ``peer_settings``: the peers' grid of the run (None: the default grid, as ``run``)."""
-    m = result["meta"]
-    steps, cfg, scheduler = m["steps"], m["cfg"], m.get("scheduler", "ddim")
-    tr = bundle.transformer
-    want = {(r["family"], r["label"]) for r in result["rows"] if r["family"] == LEARNED}
-    want |= _verdict_rows(result["summary"], ("best_baseline", "best_peer", "ablation", "best_searcher"))
-    sched_dir = None if out is None else Path(out) / f"{result_tag(bundle.name, steps)}_schedules"
-    learned = learned_schedules(bundle, steps, m["budgets"], cfg, sched_dir, scheduler=scheduler,
-                                log=log) if sched_dir else []
-    found = {(fam, label): l2c.compile_schedule(tr, sch) for fam, label, sch
-             in learned + baseline_schedules(bundle, steps, m["budgets"], None, scheduler) if (fam, label) in want}
-    if any(f not in GROUPS for f, _ in want):  # peers among them
-        if peer_settings is None:
-            peer_settings = peer_settings_for(bundle, steps, cfg, scheduler, log)
-        for st in peer_settings:
-            key = (peer_mod.FAMILY_NAMES[st.family], st.label)
-            if key in want:
-                found[key] = peer_mod.make_peer(tr, st, steps)
-    labels = [i % 10 for i in range(samples)]
-    ref = _sample(bundle, tr, labels, steps, cfg, seed, scheduler)
-    rows = []
-    for (fam, label), t in sorted(found.items()):
-        q = _quality(_sample(bundle, t, labels, steps, cfg, seed, scheduler, reset=True), ref, labels)
-        first = next(r for r in result["rows"] if r["family"] == fam and r["label"] == label)
-        rows.append(dict(family=fam, label=label, psnr=q["psnr"], ssim=q["ssim"], accuracy=q["accuracy"],
-                         psnr_first=first["psnr"], speedup=first["speedup"], flops_removed=first["flops_removed"]))
-        log(f"  {fam:<36s} {label:<48s} PSNR {q['psnr']:6.2f} (first {first['psnr']:6.2f})")
-    missing = [list(k) for k in sorted(want - set(found))]
-    result["recheck"] = dict(samples=samples, seed=seed, rows=rows, not_rebuilt=missing, load_average=load_average(),
-                             command=harness.command())
-    if out is not None:
-        harness.write_result(out, result_tag(bundle.name, steps), result, markdown(result), add_meta=False)
-    return result
-
-
 def main(argv=None):
     ap = harness.parser(__doc__)
     ap.add_argument("--model", default="dit-digits", choices=list(MODEL_NAMES))
@@ -646,27 +598,34 @@ def main(argv=None):
             ("--batch-size", None, "router training batch (default: learn_schedule's)"),
             ("--calibration-samples", None,
              "samples the learner measures its candidate schedules on (default: learn_schedule's)"),
-            ("--curve-runs", 2, "full-compute runs (4 digits each) the Block Caching change curves are averaged over"),
-            ("--recheck", 0, "re-score the learned rows and the best baseline and peer at each target of the saved "
-                             "--model/--steps JSON on this many more digits (noise seed --seed + 2)")):
+            ("--curve-runs", 2, "full-compute runs (4 digits each) the Block Caching change curves are averaged over")):
         ap.add_argument(flag, type=int, default=default, help=what)
     ap.add_argument("--warm-up", type=_warm_up_arg, default=None, metavar="N|auto",
                     help="first steps the learned schedules compute in full (default: learn_schedule's, auto)")
-    ap.add_argument("--relearn", action="store_true", help="learn again even if saved schedules exist")
+    ap.add_argument("--relearn", action="store_true",
+                    help="learn again even if saved schedules exist (with --speedups: time the step costs and place "
+                         "the budgets again too, rather than take the saved table's)")
     a = harness.parse(ap, argv)
     torch.set_num_threads(a.threads)
     bundle = models.load(a.model)
-    if a.recheck:
-        res = json.loads((Path(a.out) / f"{result_tag(a.model, a.steps)}.json").read_text())
-        return recheck(bundle, res, a.recheck, a.seed + 2, out=Path(a.out), log=harness.log)
     learn_kwargs = {k: v for k, v in (("iterations", a.iterations), ("calibration_samples", a.calibration_samples),
                                       ("batch_size", a.batch_size), ("refine_evaluations", a.refine or None),
                                       ("warm_up", a.warm_up)) if v is not None}
     speed = None
     if a.speedups:
-        a.budgets, speed = speed_budgets(bundle, a.steps, guidance_scale(bundle, a.cfg), default_sampler(bundle),
-                                         a.speedups, a.time_samples, log=harness.log)
-        harness.log(f"speed targets {speed['speedups']} -> budgets {a.budgets}")
+        saved = Path(a.out) / f"{result_tag(a.model, a.steps, 'speed')}.json"
+        old = json.loads(saved.read_text())["meta"] if saved.exists() and not a.relearn else {}
+        if old.get("speed_targets", {}).get("asked", old.get("speed_targets", {}).get("speedups")) == sorted(
+                a.speedups) and old.get("steps") == a.steps:
+            # the saved table's budgets and step costs: its learned schedules are reused (re-timed, not re-learned)
+            a.budgets, speed = old["budgets"], dict(old["speed_targets"], placed=old["speed_targets"].get(
+                "placed", old.get("date")))
+            harness.log(f"speed targets {speed['speedups']} -> budgets {a.budgets} (from {saved.name})")
+        else:
+            a.budgets, speed = speed_budgets(bundle, a.steps, guidance_scale(bundle, a.cfg), default_sampler(bundle),
+                                             a.speedups, a.time_samples, log=harness.log)
+            speed["asked"] = sorted(a.speedups)
+            harness.log(f"speed targets {speed['speedups']} -> budgets {a.budgets}")
     res = run(bundle, a.steps, cfg=a.cfg, budgets=a.budgets, samples=a.samples, accuracy_samples=a.accuracy_samples,
               time_samples=a.time_samples, repeats=a.repeats, seed=a.seed, out=Path(a.out), relearn=a.relearn,
               learn_kwargs=learn_kwargs, curve_runs=a.curve_runs, speed=speed, log=harness.log)

@@ -10,7 +10,6 @@ compute and the digit classifier's accuracy.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import statistics
 import time
@@ -307,8 +306,6 @@ def main(argv=None):
     ap.add_argument("--relearn", action="store_true", help="learn the L2C schedules again even if saved")
     ap.add_argument("--samplers", default="dpm++:25,ddim:50")
     ap.add_argument("--quick", action="store_true", help="small smoke run")
-    ap.add_argument("--update", action="store_true",
-                    help="replace only the sections of --samplers in the saved result (keep the others)")
     ap.add_argument("--out", default=None, help=f"output directory (default {harness.RESULTS})")
     args = harness.parse(ap, argv)
     if args.quick:
@@ -325,11 +322,6 @@ def main(argv=None):
         r = bench_sampler(bundle, sampler, steps, args, harness.log)
         all_images[f"{sampler} {steps}"] = r.pop("images")
         result["samplers"].append(r)
-    if args.update and (out / "tgate_pixart.json").exists():  # keep the saved sections of the other samplers
-        old = json.loads((out / "tgate_pixart.json").read_text())
-        new = {(r["sampler"], r["steps"]): r for r in result["samplers"]}
-        result["samplers"] = [new.pop((r["sampler"], r["steps"]), r) for r in old["samplers"]] + list(new.values())
-        result["updated_sections"] = [f"{a} {b}" for a, b in samplers]
     if any(s["steps"] == 25 for s in result["samplers"]):
         result["goals"] = goals(result)
     result["meta"] = harness.meta()

@@ -178,5 +178,10 @@ def table(header: list[str], rows: list[list], align="---") -> list[str]:
         "| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
+def elapsed() -> float:
+    """Seconds since the benchmark started."""
+    return time.time() - _RUN["start"]
+
+
 def log(*parts) -> None:
-    print(*parts, flush=True)
+    print(f"[{elapsed():7.1f}s]", *parts, flush=True)

@@ -108,19 +108,13 @@ def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
     assert (tmp_path / "pareto_flux-digits_3.png").exists()
     ratios = bp.magcache_ratios(bundle, 3, bundle.recommended_cfg, "flow-euler")
     assert len(ratios) == 3 and ratios[0] == 1.0 and all(r > 0 for r in ratios)
-    # the re-check re-scores the rows the verdict rests on, on other digits: the learned row as sampling it directly
+    # the learned row's PSNR is that of sampling its saved schedule directly (noise seed 100, the run's default)
     from l2c_kernels import compile_schedule, metrics
 
-    res = bp.recheck(bundle, res, 2, 5, out=tmp_path, peer_settings=settings, log=lambda s: None)
-    rc = {(r["family"], r["label"]): r for r in res["recheck"]["rows"]}
-    assert {lb for f, lb in rc if f == bp.LEARNED} == {"budget 50%"}
-    lrow = rc[(bp.LEARNED, "budget 50%")]
-    ref = models.sample(bundle, labels=[0, 1], steps=3, seed=5, progress=False)
-    mine = models.sample(bundle, labels=[0, 1], steps=3, seed=5, progress=False,
-                           transformer=compile_schedule(bundle.transformer, learned))
-    assert lrow["psnr"] == pytest.approx(metrics.psnr(mine, ref), rel=1e-6)
-    assert {f for f, _ in res["recheck"]["not_rebuilt"]} <= {"Block Caching"}  # needs change curves
-    assert "more digits (noise seed 5)" in (tmp_path / "pareto_flux-digits_3.md").read_text()
+    ref = models.sample(bundle, labels=[0], steps=3, seed=100, progress=False)
+    mine = models.sample(bundle, labels=[0], steps=3, seed=100, progress=False,
+                         transformer=compile_schedule(bundle.transformer, learned))
+    assert rows[(bp.LEARNED, "budget 50%")]["psnr"] == pytest.approx(metrics.psnr(mine, ref), rel=1e-6)
 
 
 def test_pareto_times_equal_work_once_whoever_found_it():

@@ -46,10 +46,13 @@ def _cost(c) -> StepCost:
 def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_FORECASTS,
                        rounds: int = 5, sample=None, seed: int = 0, clock=None) -> dict:
     """``{forecast: StepCost, "pooled": StepCost}`` for ``den``'s model and batch on its device. One warm-up round,
-    then ``rounds`` rounds, each running the plain model and, per forecast, two schedules through the runtime in a
-    new random order (``seed``): the first three steps computed and the rest reused (``k1`` computed), and every
-    second step computed besides (``k2``); from the medians ``t = k t_computed + (n - k) t_reused`` solved on the two,
-    over the plain model's step time.
+    then ``rounds`` rounds, each running the plain model, every step computed through the runtime, and per forecast
+    two schedules through the runtime, in a new random order (``seed``): the first three steps computed and the rest
+    reused (``k1`` computed), and every second step computed besides (``k2``); from the medians
+    ``t = k t_computed + (n - k) t_reused`` fitted on the three (least squares), over the plain model's step time.
+    The run with every step computed pins the computed step's cost: from the two schedules alone it is the slope of
+    a difference of two timed runs, which one run's noise (5-10% on a shared CPU) moved by about 10% -- enough to put
+    a 2x budget at 50% where 55% was needed.
 
     ``"pooled"`` solves the same on the mean over the forecasts of each schedule's median: the forecasts' own
     arithmetic differs by far less than the spread of a few timed runs (on the bundled CPU models one forecast's
@@ -73,7 +76,7 @@ def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_
     timesteps = den.timesteps(n)
     den._timesteps = timesteps
     sets = (sorted(range(_ANCHORS)), sorted(set(range(_ANCHORS)) | set(range(0, n, 2))))
-    runs = {"full": model}
+    runs = {"full": model, "every step": compile_schedule(model, computed_steps(model, timesteps, range(n)))}
     for f in forecasts:
         for i, st in enumerate(sets):
             runs[(f, i)] = compile_schedule(model, computed_steps(model, timesteps, st, forecast=f))
@@ -92,19 +95,22 @@ def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_
     med = medians(interleave({k: runner(m) for k, m in runs.items()}, rounds, order="shuffle", seed=seed,
                              clock=clock or device_clock(den.device)))
     step = med.pop("full") / n
-    k1, k2 = len(sets[0]), len(sets[1])
-    out = {f: solve_step_cost(med[(f, 0)], med[(f, 1)], k1, k2, n, step) for f in forecasts}
-    out["pooled"] = solve_step_cost(*(statistics.fmean(med[(f, i)] for f in forecasts) for i in range(2)),
-                                    k1, k2, n, step)
+    ks = (len(sets[0]), len(sets[1]), n)
+    out = {f: solve_step_cost((med[(f, 0)], med[(f, 1)], med["every step"]), ks, n, step) for f in forecasts}
+    out["pooled"] = solve_step_cost(tuple(statistics.fmean(med[(f, i)] for f in forecasts) for i in range(2))
+                                    + (med["every step"],), ks, n, step)
     return out
 
 
-def solve_step_cost(t1: float, t2: float, k1: int, k2: int, n: int, step: float) -> StepCost:
-    """The step costs from two timed generations of ``n`` steps computing ``k1`` and ``k2`` of them, over a plain
-    step of ``step`` seconds: ``t = k c + (n - k) r`` solved for ``c`` and ``r``. A reused step that comes out
-    below 0 (timing noise) is taken as 0; the computed step keeps its solved value."""
-    diff = (t2 - t1) / (k2 - k1)            # c - r
-    reused = (t1 - k1 * diff) / n
+def solve_step_cost(times, ks, n: int, step: float) -> StepCost:
+    """The step costs from timed generations of ``n`` steps computing ``ks[i]`` of them in ``times[i]`` seconds, over
+    a plain step of ``step`` seconds: ``t = k c + (n - k) r`` fitted for ``c`` and ``r`` by least squares (exact on
+    two). A reused step that comes out below 0 (timing noise) is taken as 0; the computed step keeps its value."""
+    if len(times) != len(ks) or len(set(ks)) < 2:
+        raise ValueError(f"fitting step costs needs timed runs of at least two computed-step counts, got {list(ks)}")
+    km, tm = statistics.fmean(ks), statistics.fmean(times)
+    diff = sum((k - km) * (t - tm) for k, t in zip(ks, times)) / sum((k - km) ** 2 for k in ks)   # c - r
+    reused = (tm - km * diff) / n
     computed = reused + diff
     reused = max(0.0, reused / step)
     return StepCost(reused, max(reused + 1e-6, computed / step))

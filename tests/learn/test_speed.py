@@ -89,8 +89,25 @@ def test_a_front_at_speed_targets():
 
 def test_a_negative_reused_step_is_clamped_without_moving_the_computed_one():
     """t = k c + (n - k) r with c = 1.1, r = -0.02 (noise) over 10 steps of 1 s: r reads 0, c stays 1.1."""
-    n, k1, k2, c, r = 10, 3, 6, 1.1, -0.02
-    cost = speed.solve_step_cost(k1 * c + (n - k1) * r, k2 * c + (n - k2) * r, k1, k2, n, 1.0)
+    n, ks, c = 10, (3, 6, 10), 1.1
+    cost = speed.solve_step_cost([k * c + (n - k) * -0.02 for k in ks], ks, n, 1.0)
     assert cost.reused == 0.0 and cost.computed == pytest.approx(c, abs=1e-12)
-    clean = speed.solve_step_cost(k1 * c + (n - k1) * 0.07, k2 * c + (n - k2) * 0.07, k1, k2, n, 1.0)
+    clean = speed.solve_step_cost([k * c + (n - k) * 0.07 for k in ks[:2]], ks[:2], n, 1.0)   # exact on two runs
     assert clean.reused == pytest.approx(0.07, abs=1e-12) and clean.computed == pytest.approx(c, abs=1e-12)
+    with pytest.raises(ValueError, match="at least two computed-step counts"):
+        speed.solve_step_cost([1.0, 1.1], (3, 3), n, 1.0)
+
+
+def test_step_costs_are_the_least_squares_line_through_three_runs():
+    """Three timed runs off the line by +e, -2e, +e (a zero-sum pattern orthogonal to the k's spread when the k's are
+    evenly spaced): the fit returns the line itself; a shifted third run moves the slope by its least-squares share."""
+    n, ks, c, r, e = 12, (2, 7, 12), 1.05, 0.05, 0.3
+    line = [k * c + (n - k) * r for k in ks]
+    cost = speed.solve_step_cost([line[0] + e, line[1] - 2 * e, line[2] + e], ks, n, 1.0)
+    assert cost.computed == pytest.approx(c, abs=1e-12) and cost.reused == pytest.approx(r, abs=1e-12)
+    moved = speed.solve_step_cost([line[0], line[1], line[2] + e], ks, n, 1.0)
+    # slope of t on k moves by e (k3 - mean k) / sum (k - mean k)^2 = e * 5 / 50; c - r moves by that, r by
+    # -(mean k) / n of it plus e / 3n
+    d = e * 5 / 50
+    assert moved.computed - moved.reused == pytest.approx(c - r + d, abs=1e-12)
+    assert moved.reused == pytest.approx(r + (e / 3 - 7 * d) / n, abs=1e-12)
