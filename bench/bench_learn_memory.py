@@ -18,6 +18,7 @@ import sys
 
 import harness
 
+THREADS = 1   #: torch threads of every measuring process (and of the parent, whose meta the result records)
 SIZES = {  # name: (blocks, width, heads, latent side, patch)
     "dit-digits": (12, 128, 4, 16, 2),
     "dit-half": (6, 64, 2, 16, 2),   # same tokens, half the depth and width, random weights
@@ -37,12 +38,10 @@ def _rss_mb() -> float:
 def worker(model: str, steps: int, mode: str) -> dict:
     import time
 
-    import torch
 
     from l2c_kernels.models import BundledModel, load
     from l2c_kernels.models.configs import NOISE_SCHEDULE
 
-    torch.set_num_threads(1)
     if model == "dit-digits":
         bundle = load("dit-digits")
     else:
@@ -118,6 +117,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50], help="dit-digits' step counts")
     ap.add_argument("--small-steps", type=int, nargs="+", default=[10, 20], help="dit-half's step counts")
     a = harness.parse(ap, argv)
+    import torch
+
+    torch.set_num_threads(THREADS)
     if a.worker:
         print(json.dumps(worker(a.worker[0], int(a.worker[1]), a.worker[2])))
         return
@@ -135,10 +137,7 @@ def main(argv=None):
         graph_mb = nb * alpha * 4 * 8 * (side // patch) ** 2 * width * r["steps"] / 2 ** 20
         checks.append(dict(model=r["model"], steps=r["steps"], measured_growth_mb=round(r["peak_mb"] - r["base_mb"]),
                            predicted_graph_mb=round(graph_mb)))
-    import torch
-
-    torch.set_num_threads(1)   # as the measuring processes ran (the result's meta reads it)
-    res = dict(device="cpu (every measurement its own process, one at a time, 1 thread)",
+    res = dict(device=f"cpu (every measurement its own process, one at a time, {THREADS} thread(s))",
                dtype="float32 (measured); bf16 (extrapolated)",
                setting="train_router(budget=0.5, iterations=1, batch_size=4, cfg=1.5, hard_fraction=0, "
                        "forecast='auto' (linear soft caches))", rows=rows, fits=fits, alpha_used=alpha,

@@ -615,11 +615,10 @@ def main(argv=None):
     if a.speedups:
         saved = Path(a.out) / f"{result_tag(a.model, a.steps, 'speed')}.json"
         old = json.loads(saved.read_text())["meta"] if saved.exists() and not a.relearn else {}
-        if old.get("speed_targets", {}).get("asked", old.get("speed_targets", {}).get("speedups")) == sorted(
-                a.speedups) and old.get("steps") == a.steps:
+        sp = old.get("speed_targets", {})
+        if sp.get("asked", sp.get("speedups")) == sorted(a.speedups) and old.get("steps") == a.steps:
             # the saved table's budgets and step costs: its learned schedules are reused (re-timed, not re-learned)
-            a.budgets, speed = old["budgets"], dict(old["speed_targets"], placed=old["speed_targets"].get(
-                "placed", old.get("date")))
+            a.budgets, speed = old["budgets"], dict(sp, placed=sp.get("placed", old.get("date")))
             harness.log(f"speed targets {speed['speedups']} -> budgets {a.budgets} (from {saved.name})")
         else:
             a.budgets, speed = speed_budgets(bundle, a.steps, guidance_scale(bundle, a.cfg), default_sampler(bundle),
