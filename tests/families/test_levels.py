@@ -101,3 +101,31 @@ def test_no_module_outside_the_registry_re_derives_the_level():
 def test_the_scan_finds_a_re_derived_level():
     src = 'if schedule.branches == ["block"]:\n    pass\nif isinstance(ad, BlockLevelAdapter):\n    pass\n'
     assert level_derivations(ast.parse(src)) == [1, 3]
+
+
+@pytest.mark.parametrize("name,branches,level,runtime", CASES,
+                         ids=[f"{c[0]}-{c[2]}-{'default' if c[1] is None else 'named'}" for c in CASES])
+def test_every_level_summarises_what_ran_alike(name, branches, level, runtime):
+    """One summary for every runtime level (``DropInModule.summary``), on published configs: a generation of 5 steps
+    whose steps 1 and 3 reuse every unit reports its level, the unit FLOPs those steps removed as the schedule
+    weighs them, three plans used of three (a computed step that stores for a later reuse, one that does not --
+    step 4, the last --, a reused one), and no compiled variants without ``torch_compile``."""
+    from tests.families.conftest import TIMESTEPS, built, generate
+
+    model = built(name)
+    if branches is UNITS:
+        branches = branch_names(model)
+    mask = l2c.Schedule.full(model, TIMESTEPS, branches=branches).compute_mask()
+    for s in (1, 3):
+        mask[s] = [[False] * len(row) for row in mask[s]]
+    sched = l2c.Schedule.from_mask(model, TIMESTEPS, mask, branches=branches)
+    fast = l2c.compile_schedule(model, sched)
+    generate(lambda s, kw: fast(**kw), FAMILIES[name])
+    sm = fast.summary()
+    unit = "block" if level == BLOCK_LEVEL else "branch"
+    assert sm["level"] == unit and sm["steps_run"] == 5 and sm["generations"] == 1
+    assert sm[f"{unit}_flops_removed"] == pytest.approx(sched.flops_removed_fraction(), abs=1e-4)
+    assert sm["schedule_flops_removed"] == pytest.approx(sched.flops_removed_fraction(), abs=1e-4)
+    assert sm["plans_used"] == sm["distinct_plans"] == fast.distinct_plans() == 3
+    assert sm["compiled_variants"] is None and fast.compiled_variants() is None
+    assert sm["cache_bytes"] == fast.cache_bytes() > 0

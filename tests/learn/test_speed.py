@@ -111,3 +111,31 @@ def test_step_costs_are_the_least_squares_line_through_three_runs():
     d = e * 5 / 50
     assert moved.computed - moved.reused == pytest.approx(c - r + d, abs=1e-12)
     assert moved.reused == pytest.approx(r + (e / 3 - 7 * d) / n, abs=1e-12)
+
+
+def test_step_costs_on_a_flux_pipeline_come_from_the_model_work():
+    """The same on the two-stream Flux pipeline (block-level runtime, packed latents, flow matching): a clock that only
+    the model's work advances, 1 per transformer block run (double or single stream) and 0.5 per output projection
+    (every call). 1 double + 2 single blocks: a plain step costs 3.5, a reused one 0.5 (1/7), a computed one 3.5 (1),
+    for every forecast and pooled, fitted on all three timed kinds of generation."""
+    from tests.tiny_pipelines import CALL_KW, PROMPTS, tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(seed=0, layers=1, single_layers=2)
+    model = pipe.transformer
+    clock = [0.0]
+
+    def tick(cost):
+        def hook(*_):
+            clock[0] += cost
+        return hook
+
+    for blk in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+        blk.register_forward_hook(tick(1.0))
+    model.proj_out.register_forward_hook(tick(0.5))
+    kw = CALL_KW["flux"]
+    den = denoiser_for(pipe, prompts=PROMPTS, cfg=kw["guidance_scale"], height=kw["height"], width=kw["width"],
+                       max_sequence_length=kw["max_sequence_length"])
+    costs = speed.measure_step_costs(den, 8, rounds=1, clock=lambda: clock[0])
+    assert set(costs) == set(speed.SPEED_FORECASTS) | {"pooled"}
+    for c in costs.values():
+        assert c.reused == pytest.approx(0.5 / 3.5, abs=1e-12) and c.computed == pytest.approx(1.0, abs=1e-12)
