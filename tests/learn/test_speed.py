@@ -42,18 +42,24 @@ def test_out_of_reach_targets_are_refused_naming_the_fastest():
         speed.budget_for_speedup(2.0, 1.0)
 
 
-def test_step_costs_come_from_the_model_work():
-    """A clock that only the model's work advances: 1 per attention or MLP branch computed, 0.5 per output layer
-    call (every step). Two blocks: a plain step costs 4.5, a reused one 0.5 (1/9 of it), a computed one 4.5 (1):
-    for every forecast, whatever the anchors' share of the timed runs."""
-    bundle = tiny_bundle()
-    model = bundle.transformer
+def _work_clock():
+    """``(clock, tick)``: a clock ``clock[0]`` that only forward hooks made by ``tick(cost)`` advance."""
     clock = [0.0]
 
     def tick(cost):
         def hook(*_):
             clock[0] += cost
         return hook
+    return clock, tick
+
+
+def test_step_costs_come_from_the_model_work():
+    """A clock that only the model's work advances: 1 per attention or MLP branch computed, 0.5 per output layer
+    call (every step). Two blocks: a plain step costs 4.5, a reused one 0.5 (1/9 of it), a computed one 4.5 (1):
+    for every forecast, whatever the anchors' share of the timed runs."""
+    bundle = tiny_bundle()
+    model = bundle.transformer
+    clock, tick = _work_clock()
 
     for blk in model.transformer_blocks:
         blk.attn1.register_forward_hook(tick(1.0))
@@ -122,12 +128,7 @@ def test_step_costs_on_a_flux_pipeline_come_from_the_model_work():
 
     pipe = tiny_flux_pipeline(seed=0, layers=1, single_layers=2)
     model = pipe.transformer
-    clock = [0.0]
-
-    def tick(cost):
-        def hook(*_):
-            clock[0] += cost
-        return hook
+    clock, tick = _work_clock()
 
     for blk in list(model.transformer_blocks) + list(model.single_transformer_blocks):
         blk.register_forward_hook(tick(1.0))
