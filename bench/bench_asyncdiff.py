@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -255,9 +254,8 @@ def write_report(res: dict, args, out: Path) -> dict:
     two = "1p2t" in med
     m = MODELS[args.model]
     report = dict(
-        benchmark="AsyncDiff (l2c_kernels.parallel.AsyncDenoiser) on CPU", date=datetime.date.today().isoformat(),
-        cpu=harness.machine()["cpu"], logical_cpus=os.cpu_count(), model=m["model"], dtype="float32",
-        images=args.images, transformer_batch=2 * args.images,
+        benchmark="AsyncDiff (l2c_kernels.parallel.AsyncDenoiser) on CPU", model=m["model"], dtype="float32",
+        images=args.images, transformer_batch=2 * args.images,  # date, machine, command: the result's meta
         shapes=dict(latents=[args.images, 1, 16, 16], transformer_input=m["transformer_input"](2 * args.images),
                     boundary_state=res.get("state_shapes")),
         loadavg_1_5_15_at_end=res.get("loadavg"),
@@ -270,7 +268,7 @@ def write_report(res: dict, args, out: Path) -> dict:
         paired_speedup_2p_vs_1p1t=_paired(times, "1p1t", "2p1t"),
         paired_speedup_2p_vs_1p2t=_paired(times, "1p2t", "2p1t") if two else None,
         psnr_db_2p_vs_single_process=res["psnr_2p_vs_1p"], psnr_db_1p2t_vs_1p1t=res["psnr_1p2t_vs_1p1t"],
-        measured=ms, command=harness.command())
+        measured=ms)
     st, ag, ranges = ms["single_thread"], ms["allgather_gloo_loopback"], res["ranges"]
     md = [f"# AsyncDiff on CPU, {args.model}", "",
           f"{harness.describe(harness.meta())}, float32. Model: {report['model']}. {args.images} images per generation "

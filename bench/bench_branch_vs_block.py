@@ -198,7 +198,6 @@ def main(argv=None):
                      ("--seed", dict(type=int, default=0))):
         ap.add_argument(flag, help="learner setting, both levels", **kw)
     args = harness.parse(ap, argv)
-    torch.set_num_threads(args.threads)
     args.out = args.out or str(harness.RESULTS / "learned_branch_vs_block")
     res, md = learned_comparison(args)
     harness.write_result(Path(args.out).parent, Path(args.out).name, res, md)

@@ -176,7 +176,6 @@ def main(argv=None):
                    "with inductor's C++ wrapper (which compile_schedule's compiled blocks use on CPU)")
     p.add_argument("--note", default="")
     a = harness.parse(p, argv)  # --out: the result files' path without suffix
-    torch.set_num_threads(a.threads)
     res = dict(meta=harness.meta(steps=a.steps, batch=2 * len(a.labels), steady=a.steady, models=a.models,
                                  note=a.note), rows=[])
 

@@ -287,7 +287,6 @@ def main(argv=None):
     args.steps = args.steps or (8 if flux else 20)
     args.repeats = args.repeats or (3 if flux else 7)
     args.image_sides = args.image_sides or ([16, 24] if args.level == "branch" else [16])
-    torch.set_num_threads(args.threads)
     case = dit_case if not flux else flux_branch_case if args.level == "branch" else flux_block_case
     name, res, md = case(args)
     harness.write_result(args.out, name, res, md, device=args.device)

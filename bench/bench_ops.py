@@ -226,7 +226,6 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
-    torch.set_num_threads(args.threads)
     dtypes = (args.dtypes or ("fp32,bf16,fp16" if device.type == "cuda" else "fp32,bf16")).split(",")
     shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
     cases = args.ops.split(",")

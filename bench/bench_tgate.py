@@ -117,7 +117,8 @@ def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
                  f"step-to-step change < {gate_c.tol:.3f}")]
     # learned L2C schedule at the MACs T-GATE with collapse removes (branch MACs)
     budget = round(schedule_macs_estimate(s_hand, collapse=True), 3)
-    lpath = Path(args.out or harness.RESULTS) / f"tgate_learned_{sampler.replace('+', 'p')}{steps}.l2c.json"
+    lpath = (Path(args.out or harness.RESULTS) / "tgate_pixart_schedules"
+             / f"learned_{sampler.replace('+', 'p')}{steps}.l2c.json")
     if lpath.exists() and not args.relearn:
         s_learn = l2c.Schedule.load(lpath)
     else:
@@ -130,7 +131,7 @@ def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
             s_learn.save(lpath)
     rows.append(ours(f"L2C learned, {100 * budget:.0f}% branch MACs", s_learn,
                      f"attn2 reused in {s_learn.summary()['removed_per_branch'].get('attn2', 0):.0%} of its cells"))
-    off = Row(f"official tgate {_tgate_version()} gate {g}")
+    off = Row(f"official tgate {(harness.versions()['tgate'] or '(not installed)')} gate {g}")
     try:
         import tgate
 
@@ -187,15 +188,6 @@ def bench_sampler(bundle, sampler: str, steps: int, args, log) -> dict:
     return dict(sampler=sampler, steps=steps, cfg=cfg, date=str(date.today()), timesteps=ts, hand_setting=hand,
                 auto_gate=dict(gate.to_dict(), seconds=round(gate_seconds, 1)), auto_gate_attn2_change=gate_c.to_dict(),
                 rows=out_rows, images={r.name: images[r.name][:10] for r in rows if r.name in images})
-
-
-def _tgate_version() -> str:
-    from importlib.metadata import version
-
-    try:
-        return version("tgate")
-    except Exception:  # noqa: BLE001
-        return "(not installed)"
 
 
 def write_markdown(result: dict) -> str:
@@ -310,11 +302,10 @@ def main(argv=None):
     args = harness.parse(ap, argv)
     if args.quick:
         args.samples, args.timing_batch, args.repeats, args.learn_iterations = 20, 4, 1, 4
-    torch.set_num_threads(args.threads)
     out = Path(args.out or harness.RESULTS)
     bundle = models.load("pixart-digits")
     samplers = [(a, int(b)) for a, b in (x.split(":") for x in args.samplers.split(","))]
-    result = dict(benchmark="T-GATE on pixart-digits", tgate=_tgate_version(), samples=args.samples,
+    result = dict(benchmark="T-GATE on pixart-digits", tgate=(harness.versions()["tgate"] or "(not installed)"), samples=args.samples,
                   timing_batch=args.timing_batch, repeats=args.repeats,
                   model_training=dict(steps=bundle.info.get("steps"), minutes=bundle.info.get("minutes")), samplers=[])
     all_images = {}

@@ -95,13 +95,20 @@ def versions() -> dict:
         except PackageNotFoundError:
             return None
     return dict(python=platform.python_version(), torch=torch.__version__, diffusers=installed("diffusers"),
-                l2c_kernels=l2c_kernels.__version__, triton=installed("triton"), cache_dit=installed("cache-dit"))
+                l2c_kernels=l2c_kernels.__version__, triton=installed("triton"), cache_dit=installed("cache-dit"),
+                tgate=installed("tgate"))
 
 
 def parse(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """``ap.parse_args(argv)``, remembering the arguments for the command the results record."""
+    """``ap.parse_args(argv)``, remembering the arguments for the command the results record; sets torch's
+    intra-op threads to ``--threads`` where the parser has it."""
     _RUN["argv"] = list(sys.argv[1:] if argv is None else argv)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def parser(doc: str, *, threads: int | None = 2, out=RESULTS) -> argparse.ArgumentParser:

@@ -193,7 +193,7 @@ def test_front_benchmark_tiny_run_writes_its_tables_and_its_schedules(tmp_path):
     fams = {row["family"] for row in res["rows"]}
     assert {"learned (L2C)", "fixed interval", "DPCache-style search (static)", "CEM-style search (static)",
             "LeMiCa-style search (static)"} <= fams
-    assert res["command"].startswith("python bench/bench_front.py --model flux-digits --steps 4")
+    assert res["meta"]["command"].startswith("python bench/bench_front.py --model flux-digits --steps 4")
     for row in res["rows"]:
         assert row["worst"] <= row["psnr"] + 1e-9
     sched_dir = tmp_path / "front_flux-digits_4_schedules"
@@ -201,3 +201,12 @@ def test_front_benchmark_tiny_run_writes_its_tables_and_its_schedules(tmp_path):
     assert {p.name for p in sched_dir.iterdir()} == {"learned_50.l2c.json", "dpcache_50.l2c.json", "cem_50.l2c.json",
                                                     "lemica_50.l2c.json"}
     assert "Regenerate: `python bench/bench_front.py" in (tmp_path / "front_flux-digits_4.md").read_text()
+    # the 4-step front resampled to 6 steps, beside the 6-step front and FORA
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_front.py"), "--model", "flux-digits", "--steps", "6",
+                        "--budgets", "0.5", "--samples", "2", "--threads", "1", "--resample-from", "4", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "resample_flux-digits.json").read_text())
+    assert [row["family"] for row in res["rows"]] == ["learned for 4 steps, resampled", "learned for 6 steps",
+                                                      "uniform (FORA)"]
+    assert res["from_steps"] == 4 and res["to_steps"] == 6 and "--resample-from 4" in res["meta"]["command"]

@@ -51,6 +51,8 @@ class _SoftUnitRunner:
     """The learner's counterpart of the runtime's ``_UnitRunner`` (same methods): every unit is computed, its raw
     output mixed with its cache; each stream update returns a new tensor (autograd: no in-place writes)."""
 
+    measuring = False
+
     def __init__(self, stand_in):
         self.st, self.block_index = stand_in._state, stand_in._ref.index
         self.recorded: set = set()

@@ -50,7 +50,7 @@ from . import comm as _comm
 from .comm import AsyncDiffError, Comm, crc, pack, payload_bytes, unpack_header, unpack_payloads
 from .partition import (Split, balanced_split, example_inputs, measure_block_costs, measure_final_layer_cost,
                         schedule_weights)
-from .runners import CachedRunner, ModelRunner, is_cached, runner_for
+from .runners import ModelRunner, is_cached, runner_for
 from .streams import BlockStreams, state_specs
 from .timesteps import TimestepScale
 
@@ -98,9 +98,8 @@ class AsyncDenoiser(nn.Module):
         self.transformer = transformer
         inner = getattr(transformer, "original_model", transformer)
         if inner is not transformer and not is_cached(transformer):
-            raise TypeError(f"AsyncDenoiser takes a plain diffusers transformer or compile_schedule's branch-level "
-                            f"module for DiT / PixArt (CachedTransformer); a {type(transformer).__name__} (block-"
-                            f"level schedule) is not split yet: pass its original_model")
+            raise TypeError(f"AsyncDenoiser takes a plain diffusers transformer or a module of compile_schedule; got "
+                            f"a {type(transformer).__name__} wrapping one: pass its original_model")
         self.streams = BlockStreams(inner)  # refuses, naming the reason, a model it cannot split
         self.adapter = adapter_for(inner)
         self.timestep_scale = TimestepScale(inner)
@@ -492,11 +491,11 @@ class AsyncDenoiser(nn.Module):
             from ..runtime.cached_transformer import compile_schedule
 
             # each emulated rank keeps its own cache buffers, as separate processes would
-            runners = {0: CachedRunner(transformer)}
+            runners = {0: runner_for(transformer)}
             for r in ranks:
                 if r:
-                    runners[r] = CachedRunner(compile_schedule(transformer.original_model, transformer.schedule,
-                                                               cuda_graphs=False))
+                    runners[r] = runner_for(compile_schedule(transformer.original_model, transformer.schedule,
+                                                             cuda_graphs=False))
             return runners
         shared = ModelRunner(transformer)
         return {r: shared for r in ranks}

@@ -263,15 +263,8 @@ def _structure(block) -> tuple:
 
 
 def schedule_weights(cached) -> list[float]:
-    """For a ``CachedTransformer``: each block's average fraction of its full cost over the schedule's
-    steps (branches weighted by their FLOPs; a reused block counts as nothing)."""
-    sched = cached.schedule
-    flops = sched.branch_flops or cached.adapter.branch_flops(cached.original_model)
-    w = [float(flops.get(b, 1.0)) for b in sched.branches]
-    total = sum(w) or 1.0
-    out = [0.0] * sched.num_blocks
-    for plan in cached.plans:
-        for b, bp in enumerate(plan.blocks):
-            if not bp.reuse_block:
-                out[b] += sum(wi for wi, c in zip(w, bp.compute) if c) / total
-    return [o / max(1, len(cached.plans)) for o in out]
+    """For a module of ``compile_schedule`` (every level): each block's average fraction of its full cost over the
+    schedule's steps (units weighed by their FLOPs as the schedule weighs them; a reused block counts as nothing)."""
+    from ..runtime.block_flops import block_compute_fractions
+
+    return block_compute_fractions(cached.schedule)

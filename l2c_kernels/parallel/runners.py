@@ -13,8 +13,13 @@ forward bit for bit.
 
 ``CachedRunner`` drives a :class:`~l2c_kernels.runtime.CachedTransformer` with its pieces
 (``begin_step`` / ``run_blocks`` / ``end_step``), so each component follows the cache schedule.
+``BlockCachedRunner`` drives the block-level module (and SD3 / Flux at branch level) as ``ModelRunner``
+drives a model: the family's forward on the module's shadow, the stand-ins of blocks outside the
+component passing their streams through, those inside following the step's plan on this runner's caches.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -42,8 +47,10 @@ class ModelRunner:
     def num_blocks(self) -> int:
         return len(self.blocks)
 
-    def _forward(self, args: dict) -> torch.Tensor:
-        out = self.model(**args, return_dict=False)
+    def _forward(self, args: dict, keep: range | None = None, step: int = 0) -> torch.Tensor:
+        """The model's forward on ``args``, the blocks outside ``keep`` (None: none) returning their streams."""
+        with self.streams.bypassed(keep) if keep is not None else contextlib.nullcontext():
+            out = self.model(**args, return_dict=False)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def full(self, args: dict, capture: list[int], step: int) -> tuple[torch.Tensor, dict[int, tuple]]:
@@ -58,7 +65,7 @@ class ModelRunner:
 
         hooks = [self.blocks[b].register_forward_pre_hook(grab(b), with_kwargs=True) for b in capture]
         try:
-            out = self._forward(args)
+            out = self._forward(args, None, step)
         finally:
             for h in hooks:
                 h.remove()
@@ -91,8 +98,7 @@ class ModelRunner:
 
             hooks.append(self.blocks[end].register_forward_pre_hook(stop, with_kwargs=True))
         try:
-            with st.bypassed(range(start, end)):
-                out = self._forward(args)
+            out = self._forward(args, range(start, end), step)
         except _Stop as s:
             out = s.state
         finally:
@@ -163,11 +169,55 @@ class CachedRunner:
         self.cached.reset()
 
 
-def is_cached(model) -> bool:
-    from ..runtime.cached_transformer import CachedTransformer
+class BlockCachedRunner(ModelRunner):
+    """Components of a block-level module (``BlockCachedTransformer``; ``BranchCachedTransformer`` for SD3 / Flux
+    units): its shadow's forward, run eagerly (no CUDA graph: a component is part of a step), the blocks outside the
+    component passing through (nothing computed, stored or read there), each step one call of the module's step
+    bookkeeping on its first pass's caches."""
 
-    return isinstance(model, CachedTransformer)
+    stateful = True  # the cache buffers belong to the runner
+
+    def __init__(self, cached):
+        self.cached, self.model = cached, cached._shadow
+        self.streams = BlockStreams(cached.original_model)  # the blocks' stream names, read from the pattern table
+        shadow = cached._shadow
+        stand_ins = {w._ref.index: w for name in cached.pattern.block_lists for w in shadow._modules[name]}
+        self.blocks = [stand_ins[b] for b in range(len(stand_ins))]  # hooks go on the stand-ins: a reused block
+        # never calls its diffusers block
+
+    def _forward(self, args: dict, keep: range | None = None, step: int = 0) -> torch.Tensor:
+        c = self.cached
+        kw = dict(args, return_dict=False)
+        c.set_step(step)
+        s, p = c._resolve((), kw)
+        caches = c._caches_for(p, None)
+        if s == 0:
+            caches.clear()
+        c._state.keep = keep
+        try:
+            out = c._run_step(s, caches, (), kw)
+        except _Stop:
+            c._end(s, p, caches)   # stopped in front of the next component: this one's part of step s ran
+            raise
+        finally:
+            c._state.keep = None
+        c._end(s, p, caches)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def reset(self) -> None:
+        self.cached.reset()
+
+
+def is_cached(model) -> bool:
+    """A module of ``compile_schedule`` (any level)."""
+    from ..runtime.drop_in import DropInModule
+
+    return isinstance(model, DropInModule)
 
 
 def runner_for(model):
-    return CachedRunner(model) if is_cached(model) else ModelRunner(model)
+    from ..runtime.cached_transformer import CachedTransformer
+
+    if isinstance(model, CachedTransformer):
+        return CachedRunner(model)
+    return BlockCachedRunner(model) if is_cached(model) else ModelRunner(model)

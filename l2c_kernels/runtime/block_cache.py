@@ -67,21 +67,27 @@ class BlockCaches:
         self.ran: set[int] = set()                      # steps run in this generation
         self.generations = 0                            # whole generations run with these caches
 
-    def buffer(self, block, stream: int, slot: int, like: torch.Tensor) -> torch.Tensor:
+    def buffer(self, block, stream: int, slot: int, like: torch.Tensor, shape=None) -> torch.Tensor:
+        """The buffer of ``(block, stream, slot)``, (re)made with ``like``'s dtype and device and ``shape`` (default:
+        ``like``'s) if it does not have them."""
+        shape = like.shape if shape is None else shape
         buf = self.buffers.get((block, stream, slot))
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
             self.buffers[(block, stream, slot)] = buf
         return buf
 
-    def read(self, block, stream: int, slot: int, like: torch.Tensor, step: int) -> torch.Tensor:
+    def read(self, block, stream: int, slot: int, like, step: int) -> torch.Tensor:
+        """The filled buffer of ``(block, stream, slot)``, checked to have the shape of ``like`` (a tensor or a
+        shape)."""
         buf = self.buffers.get((block, stream, slot))
         if (block, slot) not in self.filled or buf is None:
             raise ScheduleError(f"step {step} reuses block {block} but its residual cache was not filled in this "
                                 f"generation (start at step 0, or call reset())")
-        if buf.shape != like.shape:
+        shape = like.shape if isinstance(like, torch.Tensor) else like
+        if buf.shape != shape:
             raise ValueError(f"input shapes changed in the middle of a generation (step {step}): block {block} "
-                             f"cached a residual of shape {list(buf.shape)}, the input now has {list(like.shape)}. "
+                             f"cached a residual of shape {list(buf.shape)}, the input now has {list(shape)}. "
                              f"Start a new generation at step 0 or call reset().")
         return buf
 

@@ -55,23 +55,34 @@ def measure_block_flops(model, *args, **kwargs) -> list[float]:
     return counts
 
 
-def step_flops(schedule) -> list[tuple[float, float]]:
-    """Per step: (FLOPs of full compute, FLOPs the step removes), each unit weighed as
-    :meth:`Schedule.flops_removed_fraction` weighs it (counted ``[block][branch]`` costs, else counted block
-    costs, else the branch weights); their sums over all steps give that fraction."""
+def _unit_weights(schedule) -> tuple[list[list[float]], bool]:
+    """``[block][branch]`` weights of the units, as :meth:`Schedule.flops_removed_fraction` weighs them (counted
+    ``[block][branch]`` costs, else counted block costs, else the branch weights), and whether a block counts once,
+    whole (counted block costs: a block is computed only when all of it is)."""
     nb, branches = schedule.num_blocks, schedule.branches
     if schedule.unit_branch_flops:
-        w = [[float(f) for f in row] for row in schedule.unit_branch_flops]
-    elif schedule.unit_flops and len(schedule.unit_flops) == nb:
-        w = [[float(f) / len(branches)] * len(branches) for f in schedule.unit_flops]
-    else:
-        w = [[float(schedule.branch_flops.get(b, 1.0)) for b in branches]] * nb
+        return [[float(f) for f in row] for row in schedule.unit_branch_flops], False
+    if schedule.unit_flops and len(schedule.unit_flops) == nb:
+        return [[float(f) / len(branches)] * len(branches) for f in schedule.unit_flops], True
+    return [[float(schedule.branch_flops.get(b, 1.0)) for b in branches]] * nb, False
+
+
+def _computed(w: list, blk: list, whole: bool) -> float:
+    return (sum(w) if all(blk) else 0.0) if whole else sum(f for f, c in zip(w, blk) if c)
+
+
+def step_flops(schedule) -> list[tuple[float, float]]:
+    """Per step: (FLOPs of full compute, FLOPs the step removes), each unit weighed as
+    :meth:`Schedule.flops_removed_fraction` weighs it; their sums over all steps give that fraction."""
+    w, whole = _unit_weights(schedule)
     full = sum(sum(r) for r in w)
-    out = []
-    for row in schedule.compute_mask():
-        if schedule.unit_flops and not schedule.unit_branch_flops and len(schedule.unit_flops) == nb:
-            removed = sum(sum(wr) for wr, blk in zip(w, row) if not all(blk))  # a block counts once, whole
-        else:
-            removed = sum(f for wr, blk in zip(w, row) for f, c in zip(wr, blk) if not c)
-        out.append((full, removed))
-    return out
+    return [(full, full - sum(_computed(wr, blk, whole) for wr, blk in zip(w, row))) for row in schedule.compute_mask()]
+
+
+def block_compute_fractions(schedule) -> list[float]:
+    """Each block's cost computed over the schedule's steps, as a fraction of computing it at every step (the units
+    weighed as in :func:`step_flops`): what a block costs on average under the schedule (AsyncDiff's split)."""
+    w, whole = _unit_weights(schedule)
+    n = max(1, schedule.num_steps)
+    return [sum(_computed(w[b], row[b], whole) for row in schedule.compute_mask()) / n / (sum(w[b]) or 1.0)
+            for b in range(schedule.num_blocks)]

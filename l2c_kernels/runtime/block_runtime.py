@@ -29,7 +29,7 @@ from .block_cache import BlockAction, BlockCaches, block_actions, block_plans, r
 from .block_flops import step_flops
 from .block_graphs import BlockGraphs
 from .block_steps import BlockSteps
-from .block_work import BlockKind, block_work, compiled_block_work
+from .block_work import BlockKind, block_work, compiled_work, unit_work
 from .plan import compile_plans
 
 
@@ -48,6 +48,7 @@ class _RunState:
         self.work = block_work               # the block work function (compiled per kind with torch_compile)
         self.compiled = False
         self.kinds_run: set = set()          # (block structure, kind) pairs run on the compiled path
+        self.keep: range | None = None       # (AsyncDiff components) blocks outside it pass their streams through
         self._wt: dict = {}
 
     def weight_tensors(self, weights: tuple, like: torch.Tensor) -> tuple:
@@ -92,7 +93,18 @@ class _BlockWrapper(BlockStandIn):
     """Stands in for one block in the runtime's shadow: computes it or re-adds its cached residual."""
 
     def forward(self, *args, **kwargs):
-        return self._run(self._enter(args, kwargs), args, kwargs)
+        bound = self._enter(args, kwargs)
+        through = self._outside(bound)
+        return through if through is not None else self._run(bound, args, kwargs)
+
+    def _outside(self, bound):
+        """None, or -- outside the running component (:class:`~l2c_kernels.parallel.runners.BlockCachedRunner`) -- the
+        block's streams unchanged, in its return order: it then runs, stores and reads nothing."""
+        keep = self._state.keep
+        if keep is None or self._ref.index in keep:
+            return None
+        vals = tuple(bound.get(n) for n in self._ref.pattern.returns)
+        return vals[0] if self._ref.pattern.single_output else vals
 
     def _enter(self, args, kwargs) -> dict:
         """Check that the forward runs this block next (in order, once) and bind its arguments."""
@@ -278,11 +290,10 @@ class BlockCachedTransformer(BlockSteps, BlockGraphs, DropInModule):
         return shadow_with(model, fam, refs, lambda r: self._wrapper(r, state))
 
     def _compile(self, options: bool | dict) -> None:
-        if type(self)._wrapper is not BlockCachedTransformer._wrapper:
-            raise NotImplementedError(f"torch_compile is not available for {type(self).__name__} yet; run this "
-                                      f"schedule eagerly (with CUDA graphs on a GPU) or at block level")
         st = self._state
-        st.work, st.compiled = compiled_block_work(options), True
+        st.compiled = True
+        st.work = compiled_work(block_work, options)
+        st.unit_work = compiled_work(unit_work, options)  # (branch level: one two-stream block's units)
         cfg = torch._dynamo.config  # one graph per (block structure, kind): raise the recompile limit to fit
         structures = len({type(r.module) for r in st.refs}) + 2
         kinds = len({a for row in self._actions for a in row})

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 
 from ..schedule import next_step_index, same_timestep
 from .drop_in import check_timestep_mode
@@ -38,13 +37,6 @@ class BlockSteps:
     def current_pass(self) -> int:
         """Which call of the current step ran last (0 for the first)."""
         return self._pass
-
-    def set_step(self, step: int) -> None:
-        """Make the next call run step ``step`` of the schedule, whatever timestep it gets (the same step
-        again is its next pass)."""
-        if not 0 <= step < self.schedule.num_steps:
-            raise ValueError(f"step {step} out of range: the schedule has {self.schedule.num_steps} steps")
-        self._forced_step = step
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **kwargs):
@@ -67,11 +59,6 @@ class BlockSteps:
             raise TypeError(f"{self.pattern.model_class}.forward: {e}") from None
         return bound.get(self.pattern.timestep_arg)
 
-    def _reads(self, t) -> bool:
-        if self.timestep_check == "off":
-            return False
-        return not isinstance(t, torch.Tensor) or self.timestep_check == "strict" or t.device.type == "cpu"
-
     def _resolve(self, args, kwargs) -> tuple[int, int]:
         cur, ctx, n = self._step, self._context, self.schedule.num_steps
         if self._forced_step is not None:
@@ -81,7 +68,8 @@ class BlockSteps:
         if t is None:
             raise ValueError(f"the transformer was called without {self.pattern.timestep_arg!r}; pass it or call "
                              f"set_step()")
-        if not self._reads(t):  # no host sync: the pipeline's step index, or count calls
+        v = self._host_timestep(t)   # (DropInModule)
+        if v is None:  # not read (no host sync): the pipeline's step index, or count calls
             if ctx is not None:
                 if ctx[1] is not None and ctx[1] < n:
                     return ctx[1], ctx[0]
@@ -93,8 +81,6 @@ class BlockSteps:
             if self._pass + 1 < self.passes_per_step:
                 return cur, self._pass + 1
             return (cur + 1) % n, 0
-        # the largest entry: Wan 2.2's per-token timesteps hold 0 for the clean conditioning frames
-        v = float(t.max()) if isinstance(t, torch.Tensor) and t.numel() else float(t)
         ts = self.pattern.sampler_timestep(self.original_model, v)
         if cur is not None and same_timestep(self.schedule.timesteps[cur], ts) and (ctx is None or ctx[0] > 0):
             return cur, (ctx[0] if ctx else self._pass + 1)

@@ -46,6 +46,14 @@ def block_work(block, args: tuple, kwargs: dict, ins: list, kind: BlockKind, buf
     return outs[0] if kind.single else tuple(outs)
 
 
+def unit_work(units_fn, blk, units: tuple, run, h, e, temb, bound):
+    """One two-stream block's units at one step of a branch-level schedule (``units_fn``: the block's forward unit by
+    unit, :mod:`~l2c_kernels.runtime.branch_wrappers`; ``run``: its prepared units, whose kind, buffers and forecast
+    weights are all the step changes): the function ``torch_compile`` compiles there, one graph per block structure
+    and unit kind, whatever the step."""
+    return units_fn(blk, units, run, h, e, temb, bound)
+
+
 def store_deltas(outs, ins, bufs) -> None:
     """``buffer <- out - in`` for every returned stream that has a buffer."""
     for o, i, b in zip(outs, ins, bufs):
@@ -78,12 +86,13 @@ def apply_deltas(ins, bufs, kind: BlockKind, weights: tuple, wtensors: tuple) ->
     return outs
 
 
-def compiled_block_work(options: bool | dict):
-    """:func:`block_work` under ``torch.compile(fullgraph=True, dynamic=False)`` (plus ``options`` if a dict),
-    on a code object of its own: one module's compiled kinds (dynamo caches them per code object) are
-    neither shared with nor evicted by another module's."""
+def compiled_work(fn, options: bool | dict):
+    """``fn`` (:func:`block_work`, or a two-stream block's ``unit_work`` at branch level) under
+    ``torch.compile(fullgraph=True, dynamic=False)`` (plus ``options`` if a dict), on a code object of its own: one
+    module's compiled kinds (dynamo caches them per code object) are neither shared with nor evicted by another
+    module's."""
     opts = dict(fullgraph=True, dynamic=False)
     if isinstance(options, dict):
         opts.update(options)
-    own = types.FunctionType(block_work.__code__.replace(), block_work.__globals__, block_work.__name__)
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
     return torch.compile(own, **opts)

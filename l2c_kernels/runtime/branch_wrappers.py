@@ -24,6 +24,7 @@ module's (:class:`BranchCachedTransformer` subclasses it).
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from ..adapters.patterns import BlockPatternError
 from ..schedule import ScheduleError
 from .block_cache import BlockAction, apply_residuals, store_residuals
 from .block_flops import _CUSTOM
-from .block_runtime import BlockCachedTransformer, _BlockWrapper
+from .block_runtime import BlockCachedTransformer, _BlockWrapper, _layout
 from .plan import BlockPlan, compile_plans
 
 _PLAIN_BLOCK_REUSE = BlockAction(False, reads=((0, 1.0),))
@@ -89,6 +90,11 @@ class _UnitRunner:
         self.st, self.block_index, self.plan = wrapper._state, wrapper._ref.index, plan
         self.index = wrapper._branch_index
         self.cls = type(wrapper.block).__name__
+
+    @property
+    def measuring(self) -> bool:
+        """FLOPs are being counted (``measure_branch_flops``): every unit runs on its own."""
+        return getattr(self.st, "flops", None) is not None
 
     def computes(self, unit: str) -> bool:
         return self.plan.compute[self.index[unit]]
@@ -150,6 +156,53 @@ class _UnitRunner:
         return self.reuse(unit, stream, x, gate)
 
 
+class UnitKind(NamedTuple):
+    """The static shape of one two-stream block's work at one step (a ``torch.compile`` guard: one graph per kind
+    and block structure), per unit of the block: computed, stored, or how many cached outputs a reuse sums."""
+
+    compute: tuple[bool, ...]
+    store: tuple[bool, ...]
+    reads: tuple[int, ...]   # 0 computed, 1 plain reuse, 2-3 a forecast
+
+
+class _PreparedUnits:
+    """The compiled path's unit runner: the host work of :class:`_UnitRunner` (which buffers, whether they were
+    filled) done before the call, so the traced block sees only its :class:`UnitKind`, the cache buffers and a
+    forecast's weights as 0-d tensors (inputs of the graph, not constants: one graph serves every step of a kind)."""
+
+    measuring = False
+
+    def __init__(self, index: dict, kind: UnitKind, bufs: dict, weights: dict):
+        self.index, self.kind, self.bufs, self.weights = index, kind, bufs, weights
+
+    def computes(self, unit: str) -> bool:
+        return self.kind.compute[self.index[unit]]
+
+    def stores(self, unit: str) -> bool:
+        return self.kind.store[self.index[unit]]
+
+    def counting(self, unit: str):
+        return contextlib.nullcontext()
+
+    def add(self, unit: str, stream: int, x, y, gate):
+        ops.gated_residual_(x, y, gate, self.bufs.get((unit, stream)))
+        return x
+
+    def reuse(self, unit: str, stream: int, x, gate):
+        ys = self.bufs[(unit, stream)]
+        if self.kind.reads[self.index[unit]] == 1:
+            ops.gated_residual_(x, ys[0], gate)
+            return x
+        v = ys[0] * self.weights[unit][0]   # tensor arithmetic the compiler fuses
+        for y, w in zip(ys[1:], self.weights[unit][1:]):
+            v = v + y * w
+        return x.addcmul_(gate.unsqueeze(1), v)
+
+    def apply(self, unit: str, stream: int, x, gate, compute_fn):
+        return self.add(unit, stream, x, compute_fn(), gate) if self.computes(unit) else self.reuse(unit, stream, x,
+                                                                                                    gate)
+
+
 class _BranchWrapper(_BlockWrapper):
     """Stands in for one two-stream block: whole-block reuse, or the block's forward unit by unit."""
 
@@ -160,13 +213,21 @@ class _BranchWrapper(_BlockWrapper):
 
     def forward(self, *args, **kwargs):
         bound = self._enter(args, kwargs)
+        through = self._outside(bound)
+        if through is not None:
+            return through
         st, ref = self._state, self._ref
         h, e, temb = self._streams(bound)
         plan: BlockPlan = st.actions[ref.index]
         if plan.reuse_block:
             return tuple(apply_residuals(st.caches, ref.index, _PLAIN_BLOCK_REUSE, [e, h], st.step))
         saved = [e.clone(), h.clone()] if plan.store_delta else None
-        out = self._units_forward(_UnitRunner(self, plan), h, e, temb, bound)
+        if st.compiled:
+            run = self._prepared(plan, h, e)
+            st.kinds_run.add((self._structure(), run.kind, _layout([e, h])))
+            out = st.unit_work(self.UNITS, self.block, self._units, run, h, e, temb, bound)
+        else:
+            out = self._units_forward(_UnitRunner(self, plan), h, e, temb, bound)
         if plan.store_delta:
             store_residuals(st.caches, ref.index, 0, list(out), saved)
         return out
@@ -180,104 +241,156 @@ class _BranchWrapper(_BlockWrapper):
                                         f"tensor: the branch-level wrapper needs both streams and temb")
         return h, e, temb
 
-    def _units_forward(self, run: _UnitRunner, h, e, temb, bound):
-        """The block's forward unit by unit through ``run`` (the runtime's :class:`_UnitRunner`, or the learner's
-        soft runner with the same methods); every stream update is rebound to what ``run`` returns."""
-        raise NotImplementedError
+    def _prepared(self, plan: BlockPlan, h, e) -> _PreparedUnits:
+        """The host side of this block's units at this step: the buffers a computed unit writes (allocated like its
+        stream, marked filled) and a reused one reads (checked filled), and the forecast weights as tensors."""
+        st, b, index = self._state, self._ref.index, self._branch_index
+        caches, streams = st.caches, self.STREAMS(self.block, e, h)
+        bufs, weights, reads = {}, {}, [0] * len(index)
+        for unit in self._units:
+            i = index[unit]
+            key = (b, i)
+            if plan.compute[i]:
+                if plan.store[i]:
+                    caches.filled.add((key, plan.slot[i]))
+                    for k, shape in streams[unit]:
+                        bufs[(unit, k)] = caches.buffer(key, k, plan.slot[i], e, shape)
+                continue
+            rd = plan.reads(i)
+            if not rd or any((key, j) not in caches.filled for j in rd):
+                raise ScheduleError(f"step {st.step} reuses {unit} of block {b} ({type(self.block).__name__}) but "
+                                    f"its cache was not filled in this generation (start at step 0, or call reset())")
+            for k, shape in streams[unit]:
+                bufs[(unit, k)] = tuple(caches.read(key, k, j, shape, st.step) for j in rd)
+            w = tuple(plan.weights[i][j] for j in rd)
+            reads[i] = 1 if w == (1.0,) else max(2, len(w))
+            if reads[i] > 1:
+                weights[unit] = st.weight_tensors(w, e)
+        own = [n in self._units for n in index]   # a unit the block lacks is neither computed nor read
+        kind = UnitKind(tuple(o and c for o, c in zip(own, plan.compute)),
+                        tuple(o and c and s for o, c, s in zip(own, plan.compute, plan.store)), tuple(reads))
+        return _PreparedUnits(index, kind, bufs, weights)
+
+    UNITS = None   # the block's forward unit by unit: joint_units or flux_single_units
+    STREAMS = None  # (block, e, h) -> per unit, the (stream, shape) pairs its outputs add to
+
+    def _units_forward(self, run, h, e, temb, bound):
+        """The block's forward unit by unit through ``run`` (the runtime's :class:`_UnitRunner`, the compiled
+        path's :class:`_PreparedUnits` or the learner's soft runner: the same methods); every stream update is
+        rebound to what ``run`` returns."""
+        return self.UNITS(self.block, self._units, run, h, e, temb, bound)
+
+
+def joint_units(blk, units: tuple, run, h, e, temb, bound):
+    """SD3 / SD3.5 ``JointTransformerBlock`` and Flux.1 ``FluxTransformerBlock`` unit by unit (the same two-stream
+    layout; SD3 may have ``attn2`` and ``context_pre_only``, Flux passes rotary embeddings to its attention):
+    ``units`` the block's units, ``run`` a unit runner; returns ``(encoder_hidden_states, hidden_states)``."""
+    cls = type(blk).__name__
+    jak = dict(bound.get("joint_attention_kwargs") or {})
+    dual = "attn2" in units
+    pre_only = bool(getattr(blk, "context_pre_only", False))
+    a1, f1 = run.computes("attn1"), run.computes("ff")
+    need = _zero_need(a1, f1)
+    if dual:
+        need |= {8} | ({6, 7} if run.computes("attn2") else set())
+    c = _chunks(blk.norm1, temb, 9 if dual else 6, cls, need)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = c[:6]
+    h = h.clone()
+    e_out = None if pre_only else e.clone()
+    if not pre_only:
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _chunks(
+            blk.norm1_context, temb, 6, cls, _zero_need(a1, run.computes("ff_context")))
+    nh = blk.norm1.norm(bound["hidden_states"]) if run.computes("attn1") or (dual and run.computes("attn2")) \
+        else None
+
+    # joint attention: one unit, image (stream 1) and text (stream 0) outputs
+    if run.computes("attn1"):
+        with run.counting("attn1"):
+            ne = (blk.norm1_context(e, temb) if pre_only
+                  else _modulate(blk.norm1_context.norm(e), c_shift_msa, c_scale_msa))
+            kw = dict(hidden_states=_modulate(nh, shift_msa, scale_msa), encoder_hidden_states=ne, **jak)
+            if "image_rotary_emb" in bound:
+                kw["image_rotary_emb"] = bound.get("image_rotary_emb")
+            outs = blk.attn(**kw)
+            if not isinstance(outs, (tuple, list)) or len(outs) != 2:
+                raise BlockPatternError(f"{cls}.attn returned {len(outs) if isinstance(outs, (tuple, list)) else 1}"
+                                        f" outputs; the branch-level wrapper handles the image and text outputs "
+                                        f"only (IP-adapter attention runs at block level)")
+        h = run.add("attn1", 1, h, outs[0], gate_msa)
+        if not pre_only:
+            e_out = run.add("attn1", 0, e_out, outs[1], c_gate_msa)
+    else:
+        h = run.reuse("attn1", 1, h, gate_msa)
+        if not pre_only:
+            e_out = run.reuse("attn1", 0, e_out, c_gate_msa)
+
+    if dual:  # SD3.5: image self-attention on the block input's norm, its own modulation
+        shift_msa2, scale_msa2, gate_msa2 = c[6:9]
+        h = run.apply("attn2", 1, h, gate_msa2,
+                      lambda: blk.attn2(hidden_states=_modulate(nh, shift_msa2, scale_msa2), **jak))
+
+    h = run.apply("ff", 1, h, gate_mlp,
+                  lambda: _feed_forward(blk, blk.ff, _modulate(blk.norm2(h), shift_mlp, scale_mlp)))
+    if not pre_only:
+        e_out = run.apply("ff_context", 0, e_out, c_gate_mlp,
+                          lambda: _feed_forward(blk, blk.ff_context,
+                                                _modulate(blk.norm2_context(e_out), c_shift_mlp, c_scale_mlp)))
+        if e_out.dtype == torch.float16 and cls == "FluxTransformerBlock":
+            e_out = e_out.clip(-65504, 65504)
+    return e_out, h
+
+
+def flux_single_units(blk, units: tuple, run, h, e, temb, bound):
+    """Flux.1 ``FluxSingleTransformerBlock``: attention and MLP in parallel on the joint stream, one ``proj_out``;
+    the units are its two column blocks (see the module docstring)."""
+    cls = type(blk).__name__
+    text_len = e.shape[1]
+    x = torch.cat([e, h], dim=1)  # the joint stream (a new tensor: updated in place below)
+    want_a, want_m = run.computes("attn1"), run.computes("ff")
+    shift, scale, gate = _chunks(blk.norm, temb, 3, cls, None if want_a or want_m else (2,))
+    dim = blk.proj_out.out_features
+    w, b = blk.proj_out.weight, blk.proj_out.bias
+    jak = dict(bound.get("joint_attention_kwargs") or {})
+    nx = _modulate(blk.norm.norm(x), shift, scale) if want_a or want_m else None
+
+    def attn_half():
+        return blk.attn(hidden_states=nx, image_rotary_emb=bound.get("image_rotary_emb"), **jak)
+
+    def mlp_half():
+        return blk.act_mlp(blk.proj_mlp(nx))
+
+    if want_a and want_m and not run.stores("attn1") and not run.stores("ff") and not run.measuring:
+        # both halves, nothing cached: diffusers' own arithmetic (one product on the concatenation)
+        y = blk.proj_out(torch.cat([attn_half(), mlp_half()], dim=2))
+        ops.gated_residual_(x, y, gate)
+    else:
+        x = run.apply("attn1", 0, x, gate, lambda: F.linear(attn_half(), w[:, :dim]))
+        x = run.apply("ff", 0, x, gate, lambda: F.linear(mlp_half(), w[:, dim:], b))
+    if x.dtype == torch.float16:
+        x = x.clip(-65504, 65504)
+    return x[:, :text_len], x[:, text_len:]
+
+
+def _joint_streams(blk, e, h) -> dict:
+    """Joint attention adds to the image (1) and, unless ``context_pre_only``, the text (0) stream; ``attn2`` and
+    ``ff`` to the image stream, ``ff_context`` to the text stream."""
+    img, txt = (1, h.shape), (0, e.shape)
+    pre_only = bool(getattr(blk, "context_pre_only", False))
+    return {"attn1": (img,) if pre_only else (img, txt), "attn2": (img,), "ff": (img,), "ff_context": (txt,)}
+
+
+def _single_streams(blk, e, h) -> dict:
+    """Both halves add to the one joint stream (text then image tokens)."""
+    joint = (0, torch.Size((e.shape[0], e.shape[1] + h.shape[1], *e.shape[2:])))
+    return {"attn1": (joint,), "ff": (joint,)}
 
 
 class _JointWrapper(_BranchWrapper):
-    """SD3 / SD3.5 ``JointTransformerBlock`` and Flux.1 ``FluxTransformerBlock`` (the same two-stream layout;
-    SD3 may have ``attn2`` and ``context_pre_only``, Flux passes rotary embeddings to its attention)."""
-
-    def _units_forward(self, run, h, e, temb, bound):
-        blk, cls = self.block, type(self.block).__name__
-        jak = dict(bound.get("joint_attention_kwargs") or {})
-        dual = "attn2" in self._units
-        pre_only = bool(getattr(blk, "context_pre_only", False))
-        a1, f1 = run.computes("attn1"), run.computes("ff")
-        need = _zero_need(a1, f1)
-        if dual:
-            need |= {8} | ({6, 7} if run.computes("attn2") else set())
-        c = _chunks(blk.norm1, temb, 9 if dual else 6, cls, need)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = c[:6]
-        h = h.clone()
-        e_out = None if pre_only else e.clone()
-        if not pre_only:
-            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _chunks(
-                blk.norm1_context, temb, 6, cls, _zero_need(a1, run.computes("ff_context")))
-        nh = blk.norm1.norm(bound["hidden_states"]) if run.computes("attn1") or (dual and run.computes("attn2")) \
-            else None
-
-        # joint attention: one unit, image (stream 1) and text (stream 0) outputs
-        if run.computes("attn1"):
-            with run.counting("attn1"):
-                ne = (blk.norm1_context(e, temb) if pre_only
-                      else _modulate(blk.norm1_context.norm(e), c_shift_msa, c_scale_msa))
-                kw = dict(hidden_states=_modulate(nh, shift_msa, scale_msa), encoder_hidden_states=ne, **jak)
-                if "image_rotary_emb" in bound:
-                    kw["image_rotary_emb"] = bound.get("image_rotary_emb")
-                outs = blk.attn(**kw)
-                if not isinstance(outs, (tuple, list)) or len(outs) != 2:
-                    raise BlockPatternError(f"{cls}.attn returned {len(outs) if isinstance(outs, (tuple, list)) else 1}"
-                                            f" outputs; the branch-level wrapper handles the image and text outputs "
-                                            f"only (IP-adapter attention runs at block level)")
-            h = run.add("attn1", 1, h, outs[0], gate_msa)
-            if not pre_only:
-                e_out = run.add("attn1", 0, e_out, outs[1], c_gate_msa)
-        else:
-            h = run.reuse("attn1", 1, h, gate_msa)
-            if not pre_only:
-                e_out = run.reuse("attn1", 0, e_out, c_gate_msa)
-
-        if dual:  # SD3.5: image self-attention on the block input's norm, its own modulation
-            shift_msa2, scale_msa2, gate_msa2 = c[6:9]
-            h = run.apply("attn2", 1, h, gate_msa2,
-                          lambda: blk.attn2(hidden_states=_modulate(nh, shift_msa2, scale_msa2), **jak))
-
-        h = run.apply("ff", 1, h, gate_mlp,
-                      lambda: _feed_forward(blk, blk.ff, _modulate(blk.norm2(h), shift_mlp, scale_mlp)))
-        if not pre_only:
-            e_out = run.apply("ff_context", 0, e_out, c_gate_mlp,
-                              lambda: _feed_forward(blk, blk.ff_context,
-                                                    _modulate(blk.norm2_context(e_out), c_shift_mlp, c_scale_mlp)))
-            if e_out.dtype == torch.float16 and cls == "FluxTransformerBlock":
-                e_out = e_out.clip(-65504, 65504)
-        return e_out, h
+    UNITS, STREAMS = staticmethod(joint_units), staticmethod(_joint_streams)
 
 
 class _FluxSingleWrapper(_BranchWrapper):
-    """Flux.1 ``FluxSingleTransformerBlock``: attention and MLP in parallel on the joint stream, one
-    ``proj_out``; the units are its two column blocks (see the module docstring)."""
-
-    def _units_forward(self, run, h, e, temb, bound):
-        blk, cls = self.block, type(self.block).__name__
-        text_len = e.shape[1]
-        x = torch.cat([e, h], dim=1)  # the joint stream (a new tensor: updated in place below)
-        want_a, want_m = run.computes("attn1"), run.computes("ff")
-        shift, scale, gate = _chunks(blk.norm, temb, 3, cls, None if want_a or want_m else (2,))
-        dim = blk.proj_out.out_features
-        w, b = blk.proj_out.weight, blk.proj_out.bias
-        jak = dict(bound.get("joint_attention_kwargs") or {})
-        nx = _modulate(blk.norm.norm(x), shift, scale) if want_a or want_m else None
-
-        def attn_half():
-            return blk.attn(hidden_states=nx, image_rotary_emb=bound.get("image_rotary_emb"), **jak)
-
-        def mlp_half():
-            return blk.act_mlp(blk.proj_mlp(nx))
-
-        if want_a and want_m and not run.stores("attn1") and not run.stores("ff") and getattr(run.st, "flops",
-                                                                                                  None) is None:
-            # both halves, nothing cached: diffusers' own arithmetic (one product on the concatenation)
-            y = blk.proj_out(torch.cat([attn_half(), mlp_half()], dim=2))
-            ops.gated_residual_(x, y, gate)
-        else:
-            x = run.apply("attn1", 0, x, gate, lambda: F.linear(attn_half(), w[:, :dim]))
-            x = run.apply("ff", 0, x, gate, lambda: F.linear(mlp_half(), w[:, dim:], b))
-        if x.dtype == torch.float16:
-            x = x.clip(-65504, 65504)
-        return x[:, :text_len], x[:, text_len:]
+    UNITS, STREAMS = staticmethod(flux_single_units), staticmethod(_single_streams)
 
 
 _WRAPPERS = {"JointTransformerBlock": _JointWrapper, "FluxTransformerBlock": _JointWrapper,

@@ -86,13 +86,7 @@ class CachedTransformer(DropInModule):
         self.generations = 0
         self.reset()
 
-    # ------------------------------------------------------------ step control (pipeline-facing attributes: DropInModule)
-    def set_step(self, step: int) -> None:
-        """Make the next call run step ``step`` of the schedule, whatever timestep it gets."""
-        if not 0 <= step < self.schedule.num_steps:
-            raise ValueError(f"step {step} out of range: the schedule has {self.schedule.num_steps} steps")
-        self._forced_step = step
-
+    # ------------------------------------------------------------ step control (set_step, pipeline-facing attributes: DropInModule)
     def reset(self) -> None:
         """Forget the current generation: the next call is step 0 (which fills the caches)."""
         self._step, self._forced_step, self._gen_key = None, None, None
@@ -141,16 +135,6 @@ class CachedTransformer(DropInModule):
         return inputs.args, inputs.return_dict
 
     # ------------------------------------------------------------ which step
-    def _host_timestep(self, t) -> float | None:
-        """The call's timestep if reading it costs no device sync (or ``timestep_check="strict"``), else None."""
-        if t is None or self.timestep_check == "off":
-            return None
-        if not isinstance(t, torch.Tensor):
-            return float(t)
-        if (self.timestep_check == "host" and t.device.type != "cpu") or not t.numel():
-            return None
-        return float(t.reshape(-1)[0].item())
-
     def _resolve_step(self, timestep, check: bool = True) -> int:
         nsteps = self.schedule.num_steps
         nxt = 0 if self._step is None or self._step + 1 >= nsteps else self._step + 1

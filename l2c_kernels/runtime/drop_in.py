@@ -118,6 +118,25 @@ class DropInModule(nn.Module):
         except AttributeError:
             return getattr(self._modules["original_model"], name)
 
+    def set_step(self, step: int) -> None:
+        """Make the next call run step ``step`` of the schedule, whatever timestep it gets (at block level the
+        same step again is its next pass)."""
+        if not 0 <= step < self.schedule.num_steps:
+            raise ValueError(f"step {step} out of range: the schedule has {self.schedule.num_steps} steps")
+        self._forced_step = step
+
+    def _host_timestep(self, t) -> float | None:
+        """The call's timestep where reading it costs no device sync -- a Python number or a CPU tensor -- or always
+        with ``timestep_check="strict"``; None where it is not read (``"off"``, a device tensor, no timestep). Of a
+        tensor, its largest entry (Wan 2.2's per-token timesteps hold 0 for the clean conditioning frames)."""
+        if t is None or self.timestep_check == "off":
+            return None
+        if not isinstance(t, torch.Tensor):
+            return float(t)
+        if (self.timestep_check == "host" and t.device.type != "cpu") or not t.numel():
+            return None
+        return float(t.max())
+
     @property
     def current_step(self) -> int | None:
         """Index of the step run last (None before the first call or after ``reset``)."""

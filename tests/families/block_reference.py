@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 
-import torch
+from tests.hook_steps import HookSteps
 
 
 def lagrange(s, nodes):
@@ -42,7 +42,7 @@ def taylor_predict(s, hist, max_order=2):
     return sum(f * h ** i / math.factorial(i) for i, f in enumerate(factors))
 
 
-class HookBlockReference:
+class HookBlockReference(HookSteps):
     def __init__(self, model, family, schedule):
         self.model, self.schedule = model, schedule
         self.order = {"none": 0, "linear": 1, "quadratic": 2, "taylor": 2}[schedule.forecast]
@@ -50,7 +50,8 @@ class HookBlockReference:
         assert len(self.blocks) == schedule.num_blocks
         self.history: dict[int, list] = {}  # block -> [(step, [residual per stream]), ...]
 
-    def step(self, s: int, kwargs: dict):
+    def hooks(self, s: int) -> list:
+        """The hooks of step ``s`` on every block (step 0 starts a new generation); the caller removes them."""
         if s == 0:
             self.history.clear()
         handles = []
@@ -79,9 +80,4 @@ class HookBlockReference:
                 return new[0] if len(names) == 1 else tuple(new)
 
             handles.append(blk.register_forward_hook(hook, with_kwargs=True))
-        try:
-            with torch.no_grad():
-                return self.model(**kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+        return handles

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from tests.hook_steps import HookSteps
+
 STREAMS = ("encoder_hidden_states", "hidden_states")  # what all three block kinds return, in this order
 
 
@@ -44,7 +46,7 @@ def blocks_of(model):
     return [blk for name in lists for blk in getattr(model, name)]
 
 
-class HookBranchReference:
+class HookBranchReference(HookSteps):
     def __init__(self, model, schedule):
         self.model, self.sched = model, schedule
         self.order = {"none": 0, "linear": 1, "quadratic": 2}[schedule.forecast]
@@ -116,19 +118,13 @@ class HookBranchReference:
         return tuple(None if d is None else i + d for i, d in zip(ins, self.delta[b]))
 
     # ------------------------------------------------------------ running
-    def step(self, s: int, kwargs: dict):
-        """Run step ``s`` of the schedule on ``kwargs`` (step 0 starts a new generation)."""
+    def hooks(self, s: int) -> list:
+        """The hooks of step ``s`` (step 0 starts a new generation); the caller removes them."""
         if s == 0:
             self.hist.clear()
             self.delta.clear()
         self.s = s
-        handles = self._install()
-        try:
-            with torch.no_grad():
-                return self.model(**kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+        return self._install()
 
     @contextmanager
     def installed(self):

@@ -218,13 +218,34 @@ def sample(spec: dict, transformer) -> torch.Tensor:
     return x
 
 
+def cache_schedule(model, level: str, steps: int):
+    """A schedule whose first two steps compute everything and whose blocks (``level="block"``) or units
+    (``"branch"``) later compute on shifted cycles, some reused at every asynchronous step."""
+    import l2c_kernels as l2c
+    from l2c_kernels.adapters.mmdit_branches import branch_names
+
+    ts = [s * 1000 for s in _sigmas(steps)[:-1]]
+    names = ["block"] if level == "block" else branch_names(model)
+    nb = l2c.Schedule.full(model, ts[:2], branches=names).num_blocks
+    mask = [[[s < 2 or (s + b + u) % 3 == 0 for u in range(len(names))] for b in range(nb)] for s in range(steps)]
+    if level == "block":
+        mask = [[row[0] for row in step] for step in mask]
+    return l2c.Schedule.from_mask(model, ts, mask, branches=names)
+
+
 def denoiser(spec: dict, **kw):
+    """AsyncDenoiser of the spec's model, or (``spec["schedule"]``: a level) of its compile_schedule module."""
     args = dict(num_components=spec["N"], warm_up=spec["warm_up"], stride=spec.get("stride", 1),
                 balance=spec.get("balance", "measure"), timeout_s=60)
     if spec.get("stride", 1) > 1:
         args["timesteps"] = sampler_timesteps(spec)
     args.update(kw)
-    return parallel.AsyncDenoiser(transformer_of(spec), **args)
+    model = transformer_of(spec)
+    if spec.get("schedule"):
+        import l2c_kernels as l2c
+
+        model = l2c.compile_schedule(model, cache_schedule(model, spec["schedule"], spec["steps"]), cuda_graphs=False)
+    return parallel.AsyncDenoiser(model, **args)
 
 
 def rank_worker(rank: int, world: int, scenarios: dict) -> dict:
@@ -267,7 +288,8 @@ def fp32_atol(x: torch.Tensor, steps: int) -> float:
 # ====================================================================== 2 processes (gloo)
 FLUX_DEV = dict(model="flux-dev", N=2, warm_up=2, steps=8, batch=2)
 DIGITS = dict(model="flux-digits", N=2, warm_up=3, steps=10, labels=[0, 1, 2, 3])
-TWO = {"flux-dev": FLUX_DEV, "flux-digits": DIGITS, "flux-digits-exact": dict(DIGITS, warm_up=4, steps=4)}
+TWO = {"flux-dev": FLUX_DEV, "flux-digits": DIGITS, "flux-digits-exact": dict(DIGITS, warm_up=4, steps=4),
+       "flux-dev-blocks": dict(FLUX_DEV, schedule="block")}
 # PSNR of the 2-process flux-digits images (10 Euler steps, 3 exact warm-up steps, CFG 7) against full compute.
 # The split is measured, so it moves with the machine's load: emulated with every cut from 1+7 to 7+1 blocks it
 # measured 23.10-24.25 dB (23.45 at 4+4); the floor is the lowest less 0.5 dB.
@@ -307,6 +329,19 @@ def test_two_processes_match_emulation_and_the_independent_reference(two, name):
         from l2c_kernels.models.classifier import predict_digits
 
         assert torch.equal(predict_digits(got), predict_digits(full))
+
+
+def test_two_processes_with_a_block_level_schedule_match_emulation(two):
+    """Each process runs its component with the schedule on its own caches: the images equal the emulation (which
+    ``test_async_cached_blocks.py`` checks against the composed independent references)."""
+    spec = TWO["flux-dev-blocks"]
+    got = _rank_images(two, "flux-dev-blocks")
+    ranges = two[0]["flux-dev-blocks"]["describe"]["split"]["ranges"]
+    with one_thread():
+        emu = emulated(spec, ranges)
+        plain = emulated(dict(spec, schedule=None), ranges)
+    torch.testing.assert_close(got, emu, rtol=0, atol=fp32_atol(emu, spec["steps"]))
+    assert not torch.equal(got, plain)  # the schedule's reuse ran in the processes
 
 
 def test_two_processes_warm_up_only_is_the_model(two):
@@ -419,10 +454,15 @@ def test_a_forward_that_skips_a_boundary_block_is_refused():
         ad(**fam.call_kwargs(x, 1000.0, dict(cond, skip_layers=[1])))
 
 
-def test_block_level_schedule_module_is_refused_with_the_way_out():
-    import l2c_kernels as l2c
-
+def test_a_wrapper_other_than_compile_schedule_is_refused_with_the_way_out():
+    """Block-level modules of compile_schedule are split (``test_async_cached_blocks.py``); another module wrapping a
+    transformer is refused, naming the way out."""
     flux = transformer_of(dict(model="flux-schnell"))
-    cached = l2c.compile_schedule(flux, l2c.Schedule.full(flux, [1000, 500], branches=["block"]), cuda_graphs=False)
-    with pytest.raises(TypeError, match="original_model"):
-        parallel.AsyncDenoiser(cached, num_components=2, emulate=True, balance="uniform")
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.original_model = m
+
+    with pytest.raises(TypeError, match="wrapping one: pass its original_model"):
+        parallel.AsyncDenoiser(Wrapper(flux), num_components=2, emulate=True, balance="uniform")

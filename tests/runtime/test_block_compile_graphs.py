@@ -159,7 +159,8 @@ def test_graphs_and_compiled_blocks_together():
 
 @pytest.mark.parametrize("name", ["flux-schnell", "sd3.5-medium"])
 def test_branch_level_mmdit_schedules_replay_too(name):
-    """SD3 / Flux branch-level schedules run on the block-level module's subclass: the same graphs and checks."""
+    """SD3 / Flux branch-level schedules run on the block-level module's subclass: the same graphs and checks, with
+    and without compiled unit work."""
     from tests.mmdit_branches.hook_reference import HookBranchReference
     from tests.mmdit_branches.test_branch_runtime import random_mask
     from l2c_kernels.adapters.mmdit_branches import branch_names
@@ -174,8 +175,11 @@ def test_branch_level_mmdit_schedules_replay_too(name):
         assert max_err(ref, got) <= 1e-5 * scale_of(ref)
     assert emu.num_graphs() == emu.distinct_plans() and emu._graphs.backend.replays == 2 * len(TIMESTEPS)
     assert emu.summary()["level"] == "branch"
-    with pytest.raises(NotImplementedError, match="torch_compile"):
-        compile_blocks(model, sched, torch_compile=True)
+    both = compile_blocks(model, sched, cuda_graphs="emulate", torch_compile=dict(backend="eager"))
+    for _ in range(2):  # graphs of compiled unit work, as at block level
+        got = generate(lambda s, kw: both(**kw), fam, batch=1)
+        assert max_err(ref, got) <= 1e-5 * scale_of(ref)
+    assert both.num_graphs() == both.distinct_plans() and both.compiled_variants() >= 2
 
 
 # ------------------------------------------------------------------------------------------------ real GPU
