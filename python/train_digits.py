@@ -63,7 +63,7 @@ def main(argv=None):
 
     x_all, y_all = load_digits_tensor(configs.IMAGE_SIZE)
     n = len(x_all)
-    log, t0, last_ckpt = [], time.time(), 0
+    log, t0 = [], time.time()
     print(f"training {args.model}: {trainer.num_parameters() / 1e6:.2f} M parameters, "
           f"{n} digits, batch {args.batch}, {args.steps} steps", flush=True)
     lr_at = warmup_cosine(args.lr, args.warmup, args.steps)
@@ -103,7 +103,6 @@ def main(argv=None):
             log.append([step + 1, round(loss_ema, 5), round(time.time() - t0, 1)])
         if (step + 1) % args.checkpoint_every == 0:
             save(step + 1, False)
-            last_ckpt = step + 1
         if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
             print(f"time budget reached after {step + 1} steps", flush=True)
             break

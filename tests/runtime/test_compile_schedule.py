@@ -246,7 +246,6 @@ def test_json_round_trip_and_bad_files(tmp_path):
 
 
 def test_summary_counts_removed_work():
-    model = tiny_dit(layers=2)
     sched = l2c.Schedule(timesteps=[3, 2, 1], plan=[["CC", "CC"], ["RR", "RR"], ["RC", "B"]],
                          branches=["attn1", "ff"], num_blocks=2, branch_flops={"attn1": 1, "ff": 3})
     s = sched.summary()

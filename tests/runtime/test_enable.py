@@ -93,7 +93,6 @@ def test_other_step_count_raises_unless_resampled():
 
 
 def test_resample_maps_normalised_time():
-    model = tiny_dit(layers=2)
     ts = [981, 801, 601, 401, 201, 1]
     plan = [["CC", "CC"], ["RC", "CR"], ["CC", "B"], ["RR", "CC"], ["CC", "RR"], ["RC", "CC"]]
     sched = l2c.Schedule(timesteps=ts, plan=plan, branches=["attn1", "ff"], num_blocks=2, forecast="linear")
