@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resample-from", type=int, default=None, metavar="N",
                     help="score the front learned for N steps resampled to --steps (see above)")
     a = harness.parse(ap, argv)
+    sources = resample_sources(a) if a.resample_from else None   # refused before any sampling when one is missing
     bundle = models.load(a.model)
     model = bundle.transformer
     t0 = time.time()
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
               flush=True)
 
     if a.resample_from:
-        return resampled(a, model, ts, methods, score, rows)
+        return resampled(a, bundle, ts, sources, methods, score, rows)
     for fam, label, sc in methods:
         if fam == bench_pareto.LEARNED:
             score(fam, label, sc)
@@ -105,19 +106,25 @@ def rows_table(rows) -> list:
                            f"{r['worst']:.2f}"] for r in sorted(rows, key=lambda r: (r["removed"], -r["psnr"]))])
 
 
-def resampled(a, model, ts, native, score, rows) -> int:
-    """Each budget's schedule learned for ``--resample-from`` steps resampled to ``ts``, beside the one learned for
-    ``len(ts)`` steps at that budget, and FORA every 2nd step."""
+def resample_sources(a) -> list:
+    """The schedules of the front learned for ``--resample-from`` steps, one per budget."""
     folder = Path(a.out) / f"front_{a.model}_{a.resample_from}_schedules"
-    for b, (fam, label, sc) in zip(a.budgets, native):
-        path = folder / f"learned_{round(100 * b)}.l2c.json"
+    paths = [folder / f"learned_{round(100 * b)}.l2c.json" for b in a.budgets]
+    for path in paths:
         if not path.exists():
             raise SystemExit(f"{path} is missing: run bench/bench_front.py --model {a.model} --steps "
                              f"{a.resample_from} first")
-        score(f"learned for {a.resample_from} steps, resampled", label, resample_schedule(l2c.Schedule.load(path), ts))
+    return [l2c.Schedule.load(p) for p in paths]
+
+
+def resampled(a, bundle, ts, sources, native, score, rows) -> int:
+    """Each budget's schedule learned for ``--resample-from`` steps (``sources``) resampled to ``ts``, beside the one
+    learned for ``len(ts)`` steps at that budget, and FORA every 2nd step."""
+    for src, (fam, label, sc) in zip(sources, native):
+        score(f"learned for {a.resample_from} steps, resampled", label, resample_schedule(src, ts))
         score(fam, label, sc)
-    score("uniform (FORA)", "every 2nd step", schedules.uniform(model, ts, 2))
-    sampler = bench_pareto.SAMPLER_TITLES[bench_pareto.default_sampler(models.load(a.model))]
+    score("uniform (FORA)", "every 2nd step", schedules.uniform(bundle.transformer, ts, 2))
+    sampler = bench_pareto.SAMPLER_TITLES[bench_pareto.default_sampler(bundle)]
     lines = [f"# A schedule made for {a.resample_from} steps run at {a.steps} ({a.model}, {sampler})", "",
              f"{harness.describe(harness.meta())}, fp32. Quality on {a.samples} held-out digits (seed {a.seed}) "
              f"against full compute at {a.steps} steps from the same noise. Budgets are those the fronts were "

@@ -180,8 +180,7 @@ class BlockCachedRunner(ModelRunner):
     def __init__(self, cached):
         self.cached, self.model = cached, cached._shadow
         self.streams = BlockStreams(cached.original_model)  # the blocks' stream names, read from the pattern table
-        shadow = cached._shadow
-        stand_ins = {w._ref.index: w for name in cached.pattern.block_lists for w in shadow._modules[name]}
+        stand_ins = {w._ref.index: w for name in cached.pattern.block_lists for w in self.model._modules[name]}
         self.blocks = [stand_ins[b] for b in range(len(stand_ins))]  # hooks go on the stand-ins: a reused block
         # never calls its diffusers block
 

@@ -83,6 +83,6 @@ def block_compute_fractions(schedule) -> list[float]:
     """Each block's cost computed over the schedule's steps, as a fraction of computing it at every step (the units
     weighed as in :func:`step_flops`): what a block costs on average under the schedule (AsyncDiff's split)."""
     w, whole = _unit_weights(schedule)
-    n = max(1, schedule.num_steps)
-    return [sum(_computed(w[b], row[b], whole) for row in schedule.compute_mask()) / n / (sum(w[b]) or 1.0)
+    mask, n = schedule.compute_mask(), max(1, schedule.num_steps)
+    return [sum(_computed(w[b], row[b], whole) for row in mask) / n / (sum(w[b]) or 1.0)
             for b in range(schedule.num_blocks)]

@@ -210,6 +210,8 @@ class _BranchWrapper(_BlockWrapper):
         super().__init__(ref, state)
         object.__setattr__(self, "_branch_index", {b: i for i, b in enumerate(names)})
         object.__setattr__(self, "_units", block_branches(ref.module))
+        # per schedule branch: whether this block has the unit (one it lacks is neither computed nor read)
+        object.__setattr__(self, "_own", tuple(n in self._units for n in names))
 
     def forward(self, *args, **kwargs):
         bound = self._enter(args, kwargs)
@@ -266,7 +268,7 @@ class _BranchWrapper(_BlockWrapper):
             reads[i] = 1 if w == (1.0,) else max(2, len(w))
             if reads[i] > 1:
                 weights[unit] = st.weight_tensors(w, e)
-        own = [n in self._units for n in index]   # a unit the block lacks is neither computed nor read
+        own = self._own
         kind = UnitKind(tuple(o and c for o, c in zip(own, plan.compute)),
                         tuple(o and c and s for o, c, s in zip(own, plan.compute, plan.store)), tuple(reads))
         return _PreparedUnits(index, kind, bufs, weights)
