@@ -38,6 +38,12 @@ class BlockPattern:
     def single_output(self) -> bool:
         return len(self.returns) == 1
 
+    def passed_through(self, bound: dict):
+        """What the block returns when it leaves its streams unchanged: the stream arguments of ``bound`` (the
+        block's bound call arguments) in its return order."""
+        vals = tuple(bound.get(n) for n in self.returns)
+        return vals[0] if self.single_output else vals
+
 
 @dataclass(frozen=True)
 class FamilyPattern:

@@ -2,7 +2,7 @@
 
 Entry point: :func:`learn_schedule` (a pipeline, a bundled model, or a transformer with its own
 conditioning); on SD3 / Flux, ``branches=branch_names(model)`` learns a branch-level schedule (joint attention,
-``ff``, ``ff_context``, the single blocks' halves; ``soft_branches.py``) instead of the default block level.
+``ff``, ``ff_context``, the single blocks' halves; ``soft_forward.py``) instead of the default block level.
 Supporting another pipeline: :func:`register_pipeline` (``conditioning.py``); another soft forward (e.g.
 block-level): :func:`register_soft_forward` (``soft_forward.py``).
 """

@@ -37,7 +37,7 @@ from .conditioning import denoiser_for
 from .denoiser import Denoiser
 from .rollouts import soft_rollout, stepwise_rollout
 from .schedulers import samples_flow_matching
-from .soft_branches import learning_units
+from .units import learning_units
 from .step_search import (SEARCHERS, default_max_interval, local_step_search, measure_segment_costs, searcher_steps,
                           step_candidate_pairs, step_mask)
 
@@ -56,7 +56,7 @@ class RouterResult:
     calibration_error: float | None = None  # of the best schedule: see candidates._calibration_error
     candidates: int = 0
     branch_flops: dict = field(default_factory=dict)   # per branch and sample, at the real token counts
-    units: object = None               # soft_branches.LearningUnits: columns, per-unit costs, Schedule.from_mask args
+    units: object = None               # units.LearningUnits: columns, per-unit costs, Schedule.from_mask args
     denoiser_info: dict = field(default_factory=dict)
     warm_up: int = 0                   # first steps computed in full by every schedule (step 0 included)
     segment_costs: object = None       # step_search.SegmentCosts measured on the screening batch (step_search=True)
@@ -160,7 +160,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
     DiT / PixArt branches, whole blocks for the pattern-table families), ``["block"]``, or SD3 / Flux units
     (``adapters.mmdit_branches.branch_names(model)``, or a subset) for branch level on two-stream blocks. On
     SD3 / Flux the budget is a fraction of FLOPs counted per unit (block) on a real call at the real token counts
-    (``soft_branches.learning_units``).
+    (``units.learning_units``).
 
     Without ``labels``/``prompts``, a model whose conditions are drawn (DiT classes, bundled digits)
     gets new ones for every batch of the pool (every iteration without a pool) as well as new noise.
@@ -484,7 +484,7 @@ def schedule_from_scores(model, timesteps, scores: torch.Tensor, *, budget: floa
     until that fraction of branch FLOPs is removed) or at a ``threshold`` (compute where score > threshold).
     Step 0 always computes everything. ``branch_flops`` (default: the adapter's count at the model's
     default size) weighs the branches, e.g. at the real image and text token counts. ``units``
-    (``RouterResult.units``, :func:`~l2c_kernels.learn.soft_branches.learning_units`) gives the router's columns
+    (``RouterResult.units``, :func:`~l2c_kernels.learn.units.learning_units`) gives the router's columns
     and each unit's own cost instead (SD3 / Flux, either level)."""
     if (budget is None) == (threshold is None):
         raise ValueError("give exactly one of budget= or threshold=")

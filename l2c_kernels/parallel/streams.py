@@ -20,7 +20,7 @@ import inspect
 import torch
 
 from ..adapters import adapter_for
-from ..adapters.patterns import HIDDEN, PATTERNS, REFUSED, BlockPatternError, find_blocks
+from ..adapters.patterns import HIDDEN, PATTERNS, REFUSED, BlockPattern, BlockPatternError, find_blocks
 
 
 class UnsplittableModelError(TypeError):
@@ -34,7 +34,8 @@ def _refuse(model, reason: str) -> UnsplittableModelError:
 class BlockStreams:
     """A model's blocks in forward order and the streams entering each of them.
 
-    ``names[b]``: the stream arguments of block ``b`` (also what it returns, in its return order).
+    ``names[b]``: the stream arguments of block ``b`` (also what it returns, in its return order; ``patterns[b]``
+    its pattern).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -52,12 +53,13 @@ class BlockStreams:
             except BlockPatternError as exc:
                 raise _refuse(inner, str(exc)) from None
             self.blocks = [r.module for r in refs]
-            self.names = [tuple(r.pattern.returns) for r in refs]
+            self.patterns = [r.pattern for r in refs]
             self.labels = [f"{r.list_name}[{r.list_index}]" for r in refs]
         else:  # a registered branch adapter (the block-level one matches table entries only): the residual stream
             self.blocks = list(adapter.blocks(inner))
-            self.names = [(HIDDEN,)] * len(self.blocks)
+            self.patterns = [BlockPattern((HIDDEN,))] * len(self.blocks)
             self.labels = [f"block {b}" for b in range(len(self.blocks))]
+        self.names = [tuple(p.returns) for p in self.patterns]
         self.signatures = [inspect.signature(b.forward) for b in self.blocks]
 
     def __len__(self) -> int:
@@ -111,12 +113,10 @@ class BlockStreams:
 
     def passthrough(self, b: int):
         """A forward for block ``b`` that returns its streams unchanged (in the block's return order)."""
-        names, sig = self.names[b], self.signatures[b]
+        pattern, sig = self.patterns[b], self.signatures[b]
 
         def forward(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs).arguments
-            vals = tuple(bound.get(n) for n in names)
-            return vals[0] if len(vals) == 1 else vals
+            return pattern.passed_through(sig.bind(*args, **kwargs).arguments)
 
         return forward
 

@@ -103,8 +103,7 @@ class _BlockWrapper(BlockStandIn):
         keep = self._state.keep
         if keep is None or self._ref.index in keep:
             return None
-        vals = tuple(bound.get(n) for n in self._ref.pattern.returns)
-        return vals[0] if self._ref.pattern.single_output else vals
+        return self._ref.pattern.passed_through(bound)
 
     def _enter(self, args, kwargs) -> dict:
         """Check that the forward runs this block next (in order, once) and bind its arguments."""
@@ -191,9 +190,17 @@ class _BlockWrapper(BlockStandIn):
 
     def _check(self, saved, ins, outs) -> None:
         """First call of this block: stream types, shapes and order; inputs left unmodified."""
-        st, ref, cls = self._state, self._ref, type(self.block).__name__
-        names = ref.pattern.returns
-        for k, (n, x, o) in enumerate(zip(names, saved, outs)):
+        st, ref = self._state, self._ref
+        self._check_streams(saved, outs)
+        for x, y in zip(saved, ins):
+            if x is not None and not torch.equal(x, y):
+                st.clone_inputs.add(ref.index)  # the block writes its inputs in place: keep a copy when storing
+        st.checked.add(ref.index)
+
+    def _check_streams(self, ins, outs) -> None:
+        """Each returned stream a tensor of its input's shape (``None`` outputs pass), in the pattern's order."""
+        cls, names = type(self.block).__name__, self._ref.pattern.returns
+        for k, (n, x, o) in enumerate(zip(names, ins, outs)):
             if o is None:
                 continue
             if not isinstance(o, torch.Tensor):
@@ -202,15 +209,11 @@ class _BlockWrapper(BlockStandIn):
                 raise BlockPatternError(f"{cls} returns {n} but was called without it: no input to take a "
                                         f"residual from")
             if o.shape != x.shape:
-                other = [m for m, y in zip(names, saved) if y is not None and m != n and y.shape == o.shape]
+                other = [m for m, y in zip(names, ins) if y is not None and m != n and y.shape == o.shape]
                 hint = (f"; it has the shape of {other[0]}: the block returns its streams in another order than "
                         f"the pattern's ({', '.join(names)})") if other else ""
                 raise BlockPatternError(f"{cls} output {k} should be {n} of shape {list(x.shape)} but has shape "
                                         f"{list(o.shape)}{hint}")
-        for x, y in zip(saved, ins):
-            if x is not None and not torch.equal(x, y):
-                st.clone_inputs.add(ref.index)  # the block writes its inputs in place: keep a copy when storing
-        st.checked.add(ref.index)
 
 
 def _layout(ins) -> tuple:

@@ -16,7 +16,7 @@ import torch
 
 import l2c_kernels as l2c
 from l2c_kernels.adapters.mmdit_branches import applicable, branch_names, estimate_branch_flops
-from l2c_kernels.learn.soft_branches import learning_units
+from l2c_kernels.learn.units import learning_units
 from l2c_kernels.learn.soft_forward import SoftCaches, soft_forward
 from tests.families.conftest import TIMESTEPS, built, generate, max_err
 from tests.family_configs import FAMILIES

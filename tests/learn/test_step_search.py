@@ -13,7 +13,7 @@ import torch
 from l2c_kernels.learn import step_search as ss
 from l2c_kernels.learn.candidates import _Calibration, _mask_key
 from l2c_kernels.learn.conditioning import denoiser_for
-from l2c_kernels.learn.soft_branches import learning_units
+from l2c_kernels.learn.units import learning_units
 from l2c_kernels.models import BundledModel
 from l2c_kernels.models.configs import NOISE_SCHEDULE
 from l2c_kernels.schedule import FORECASTS

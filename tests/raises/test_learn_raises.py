@@ -15,12 +15,12 @@ from torch import nn
 
 from l2c_kernels.adapters import patterns
 from l2c_kernels.adapters.mmdit_branches import branch_names
-from l2c_kernels.adapters.patterns import ENC_HID, HID, FamilyPattern
+from l2c_kernels.adapters.patterns import ENC_HID, HID, BlockPatternError, FamilyPattern
 from l2c_kernels.learn import denoiser_for, learn_front, learn_schedule, train_router
 from l2c_kernels.learn import soft_forward as soft_forward_module
 from l2c_kernels.learn.change_curves import measure_change_curves
 from l2c_kernels.learn.gate import select_gate
-from l2c_kernels.learn.soft_blocks import soft_block_forward
+from l2c_kernels.learn.soft_forward import soft_block_forward
 from l2c_kernels.learn.soft_forward import SoftCaches, soft_forward
 from l2c_kernels.learn.speed import measure_step_costs
 from l2c_kernels.models import BundledModel
@@ -253,11 +253,20 @@ def test_block_soft_forward_refusals(toy_family):
     skipping = ToyModel([ToyBlock(), ToyJointBlock(), ToyBlock()], order=(0, 1))
     expect(soft_call(skipping, args), RuntimeError, ("ToyModel", "'s forward ran ", "2 of its 3 blocks"))
     three = ToyModel([ToyBlock(), ToyJointBlock("three")])
-    expect(soft_call(three, args), RuntimeError,
-           ("ToyJointBlock returned 3", " outputs; its pattern says (", "encoder_hidden_states, hidden_states)"))
+    # the runtime's own block checks (the soft forward's stand-ins are the runtime's)
+    expect(soft_call(three, args), BlockPatternError,
+           ("ToyJointBlock returned a tuple of 3", "; the pattern says it returns (",
+            "encoder_hidden_states, hidden_states)"))
     swapped = ToyModel([ToyBlock(), ToyJointBlock("swapped")])   # 3 text tokens, 5 image tokens
-    expect(soft_call(swapped, args), RuntimeError,
-           ("ToyJointBlock: stream encoder_hidden_states", " has no input of its output's shape"))
+    expect(soft_call(swapped, args), BlockPatternError,
+           ("ToyJointBlock output 0 should be encoder_hidden_states", " of shape [1, 3, 8] but has shape [1, 5, 8]; "
+            "it has the shape of hidden_states"))
+    out_of_order = ToyModel([ToyBlock(), ToyJointBlock(), ToyBlock()], order=(0, 2, 1))
+    expect(soft_call(out_of_order, args), BlockPatternError,
+           ("ToyModel's forward ran blocks[2] when blocks[1] was expected", "; the pattern table says"))
+    expect(soft_call(plain, args, caches=SoftCaches(2, 1)), ValueError,
+           ("the soft caches were made for a router of ", "[2, 1] (blocks, columns); the block-level soft forward of "
+                                                                "ToyModel needs [3, 1]"))
 
     sd3 = tiny_sd3()
     with torch.no_grad():
@@ -282,6 +291,19 @@ def test_branch_soft_forward_refusals():
     with torch.no_grad():
         expect(lambda: soft_forward(sd3, sd3_args(skip_layers=[1]), None, SoftCaches(2, len(names), branches=names)),
                RuntimeError, ("SD3Transformer2DModel", "'s forward ran ", "1 of its 2 blocks"))
+
+
+def test_dit_soft_forward_refusals():
+    """The branch-level soft forward of DiT / PixArt refuses weights and caches of another router table."""
+    from tests.tiny_models import dit_inputs
+
+    dit = tiny_dit(layers=2)   # branches attn1, ff
+    expect(lambda: soft_forward(dit, dit_inputs(), torch.ones(2, 3), SoftCaches(2, 2)), ValueError,
+           ("w has shape [2, 3]; the branch-level soft forward of ", "DiTTransformer2DModel takes one weight per "
+                                                                     "block and branch, [2, 2] (['attn1', 'ff'])"))
+    expect(lambda: soft_forward(dit, dit_inputs(), None, SoftCaches(3, 2)), ValueError,
+           ("the soft caches were made for a router of ", "[3, 2] (blocks, columns); the branch-level soft forward of "
+                                                                "DiTTransformer2DModel needs [2, 2]"))
 
 
 # ------------------------------------------------------------------------------------------ the l2c command
