@@ -28,7 +28,7 @@ import harness
 
 import l2c_kernels as l2c
 from l2c_kernels import metrics, models, schedules
-from l2c_kernels.learn.conditioning import denoiser_for
+from l2c_kernels.sampling.conditioning import denoiser_for
 from l2c_kernels.runtime import resample_schedule
 
 

@@ -494,7 +494,7 @@ def speed_budgets(bundle, steps: int, cfg: float, scheduler: str, speedups, time
     """``(budgets, speed)``: the budgets that reach ``speedups`` on this machine at the timed batch
     (``l2c_kernels.learn.speed``: reused and computed steps under a schedule timed against plain ones, pooled over
     the forecasts); targets out of reach are left out, and said so."""
-    from l2c_kernels.learn.conditioning import denoiser_for
+    from l2c_kernels.sampling.conditioning import denoiser_for
     from l2c_kernels.learn.speed import budgets_for_speedups, measure_step_costs
 
     labels = [i % 10 for i in range(time_samples)]

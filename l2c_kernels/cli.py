@@ -335,7 +335,7 @@ def _bench_pipeline(a, sched) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .learn.schedulers import SCHEDULER_NAMES
+    from .sampling.schedulers import SCHEDULER_NAMES
 
     p = argparse.ArgumentParser(prog="l2c", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

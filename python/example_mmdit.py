@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import l2c_kernels as l2c  # noqa: E402
-from l2c_kernels.learn.mmdit_conditions import pipeline_timesteps  # noqa: E402
+from l2c_kernels.sampling.mmdit_conditions import pipeline_timesteps  # noqa: E402
 
 PROMPTS = ["a red fox in the snow", "the city at night"]
 

@@ -15,15 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = "l2c_kernels"
 
 #: each module's layer, by the longest matching prefix. Sampling: the one loop, the schedulers and the pipeline
-#: builders (their modules still live under learn/); the digits plug-in is l2c_kernels.models.
+#: builders (the package l2c_kernels.sampling); the digits plug-in is l2c_kernels.models.
 LAYERS = {
     "ops": ["l2c_kernels.ops", "l2c_kernels._build", "l2c_kernels._machine", "l2c_kernels.metrics",
             "l2c_kernels.timing"],
     "format": ["l2c_kernels.schedule"],
     "families": ["l2c_kernels.adapters", "l2c_kernels.schedules"],
     "runtime": ["l2c_kernels.runtime"],
-    "sampling": ["l2c_kernels.sampling", "l2c_kernels.learn.denoiser", "l2c_kernels.learn.schedulers",
-                 "l2c_kernels.learn.conditioning", "l2c_kernels.learn.mmdit_conditions"],
+    "sampling": ["l2c_kernels.sampling"],
     "learn": ["l2c_kernels.learn"],
     "parallel": ["l2c_kernels.parallel"],
     "plugin": ["l2c_kernels.models"],

@@ -6,8 +6,8 @@ conditioning); on SD3 / Flux, ``branches=branch_names(model)`` learns a branch-l
 Supporting another pipeline: :func:`register_pipeline` (``conditioning.py``); another soft forward (e.g.
 block-level): :func:`register_soft_forward` (``soft_forward.py``).
 """
-from .conditioning import Request, denoiser_for, register_model_names, register_pipeline
-from .denoiser import Denoiser
+from ..sampling.conditioning import Request, denoiser_for, register_model_names, register_pipeline
+from ..sampling.denoiser import Denoiser
 from .config import LearnConfig
 from .entry import learn_front, learn_schedule
 from .router import RouterResult, schedule_from_scores, train_router

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..schedule import Schedule
-from .denoiser import Denoiser
+from ..sampling.denoiser import Denoiser
 from .rollouts import soft_rollout
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import adapter_for
-from .conditioning import denoiser_for
+from ..sampling.conditioning import denoiser_for
 from .soft_forward import SoftCaches, soft_forward
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from ..schedule import Schedule
-from .conditioning import denoiser_for, load_named
+from ..sampling.conditioning import denoiser_for, load_named
 from .config import REQUEST, TARGETS, LearnConfig, make_config
 from .router import DEFAULT_ITERATIONS, RouterResult, schedule_from_scores, train_router
 
@@ -111,7 +111,7 @@ def learn_schedule(obj, num_inference_steps: int | LearnConfig = 20, budget: flo
     ``obj`` is one of:
 
     - a diffusers pipeline (``DiTPipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``, and
-      whatever is registered with :func:`~l2c_kernels.learn.conditioning.register_pipeline`), with the
+      whatever is registered with :func:`~l2c_kernels.sampling.conditioning.register_pipeline`), with the
       user's ``labels`` (DiT; default: drawn from the model's classes) or ``prompts`` (PixArt:
       required), ``height`` / ``width`` in pixels (default: the model's size), ``guidance_scale``
       (default: the pipeline's) and ``scheduler`` (None: the pipeline's own; a name such as ``"ddim"``,

@@ -111,12 +111,12 @@ def _hook_cross_attention(model, record: dict):
 
 
 def _denoiser(obj, num_inference_steps, scheduler, prompts, labels, num_samples, cfg, seed):
-    from .conditioning import denoiser_for
+    from ..sampling.conditioning import denoiser_for
 
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise ValueError(f"num_inference_steps must be an integer >= 2, got {num_inference_steps!r}")
     if isinstance(obj, str):
-        from .conditioning import load_named
+        from ..sampling.conditioning import load_named
 
         obj = load_named(obj)
     if scheduler is None:   # a model may say which sampler its T-GATE settings were measured with
@@ -239,7 +239,7 @@ def auto_tgate(obj, num_inference_steps: int, scheduler=None, *, sp_interval: in
     measures with these self-attention intervals). The chosen gate and its curves are kept in the
     schedule's ``params["auto_gate"]``."""
     from ..schedules import tgate
-    from .conditioning import load_named
+    from ..sampling.conditioning import load_named
 
     if isinstance(obj, str):
         obj = load_named(obj)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..adapters import adapter_for
-from .denoiser import Denoiser, detach_scheduler_state
+from ..sampling.denoiser import Denoiser, detach_scheduler_state
 from .soft_forward import SoftCaches, soft_forward
 
 

@@ -33,10 +33,10 @@ from .candidates import (_Best, _budget_mask, _Calibration, _calibration_error, 
                          _consider, _mask_key, _refine_mask, _structured_masks, error_from_logs, logs_better,
                          significantly_better, warm_up_steps)
 from .choice import finalists, measure_on, race
-from .conditioning import denoiser_for
-from .denoiser import Denoiser
+from ..sampling.conditioning import denoiser_for
+from ..sampling.denoiser import Denoiser
 from .rollouts import soft_rollout, stepwise_rollout
-from .schedulers import samples_flow_matching
+from ..sampling.schedulers import samples_flow_matching
 from .units import learning_units
 from .step_search import (SEARCHERS, default_max_interval, local_step_search, measure_segment_costs, searcher_steps,
                           step_candidate_pairs, step_mask)
@@ -119,7 +119,7 @@ def train_router(obj, num_inference_steps: int = 20, *, budget: float = 0.4, sch
 
     ``warm_up``: the first steps (step 0 included) that every schedule computes in full: an integer (binding every
     candidate, the step search's included), or ``"auto"`` (default): the router's and the structured candidates, with
-    a flow-matching sampler (:func:`~l2c_kernels.learn.schedulers.samples_flow_matching`), compute 10% of the steps,
+    a flow-matching sampler (:func:`~l2c_kernels.sampling.schedulers.samples_flow_matching`), compute 10% of the steps,
     at least 2 (:func:`~l2c_kernels.learn.candidates.warm_up_steps`; fewer where the budget needs them), otherwise
     none; the step search measures sets with and without that warm-up and lets the measurement choose.
     The router neither trains nor reuses them. The calibration batch cannot show what such a warm-up buys: on

@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from .denoiser import Denoiser
+from ..sampling.denoiser import Denoiser
 
 #: the forecasts whose step costs are measured (the step-level search's cost tables)
 SPEED_FORECASTS = ("none", "linear", "taylor")

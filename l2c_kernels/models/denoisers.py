@@ -1,6 +1,6 @@
 """The bundled digits models as one more registered case of the library's denoisers
-(:func:`~l2c_kernels.learn.conditioning.register_pipeline`), and their names as models the library loads by name
-(:func:`~l2c_kernels.learn.conditioning.register_model_names`).
+(:func:`~l2c_kernels.sampling.conditioning.register_pipeline`), and their names as models the library loads by name
+(:func:`~l2c_kernels.sampling.conditioning.register_model_names`).
 
 They sample in pixel space: labels are digits 0-9 (null class from the config), captions come from
 the caption encoder bundled with ``pixart-digits`` and ``flux-digits``, and final samples are clamped
@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..learn.conditioning import Request, class_labels_for, register_model_names, register_pipeline
-from ..learn.denoiser import Denoiser
-from ..learn.mmdit_conditions import PipelineDenoiser
-from ..learn.schedulers import resolve_scheduler, scheduler_from_name
+from ..sampling.conditioning import Request, class_labels_for, register_model_names, register_pipeline
+from ..sampling.denoiser import Denoiser
+from ..sampling.mmdit_conditions import PipelineDenoiser
+from ..sampling.schedulers import resolve_scheduler, scheduler_from_name
 from . import flux_digits
 from .registry import MODEL_NAMES, load
 from .text_encoder import caption_for

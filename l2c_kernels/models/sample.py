@@ -8,14 +8,14 @@ compared image by image.
 
 Images come back as ``[B, C, H, W]`` float32 in [-1, 1] (the models work in pixel space). Pass
 ``transformer=`` to sample with another module of the same signature, e.g. the one ``compile_schedule``
-returns. Every model samples through the library's one loop (:meth:`~l2c_kernels.learn.denoiser.Denoiser.run`)
+returns. Every model samples through the library's one loop (:meth:`~l2c_kernels.sampling.denoiser.Denoiser.run`)
 with the denoiser :mod:`.denoisers` builds for it.
 """
 from __future__ import annotations
 
 import torch
 
-from ..learn.conditioning import denoiser_for
+from ..sampling.conditioning import denoiser_for
 from ..sampling import SCHEDULERS, initial_noise, make_scheduler
 from . import flux_digits
 from .registry import BundledModel

@@ -83,7 +83,7 @@ def test_gradient_is_the_derivative():
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_unit_costs_are_counted_at_the_real_token_counts(family):
-    from l2c_kernels.learn.conditioning import denoiser_for
+    from l2c_kernels.sampling.conditioning import denoiser_for
     from tests.tiny_pipelines import BUILDERS, CALL_KW, PROMPTS
 
     pipe, kw = BUILDERS[family](), CALL_KW[family]
@@ -111,7 +111,7 @@ def test_learned_branch_schedule_in_the_pipeline_equals_hook_reference(family, f
     branch level, validates, removes the budget of counted unit FLOPs (to one unit), compiles to the branch runtime,
     and inside the unchanged pipeline equals the forward-hook reference of the same schedule (SD3: the forecast mode the
     learner picked among none / linear / quadratic)."""
-    from l2c_kernels.learn.mmdit_conditions import pipeline_timesteps
+    from l2c_kernels.sampling.mmdit_conditions import pipeline_timesteps
     from tests.tiny_pipelines import CALL_KW, PROMPTS, run_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
 
     steps, kw = 4, CALL_KW[family]

@@ -14,7 +14,7 @@ import torch
 
 import l2c_kernels as l2c
 from l2c_kernels.learn import denoiser_for
-from l2c_kernels.learn.mmdit_conditions import pipeline_timesteps
+from l2c_kernels.sampling.mmdit_conditions import pipeline_timesteps
 from tests.tiny_pipelines import CALL_KW, PROMPTS, tiny_flux_pipeline
 
 STEPS = 3

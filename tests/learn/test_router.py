@@ -182,7 +182,7 @@ def test_soft_linear_forecast_with_hard_weights_is_the_runtime_schedule(make):
 def test_stepwise_training_is_the_trajectory_objective_with_the_graph_cut_between_steps():
     """Same loss value; the last step's logits get the same gradient (nothing after it to cut); earlier steps
     see only their own step's effect, so their gradients differ; the logits are the only thing that learns."""
-    from l2c_kernels.learn.conditioning import denoiser_for
+    from l2c_kernels.sampling.conditioning import denoiser_for
     from l2c_kernels.learn.rollouts import soft_rollout
     from l2c_kernels.learn.router import _stepwise_iteration
 
@@ -336,7 +336,7 @@ def test_flow_matching_samplers_are_told_apart_from_ddpm_ones():
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
                            UniPCMultistepScheduler)
 
-    from l2c_kernels.learn.schedulers import samples_flow_matching
+    from l2c_kernels.sampling.schedulers import samples_flow_matching
 
     assert samples_flow_matching(FlowMatchEulerDiscreteScheduler(shift=3.0))
     assert samples_flow_matching(UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from l2c_kernels.learn import speed
-from l2c_kernels.learn.conditioning import denoiser_for
+from l2c_kernels.sampling.conditioning import denoiser_for
 from tests.learn.test_step_search import KW, tiny_bundle
 
 

@@ -12,7 +12,7 @@ import torch
 
 from l2c_kernels.learn import step_search as ss
 from l2c_kernels.learn.candidates import _Calibration, _mask_key
-from l2c_kernels.learn.conditioning import denoiser_for
+from l2c_kernels.sampling.conditioning import denoiser_for
 from l2c_kernels.learn.units import learning_units
 from l2c_kernels.models import BundledModel
 from l2c_kernels.models.configs import NOISE_SCHEDULE

@@ -11,7 +11,7 @@ import torch
 
 import l2c_kernels as l2c
 from l2c_kernels.adapters.mmdit_branches import branch_names
-from l2c_kernels.learn.mmdit_conditions import pipeline_timesteps
+from l2c_kernels.sampling.mmdit_conditions import pipeline_timesteps
 from tests.mmdit_branches.hook_reference import HookBranchReference
 from tests.tiny_pipelines import CALL_KW, run_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from l2c_kernels.learn.conditioning import denoiser_for
-from l2c_kernels.learn.mmdit_conditions import pipeline_timesteps
+from l2c_kernels.sampling.conditioning import denoiser_for
+from l2c_kernels.sampling.mmdit_conditions import pipeline_timesteps
 from tests.tiny_pipelines import BUILDERS, CALL_KW, PROMPTS
 
 STEPS = 3

@@ -6,7 +6,7 @@ import torch
 
 import l2c_kernels as l2c
 from l2c_kernels import schedules
-from l2c_kernels.learn.conditioning import denoiser_for
+from l2c_kernels.sampling.conditioning import denoiser_for
 from l2c_kernels.learn.soft_forward import soft_block_forward
 from l2c_kernels.learn.soft_forward import SoftCaches, soft_forward
 from tests.tiny_pipelines import BUILDERS, CALL_KW, PROMPTS

@@ -6,7 +6,7 @@ import torch
 
 import l2c_kernels as l2c
 from l2c_kernels import schedules
-from l2c_kernels.learn.mmdit_conditions import pipeline_timesteps
+from l2c_kernels.sampling.mmdit_conditions import pipeline_timesteps
 from tests.pipelines.block_reference import hook_reuse
 from tests.tiny_pipelines import BUILDERS, CALL_KW, run_pipeline
 

@@ -4,7 +4,7 @@
     sampling.save_grid(images, "digits.png", nrow=10)
 
 Sampling the bundled digits models lives with them (:func:`l2c_kernels.models.sample`); every model, bundled or
-not, samples through the one loop, :meth:`l2c_kernels.learn.denoiser.Denoiser.run`.
+not, samples through the one loop, :meth:`l2c_kernels.sampling.denoiser.Denoiser.run`.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def make_scheduler(scheduler_config: dict, name: str = "ddim"):
 
     ``ddim`` is a :class:`diffusers.DDIMScheduler` whose step re-derives the noise from the clipped
     clean-image estimate when the noise schedule clips samples (as the bundled pixel-space models'
-    does); see ``l2c_kernels.learn.schedulers.clipped_ddim_class``."""
-    from .learn.schedulers import scheduler_from_name
+    does); see ``l2c_kernels.sampling.schedulers.clipped_ddim_class``."""
+    from .schedulers import scheduler_from_name
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")

@@ -1,4 +1,4 @@
-"""From what the user has to a :class:`~l2c_kernels.learn.denoiser.Denoiser`: a registry keyed by
+"""From what the user has to a :class:`~l2c_kernels.sampling.denoiser.Denoiser`: a registry keyed by
 pipeline class name.
 
     den = denoiser_for(pipe, labels=[207, 360], guidance_scale=4.0)            # DiTPipeline
@@ -18,7 +18,7 @@ Every builder reads the facts from the model instead of assuming them: the null 
 range from ``num_embeds_ada_norm``, the latent shape from height/width and the VAE scale factor
 (non-square works; both must be multiples of patch size x VAE factor), the number of text tokens
 from the encoded prompts, and the sampler from the pipeline (``scheduler=None``) or as asked, refused
-when it does not fit (:func:`~l2c_kernels.learn.schedulers.resolve_scheduler`).
+when it does not fit (:func:`~l2c_kernels.sampling.schedulers.resolve_scheduler`).
 """
 from __future__ import annotations
 

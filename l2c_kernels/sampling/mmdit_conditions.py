@@ -1,7 +1,7 @@
 """Denoisers for the flow-matching MMDiT pipelines: ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``WanPipeline``.
 
 Each builder reproduces what the pipeline's ``__call__`` does before its denoising loop, with the
-pipeline's own components (registered with :func:`~l2c_kernels.learn.conditioning.register_pipeline`):
+pipeline's own components (registered with :func:`~l2c_kernels.sampling.conditioning.register_pipeline`):
 
 - **SD3**: CLIP-L + CLIP-G + T5 prompts through ``pipe.encode_prompt`` (negative prompt ``""``),
   ``pooled_projections``, classifier-free guidance in one batch ``[uncond; cond]``, latents
