@@ -86,6 +86,8 @@ def _warm_up_arg(v: str):
 def _learn_kwargs(a, model: str | None) -> dict:
     """``learn_schedule`` keywords for what the command line or the model's defaults set (the rest: the learner's)."""
     out = {} if getattr(a, "warm_up", None) is None else dict(warm_up=a.warm_up)
+    if getattr(a, "speed_check", None) is not None:
+        out["speed_check"] = a.speed_check
     for key, kw in (("iterations", "iterations"), ("batch", "batch_size"), ("calibration_samples", "calibration_samples")):
         v = _learn_setting(a, model, key)
         if v is not None:
@@ -417,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "runs that many times faster than full compute on this device and batch (a fully reused "
                          "step is timed against a full one first; a target out of reach is refused before "
                          "learning); written as OUTPUT with .1.5x, .2x, ... before .l2c.json")
+    lp.add_argument("--speed-check", type=int, default=None, metavar="ROUNDS",
+                    help="with --speedup: timed rounds (default 5) that check each learned schedule's speedup "
+                         "against full compute afterwards; a target the check shows misplaced by a computed step or "
+                         "more is learned once more at the budget the check's timings give. 0: no check")
     lp.add_argument("--iterations", type=int, default=None, help="router training iterations (default: the learner's, 12)")
     lp.add_argument("--batch", type=int, default=None, help="images per training trajectory (default 4; flux-digits 2)")
     lp.add_argument("--calibration-samples", type=int, default=None,

@@ -3,7 +3,8 @@
 Its fields are the learner's options (:func:`~l2c_kernels.learn.router.train_router`'s keyword arguments: the
 iterations, batches, calibration and search settings), read from that function's signature so the defaults live in
 one place, plus what to learn: ``num_inference_steps``, ``budget`` (or ``budgets`` / ``speedups`` for a front,
-``step_cost`` for the speed targets, ``threshold`` instead of a budget). What to sample (labels, prompts, size,
+``step_cost`` for the speed targets, ``speed_check`` the timed rounds that check a front's speeds, ``threshold``
+instead of a budget). What to sample (labels, prompts, size,
 guidance, scheduler, conditions) stays with the call::
 
     cfg = LearnConfig(num_inference_steps=50, budgets=(0.35, 0.5), calibration_samples=32)
@@ -21,7 +22,7 @@ REQUEST = ("labels", "prompts", "height", "width", "guidance_scale", "cfg", "sch
            "max_sequence_length", "true_cfg_scale", "negative_prompt", "cond_first", "model_timestep")
 #: what a learning call is for, beside train_router's options: budget (train_router's), a front, a threshold
 _TARGETS = [("budgets", "tuple | None", None), ("speedups", "tuple | None", None), ("step_cost", "object", None),
-            ("threshold", "float | None", None)]
+            ("speed_check", "int", 5), ("threshold", "float | None", None)]
 #: the fields of a config that are not train_router's options
 TARGETS = tuple(n for n, _, _ in _TARGETS)
 

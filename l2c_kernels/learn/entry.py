@@ -35,14 +35,20 @@ def learn_front(obj, num_inference_steps: int | LearnConfig = 20, budgets=None, 
     cost under a schedule over a plain step (``step_cost``: a :class:`~l2c_kernels.learn.speed.StepCost`, or the
     reused step's cost alone; None: timed here on the model, batch and device the learner uses, pooled over the
     forecasts) turn each target into a budget before anything is learned; a target out of reach is refused then.
-    Each schedule's ``params`` keep ``target_speedup``, ``step_cost`` and ``predicted_speedup``."""
+    Each schedule's ``params`` keep ``target_speedup``, ``step_cost`` and ``predicted_speedup``. Where the costs were
+    timed here, ``speed_check`` rounds (default 5; 0: none) then time every learned schedule against full compute
+    (``params["measured_speedup"]``), refit the computed step's cost from those timings, and learn once more every
+    target whose budget the refit moves by a computed step or more (one step's timing noise on a shared machine
+    moves a budget by about that much)."""
     request = {k: kwargs.pop(k) for k in REQUEST if k in kwargs}
     if isinstance(obj, str):   # loaded once for every budget
         obj = load_named(obj)
     if budgets is not None:
         kwargs["budgets"] = budgets
     config = make_config(num_inference_steps, None, kwargs)
-    steps, targets, step_cost = config.num_inference_steps, None, config.step_cost
+    steps, targets, step_cost, timing_den = config.num_inference_steps, None, config.step_cost, None
+    if isinstance(config.speed_check, bool) or not isinstance(config.speed_check, int) or config.speed_check < 0:
+        raise ValueError(f"speed_check is a number of timed rounds (0: no check), got {config.speed_check!r}")
     if config.speedups is not None:
         if config.budgets is not None:
             raise ValueError("give budgets= or speedups=, not both")
@@ -52,7 +58,8 @@ def learn_front(obj, num_inference_steps: int | LearnConfig = 20, budgets=None, 
         if not targets:
             raise ValueError("speedups is empty: give at least one factor above 1")
         if step_cost is None:
-            step_cost = measure_step_costs(_front_denoiser(obj, config, request), steps)["pooled"]
+            timing_den = _front_denoiser(obj, config, request)
+            step_cost = measure_step_costs(timing_den, steps)["pooled"]
         step_cost = _cost(step_cost)
         budgets = budgets_for_speedups(targets, step_cost, steps)
     else:
@@ -68,11 +75,29 @@ def learn_front(obj, num_inference_steps: int | LearnConfig = 20, budgets=None, 
     shared = {} if shared is None else shared
     shared["budgets"] = bs
     one = dataclasses.replace(config, budgets=None, speedups=None, step_cost=None)
-    out = []
-    for k, b in enumerate(bs):
-        if k == 1:   # later budgets start from the router of the one before, a third of the iterations
-            shared["warm_iterations"] = max(2, int(config.iterations or DEFAULT_ITERATIONS) // 3)
-        out.append(learn_schedule(obj, dataclasses.replace(one, budget=b), shared=shared, **request))
+    learned = {}
+
+    def learn_at(b: float) -> Schedule:   # each budget learned once (a budget placed again may come back)
+        if b not in learned:
+            if learned:   # later budgets start from the router of the one before, a third of the iterations
+                shared["warm_iterations"] = max(2, int(config.iterations or DEFAULT_ITERATIONS) // 3)
+            learned[b] = learn_schedule(obj, dataclasses.replace(one, budget=b), shared=shared, **request)
+        return learned[b]
+
+    out = _monotone([learn_at(b) for b in bs], bs)
+    if targets is not None:
+        for s, target in zip(out, targets):
+            s.params.update(target_speedup=target, step_cost=step_cost.to_dict(),
+                            predicted_speedup=round(predicted_speedup(s.flops_removed_fraction(), step_cost), 3))
+        if timing_den is not None and config.speed_check:
+            out = _check_speeds(out, bs, targets, step_cost, timing_den, steps, config.speed_check, learn_at)
+    return out
+
+
+def _monotone(front: list, bs: list) -> list:
+    """The front with every budget's schedule replaced by a larger budget's where that one scores better on the
+    calibration batch (``params["front_from_budget"]`` says so)."""
+    out = list(front)
     for k in range(len(out) - 2, -1, -1):
         mine, larger = out[k].params.get("calibration_error_db"), out[k + 1].params.get("calibration_error_db")
         if mine is not None and larger is not None and larger < mine:
@@ -80,11 +105,41 @@ def learn_front(obj, num_inference_steps: int | LearnConfig = 20, budgets=None, 
             s.params = dict(s.params, budget=bs[k], front_from_budget=out[k + 1].params.get("front_from_budget",
                                                                                           bs[k + 1]))
             out[k] = s
-    if targets is not None:
-        for s, target in zip(out, targets):
-            s.params.update(target_speedup=target, step_cost=step_cost.to_dict(),
-                            predicted_speedup=round(predicted_speedup(s.flops_removed_fraction(), step_cost), 3))
     return out
+
+
+def _check_speeds(out: list, bs: list, targets: list, step_cost, den, steps: int, rounds: int, learn_at) -> list:
+    """Time the front's schedules against full compute (``rounds`` interleaved rounds) and record
+    ``measured_speedup``; refit the computed step's cost from those timings (:func:`~l2c_kernels.learn.speed.
+    refit_step_cost`) and learn again, once, every target whose budget the refit moves by a computed step or more
+    (``params["placed_again_from_budget"]``, ``params["step_cost"]`` the refitted cost), timing those again."""
+    from .speed import budgets_for_speedups, measure_speedups, predicted_speedup, refit_step_cost
+
+    measured = measure_speedups(den, steps, out, rounds)
+    for s, m in zip(out, measured):
+        s.params["measured_speedup"] = round(m, 3)
+    refit = refit_step_cost(step_cost, [(s.flops_removed_fraction(), m) for s, m in zip(out, measured)])
+    try:
+        moved = budgets_for_speedups(targets, refit, steps)
+    except ValueError:   # the refit puts a target out of reach: keep the front as placed
+        return out
+    redo = [k for k, (b, b2) in enumerate(zip(bs, moved)) if abs(b2 - b) >= 1.0 / steps]
+    if not redo:
+        return out
+    new_bs = list(bs)
+    for k in redo:
+        new_bs[k] = moved[k]
+    order = sorted(range(len(new_bs)), key=lambda k: new_bs[k])   # moved budgets keep their targets' order
+    again = _monotone([learn_at(new_bs[k]) if k in redo else out[k] for k in order], [new_bs[k] for k in order])
+    again = [again[order.index(k)] for k in range(len(out))]
+    for k in redo:
+        s = again[k] = Schedule.from_dict(again[k].to_dict())
+        s.params.update(target_speedup=targets[k], step_cost=refit.to_dict(), placed_again_from_budget=bs[k],
+                        first_measured_speedup=out[k].params["measured_speedup"],
+                        predicted_speedup=round(predicted_speedup(s.flops_removed_fraction(), refit), 3))
+    for k, m in zip(redo, measure_speedups(den, steps, [again[k] for k in redo], rounds)):
+        again[k].params["measured_speedup"] = round(m, 3)
+    return again
 
 
 def _front_denoiser(obj, config: LearnConfig, request: dict):

@@ -65,7 +65,6 @@ def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_
     device's, which waits for a GPU's queued work first)."""
     from ..runtime import compile_schedule
     from ..schedules import computed_steps
-    from ..timing import device_clock, interleave, medians
 
     n = int(num_inference_steps)
     if n <= _ANCHORS + 2:
@@ -80,20 +79,7 @@ def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_
     for f in forecasts:
         for i, st in enumerate(sets):
             runs[(f, i)] = compile_schedule(model, computed_steps(model, timesteps, st, forecast=f))
-    if sample is None:
-        noise = den.noise(0)
-
-        def sample(m):
-            den.sample_with(m, n, noise)
-    def runner(m):
-        def run():
-            if hasattr(m, "reset"):
-                m.reset()
-            sample(m)
-        return run
-
-    med = medians(interleave({k: runner(m) for k, m in runs.items()}, rounds, order="shuffle", seed=seed,
-                             clock=clock or device_clock(den.device)))
+    med = _timed_medians(den, n, runs, rounds, seed, clock, sample)
     step = med.pop("full") / n
     ks = (len(sets[0]), len(sets[1]), n)
     out = {f: solve_step_cost((med[(f, 0)], med[(f, 1)], med["every step"]), ks, n, step) for f in forecasts}
@@ -101,6 +87,60 @@ def measure_step_costs(den: Denoiser, num_inference_steps: int, forecasts=SPEED_
                                     + (med["every step"],), ks, n, step)
     return out
 
+
+def _timed_medians(den: Denoiser, n: int, runs: dict, rounds: int, seed: int, clock, sample) -> dict:
+    """Median seconds of one generation of ``n`` steps with each of ``runs`` (name -> transformer): one warm-up
+    round, then ``rounds`` rounds in a new random order each (``seed``). ``sample(transformer)``: one generation
+    (default: ``den``'s loop from fixed noise); ``clock``: where seconds are read (default: ``den``'s device's)."""
+    from ..timing import device_clock, interleave, medians
+
+    if sample is None:
+        noise = den.noise(0)
+
+        def sample(m):
+            den.sample_with(m, n, noise)
+
+    def runner(m):
+        def run():
+            if hasattr(m, "reset"):
+                m.reset()
+            sample(m)
+        return run
+
+    return medians(interleave({k: runner(m) for k, m in runs.items()}, rounds, order="shuffle", seed=seed,
+                              clock=clock or device_clock(den.device)))
+
+
+def measure_speedups(den: Denoiser, num_inference_steps: int, schedules, rounds: int = 5, sample=None,
+                     seed: int = 1, clock=None) -> list:
+    """The measured speedup of each of ``schedules`` over full compute on ``den``'s model, batch and device: median
+    generation times, the plain model and each schedule through ``compile_schedule`` timed in turn, in a new random
+    order each round (as :func:`measure_step_costs` times; ``sample``, ``clock`` as there)."""
+    from ..runtime import compile_schedule
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    n = int(num_inference_steps)
+    model = getattr(den.transformer, "original_model", den.transformer)
+    den._timesteps = den.timesteps(n)
+    runs = {"full": model, **{k: compile_schedule(model, s) for k, s in enumerate(schedules)}}
+    med = _timed_medians(den, n, runs, rounds, seed, clock, sample)
+    return [med["full"] / med[k] for k in range(len(schedules))]
+
+
+def refit_step_cost(cost: StepCost, measured) -> StepCost:
+    """``cost`` with the computed step's cost fitted again from the measured speedups of schedules: ``measured`` is
+    ``[(fraction of the unit work removed, speedup)]``. Each schedule runs ``1 / speedup = reused + (1 - b)
+    (computed - reused)`` of full compute per step; with ``reused`` kept, ``computed - reused`` is fitted by least
+    squares over the schedules and averaged with ``cost``'s own (two estimates of one number, each from a few timed
+    runs: the average halves the variance of either)."""
+    pts = [(1.0 - float(b), 1.0 / float(m)) for b, m in measured if float(m) > 0 and float(b) < 1.0]
+    if not pts:
+        raise ValueError("refitting the step cost needs at least one schedule that removes less than all the work "
+                         "and was timed")
+    fitted = sum(w * (t - cost.reused) for w, t in pts) / sum(w * w for w, _ in pts)
+    span = 0.5 * (fitted + (cost.computed - cost.reused))
+    return StepCost(cost.reused, cost.reused + max(span, 1e-6))
 
 def solve_step_cost(times, ks, n: int, step: float) -> StepCost:
     """The step costs from timed generations of ``n`` steps computing ``ks[i]`` of them in ``times[i]`` seconds, over

@@ -140,3 +140,106 @@ def test_step_costs_on_a_flux_pipeline_come_from_the_model_work():
     assert set(costs) == set(speed.SPEED_FORECASTS) | {"pooled"}
     for c in costs.values():
         assert c.reused == pytest.approx(0.5 / 3.5, abs=1e-12) and c.computed == pytest.approx(1.0, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------ checking a front's speeds
+def test_refit_averages_the_computed_step_with_the_learned_schedules_timings():
+    """reused 0.1, computed 1.0 placed the budgets; schedules that really run with a computed step of 1.2 (span 1.1
+    against the placed 0.9): the refit span is the mean of the two, 1.0, so computed 1.1; reused is kept."""
+    placed = speed.StepCost(0.1, 1.0)
+    timed = [(b, 1.0 / (0.1 + (1.0 - b) * 1.1)) for b in (0.3, 0.5, 0.7)]
+    refit = speed.refit_step_cost(placed, timed)
+    assert refit.reused == 0.1 and refit.computed == pytest.approx(1.1, abs=1e-12)
+    # timings that agree with the placed cost leave it as it was
+    same = speed.refit_step_cost(placed, [(b, speed.predicted_speedup(b, placed)) for b in (0.3, 0.6)])
+    assert same.computed == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="refitting the step cost needs at least one schedule that removes less"):
+        speed.refit_step_cost(placed, [(1.0, 5.0)])
+
+
+def _ticking_bundle():
+    """The tiny DiT with a clock only its work advances (as in test_step_costs_come_from_the_model_work): a plain
+    step costs 4.5, a reused one 0.5."""
+    bundle = tiny_bundle()
+    model = bundle.transformer
+    clock, tick = _work_clock()
+    for blk in model.transformer_blocks:
+        blk.attn1.register_forward_hook(tick(1.0))
+        blk.ff.register_forward_hook(tick(1.0))
+    model.proj_out_2.register_forward_hook(tick(0.5))
+    return bundle, clock
+
+
+def test_measured_speedups_come_from_the_model_work():
+    """Computing k of n = 8 steps on the work clock takes k 4.5 + (n - k) 0.5 against n 4.5 for full compute."""
+    from l2c_kernels.schedules import computed_steps
+
+    bundle, clock = _ticking_bundle()
+    den = denoiser_for(bundle, 2, 1.5, "ddim", seed=0)
+    ts = den.timesteps(8)
+    sets = [(0, 1, 2, 4, 6), (0, 3)]
+    scheds = [computed_steps(bundle.transformer, ts, st) for st in sets]
+    got = speed.measure_speedups(den, 8, scheds, rounds=1, clock=lambda: clock[0])
+    assert got == pytest.approx([8 * 4.5 / (len(st) * 4.5 + (8 - len(st)) * 0.5) for st in sets], abs=1e-12)
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        speed.measure_speedups(den, 8, scheds, rounds=0)
+
+
+def test_a_front_whose_speeds_check_out_is_kept(monkeypatch):
+    """Step costs timed here on the work clock are exact, so the check measures what each schedule's FLOPs predict
+    and learns nothing again; every schedule records its measured speedup."""
+    import l2c_kernels as l2c
+    from l2c_kernels import timing
+
+    bundle, clock = _ticking_bundle()
+    monkeypatch.setattr(timing, "device_clock", lambda device: (lambda: clock[0]))
+    front = l2c.learn_front(bundle, 7, speedups=[1.5, 2.0], speed_check=1, **KW)
+    for s in front:
+        assert "placed_again_from_budget" not in s.params
+        assert s.params["step_cost"]["reused"] == pytest.approx(0.5 / 4.5, abs=1e-4)
+        assert s.params["measured_speedup"] == pytest.approx(s.params["predicted_speedup"], abs=2e-3)
+
+
+def test_a_front_that_runs_slow_is_placed_again(monkeypatch):
+    """Timings at 60% of the prediction: the refit computed step is dearer, and every target whose budget that
+    moves by a step of 7 or more is learned again at the moved budget and timed again (the first timing kept);
+    the others stay as learned."""
+    import l2c_kernels as l2c
+    from l2c_kernels import timing
+
+    bundle, clock = _ticking_bundle()
+    monkeypatch.setattr(timing, "device_clock", lambda device: (lambda: clock[0]))
+    calls = []
+
+    def slow(den, steps, schedules, rounds=5, **kw):
+        out = [0.6 * speed.predicted_speedup(s.flops_removed_fraction(), speed.StepCost(**s.params["step_cost"]))
+               for s in schedules]
+        calls.append([(s.params["budget"], s.flops_removed_fraction(), m) for s, m in zip(schedules, out)])
+        return out
+
+    monkeypatch.setattr(speed, "measure_speedups", slow)
+    targets = (1.5, 2.0)
+    front = l2c.learn_front(bundle, 7, speedups=list(targets), speed_check=1, **KW)
+    placed = speed.StepCost(0.5 / 4.5, 1.0)
+    first = [speed.budget_for_speedup(t, placed) for t in targets]
+    assert [b for b, _, _ in calls[0]] == pytest.approx(first, abs=1e-4)
+    refit = speed.refit_step_cost(placed, [(r, m) for _, r, m in calls[0]])
+    moved = speed.budgets_for_speedups(targets, refit, 7)
+    redo = [k for k in range(2) if abs(moved[k] - first[k]) >= 1 / 7]
+    assert redo and len(calls) == 2 and len(calls[1]) == len(redo)   # the check did learn again, and timed it
+    for k, s in enumerate(front):
+        if k in redo:
+            assert s.params["placed_again_from_budget"] == pytest.approx(first[k], abs=1e-4)
+            assert s.params["budget"] == pytest.approx(moved[k], abs=1e-4)
+            assert s.params["first_measured_speedup"] == pytest.approx(calls[0][k][2], abs=1e-3)
+            assert s.params["measured_speedup"] == pytest.approx(calls[1][redo.index(k)][2], abs=1e-3)
+        else:
+            assert "placed_again_from_budget" not in s.params
+            assert s.params["measured_speedup"] == pytest.approx(calls[0][k][2], abs=1e-3)
+
+
+def test_speed_check_refuses_what_is_not_a_count_of_rounds():
+    import l2c_kernels as l2c
+
+    with pytest.raises(ValueError, match="speed_check is a number of timed rounds \\(0: no check\\), got -1"):
+        l2c.learn_front(tiny_bundle(), 7, speedups=[2.0], speed_check=-1, **KW)
