@@ -241,5 +241,7 @@ def test_a_front_that_runs_slow_is_placed_again(monkeypatch):
 def test_speed_check_refuses_what_is_not_a_count_of_rounds():
     import l2c_kernels as l2c
 
-    with pytest.raises(ValueError, match="speed_check is a number of timed rounds \\(0: no check\\), got -1"):
-        l2c.learn_front(tiny_bundle(), 7, speedups=[2.0], speed_check=-1, **KW)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=r"speed_check is a number of timed rounds \(0: no check\), got ") as e:
+            l2c.learn_front(tiny_bundle(), 7, speedups=[2.0], speed_check=bad, **KW)
+        assert str(e.value).endswith(repr(bad))
