@@ -53,18 +53,24 @@ def _work_clock():
     return clock, tick
 
 
-def test_step_costs_come_from_the_model_work():
-    """A clock that only the model's work advances: 1 per attention or MLP branch computed, 0.5 per output layer
-    call (every step). Two blocks: a plain step costs 4.5, a reused one 0.5 (1/9 of it), a computed one 4.5 (1):
-    for every forecast, whatever the anchors' share of the timed runs."""
+def _ticking_bundle():
+    """The tiny DiT with a clock only its work advances (as in test_step_costs_come_from_the_model_work): a plain
+    step costs 4.5, a reused one 0.5."""
     bundle = tiny_bundle()
     model = bundle.transformer
     clock, tick = _work_clock()
-
     for blk in model.transformer_blocks:
         blk.attn1.register_forward_hook(tick(1.0))
         blk.ff.register_forward_hook(tick(1.0))
     model.proj_out_2.register_forward_hook(tick(0.5))
+    return bundle, clock
+
+
+def test_step_costs_come_from_the_model_work():
+    """A clock that only the model's work advances: 1 per attention or MLP branch computed, 0.5 per output layer
+    call (every step). Two blocks: a plain step costs 4.5, a reused one 0.5 (1/9 of it), a computed one 4.5 (1):
+    for every forecast, whatever the anchors' share of the timed runs."""
+    bundle, clock = _ticking_bundle()
     den = denoiser_for(bundle, 2, 1.5, "ddim", seed=0)
     costs = speed.measure_step_costs(den, 8, rounds=1, clock=lambda: clock[0])
     assert set(costs) == set(speed.SPEED_FORECASTS) | {"pooled"}
@@ -155,19 +161,6 @@ def test_refit_averages_the_computed_step_with_the_learned_schedules_timings():
     assert same.computed == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ValueError, match="refitting the step cost needs at least one schedule that removes less"):
         speed.refit_step_cost(placed, [(1.0, 5.0)])
-
-
-def _ticking_bundle():
-    """The tiny DiT with a clock only its work advances (as in test_step_costs_come_from_the_model_work): a plain
-    step costs 4.5, a reused one 0.5."""
-    bundle = tiny_bundle()
-    model = bundle.transformer
-    clock, tick = _work_clock()
-    for blk in model.transformer_blocks:
-        blk.attn1.register_forward_hook(tick(1.0))
-        blk.ff.register_forward_hook(tick(1.0))
-    model.proj_out_2.register_forward_hook(tick(0.5))
-    return bundle, clock
 
 
 def test_measured_speedups_come_from_the_model_work():
