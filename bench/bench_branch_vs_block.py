@@ -143,34 +143,18 @@ def learned_comparison(args) -> tuple[dict, str]:
                 harness.log(json.dumps({k: v for k, v in rows[-1].items() if k not in ("plan", "psnr_per_image")}))
     meta = harness.meta(dtype="float32", models=described,
                         learner=dict(steps=args.steps, **{k: getattr(args, k) for k in LEARNER}))
-    runs, rows = merged(Path(args.out + ".json"), meta, rows, args.models)
-    return dict(runs=runs, rows=rows), report(runs, rows)
+    return dict(meta=meta, rows=rows), report(meta, rows)
 
 
-def merged(path: Path, meta: dict, rows: list, models: list) -> tuple:
-    """This run's results with those of other models already in ``path`` (one model per run keeps a long
-    comparison resumable): (runs, rows)."""
-    runs, old = [], []
-    if path.exists():
-        d = json.loads(path.read_text())
-        runs = [r for r in d.get("runs", [d["meta"]] if "meta" in d else []) if not set(r["models"]) & set(models)]
-        old = [r for r in d.get("rows", []) if r["model"] not in models]
-    return runs + [meta], old + rows
-
-
-def report(runs, rows) -> str:
-    lines = ["# Learned branch level vs learned block level at equal FLOPs", ""]
-    for meta in runs:
-        lr = meta["learner"]
-        m = dict(meta, load_average_start=meta.get("load_average_start", meta.get("loadavg_start")),
-                 load_average_end=meta.get("load_average_end", meta.get("loadavg_end")))  # runs from before the harness
-        lines += [f"{harness.describe(m)}, {meta['dtype']} (shared machine). Both levels learned by "
-                  f"`l2c.learn_schedule` with the same settings: {lr['steps']} steps, {lr['iterations']} iterations, "
-                  f"batch {lr['batch_size']}, {lr['calibration_samples']} calibration samples, forecast "
-                  f"`{lr['forecast']}`, seed {lr['seed']}. Budgets are fractions of FLOPs counted per unit / per block "
-                  "on a real call; `generation` is counted again with FlopCounterMode over the evaluation run. PSNR: "
-                  "mean (min) over the held-out images against full compute from the same noise.", ""]
-        lines += [f"- **{name}**: {d}" for name, d in meta["models"].items()] + [""]
+def report(meta, rows) -> str:
+    lr = meta["learner"]
+    lines = ["# Learned branch level vs learned block level at equal FLOPs", "",
+             f"{harness.describe(meta)}, {meta['dtype']}. Both levels learned by `l2c.learn_schedule` with the same "
+             f"settings: {lr['steps']} steps, {lr['iterations']} iterations, batch {lr['batch_size']}, "
+             f"{lr['calibration_samples']} calibration samples, forecast `{lr['forecast']}`, seed {lr['seed']}. "
+             "Budgets: fractions of FLOPs counted per unit / per block on a real call (`generation`: recounted over "
+             "the evaluation run). PSNR: mean (min) over held-out images against full compute, same noise.", ""]
+    lines += [f"- **{name}**: {d}" for name, d in meta["models"].items()] + [""]
     lines += harness.table(["model", "budget", "level", "FLOPs removed (schedule)", "FLOPs removed (generation)",
                             "PSNR dB mean (min)", "removed per branch", "learn s"],
                            [[r["model"], *_cells(r, "flops_removed_schedule", "flops_removed_generation"),

@@ -6,8 +6,7 @@ model's recommended scale): full compute, learned L2C schedules at several budge
 (median of interleaved timed runs), FLOPs removed, PSNR / SSIM against full compute, classifier accuracy. The
 methods, the goal and the reading of the tables: bench/NOTES.md ("Learned schedules", "flux-digits").
 
-    python bench/bench_pareto.py --model dit-digits --steps 20
-    python bench/bench_pareto.py --model pixart-digits --steps 50 --samples 100 --time-samples 20 --repeats 5
+    python bench/bench_pareto.py --model flux-heldout --steps 28 --threads 1 --samples 40 --speedups 1.5 2 3 4
     python bench/bench_pareto.py --model flux-digits --steps 28 --budgets 0.35 0.5 0.55 --threads 1
 
 writes ``pareto_<model>_<steps>.{json,md,png}`` and the learned schedules under ``pareto_<model>_<steps>_schedules/``
@@ -327,6 +326,10 @@ def _notes(m: dict) -> str:
                 + ", ".join(f"{k} {v['reused']:.3f} / {v['computed']:.3f}" for k, v in sp["costs"].items())
                 + f"; the pooled ones used): budgets {', '.join(f'{b:.2f}' for b in m['budgets'])} (the learner "
                 "and the static searchers both).")
+        c = sp.get("check") or {}
+        out += (f" Checked after learning ({c['rounds']} rounds): the front placed at {c['first_budgets']} ran "
+                f"{c['measured']}x, refit computed step {c['refit']['computed']:.3f}; targets off by a step "
+                "learned again." if c else "")
     return out
 
 
@@ -490,27 +493,44 @@ def result_tag(model: str, steps: int, suffix: str = "") -> str:
     return f"pareto_{model}_{steps}" + (f"_{suffix}" if suffix else "")
 
 
-def speed_budgets(bundle, steps: int, cfg: float, scheduler: str, speedups, time_samples: int, log=print):
-    """``(budgets, speed)``: the budgets that reach ``speedups`` on this machine at the timed batch
-    (``l2c_kernels.learn.speed``: reused and computed steps under a schedule timed against plain ones, pooled over
-    the forecasts); targets out of reach are left out, and said so."""
+def speed_budgets(bundle, a, learn_kwargs: dict) -> tuple:
+    """``(budgets, speed)`` for ``a.speedups``, timed as the table times a method: step costs place the budgets; with
+    ``a.speed_check`` the front is then learned, timed, and the targets it missed by a step learned again
+    (``l2c_kernels.learn.speed.check_front``, as ``learn_front(speedups=)`` checks at the learner's own batch)."""
     from l2c_kernels.sampling.conditioning import denoiser_for
-    from l2c_kernels.learn.speed import budgets_for_speedups, measure_step_costs
+    from l2c_kernels.learn.speed import budgets_for_speedups, check_front, measure_step_costs
 
-    labels = [i % 10 for i in range(time_samples)]
-    den = denoiser_for(bundle, time_samples, cfg, _learn_scheduler(scheduler), seed=0, labels=labels)
-    # timed as the table times a method: one models.sample call of the timed digits
-    costs = measure_step_costs(den, steps, sample=lambda m: _sample(bundle, m, labels, steps, cfg, 0, scheduler))
-    log("  step costs over a plain step: " + ", ".join(
-        f"{k} reused {c.reused:.3f} computed {c.computed:.3f}" for k, c in costs.items()))
+    cfg, sch, steps, log = guidance_scale(bundle, a.cfg), default_sampler(bundle), a.steps, harness.log
+    labels = [i % 10 for i in range(a.time_samples)]
+    den = denoiser_for(bundle, a.time_samples, cfg, _learn_scheduler(sch), seed=0, labels=labels)
+
+    sample = lambda m: _sample(bundle, m, labels, steps, cfg, 0, sch)  # noqa: E731  (one generation, as timed)
+    costs = measure_step_costs(den, steps, sample=sample)
+    log(f"  step costs over a plain step: { {k: c.to_dict() for k, c in costs.items()} }")
     budgets, targets = [], []
-    for t in sorted(speedups):
+    for t in sorted(a.speedups):
         try:
-            budgets += budgets_for_speedups([t], costs["pooled"], steps)
+            budgets.append(round(budgets_for_speedups([t], costs["pooled"], steps)[0], 4))
             targets.append(t)
         except ValueError as e:
             log(f"  {e}: left out")
-    return [round(b, 4) for b in budgets], dict(costs={k: c.to_dict() for k, c in costs.items()}, speedups=targets)
+    speed = dict(costs={k: c.to_dict() for k, c in costs.items()}, speedups=targets, asked=sorted(a.speedups))
+    log(f"speed targets {targets} -> budgets {budgets}")
+    if not a.speed_check:
+        return budgets, speed
+    folder = Path(a.out) / f"{result_tag(bundle.name, steps, 'speed')}_schedules"
+
+    def learn(bs):
+        return [s for fam, _, s in learned_schedules(bundle, steps, bs, cfg, folder, True, sch, log=log,
+                                                     **learn_kwargs) if fam == LEARNED]
+    chk = check_front(learn(budgets), budgets, targets, costs["pooled"], den, steps, a.speed_check, sample=sample)
+    moved = [round(chk["budgets"][k], 4) if k in chk["redo"] else b for k, b in enumerate(budgets)]
+    speed["check"] = dict(rounds=a.speed_check, measured=[round(m, 3) for m in chk["measured"]],
+                          refit=chk["refit"].to_dict(), first_budgets=budgets, budgets=moved)
+    log(f"speed check: {speed['check']}")
+    if chk["redo"]:   # a front of its own (its searchers on its own segment costs), saved beside the first
+        learn([moved[k] for k in chk["redo"]])
+    return moved, speed
 
 
 def guidance_scale(bundle, cfg: float | None) -> float:
@@ -599,6 +619,9 @@ def main(argv=None):
         ap.add_argument(flag, type=int, default=default, help=what)
     ap.add_argument("--warm-up", type=_warm_up_arg, default=None, metavar="N|auto",
                     help="first steps the learned schedules compute in full (default: learn_schedule's, auto)")
+    ap.add_argument("--speed-check", type=int, default=5, metavar="ROUNDS",
+                    help="with --speedups and new budgets: time the learned front as the table does (ROUNDS rounds) "
+                         "and learn again each target the timings move by a computed step or more; 0: off")
     ap.add_argument("--relearn", action="store_true",
                     help="learn again even if saved schedules exist (with --speedups: time the step costs and place "
                          "the budgets again too, rather than take the saved table's)")
@@ -617,10 +640,8 @@ def main(argv=None):
             a.budgets, speed = old["budgets"], dict(sp, placed=sp.get("placed", old.get("date")))
             harness.log(f"speed targets {speed['speedups']} -> budgets {a.budgets} (from {saved.name})")
         else:
-            a.budgets, speed = speed_budgets(bundle, a.steps, guidance_scale(bundle, a.cfg), default_sampler(bundle),
-                                             a.speedups, a.time_samples, log=harness.log)
-            speed["asked"] = sorted(a.speedups)
-            harness.log(f"speed targets {speed['speedups']} -> budgets {a.budgets}")
+            a.budgets, speed = speed_budgets(bundle, a, learn_kwargs)
+            a.relearn = a.relearn and not a.speed_check   # the check learned and saved the front the table reads
     res = run(bundle, a.steps, cfg=a.cfg, budgets=a.budgets, samples=a.samples, accuracy_samples=a.accuracy_samples,
               time_samples=a.time_samples, repeats=a.repeats, seed=a.seed, out=Path(a.out), relearn=a.relearn,
               learn_kwargs=learn_kwargs, curve_runs=a.curve_runs, speed=speed, log=harness.log)

@@ -117,6 +117,45 @@ def test_pareto_comparison_on_flux_digits_tiny_run(tmp_path):
     assert rows[(bp.LEARNED, "budget 50%")]["psnr"] == pytest.approx(metrics.psnr(mine, ref), rel=1e-6)
 
 
+def test_pareto_speed_targets_checked_after_learning(tmp_path, monkeypatch):
+    """``--speedups`` with the speed check: budgets placed from step costs timed as the table times, the front learned
+    and saved, timed, and every target the refit moves by a step learned again and saved beside it; the table then
+    reads a saved schedule at every budget returned, and the check is recorded."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_pareto as bp
+
+    from l2c_kernels.models import load
+    from l2c_kernels.schedule import Schedule
+
+    bundle = load("flux-digits")
+    # targets low enough for 8 steps whatever this machine's timings (a reused step costs well under half a full one)
+    a = argparse.Namespace(cfg=None, steps=8, time_samples=1, speedups=[1.2, 1.4], speed_check=1, out=str(tmp_path))
+    kw = dict(iterations=2, batch_size=1, calibration_samples=1, structured_candidates=False, forecast="none")
+    budgets, speed = bp.speed_budgets(bundle, a, kw)
+    chk = speed["check"]
+    assert speed["speedups"] == [1.2, 1.4] and chk["rounds"] == 1 and chk["budgets"] == budgets
+    assert len(chk["first_budgets"]) == len(chk["measured"]) == 2 and all(m > 0 for m in chk["measured"])
+    # a budget moved only by a computed step (1/8) or more; the others are the placed ones
+    assert all(b == b0 or abs(b - b0) >= 1 / 8 - 1e-4 for b, b0 in zip(budgets, chk["first_budgets"]))
+    folder = tmp_path / "pareto_flux-digits_8_speed_schedules"
+    for b in budgets:
+        for name in ("learned", *bp.SEARCHER_FAMILIES):
+            assert Schedule.load(folder / f"{name}_{round(100 * b)}.l2c.json").num_steps == 8
+    # a check that moves the second target by two steps: it is learned again, its files saved beside the first
+    from l2c_kernels.learn import speed as speed_mod
+
+    def moved(front, bs, *args, **kw):
+        return dict(measured=[1.0] * len(front), refit=speed_mod.StepCost(0.1, 1.2), budgets=[bs[0], bs[1] + 0.25],
+                    redo=[1])
+    monkeypatch.setattr(speed_mod, "check_front", moved)
+    budgets, speed = bp.speed_budgets(bundle, a, kw)
+    assert budgets[1] == pytest.approx(speed["check"]["first_budgets"][1] + 0.25, abs=1e-4)
+    assert Schedule.load(folder / f"learned_{round(100 * budgets[1])}.l2c.json").params["budget"] == pytest.approx(
+        budgets[1], abs=1e-4)
+
+
 def test_pareto_times_equal_work_once_whoever_found_it():
     """Two rows whose steps compute the same units (in any order) with the same forecast run the same work: one
     timing key; another forecast or another count of computed steps is other work, and full compute and peers are

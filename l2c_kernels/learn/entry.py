@@ -110,25 +110,18 @@ def _monotone(front: list, bs: list) -> list:
 
 def _check_speeds(out: list, bs: list, targets: list, step_cost, den, steps: int, rounds: int, learn_at) -> list:
     """Time the front's schedules against full compute (``rounds`` interleaved rounds) and record
-    ``measured_speedup``; refit the computed step's cost from those timings (:func:`~l2c_kernels.learn.speed.
-    refit_step_cost`) and learn again, once, every target whose budget the refit moves by a computed step or more
-    (``params["placed_again_from_budget"]``, ``params["step_cost"]`` the refitted cost), timing those again."""
-    from .speed import budgets_for_speedups, measure_speedups, predicted_speedup, refit_step_cost
+    ``measured_speedup``; learn again, once, every target whose budget the refit of the computed step's cost moves by
+    a computed step or more (:func:`~l2c_kernels.learn.speed.check_front`; ``params["placed_again_from_budget"]``,
+    ``params["step_cost"]`` the refitted cost), timing those again."""
+    from .speed import check_front, measure_speedups, predicted_speedup
 
-    measured = measure_speedups(den, steps, out, rounds)
-    for s, m in zip(out, measured):
+    check = check_front(out, bs, targets, step_cost, den, steps, rounds)
+    for s, m in zip(out, check["measured"]):
         s.params["measured_speedup"] = round(m, 3)
-    refit = refit_step_cost(step_cost, [(s.flops_removed_fraction(), m) for s, m in zip(out, measured)])
-    try:
-        moved = budgets_for_speedups(targets, refit, steps)
-    except ValueError:   # the refit puts a target out of reach: keep the front as placed
-        return out
-    redo = [k for k, (b, b2) in enumerate(zip(bs, moved)) if abs(b2 - b) >= 1.0 / steps]
+    redo, refit = check["redo"], check["refit"]
     if not redo:
         return out
-    new_bs = list(bs)
-    for k in redo:
-        new_bs[k] = moved[k]
+    new_bs = [check["budgets"][k] if k in redo else b for k, b in enumerate(bs)]
     order = sorted(range(len(new_bs)), key=lambda k: new_bs[k])   # moved budgets keep their targets' order
     again = _monotone([learn_at(new_bs[k]) if k in redo else out[k] for k in order], [new_bs[k] for k in order])
     again = [again[order.index(k)] for k in range(len(out))]

@@ -142,6 +142,24 @@ def refit_step_cost(cost: StepCost, measured) -> StepCost:
     span = 0.5 * (fitted + (cost.computed - cost.reused))
     return StepCost(cost.reused, cost.reused + max(span, 1e-6))
 
+
+def check_front(front, budgets, targets, cost: StepCost, den: Denoiser, num_inference_steps: int, rounds: int = 5,
+                sample=None) -> dict:
+    """Time a front learned at ``budgets`` for speed ``targets`` (placed with ``cost``) against full compute
+    (:func:`measure_speedups`), refit the computed step's cost from those timings (:func:`refit_step_cost`) and say
+    which targets the refit moves by a computed step or more: ``{"measured": [speedup per schedule], "refit":
+    StepCost, "budgets": [the refit's budget per target] or None (the refit puts a target out of reach), "redo":
+    [indices of the targets to learn again]}``."""
+    n = int(num_inference_steps)
+    measured = measure_speedups(den, n, front, rounds, sample=sample)
+    refit = refit_step_cost(cost, [(s.flops_removed_fraction(), m) for s, m in zip(front, measured)])
+    try:
+        moved = budgets_for_speedups(targets, refit, n)
+    except ValueError:
+        moved = None
+    redo = [] if moved is None else [k for k, (b, b2) in enumerate(zip(budgets, moved)) if abs(b2 - b) >= 1.0 / n]
+    return dict(measured=measured, refit=refit, budgets=moved, redo=redo)
+
 def solve_step_cost(times, ks, n: int, step: float) -> StepCost:
     """The step costs from timed generations of ``n`` steps computing ``ks[i]`` of them in ``times[i]`` seconds, over
     a plain step of ``step`` seconds: ``t = k c + (n - k) r`` fitted for ``c`` and ``r`` by least squares (exact on
