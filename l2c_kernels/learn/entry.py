@@ -125,12 +125,15 @@ def _check_speeds(out: list, bs: list, targets: list, step_cost, den, steps: int
     order = sorted(range(len(new_bs)), key=lambda k: new_bs[k])   # moved budgets keep their targets' order
     again = _monotone([learn_at(new_bs[k]) if k in redo else out[k] for k in order], [new_bs[k] for k in order])
     again = [again[order.index(k)] for k in range(len(out))]
-    for k in redo:
+    changed = [k for k in range(len(out)) if again[k] is not out[k]]   # learned again, or a larger one's taken
+    for k in changed:
         s = again[k] = Schedule.from_dict(again[k].to_dict())
-        s.params.update(target_speedup=targets[k], step_cost=refit.to_dict(), placed_again_from_budget=bs[k],
+        s.params.update(target_speedup=targets[k], step_cost=refit.to_dict(),
                         first_measured_speedup=out[k].params["measured_speedup"],
                         predicted_speedup=round(predicted_speedup(s.flops_removed_fraction(), refit), 3))
-    for k, m in zip(redo, measure_speedups(den, steps, [again[k] for k in redo], rounds)):
+        if k in redo:
+            s.params["placed_again_from_budget"] = bs[k]
+    for k, m in zip(changed, measure_speedups(den, steps, [again[k] for k in changed], rounds)):
         again[k].params["measured_speedup"] = round(m, 3)
     return again
 
