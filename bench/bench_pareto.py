@@ -328,8 +328,8 @@ def _notes(m: dict) -> str:
                 "and the static searchers both).")
         c = sp.get("check") or {}
         out += (f" Checked after learning ({c['rounds']} rounds): the front placed at {c['first_budgets']} ran "
-                f"{c['measured']}x, refit computed step {c['refit']['computed']:.3f}; targets off by a step "
-                "learned again." if c else "")
+                f"{c['measured']}x (again: {c.get('measured_again')}), refit computed step {c['refit']['computed']:.3f}"
+                "; targets off by a step learned again." if c else "")
     return out
 
 
@@ -501,12 +501,10 @@ def speed_budgets(bundle, a, learn_kwargs: dict) -> tuple:
     from l2c_kernels.learn.speed import budgets_for_speedups, check_front, measure_step_costs
 
     cfg, sch, steps, log = guidance_scale(bundle, a.cfg), default_sampler(bundle), a.steps, harness.log
-    labels = [i % 10 for i in range(a.time_samples)]
-    den = denoiser_for(bundle, a.time_samples, cfg, _learn_scheduler(sch), seed=0, labels=labels)
-
+    den = denoiser_for(bundle, a.time_samples, cfg, _learn_scheduler(sch), seed=0,
+                       labels=(labels := [i % 10 for i in range(a.time_samples)]))
     sample = lambda m: _sample(bundle, m, labels, steps, cfg, 0, sch)  # noqa: E731  (one generation, as timed)
     costs = measure_step_costs(den, steps, sample=sample)
-    log(f"  step costs over a plain step: { {k: c.to_dict() for k, c in costs.items()} }")
     budgets, targets = [], []
     for t in sorted(a.speedups):
         try:
@@ -515,17 +513,18 @@ def speed_budgets(bundle, a, learn_kwargs: dict) -> tuple:
         except ValueError as e:
             log(f"  {e}: left out")
     speed = dict(costs={k: c.to_dict() for k, c in costs.items()}, speedups=targets, asked=sorted(a.speedups))
-    log(f"speed targets {targets} -> budgets {budgets}")
+    log(f"step costs over a plain step {speed['costs']}; speed targets {targets} -> budgets {budgets}")
     if not a.speed_check:
         return budgets, speed
     folder = Path(a.out) / f"{result_tag(bundle.name, steps, 'speed')}_schedules"
 
     def learn(bs):
-        return [s for fam, _, s in learned_schedules(bundle, steps, bs, cfg, folder, True, sch, log=log,
-                                                     **learn_kwargs) if fam == LEARNED]
+        return [s for f, _, s in learned_schedules(bundle, steps, bs, cfg, folder, True, sch, log=log, **learn_kwargs)
+                if f == LEARNED]
     chk = check_front(learn(budgets), budgets, targets, costs["pooled"], den, steps, a.speed_check, sample=sample)
     moved = [round(chk["budgets"][k], 4) if k in chk["redo"] else b for k, b in enumerate(budgets)]
-    speed["check"] = dict(rounds=a.speed_check, measured=[round(m, 3) for m in chk["measured"]],
+    r3 = lambda xs: xs and [round(x, 3) for x in xs]  # noqa: E731
+    speed["check"] = dict(rounds=a.speed_check, measured=r3(chk["measured"]), measured_again=r3(chk["measured_again"]),
                           refit=chk["refit"].to_dict(), first_budgets=budgets, budgets=moved)
     log(f"speed check: {speed['check']}")
     if chk["redo"]:   # a front of its own (its searchers on its own segment costs), saved beside the first

@@ -147,8 +147,8 @@ def test_pareto_speed_targets_checked_after_learning(tmp_path, monkeypatch):
     from l2c_kernels.learn import speed as speed_mod
 
     def moved(front, bs, *args, **kw):
-        return dict(measured=[1.0] * len(front), refit=speed_mod.StepCost(0.1, 1.2), budgets=[bs[0], bs[1] + 0.25],
-                    redo=[1])
+        return dict(measured=[1.0] * len(front), measured_again=None, refit=speed_mod.StepCost(0.1, 1.2),
+                    budgets=[bs[0], bs[1] + 0.25], redo=[1])
     monkeypatch.setattr(speed_mod, "check_front", moved)
     budgets, speed = bp.speed_budgets(bundle, a, kw)
     assert budgets[1] == pytest.approx(speed["check"]["first_budgets"][1] + 0.25, abs=1e-4)
