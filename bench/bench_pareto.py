@@ -618,7 +618,7 @@ def main(argv=None):
         ap.add_argument(flag, type=int, default=default, help=what)
     ap.add_argument("--warm-up", type=_warm_up_arg, default=None, metavar="N|auto",
                     help="first steps the learned schedules compute in full (default: learn_schedule's, auto)")
-    ap.add_argument("--speed-check", type=int, default=5, metavar="ROUNDS",
+    ap.add_argument("--speed-check", type=int, default=0, metavar="ROUNDS",
                     help="with --speedups and new budgets: time the learned front as the table does (ROUNDS rounds) "
                          "and learn again each target the timings move by a computed step or more; 0: off")
     ap.add_argument("--relearn", action="store_true",

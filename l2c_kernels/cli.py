@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "step is timed against a full one first; a target out of reach is refused before "
                          "learning); written as OUTPUT with .1.5x, .2x, ... before .l2c.json")
     lp.add_argument("--speed-check", type=int, default=None, metavar="ROUNDS",
-                    help="with --speedup: timed rounds (default 5) that check each learned schedule's speedup "
+                    help="with --speedup: timed rounds (default 0: off) that check each learned schedule's speedup "
                          "against full compute afterwards; a target the check shows misplaced by a computed step or "
                          "more is learned once more at the budget the check's timings give. 0: no check")
     lp.add_argument("--iterations", type=int, default=None, help="router training iterations (default: the learner's, 12)")

@@ -22,7 +22,7 @@ REQUEST = ("labels", "prompts", "height", "width", "guidance_scale", "cfg", "sch
            "max_sequence_length", "true_cfg_scale", "negative_prompt", "cond_first", "model_timestep")
 #: what a learning call is for, beside train_router's options: budget (train_router's), a front, a threshold
 _TARGETS = [("budgets", "tuple | None", None), ("speedups", "tuple | None", None), ("step_cost", "object", None),
-            ("speed_check", "int", 5), ("threshold", "float | None", None)]
+            ("speed_check", "int", 0), ("threshold", "float | None", None)]
 #: the fields of a config that are not train_router's options
 TARGETS = tuple(n for n, _, _ in _TARGETS)
 
