@@ -36,11 +36,10 @@ def learn_front(obj, num_inference_steps: int | LearnConfig = 20, budgets=None, 
     reused step's cost alone; None: timed here on the model, batch and device the learner uses, pooled over the
     forecasts) turn each target into a budget before anything is learned; a target out of reach is refused then.
     Each schedule's ``params`` keep ``target_speedup``, ``step_cost`` and ``predicted_speedup``. Where the costs were
-    timed here, ``speed_check`` rounds (default 0: off; see ``bench/NOTES.md``, "Speed targets", for why) time every
-    learned schedule against full compute
-    (``params["measured_speedup"]``), refit the computed step's cost from those timings, and learn once more every
-    target whose budget the refit moves by a computed step or more (one step's timing noise on a shared machine
-    moves a budget by about that much)."""
+    timed here, ``speed_check`` rounds (default 0: off; ``bench/NOTES.md``, "Speed targets", says why) time every
+    learned schedule against full compute (``params["measured_speedup"]``), refit the computed step's cost from those
+    timings, and learn once more every target whose budget the refit moves by a computed step or more (one step's
+    timing noise on a shared machine moves a budget by about that much)."""
     request = {k: kwargs.pop(k) for k in REQUEST if k in kwargs}
     if isinstance(obj, str):   # loaded once for every budget
         obj = load_named(obj)
