@@ -164,11 +164,13 @@ def check_front(front, budgets, targets, cost: StepCost, den: Denoiser, num_infe
     n = int(num_inference_steps)
     removed = [s.flops_removed_fraction() for s in front]
     measured, again = measure_speedups(den, n, front, rounds, sample=sample), None
-    spans = [cost.computed - cost.reused, fitted_span(cost, list(zip(removed, measured)))]
-    if abs(spans[1] / spans[0] - 1.0) > AGREEMENT:
+    placed, timed = cost.computed - cost.reused, fitted_span(cost, list(zip(removed, measured)))
+    if abs(timed / placed - 1.0) <= AGREEMENT:
+        refit = refit_step_cost(cost, list(zip(removed, measured)))
+    else:
         again = measure_speedups(den, n, front, rounds, sample=sample, seed=2)
-        spans.append(fitted_span(cost, list(zip(removed, again))))
-    refit = StepCost(cost.reused, cost.reused + max(statistics.median(spans), 1e-6))
+        span = statistics.median((placed, timed, fitted_span(cost, list(zip(removed, again)))))
+        refit = StepCost(cost.reused, cost.reused + max(span, 1e-6))
     try:
         moved = budgets_for_speedups(targets, refit, n)
     except ValueError:
